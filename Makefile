@@ -1,0 +1,26 @@
+# Set-up is part of every target: on a fresh machine `make demo` or `make test` is all it takes.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test install clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# The CPU torch wheel first: an unpinned torch would pull a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# Label the bundled sample images with the tiny random model (no download needed).
+demo: $(VENV)/.installed
+	$(BIN)/python jobs/label.py --input samples --output out/sample-labels --model tiny-random --device cpu \
+		--resolution 256 --ncut-cpus 0.5 --extractor-cpus 0.5 --overwrite
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+clean:
+	rm -rf $(VENV) out

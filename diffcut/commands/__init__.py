@@ -1,0 +1,1 @@
+"""Sub-commands of the ``diffcut`` console script (see :mod:`diffcut.cli`)."""
