@@ -1,0 +1,213 @@
+"""diffcut rethreshold: labels at a smaller tau from the stored split tree equal a fresh run at that tau."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from diffcut import schema
+from diffcut.assign import segment_embeddings, segment_stats
+from diffcut.cli import main as cli_main
+from diffcut.ncut import recursive_ncut
+from diffcut.rethreshold import merge_map, prune_tree, rethreshold_labels, rethreshold_row
+from diffcut.segmenter import segment_features
+
+RUN_TAU = 0.5
+
+
+def planted_features(seed: int, size: int = 12, channels: int = 16, groups: int = 6, noise: float = 0.8):
+    """An (size, size, channels) map of `groups` noisy block patterns: trees with many levels of NCut values."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(groups, channels))
+    yy, xx = np.mgrid[0:size, 0:size]
+    group = ((yy // 4) * 3 + xx // 4) % groups
+    return (centers[group] + noise * rng.normal(size=(size, size, channels))).astype(np.float32)
+
+
+def taus_between_splits(tree) -> list[float]:
+    """Thresholds that cut the tree at every level: midpoints between its distinct accepted NCut values, and ends."""
+    values = np.unique(tree.ncut[~tree.is_leaf()])
+    middles = ((values[1:] + values[:-1]) / 2).tolist()
+    return sorted({0.0, float(values[0]) / 2 if values.size else 0.0, *middles, tree.tau})
+
+
+def assert_same_tree(pruned, fresh):
+    np.testing.assert_array_equal(pruned.labels, fresh.labels)
+    np.testing.assert_array_equal(pruned.parent, fresh.parent)
+    np.testing.assert_array_equal(pruned.ncut, fresh.ncut)
+    np.testing.assert_array_equal(pruned.leaf_of_label, fresh.leaf_of_label)
+    assert pruned.tau == fresh.tau
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pruned_tree_equals_a_fresh_run_at_every_level(seed):
+    features = planted_features(seed)
+    _, tree = recursive_ncut(features, tau=RUN_TAU, return_tree=True)
+    taus = taus_between_splits(tree)
+    assert len(taus) > 10  # the planted map gives a deep tree: the test covers many cuts
+    counts = []
+    for tau in taus:
+        pruned = prune_tree(tree, tau)
+        _, fresh = recursive_ncut(features, tau=tau, return_tree=True)
+        assert_same_tree(pruned, fresh)
+        # A pruned tree is a valid tree at tau: pruning it again equals pruning the original.
+        for smaller in (tau / 2, 0.0):
+            np.testing.assert_array_equal(prune_tree(pruned, smaller).labels, tree.prune(smaller))
+        counts.append(pruned.num_segments)
+    assert counts == sorted(counts) and counts[0] == 1 and counts[-1] == tree.num_segments
+
+
+def test_prune_tree_refuses_a_tau_the_tree_cannot_answer():
+    _, tree = recursive_ncut(planted_features(0), tau=0.2, return_tree=True)
+    # Up to the least NCut of a leaf nothing changes; above it a leaf would split into unknown parts.
+    least_leaf = float(tree.ncut[tree.is_leaf()].min())
+    assert_same_tree(prune_tree(tree, least_leaf), recursive_ncut(planted_features(0), tau=least_leaf,
+                                                                  return_tree=True)[1])
+    with pytest.raises(ValueError, match="pruned only to"):
+        prune_tree(tree, least_leaf + 0.01)
+
+
+def test_merge_map_rejects_a_split():
+    old = np.array([[0, 0, 1], [1, 2, 2]])
+    assert merge_map(old, np.array([[0, 0, 0], [0, 1, 1]])).tolist() == [0, 0, 1]
+    with pytest.raises(ValueError, match="not a coarsening"):
+        merge_map(old, np.array([[0, 1, 1], [1, 2, 2]]))
+
+
+# ------------------------------------------------------------------------ rows from the tiny model
+@pytest.fixture(scope="module")
+def tiny_model_features(sample_dir):
+    """Diffusion features of three sample images from the tiny random SDXL-architecture model.
+
+    160 x 160 inputs give 5 x 5 feature maps whose trees have NCut values spread over (0, 0.5).
+    """
+    from PIL import Image
+
+    from diffcut.features import FeatureExtractor
+
+    extractor = FeatureExtractor.from_pretrained("tiny-random", device="cpu")
+    names = ["landscape.jpg", "tiles.png", "portrait.jpg"]
+    images = [np.asarray(Image.open(sample_dir / n).convert("RGB").resize((160, 160)), np.float32) / 255 for n in names]
+    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    with torch.no_grad():
+        features = extractor.extract(pixels).cpu().numpy()
+    return {f"images/{name}": features[i] for i, name in enumerate(names)}
+
+
+def labeled_rows(features_by_id, mask_size=(70, 90)):
+    """Output rows as the labeling job builds them (segment_features + schema.ok_row), plus an error row."""
+    params = schema.params_json({"model": "tiny-random", "tau": RUN_TAU, "alpha": 10.0})
+    rows = []
+    for image_id, features in features_by_id.items():
+        result = segment_features(features, mask_size, tau=RUN_TAU, alpha=10.0)
+        rows.append(schema.ok_row(image_id=image_id, source=image_id, width=300, height=200, mask=result.mask,
+                                  latent_labels=result.latent_labels, descriptors=result.embeddings,
+                                  tree=result.tree.to_dict(), params=params))
+    rows.append(schema.error_row("images/broken.jpg", "images/broken.jpg", "not an image", params=params))
+    return rows
+
+
+def write_shards(directory, rows, shards=2):
+    """The rows split over `shards` shard files named like the job's."""
+    directory.mkdir(parents=True, exist_ok=True)
+    import pyarrow.parquet as pq
+
+    for index, part in enumerate(np.array_split(np.arange(len(rows)), shards)):
+        pq.write_table(schema.rows_to_table([rows[i] for i in part]),
+                       directory / f"{schema.SHARD_PREFIX}test-{index:06d}.parquet")
+
+
+def test_rethresholded_output_equals_a_fresh_run(tmp_path, tiny_model_features):
+    rows = labeled_rows(tiny_model_features)
+    write_shards(tmp_path / "labels", rows)
+    originals = {row["source"]: row for row in rows}
+    trees = [schema.decode_tree(r["tree"], r["latent_labels"]) for r in rows if r["status"] == "ok"]
+    assert min(t.num_segments for t in trees) >= 5
+    # Thresholds between the trees' own NCut values, so every one of them merges something somewhere.
+    all_values = np.unique(np.concatenate([t.ncut[~t.is_leaf()] for t in trees]))
+    taus = [float(np.quantile(all_values, q)) for q in (0.2, 0.5, 0.8)]
+
+    for tau in taus:
+        out = tmp_path / f"tau-{tau:.6f}"
+        summary = rethreshold_labels(str(tmp_path / "labels"), str(out), tau)
+        assert (summary.rows, summary.ok, summary.error, summary.shards) == (4, 3, 1, 2)
+        assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "labels").iterdir())
+        table = schema.read_labels(str(out))
+        assert table.schema.equals(schema.LABELS_SCHEMA, check_metadata=False)
+        merged_somewhere = False
+        for row in table.to_pylist():
+            original = originals[row["source"]]
+            if row["status"] != "ok":
+                assert row == original  # error rows pass through unchanged
+                continue
+            features = tiny_model_features[row["source"]]
+            fresh_labels, fresh_tree = recursive_ncut(features, tau=tau, alpha=10.0, return_tree=True)
+            latent = schema.decode_mask(row["latent_labels"])
+            np.testing.assert_array_equal(latent, fresh_labels)
+            assert_same_tree(schema.decode_tree(row["tree"], latent), fresh_tree)
+            # The mask is the union of the merged segments: the old mask with every old id replaced by
+            # the new id of that segment's latent cells.
+            old_latent = schema.decode_mask(original["latent_labels"])
+            old_mask = schema.decode_mask(original["mask"])
+            new_id = np.array([latent[old_latent == k][0] for k in range(original["num_segments"])])
+            mask = schema.decode_mask(row["mask"])
+            np.testing.assert_array_equal(mask, new_id[old_mask])
+            merged_somewhere |= row["num_segments"] < original["num_segments"]
+            # Segments: areas and boxes of the new mask, descriptors equal to a fresh computation.
+            assert row["num_segments"] == len(row["segments"]) == int(latent.max()) + 1
+            stats = segment_stats(mask, num_segments=row["num_segments"])
+            assert [s["area"] for s in row["segments"]] == stats.area.tolist()
+            assert [s["bbox"] for s in row["segments"]] == stats.bbox.tolist()
+            descriptors = np.array([s["descriptor"] for s in row["segments"]])
+            np.testing.assert_allclose(descriptors, segment_embeddings(features, fresh_labels), atol=2e-6)
+            params = json.loads(row["params"])
+            assert params["tau"] == tau and params["rethresholded_from"] == RUN_TAU
+            assert params["model"] == "tiny-random"
+        assert merged_somewhere
+
+
+def test_a_tau_above_the_run_tau_fails_before_writing(tmp_path, tiny_model_features):
+    write_shards(tmp_path / "labels", labeled_rows(tiny_model_features))
+    with pytest.raises(ValueError, match=r"computed at tau=0\.5.*tau <= 0\.5"):
+        rethreshold_labels(str(tmp_path / "labels"), str(tmp_path / "out"), 0.6)
+    assert not (tmp_path / "out").exists()
+    row = labeled_rows(dict(list(tiny_model_features.items())[:1]))[0]
+    with pytest.raises(ValueError, match="can only be re-thresholded"):
+        rethreshold_row(row, 0.75)
+
+
+def test_command_line(tmp_path, tiny_model_features, capsys):
+    labels, out = tmp_path / "labels", tmp_path / "out"
+    write_shards(labels, labeled_rows(tiny_model_features), shards=1)
+    assert cli_main(["rethreshold", "--input", str(labels), "--tau", "0.05", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "3 ok, 1 error" in printed and "tau=0.05" in printed
+    before = schema.read_labels(str(labels), columns=["num_segments"]).column("num_segments").to_pylist()
+    after = schema.read_labels(str(out), columns=["num_segments"]).column("num_segments").to_pylist()
+    assert sum(a for a in after if a) < sum(b for b in before if b)
+
+    # An existing output is not overwritten by accident; --overwrite replaces it.
+    assert cli_main(["rethreshold", "-i", str(labels), "-t", "0.01", "-o", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert cli_main(["rethreshold", "-i", str(labels), "-t", "0.0", "-o", str(out), "--overwrite", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["segments_after"] == 3  # tau 0: one segment per image
+    assert cli_main(["rethreshold", "-i", str(labels), "-t", "0.9", "-o", str(tmp_path / "x")]) == 2
+    assert "tau <= 0.5" in capsys.readouterr().err
+    assert cli_main(["rethreshold", "-i", str(labels), "-t", "0.1", "-o", str(labels)]) == 2
+
+
+def test_reads_and_writes_s3(tmp_path, tiny_model_features, s3_bucket):
+    import boto3
+
+    write_shards(tmp_path / "labels", labeled_rows(tiny_model_features))
+    client = boto3.client("s3")
+    for shard in (tmp_path / "labels").iterdir():
+        client.upload_file(str(shard), s3_bucket, f"runs/v1/{shard.name}")
+    summary = rethreshold_labels(f"s3://{s3_bucket}/runs/v1", f"s3://{s3_bucket}/runs/v1-tau0.05", 0.05)
+    assert (summary.shards, summary.ok, summary.error) == (2, 3, 1)
+    rethreshold_labels(str(tmp_path / "labels"), str(tmp_path / "local"), 0.05)
+    remote = schema.read_labels(f"s3://{s3_bucket}/runs/v1-tau0.05")
+    assert remote.equals(schema.read_labels(str(tmp_path / "local")))
