@@ -1,0 +1,130 @@
+"""``diffcut label`` (and ``jobs/label.py``): label a whole dataset with Ray Data.
+
+Every flag is a parameter of :func:`diffcut.pipeline.label_dataset` of the same
+name (``--image-column`` -> ``image_column``); defaults come from that
+function's signature, so the two cannot drift apart.
+
+Exit status: 0 when the run completes, 1 when the output's error rate is
+above ``--max-error-rate``, 2 for a problem with the inputs or flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import logging
+import sys
+
+from diffcut import io as dio
+
+
+def _defaults() -> dict:
+    # Reading the signature imports Ray; only the label command pays for it.
+    from diffcut.pipeline import label_dataset
+
+    return {name: p.default for name, p in inspect.signature(label_dataset).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+def _optional_int(text: str) -> int | None:
+    return None if text.lower() in ("", "none", "all") else int(text)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = _defaults()
+    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    io = parser.add_argument_group("inputs and outputs")
+    io.add_argument("--input", required=True,
+                    help="local folder/file or s3://bucket/prefix: image files (recursive; jpg jpeg png webp bmp tif "
+                         "tiff gif) or a Parquet dataset")
+    io.add_argument("--output", required=True, help="local folder or s3://bucket/prefix for the Parquet shards")
+    io.add_argument("--format", default=d["format"], choices=dio.INPUT_FORMATS,
+                    help="input kind; auto detects image files vs Parquet")
+    io.add_argument("--image-column", default=d["image_column"],
+                    help="Parquet column with the image bytes (binary, or the HF datasets Image struct)")
+    io.add_argument("--id-column", default=d["id_column"],
+                    help="Parquet column with the image ids (default: the source, file.parquet#row=N)")
+    io.add_argument("--overwrite", action="store_true",
+                    help="delete the job's previous shards in --output and start over (default: resume)")
+    io.add_argument("--limit", type=_optional_int, default=d["limit"],
+                    help="label at most N not-yet-done records this run")
+    io.add_argument("--max-image-pixels", type=int, default=d["max_image_pixels"],
+                    help="refuse images declaring more pixels than this (decompression-bomb guard)")
+    io.add_argument("--max-error-rate", type=float, default=d["max_error_rate"],
+                    help="exit 1 when more than this fraction of the output rows are errors")
+
+    method = parser.add_argument_group("method (DiffCut)")
+    method.add_argument("--model", default=d["model"],
+                        help="diffusers pipeline: hub id, local folder (safetensors), or tiny-random (tests)")
+    method.add_argument("--device", default=d["device"],
+                        help="feature actors' device: auto (cuda if the cluster has GPUs), cuda, cpu")
+    method.add_argument("--dtype", default=d["dtype"], help="model dtype: auto (float16 on CUDA), float32, bfloat16")
+    method.add_argument("--tau", type=float, default=d["tau"], help="recursive NCut threshold")
+    method.add_argument("--alpha", type=float, default=d["alpha"], help="affinity exponent")
+    method.add_argument("--timestep", type=int, default=d["timestep"], help="diffusion timestep of the noised latent")
+    method.add_argument("--exact-search", action="store_true",
+                        help="search every sweep cut of the Fiedler vector, not the paper's 100 thresholds")
+    method.add_argument("--refine", action="store_true", help="refine masks with PAMR (paper's headline numbers)")
+
+    sizes = parser.add_argument_group("sizes")
+    sizes.add_argument("--resolution", type=int, default=d["resolution"],
+                       help="model input: about resolution^2 pixels (a multiple of 32)")
+    sizes.add_argument("--resize", default=d["resize"], choices=dio.RESIZE_MODES,
+                       help="square: resolution x resolution (paper); bucket: keep the aspect ratio")
+    sizes.add_argument("--mask-size", default=d["mask_size"],
+                       help="output mask size: original, model, N (longest side), or WxH")
+
+    pools = parser.add_argument_group("Ray pools")
+    pools.add_argument("--batch-size", type=int, default=d["batch_size"], help="images per feature-extraction call")
+    pools.add_argument("--decode-batch-size", type=int, default=d["decode_batch_size"],
+                       help="images per read/decode batch")
+    pools.add_argument("--decode-cpus", type=float, default=d["decode_cpus"],
+                       help="CPUs per read/decode task and per write task")
+    pools.add_argument("--extractor-pool-min", type=int, default=d["extractor_pool_min"],
+                       help="minimum feature actors")
+    pools.add_argument("--extractor-pool-max", type=int, default=d["extractor_pool_max"],
+                       help="maximum feature actors")
+    pools.add_argument("--extractor-gpus", type=float, default=d["extractor_gpus"],
+                       help="GPUs each feature actor requests (default: 1 when it runs on CUDA, 0 on CPU; "
+                            "an explicit value is requested on any device)")
+    pools.add_argument("--extractor-cpus", type=float, default=d["extractor_cpus"], help="CPUs per feature actor")
+    pools.add_argument("--ncut-pool-min", type=int, default=d["ncut_pool_min"], help="minimum segmentation actors")
+    pools.add_argument("--ncut-pool-max", type=int, default=d["ncut_pool_max"], help="maximum segmentation actors")
+    pools.add_argument("--ncut-cpus", type=float, default=d["ncut_cpus"], help="CPUs per segmentation actor")
+    pools.add_argument("--shard-rows", type=int, default=d["shard_rows"], help="rows per output Parquet shard (at least)")
+    pools.add_argument("--address", default=d["address"],
+                       help="Ray cluster to join (default: RAY_ADDRESS, else an embedded Ray on 127.0.0.1)")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON only")
+
+
+def format_summary(summary: dict) -> str:
+    lines = [
+        f"labeled {summary['processed']} images in {summary['seconds']:.1f} s "
+        f"({summary['images_per_second']:.2f} images/s): {summary['ok']} ok, {summary['error']} error",
+        f"skipped {summary['already_done']} already labeled; {summary['skipped_non_input_files']} non-input files",
+        f"output {summary['output']}: {summary['output_rows']} rows, {summary['output_ok']} ok, "
+        f"{summary['output_error']} error (error rate {summary['error_rate']:.2%})",
+    ]
+    for entry in summary["common_errors"][:5]:
+        lines.append(f"  {entry['count']} x {entry['error']}")
+    if summary.get("warning"):
+        lines.append(f"warning: {summary['warning']}")
+    if summary["error_rate_exceeded"]:
+        lines.append(f"error rate above --max-error-rate {summary['max_error_rate']}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from diffcut.pipeline import label_dataset
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    names = inspect.signature(label_dataset).parameters
+    kwargs = {name: getattr(args, name) for name in names}
+    try:
+        summary = label_dataset(**kwargs)
+    except dio.InputError as error:
+        print(f"diffcut label: {dio.redact(error)}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    return 1 if summary["error_rate_exceeded"] else 0
