@@ -476,17 +476,13 @@ def _class_shards(output: str) -> list[str]:
 
 def read_classes(output: str, columns: Sequence[str] | None = None) -> pa.Table:
     """The rows a :func:`discover_classes` run wrote to ``output`` (first row of every ``source``)."""
-    import pyarrow.parquet as pq
 
-    from diffcut.io import open_filesystem
 
     wanted = list(CLASSES_SCHEMA.names if columns is None else columns)
     read_columns = wanted if "source" in wanted else [*wanted, "source"]
     tables = []
     for uri in _class_shards(output):
-        fs, path = open_filesystem(uri)
-        with fs.open(path, "rb") as handle:
-            tables.append(pq.read_table(handle, columns=read_columns))
+        tables.append(schema.read_shard(uri, columns=read_columns))
     if not tables:
         raise FileNotFoundError(f"no {CLASSES_PREFIX}*.parquet under {output}: not a discover output")
     target = pa.schema([CLASSES_SCHEMA.field(n) for n in read_columns])
@@ -564,9 +560,8 @@ def discover_classes(labels: str, output: str, num_classes: int, *, sample_size:
         sample size, objective, rows written.
     """
     import ray
-    import pyarrow.parquet as pq
 
-    from diffcut.io import arrow_filesystem, check_uri, open_filesystem
+    from diffcut.io import arrow_filesystem, check_uri
     from diffcut.pipeline import connect_ray
 
     started = time.time()
@@ -585,9 +580,7 @@ def discover_classes(labels: str, output: str, num_classes: int, *, sample_size:
     # Short columns first: the number of segments (for the sample's key bound) and the run's parameters.
     total_segments, first_params = 0, None
     for uri in shards:
-        fs, path = open_filesystem(uri)
-        with fs.open(path, "rb") as handle:
-            table = pq.read_table(handle, columns=["status", "num_segments", "params"])
+        table = schema.read_shard(uri, columns=["status", "num_segments", "params"])
         for status, count, params in zip(*(table.column(c).to_pylist() for c in table.column_names)):
             if status == schema.STATUS_OK:
                 total_segments += int(count or 0)

@@ -128,7 +128,6 @@ def iter_label_rows(labels: str, columns: Iterable[str] | None = None, *, batch_
     ``source`` (two runs racing on one output can both write an image) and
     skips half-written shards; their URIs are appended to ``skipped``.
     """
-    import pyarrow.parquet as pq
 
     from diffcut.io import open_filesystem
 
@@ -141,7 +140,7 @@ def iter_label_rows(labels: str, columns: Iterable[str] | None = None, *, batch_
     for uri in complete:
         fs, path = open_filesystem(uri)
         with fs.open(path, "rb") as handle:
-            for batch in pq.ParquetFile(handle).iter_batches(batch_size=batch_rows, columns=read_columns):
+            for batch in schema.iter_shard_batches(handle, batch_rows, read_columns):
                 for row in batch.to_pylist():
                     if row["source"] in seen:
                         continue

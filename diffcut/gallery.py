@@ -130,12 +130,12 @@ class SourceReader:
                 self._group_start <= row < self._group_start + len(self._group_values)):
             fs, path = open_filesystem(uri)
             with fs.open(path, "rb") as handle:
-                parquet = pq.ParquetFile(handle)
+                parquet = pq.ParquetFile(handle, pre_buffer=False)
                 start = 0
                 for group in range(parquet.metadata.num_row_groups):
                     size = parquet.metadata.row_group(group).num_rows
                     if start <= row < start + size:
-                        table = parquet.read_row_group(group, columns=[self.image_column])
+                        table = parquet.read_row_group(group, columns=[self.image_column], use_threads=False)
                         self._group_key, self._group_start = (uri, group), start
                         self._group_values = table.column(self.image_column).to_pylist()
                         break

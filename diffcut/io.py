@@ -180,9 +180,14 @@ def _relative_files(uri: str, exclude: str | None) -> tuple[list[str], bool]:
     """(URIs of every file under ``uri``, recursively, sorted; whether ``uri`` is itself a file)."""
     fs, root = open_filesystem(uri)
     fs.invalidate_cache()  # other processes may have written since this process last listed
-    if fs.isfile(root):
-        return [uri], True
-    if not fs.exists(root):
+    try:
+        if fs.isfile(root):
+            return [uri], True
+        exists = fs.exists(root)
+        paths = fs.find(root.rstrip("/"), detail=False) if exists else []
+    except Exception as error:  # noqa: BLE001 - storage errors (credentials, network) are the user's to fix
+        raise InputError(f"cannot list {uri}: {_describe_exception(error)}") from None
+    if not exists:
         raise InputError(f"input {uri!r} does not exist")
     excluded = None
     if exclude is not None:
@@ -191,7 +196,7 @@ def _relative_files(uri: str, exclude: str | None) -> tuple[list[str], bool]:
             excluded = exclude_root.rstrip("/") + "/"
     root = root.rstrip("/")
     found = []
-    for path in fs.find(root, detail=False):
+    for path in paths:
         if excluded is not None and (path + "/").startswith(excluded):
             continue
         relative = path[len(root):].lstrip("/") if path.startswith(root) else path
@@ -329,7 +334,8 @@ def plan_parquet(
         fs, path = open_filesystem(file_uri)
         try:
             with fs.open(path, "rb") as handle:
-                parquet = pq.ParquetFile(handle)
+                # Read in this thread: see diffcut.schema.read_shard (Arrow's IO threads vs. interpreter exit).
+                parquet = pq.ParquetFile(handle, pre_buffer=False)
                 image_column_kind(parquet.schema_arrow, image_column, file_uri)
                 if id_column is not None and id_column not in parquet.schema_arrow.names:
                     raise InputError(
@@ -337,7 +343,8 @@ def plan_parquet(
                     )
                 ids = None
                 if id_column is not None:
-                    ids = parquet.read(columns=[id_column]).column(id_column).cast(pa.string()).to_pylist()
+                    ids = parquet.read(columns=[id_column], use_threads=False).column(id_column)
+                    ids = ids.cast(pa.string()).to_pylist()
                 group_sizes = [parquet.metadata.row_group(i).num_rows for i in range(parquet.metadata.num_row_groups)]
         except InputError:
             raise

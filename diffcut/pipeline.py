@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 import uuid
 from collections import defaultdict
@@ -147,6 +148,15 @@ class FeatureStage:
     (the bucket) and run in chunks of ``batch_size``; if a chunk fails (e.g.
     out of memory) its rows are retried one by one, and a row that still fails
     becomes an error row.
+
+    Every model call holds exactly ``batch_size`` images: a short chunk (the
+    last of a bucket) is padded with blank images. The model's kernels are
+    chosen by batch shape and round differently for different batch sizes, so
+    without this an image's features -- and, at near-ties, its labels -- would
+    depend on which images happened to share its Ray Data batch, i.e. on pool
+    sizes and scheduling. With it, the output is a function of the inputs,
+    the parameters and ``batch_size`` (docs/output-format.md, "Determinism").
+    Only the one-by-one retry after a failed chunk runs unpadded.
     """
 
     def __init__(self, model: str, device: str, dtype: str, timestep: int, batch_size: int):
@@ -158,11 +168,15 @@ class FeatureStage:
         self.extractor = FeatureExtractor.from_pretrained(model, device=device, dtype=dtype, timestep=timestep)
         self.batch_size = max(1, int(batch_size))
 
-    def _extract(self, pixels: list[np.ndarray]) -> np.ndarray:
+    def _extract(self, pixels: list[np.ndarray], pad: bool = True) -> np.ndarray:
+        """float16 features of same-size images; ``pad``: run them in a call of exactly ``batch_size``."""
         torch = self.torch
+        count = len(pixels)
+        if pad and count < self.batch_size:
+            pixels = pixels + [np.zeros_like(pixels[0])] * (self.batch_size - count)
         batch = torch.from_numpy(np.stack(pixels)).to(self.extractor.device)
         batch = batch.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
-        features = self.extractor.extract(batch)
+        features = self.extractor.extract(batch)[:count]
         return features.to(torch.float16).cpu().numpy()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -186,12 +200,12 @@ class FeatureStage:
                 try:
                     features.update(zip(chunk, self._extract([images[i] for i in chunk])))
                 except Exception as error:  # noqa: BLE001 - retry alone, then record per row
-                    if len(chunk) == 1:
+                    if self.batch_size == 1:
                         failures[chunk[0]] = f"feature extraction failed: {type(error).__name__}: {error}"
                         continue
                     for i in chunk:
                         try:
-                            features[i] = self._extract([images[i]])[0]
+                            features[i] = self._extract([images[i]], pad=False)[0]
                         except Exception as single:  # noqa: BLE001
                             failures[i] = f"feature extraction failed: {type(single).__name__}: {single}"
         out = []
@@ -270,7 +284,6 @@ def connect_ray(address: str | None, min_cpus: float) -> bool:
     """
     if ray.is_initialized():
         return False
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)
@@ -279,8 +292,26 @@ def connect_ray(address: str | None, min_cpus: float) -> bool:
     num_cpus = max(machine, math.ceil(min_cpus))
     if num_cpus > machine:
         log.warning("embedded Ray: %d CPU slots for %d cores, the minimum the pools reserve", num_cpus, machine)
+    _use_loopback_node_address()
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
     return True
+
+
+def _use_loopback_node_address() -> None:
+    """Make the Ray started next in this process a loopback-only node.
+
+    On Linux, Ray replaces ``_node_ip_address="127.0.0.1"`` by the machine's
+    network address unless ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``; with a
+    network address its servers (GCS, raylet, workers, agents) listen on every
+    interface. Ray reads that variable once, when it is imported, which
+    happens before any flag is parsed here; so the setting is applied to the
+    imported constant as well. Only the embedded start calls this: a driver
+    joining a cluster must keep the node's real address.
+    """
+    from ray._private import ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # the processes Ray starts read it at their import
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def _actor_device(device: str) -> tuple[str, bool]:
@@ -341,14 +372,10 @@ def _count(table: pa.Table) -> tuple[int, int]:
 
 
 def _run_rows(output: str, run_id: str) -> pa.Table:
-    import pyarrow.parquet as pq
-
-    fs, _ = dio.open_filesystem(output)
     tables = []
     for uri in schema.list_shards(output)[0]:
         if uri.rsplit("/", 1)[-1].startswith(f"{schema.SHARD_PREFIX}{run_id}-"):
-            with fs.open(dio.open_filesystem(uri)[1], "rb") as handle:
-                tables.append(pq.read_table(handle, columns=["status", "error"]))
+            tables.append(schema.read_shard(uri, ["status", "error"]))
     if not tables:
         return pa.table({"status": pa.array([], pa.string()), "error": pa.array([], pa.string())})
     return pa.concat_tables(tables)
@@ -461,6 +488,13 @@ def label_dataset(
                 shard_rows=shard_rows, max_image_pixels=max_image_pixels, params_text=params_text,
             )
             pipeline_seconds = time.time() - pipeline_started
+        except ray.exceptions.ActorDiedError as error:
+            # A model that cannot be loaded fails every feature actor the same way: one clear
+            # job-level error (exit status 2), not a Ray traceback or an error row per image.
+            reason = _model_load_failure(error)
+            if reason is None:
+                raise
+            raise dio.InputError(f"the feature actors could not load --model {model!r}: {reason}") from None
         finally:
             if started_ray:
                 ray.shutdown()
@@ -505,6 +539,15 @@ def label_dataset(
     summary = json.loads(dio.redact(json.dumps(summary)))
     _write_summary(output, summary)
     return summary
+
+
+def _model_load_failure(error: "ray.exceptions.ActorDiedError") -> str | None:
+    """The exception line of a FeatureStage constructor failure (the model did not load), else None."""
+    message = str(getattr(error, "error_msg", "") or "")
+    if not getattr(error, "actor_init_failed", False) or "FeatureStage" not in message:
+        return None
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", message).splitlines() if line.strip()]
+    return dio.redact(lines[-1]) if lines else "unknown error"
 
 
 def _run_pipeline(plan: dio.Plan, output: str, *, run_id: str, image_column: str, model: str, device: str,

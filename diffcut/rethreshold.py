@@ -205,15 +205,11 @@ class RethresholdSummary:
 
 def _run_taus(shards: list[str]) -> set[float]:
     """The distinct ``tau`` values in the ``params`` of the ok rows of some shards (reads one column)."""
-    import pyarrow.parquet as pq
 
-    from diffcut.io import open_filesystem
 
     taus: set[float] = set()
     for uri in shards:
-        fs, path = open_filesystem(uri)
-        with fs.open(path, "rb") as handle:
-            table = pq.read_table(handle, columns=["status", "params"])
+        table = schema.read_shard(uri, columns=["status", "params"])
         for status, params in zip(table.column("status").to_pylist(), table.column("params").to_pylist()):
             if status == schema.STATUS_OK and params:
                 taus.add(float(json.loads(params)["tau"]))
@@ -273,7 +269,7 @@ def rethreshold_labels(input: str, output: str, tau: float, *, overwrite: bool =
         target = join_uri(output, uri.rsplit("/", 1)[-1])
         with in_fs.open(in_path, "rb") as source, out_fs.open(open_filesystem(target)[1], "wb") as sink:
             with pq.ParquetWriter(sink, schema.LABELS_SCHEMA) as writer:
-                for batch in pq.ParquetFile(source).iter_batches(batch_size=batch_rows, columns=list(schema.COLUMNS)):
+                for batch in schema.iter_shard_batches(source, batch_rows, list(schema.COLUMNS)):
                     rows = []
                     for row in batch.to_pylist():
                         new_row = rethreshold_row(row, tau)

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -304,28 +304,48 @@ def read_labels(output: str, columns: Iterable[str] | None = None) -> pa.Table:
     Returns:
         A table with :data:`LABELS_SCHEMA` (or the chosen columns).
     """
-    import pyarrow.parquet as pq
-
-    from diffcut.io import open_filesystem
-
     wanted = list(COLUMNS if columns is None else columns)
     unknown = set(wanted) - set(COLUMNS)
     if unknown:
         raise ValueError(f"unknown columns {sorted(unknown)}; the output has {list(COLUMNS)}")
     read_columns = wanted if "source" in wanted else [*wanted, "source"]
-    fs, _ = open_filesystem(output)
     complete, _ = list_shards(output)
-    tables = []
-    for uri in complete:
-        _, path = open_filesystem(uri)
-        with fs.open(path, "rb") as handle:
-            tables.append(pq.read_table(handle, columns=read_columns))
+    tables = [read_shard(uri, read_columns) for uri in complete]
     schema = pa.schema([LABELS_SCHEMA.field(name) for name in read_columns], metadata=LABELS_SCHEMA.metadata)
     if not tables:
         return schema.empty_table().select(wanted)
     table = pa.concat_tables([t.cast(schema) for t in tables])
     table = drop_duplicate_sources(table)
     return table.select(wanted)
+
+
+def read_shard(uri: str, columns: Sequence[str] | None = None) -> pa.Table:
+    """The rows of one shard file (local path or ``s3://`` URI).
+
+    Arrow reads the Python file object (what fsspec gives) in the calling
+    thread only. By default (``pre_buffer``, worker threads) Arrow's IO threads
+    read it and can drop the last reference to it later, outside the call;
+    when that happens while the interpreter exits the process aborts
+    (apache/arrow#33975, #49942): a resumed job that had written all its rows
+    exited with that crash in 4 of 8 runs here.
+    """
+    import pyarrow.parquet as pq
+
+    from diffcut.io import open_filesystem
+
+    fs, path = open_filesystem(uri)
+    with fs.open(path, "rb") as handle:
+        shard = pq.ParquetFile(handle, pre_buffer=False)
+        return shard.read(columns=None if columns is None else list(columns), use_threads=False)
+
+
+def iter_shard_batches(handle, batch_rows: int, columns: Sequence[str] | None = None) -> Iterator[pa.RecordBatch]:
+    """Record batches of an open shard file, read in the calling thread (see :func:`read_shard`)."""
+    import pyarrow.parquet as pq
+
+    shard = pq.ParquetFile(handle, pre_buffer=False)
+    yield from shard.iter_batches(batch_size=batch_rows, columns=None if columns is None else list(columns),
+                                  use_threads=False)
 
 
 def drop_duplicate_sources(table: pa.Table) -> pa.Table:

@@ -184,24 +184,51 @@ def test_local_folder_resume_overwrite_and_agreement_with_the_library(ray_local,
 
 
 def _check_against_library(row: dict, path: Path) -> None:
-    import torch
+    import ray
 
-    from diffcut.features import FeatureExtractor
-    from diffcut.segmenter import segment_features
+    def _library_row(image_bytes: bytes, image_id: str, source: str, params: str, batch_size: int) -> dict:
+        """The output row of one image from plain library calls (no pipeline, no Ray Data)."""
+        import torch
 
-    extractor = FeatureExtractor.from_pretrained("tiny-random", device="cpu")
-    decoded = dio.decode_image(path.read_bytes(), lambda w, h: dio.model_size(w, h, 64))
-    pixels = torch.from_numpy(decoded.pixels[None]).permute(0, 3, 1, 2).float() / 255
-    features = extractor.extract(pixels)[0].to(torch.float16).numpy()
-    result = segment_features(features, (decoded.height, decoded.width))
-    expected = schema.ok_row(image_id=row["image_id"], source=row["source"], width=decoded.width,
-                             height=decoded.height, mask=result.mask, latent_labels=result.latent_labels,
-                             descriptors=result.embeddings, tree=result.tree.to_dict(), params=row["params"])
+        from diffcut import io as dio
+        from diffcut import schema
+        from diffcut.features import FeatureExtractor
+        from diffcut.segmenter import segment_features
+
+        torch.set_num_threads(1)
+        extractor = FeatureExtractor.from_pretrained("tiny-random", device="cpu")
+        decoded = dio.decode_image(image_bytes, lambda w, h: dio.model_size(w, h, 64))
+        pixels = torch.from_numpy(decoded.pixels[None].copy()).permute(0, 3, 1, 2).float() / 255
+        # The job runs every model call at exactly --batch-size images, padding with blank ones
+        # (docs/output-format.md, Determinism); the image is alone in its size bucket here.
+        padding = torch.zeros((batch_size - 1, *pixels.shape[1:]))
+        features = extractor.extract(torch.cat([pixels, padding]))[0].to(torch.float16).numpy()
+        result = segment_features(features, (decoded.height, decoded.width))
+        return schema.ok_row(image_id=image_id, source=source, width=decoded.width, height=decoded.height,
+                             mask=result.mask, latent_labels=result.latent_labels, descriptors=result.embeddings,
+                             tree=result.tree.to_dict(), params=params)
+
+    # The reference runs in a Ray worker process, as the job's stages do. CPU BLAS kernels
+    # (MKL in torch, OpenBLAS in numpy) may round differently from one process to another
+    # (they pick code paths by memory alignment), which was seen to move the near-zero NCut
+    # values stored in the tree by ~2 % and to swap the order of two sibling leaves, while
+    # every label stayed the same. So labels are compared bit for bit, and the tree by what it
+    # means: the same segmentation at every tau it can be pruned to, and close NCut values.
+    reference = ray.remote(num_cpus=0.5)(_library_row)
+    expected = ray.get(reference.remote(path.read_bytes(), row["image_id"], row["source"], row["params"],
+                                        TINY["batch_size"]), timeout=300)
     assert row["mask"] == expected["mask"]
     assert row["latent_labels"] == expected["latent_labels"]
-    assert row["tree"] == expected["tree"]
+    ours = schema.decode_tree(row["tree"], row["latent_labels"])
+    theirs = schema.decode_tree(expected["tree"], expected["latent_labels"])
+    assert ours.num_nodes == theirs.num_nodes
+    for tau in (0.5, 0.2, 0.05, 0.01):
+        assert np.array_equal(ours.prune(tau), theirs.prune(tau)), tau
+    finite = lambda tree: np.sort([v for v in tree.ncut if np.isfinite(v)])  # noqa: E731
+    np.testing.assert_allclose(finite(ours), finite(theirs), rtol=0.05, atol=1e-9)
+    # Descriptors average float16 features, whose last bit the same BLAS rounding can flip.
     np.testing.assert_allclose([s["descriptor"] for s in row["segments"]],
-                               [s["descriptor"] for s in expected["segments"]], rtol=1e-6)
+                               [s["descriptor"] for s in expected["segments"]], rtol=1e-2, atol=1e-3)
 
 
 def test_bad_files_among_good_ones_give_one_row_each(ray_local, tmp_path, tricky_images, large_jpeg, sample_dir,
