@@ -642,6 +642,21 @@ def to_rgb(image):
         raise ImageDecodeError(f"unsupported colour mode {image.mode!r}: {error}") from None
 
 
+def upright_size(data: bytes | None, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[int, int]:
+    """(width, height) of an encoded image after EXIF orientation, from its header only.
+
+    Nothing is decoded, so it costs microseconds; the job uses it to order a
+    batch of images by model input size before decoding them.
+
+    Raises:
+        ImageDecodeError: as :func:`decode_image` would for an empty, unknown
+            or too large image.
+    """
+    image = _open(data, max_pixels)
+    width, height = image.size
+    return (height, width) if _orientation(image) in _SWAPS_AXES else (width, height)
+
+
 SizeRule = Callable[[int, int], tuple[int, int]]
 
 

@@ -122,16 +122,41 @@ def decode_record(record: dio.RawRecord, *, resolution: int, resize: str, stride
     return row
 
 
+def input_size_key(record: dio.RawRecord, *, resolution: int, resize: str, stride: int,
+                   max_image_pixels: int) -> tuple[int, int, int]:
+    """Sort key of a raw record: its model input size (height, width), read
+    from the image header without decoding; unreadable records sort last."""
+    if record.error is None:
+        try:
+            width, height = dio.upright_size(record.data, max_image_pixels)
+            model_width, model_height = dio.model_size(width, height, resolution, resize, stride)
+            return (0, model_height, model_width)
+        except Exception:  # noqa: BLE001 - decoding reports the error on the row
+            pass
+    return (1, 0, 0)
+
+
 def decode_stage(units: pa.Table, *, image_column: str, resolution: int, resize: str, stride: int, mask_size: str,
                  max_image_pixels: int, keep_image_bytes: bool, chunk_rows: int) -> Iterator[pa.Table]:
     """Ray Data UDF of stage 1: read units -> decoded rows, ``chunk_rows`` at a time.
 
-    A generator, so a Parquet row group of many images never exists decoded
-    all at once.
+    The records of a batch (its image files, or a Parquet row group) are put
+    in order of model input size before decoding, from their headers alone.
+    Every model call holds ``batch_size`` images of one size, padded with
+    blank ones when fewer are at hand (:class:`FeatureStage`); rows that
+    arrive grouped by size fill those calls, where rows in file order would
+    scatter over the buckets and leave most calls part blank
+    (``benchmarks/padding.py``). A generator, so a Parquet row group of many
+    images never exists decoded all at once (the encoded bytes of the batch
+    are in memory anyway: they are fetched together).
     """
     spec = dio.MaskSize.parse(mask_size)
+    records = list(dio.read_units(units.to_pylist(), image_column=image_column))
+    if resize == "bucket":  # list.sort is stable: equal sizes keep their input order
+        records.sort(key=lambda record: input_size_key(record, resolution=resolution, resize=resize, stride=stride,
+                                                       max_image_pixels=max_image_pixels))
     rows: list[dict] = []
-    for record in dio.read_units(units.to_pylist(), image_column=image_column):
+    for record in records:
         rows.append(decode_record(record, resolution=resolution, resize=resize, stride=stride, mask_size=spec,
                                   max_image_pixels=max_image_pixels, keep_image_bytes=keep_image_bytes))
         if len(rows) >= chunk_rows:
@@ -139,6 +164,23 @@ def decode_stage(units: pa.Table, *, image_column: str, resolution: int, resize:
             rows = []
     if rows:
         yield pa.Table.from_pylist(rows, schema=DECODED_SCHEMA)
+
+
+def model_calls(sizes: list[tuple[int, int] | None], batch_size: int) -> list[list[int]]:
+    """How :class:`FeatureStage` runs one batch: the indices of each model call.
+
+    ``sizes`` are the rows' model input sizes (None: an error row, not run).
+    Rows of one size run together in input order, ``batch_size`` per call;
+    each call is padded to ``batch_size`` images, so ``len(calls) *
+    batch_size`` images go through the model for ``sum(map(len, calls))``
+    real ones.
+    """
+    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for index, size in enumerate(sizes):
+        if size is not None:
+            groups[tuple(size)].append(index)
+    return [indices[start:start + batch_size] for indices in groups.values()
+            for start in range(0, len(indices), batch_size)]
 
 
 class FeatureStage:
@@ -181,7 +223,6 @@ class FeatureStage:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
-        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
         images: dict[int, np.ndarray] = {}
         failures: dict[int, str] = {}
         for index, row in enumerate(rows):
@@ -190,24 +231,22 @@ class FeatureStage:
             try:
                 shape = (row["pixel_height"], row["pixel_width"], 3)
                 images[index] = np.frombuffer(row["pixels"], np.uint8).reshape(shape)
-                groups[shape[:2]].append(index)
             except Exception as error:  # noqa: BLE001
                 failures[index] = f"feature extraction failed: bad decoded pixels: {error}"
+        sizes = [images[i].shape[:2] if i in images else None for i in range(len(rows))]
         features: dict[int, np.ndarray] = {}
-        for indices in groups.values():
-            for start in range(0, len(indices), self.batch_size):
-                chunk = indices[start:start + self.batch_size]
-                try:
-                    features.update(zip(chunk, self._extract([images[i] for i in chunk])))
-                except Exception as error:  # noqa: BLE001 - retry alone, then record per row
-                    if self.batch_size == 1:
-                        failures[chunk[0]] = f"feature extraction failed: {type(error).__name__}: {error}"
-                        continue
-                    for i in chunk:
-                        try:
-                            features[i] = self._extract([images[i]], pad=False)[0]
-                        except Exception as single:  # noqa: BLE001
-                            failures[i] = f"feature extraction failed: {type(single).__name__}: {single}"
+        for chunk in model_calls(sizes, self.batch_size):
+            try:
+                features.update(zip(chunk, self._extract([images[i] for i in chunk])))
+            except Exception as error:  # noqa: BLE001 - retry alone, then record per row
+                if self.batch_size == 1:
+                    failures[chunk[0]] = f"feature extraction failed: {type(error).__name__}: {error}"
+                    continue
+                for i in chunk:
+                    try:
+                        features[i] = self._extract([images[i]], pad=False)[0]
+                    except Exception as single:  # noqa: BLE001
+                        failures[i] = f"feature extraction failed: {type(single).__name__}: {single}"
         out = []
         for index, row in enumerate(rows):
             result = {name: row.get(name) for name in FEATURES_SCHEMA.names}
@@ -401,7 +440,7 @@ def label_dataset(
     refine: bool = False,
     exact_search: bool = False,
     batch_size: int = 4,
-    decode_batch_size: int = 16,
+    decode_batch_size: int = 256,
     decode_cpus: float = 1.0,
     extractor_pool_min: int = 1,
     extractor_pool_max: int = 1,
@@ -563,6 +602,10 @@ def _run_pipeline(plan: dio.Plan, output: str, *, run_id: str, image_column: str
     parquet_units = units.num_rows and units.column("kind")[0].as_py() == "parquet"
     # A Parquet unit is a whole row group; an image-file unit is one file.
     units_per_batch = 1 if parquet_units else decode_batch_size
+    # Bucketed inputs vary in size: hand each feature actor a few model calls'
+    # worth of rows at a time, so rows of one size can share a call; decoded
+    # blocks of the same length arrive grouped by size (decode_stage).
+    feature_batch = batch_size * (4 if resize == "bucket" else 1)
     units_per_block = max(units_per_batch, math.ceil(units.num_rows / 10_000))
     blocks = [units.slice(start, units_per_block) for start in range(0, units.num_rows, units_per_block)]
     dataset = ray.data.from_arrow(blocks)
@@ -583,12 +626,9 @@ def _run_pipeline(plan: dio.Plan, output: str, *, run_id: str, image_column: str
         memory=DECODE_TASK_MEMORY,
         fn_kwargs=dict(image_column=image_column, resolution=resolution, resize=resize, stride=stride,
                        mask_size=mask_size, max_image_pixels=max_image_pixels, keep_image_bytes=refine,
-                       chunk_rows=decode_batch_size),
+                       chunk_rows=feature_batch),
     )
     actor_device, on_gpu = _actor_device(device)
-    # Bucketed inputs vary in size: hand each actor a few batches' worth at a
-    # time so the rows of one bucket can share a model call.
-    feature_batch = batch_size * (4 if resize == "bucket" else 1)
     dataset = dataset.map_batches(
         FeatureStage,
         fn_constructor_kwargs=dict(model=model, device=actor_device, dtype=dtype, timestep=timestep,

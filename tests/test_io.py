@@ -81,6 +81,21 @@ def test_exif_orientation_is_applied():
     assert bottom[2] > 200 and bottom[0] < 60
 
 
+def test_upright_size_reads_the_header_with_its_orientation():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees to display: 60x40 stored, 40x60 upright
+    rotated = _save(Image.new("RGB", (60, 40)), "JPEG", exif=exif)
+    assert dio.upright_size(rotated) == (40, 60) == (dio.decode_image(rotated).width, dio.decode_image(rotated).height)
+    assert dio.upright_size(_save(Image.new("RGB", (60, 40)), "PNG")) == (60, 40)
+    # Only the header: a truncated file still has a size (decoding it fails later, on its row).
+    assert dio.upright_size(_save(Image.new("RGB", (300, 200), (9, 9, 9)), "PNG")[:60]) == (300, 200)
+    for bad in (b"", b"not an image at all", None):
+        with pytest.raises(dio.ImageDecodeError):
+            dio.upright_size(bad)
+    with pytest.raises(dio.ImageDecodeError, match="decompression-bomb"):
+        dio.upright_size(_bomb(100_000, 100_000))
+
+
 def _save(image, format, **options) -> bytes:
     import io
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+from PIL import Image
 import pyarrow.parquet as pq
 import pytest
 
@@ -107,6 +108,15 @@ def test_stages_give_one_row_per_record_and_pass_errors_through(tmp_path, sample
                                keep_image_bytes=False, chunk_rows=2))
     assert [chunk.num_rows for chunk in chunks] == [2, 2, 1]
     decoded = pa.concat_tables(chunks)
+    # In order of model input size (read from the headers), unreadable records last, in input order.
+    inputs = [str(tmp_path / name) for name in names]
+    sources = decoded.column("source").to_pylist()
+    assert sorted(sources) == sorted(inputs)
+    assert decoded.column("status").to_pylist() == ["ok", "ok", "ok", "error", "error"]
+    sizes = list(zip(decoded.column("pixel_height").to_pylist(), decoded.column("pixel_width").to_pylist()))
+    assert sizes[:3] == sorted(sizes[:3])
+    assert sources[3:] == [str(tmp_path / "zero_bytes.jpg"), str(tmp_path / "bomb.png")]
+    decoded = decoded.take([sources.index(source) for source in inputs])  # input order for what follows
     assert decoded.column("status").to_pylist() == ["ok", "error", "ok", "error", "ok"]
 
     # Corrupt two ok rows the way a bug upstream could: pixels of the wrong length, and a size the
@@ -181,6 +191,40 @@ def test_local_folder_resume_overwrite_and_agreement_with_the_library(ray_local,
     rows = check_labels(output, tiny_feature_dim, tau=0.3)
     assert len(rows) == 6 and all((r["mask_width"], r["mask_height"]) == (64, 64) for r in rows)
     assert all(fourth["run_id"] in p.name for p in (tmp_path / "labels").glob("labels-*.parquet"))
+
+
+def test_decoded_rows_come_grouped_by_model_input_size(tmp_path):
+    """decode_stage orders each batch by model input size (stable: ties keep their input order), so
+    the feature stage's fixed-size model calls are full; model_calls counts what it runs."""
+    from diffcut.pipeline import decode_stage, model_calls
+
+    aspects = [(96, 64), (64, 96), (96, 64), (80, 80), (64, 96), (96, 64), (80, 80), (64, 96)]
+    paths = []
+    for index, size in enumerate(aspects):
+        path = tmp_path / f"img_{index}.png"
+        Image.new("RGB", size, (index * 20, 40, 90)).save(path)
+        paths.append(str(path))
+    units = dio.plan_image_files(paths).units
+
+    def run(resize):
+        chunks = decode_stage(units, image_column="image", resolution=128, resize=resize, stride=32,
+                              mask_size="original", max_image_pixels=dio.DEFAULT_MAX_IMAGE_PIXELS,
+                              keep_image_bytes=False, chunk_rows=3)
+        table = pa.concat_tables(list(chunks))
+        return table.column("source").to_pylist(), list(zip(table.column("pixel_height").to_pylist(),
+                                                             table.column("pixel_width").to_pylist()))
+
+    sources, sizes = run("bucket")
+    expected_sizes = [dio.model_size(w, h, 128)[::-1] for w, h in aspects]
+    expected = sorted(range(len(paths)), key=lambda i: expected_sizes[i])  # sorted() is stable too
+    assert sources == [paths[i] for i in expected]
+    assert sizes == [expected_sizes[i] for i in expected] and len(set(sizes)) == 3
+    # One model call per batch_size images of one size, in order; error rows (None) run nowhere.
+    assert [len(call) for call in model_calls(sizes, 2)] == [2, 1, 2, 2, 1]
+    assert model_calls(expected_sizes[:4], 2) == [[0, 2], [1], [3]]
+    assert model_calls([None, (2, 2), None, (2, 2)], 4) == [[1, 3]]
+    # Square inputs all share one size: nothing to reorder.
+    assert run("square")[0] == paths
 
 
 def _check_against_library(row: dict, path: Path) -> None:
@@ -392,3 +436,20 @@ def test_ray_job_submit_against_a_local_head(tmp_path, tiny_feature_dim):
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait(timeout=30)
+
+
+def test_readme_flag_reference_is_the_help_of_the_label_command(monkeypatch, capsys):
+    """README's "Flags" block is `diffcut label --help` (80 columns), so it cannot drift from the code."""
+    from diffcut.cli import main
+
+    monkeypatch.setenv("COLUMNS", "80")
+    with pytest.raises(SystemExit):
+        main(["label", "--help"])
+    help_text = capsys.readouterr().out
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("### Flags", 1)[1].split("```text\n", 1)[1].split("```", 1)[0]
+    # README names the job's script in the usage line; the lines after it keep the wrapping of
+    # `diffcut label`, which is the same command.
+    assert block.startswith("usage: python jobs/label.py ")
+    block = block.replace("usage: python jobs/label.py ", "usage: diffcut label ", 1)
+    assert block.strip() == help_text.strip()
