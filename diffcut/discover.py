@@ -476,8 +476,6 @@ def _class_shards(output: str) -> list[str]:
 
 def read_classes(output: str, columns: Sequence[str] | None = None) -> pa.Table:
     """The rows a :func:`discover_classes` run wrote to ``output`` (first row of every ``source``)."""
-
-
     wanted = list(CLASSES_SCHEMA.names if columns is None else columns)
     read_columns = wanted if "source" in wanted else [*wanted, "source"]
     tables = []

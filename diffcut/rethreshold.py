@@ -205,8 +205,6 @@ class RethresholdSummary:
 
 def _run_taus(shards: list[str]) -> set[float]:
     """The distinct ``tau`` values in the ``params`` of the ok rows of some shards (reads one column)."""
-
-
     taus: set[float] = set()
     for uri in shards:
         table = schema.read_shard(uri, columns=["status", "params"])

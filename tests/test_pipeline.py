@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from PIL import Image
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from diffcut import io as dio
 from diffcut import schema
@@ -252,9 +252,9 @@ def _check_against_library(row: dict, path: Path) -> None:
                              mask=result.mask, latent_labels=result.latent_labels, descriptors=result.embeddings,
                              tree=result.tree.to_dict(), params=params)
 
-    # The reference runs in a Ray worker process, as the job's stages do. CPU BLAS kernels
-    # (MKL in torch, OpenBLAS in numpy) may round differently from one process to another
-    # (they pick code paths by memory alignment), which was seen to move the near-zero NCut
+    # The reference runs in a Ray worker process, as the job's stages do. Computed in the pytest
+    # process instead, the same calls rounded differently (the cause was not pinned down: BLAS
+    # kernel choice by thread count or memory alignment are candidates), which moved the near-zero NCut
     # values stored in the tree by ~2 % and to swap the order of two sibling leaves, while
     # every label stayed the same. So labels are compared bit for bit, and the tree by what it
     # means: the same segmentation at every tau it can be pruned to, and close NCut values.
