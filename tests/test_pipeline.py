@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -380,6 +381,19 @@ def _without_ray_address() -> dict:
     return env
 
 
+#: The environment's own bin/ (a venv's): console scripts installed with the project live there,
+#: whether or not the venv is activated, i.e. on PATH.
+INTERPRETER_BIN = Path(sys.executable).parent
+
+
+def console_script(name: str) -> str:
+    """The `name` console script installed beside the running interpreter, never one found on PATH
+    (a system-wide Ray would hide a missing install, and a fresh machine has none)."""
+    path = INTERPRETER_BIN / name
+    assert path.is_file(), f"{name} is not installed beside {sys.executable}"
+    return str(path)
+
+
 def test_python_entry_point_runs_an_embedded_ray(tmp_path, sample_dir, tiny_feature_dim):
     output = tmp_path / "labels"
     result = subprocess.run(
@@ -399,12 +413,19 @@ def test_ray_job_submit_against_a_local_head(tmp_path, tiny_feature_dim):
     repository copy and reads the bundled samples through a relative path inside it."""
     gcs, dashboard = free_port(), free_port()
     env = _without_ray_address()
-    # Ray 2.60 clusters started with a token on disk require it; the job CLI sends it only in token mode.
+    # As in an activated venv: the head runs the job's entrypoint `python jobs/label.py` through PATH,
+    # and that `python` must be the one the project is installed in.
+    env["PATH"] = os.pathsep.join([str(INTERPRETER_BIN), env.get("PATH", "")])
+    ray_cli = console_script("ray")
+    # Token authentication, with a token of the test's own: Ray 2.60 requires a token when one is on
+    # disk (~/.ray/auth_token) and the job CLI sends it only in token mode, while a fresh machine
+    # has no token file at all. The environment variable serves the head and the CLI alike.
     env["RAY_AUTH_MODE"] = "token"
+    env["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
     # Stop at once when the test is done (a SIGTERM'd head otherwise drains for 30 s).
     env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
     head = subprocess.Popen(
-        ["ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+        [ray_cli, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "4",
          "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
          "--object-store-memory", str(512 * 2**20)],
@@ -413,14 +434,14 @@ def test_ray_job_submit_against_a_local_head(tmp_path, tiny_feature_dim):
     try:
         address = f"http://127.0.0.1:{dashboard}"
         deadline = time.time() + 120
-        while subprocess.run(["ray", "job", "list", "--address", address], env=env, capture_output=True,
+        while subprocess.run([ray_cli, "job", "list", "--address", address], env=env, capture_output=True,
                              timeout=60).returncode != 0:
             assert head.poll() is None, head.stdout.read()
             assert time.time() < deadline, "the Ray head did not come up"
             time.sleep(2)
         output = tmp_path / "labels"
         result = subprocess.run(
-            ["ray", "job", "submit", "--address", address, "--working-dir", ".", "--",
+            [ray_cli, "job", "submit", "--address", address, "--working-dir", ".", "--",
              "python", "jobs/label.py", "--input", "samples", "--output", str(output), *TINY_FLAGS],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=400,
         )
