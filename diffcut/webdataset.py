@@ -245,6 +245,23 @@ def read_shard_unit(unit: Mapping, *, keep_metadata: bool = False) -> Iterator[d
                               keep_metadata=keep_metadata)
 
 
+def write_shard(path_or_handle, members: Iterable[tuple[str, bytes]]) -> None:
+    """Write a tar shard with these (member name, data) members, in order, as img2dataset and
+    WebDataset's ``TarWriter`` lay them out (``key.jpg``, ``key.json``, ``key.txt`` ...).
+
+    For examples and tests: small datasets in the format the labeling job reads.
+    """
+    import io
+
+    kwargs = {"fileobj": path_or_handle} if hasattr(path_or_handle, "write") else {"name": str(path_or_handle)}
+    with tarfile.open(mode="w", **kwargs) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mode = 0o644
+            tar.addfile(info, io.BytesIO(data))
+
+
 # =========================================================================== img2dataset Parquet
 def img2dataset_status_errors(schema: pa.Schema, read_columns) -> list[str | None] | None:
     """Per-row errors of an img2dataset Parquet file: rows whose ``status`` is not ``success``.

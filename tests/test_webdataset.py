@@ -42,12 +42,7 @@ def _jpeg(seed: int, size=(48, 32)) -> bytes:
 
 
 def write_shard(path: Path, members: list[tuple[str, bytes]]) -> Path:
-    """A tar file with these (name, data) members, in this order (what img2dataset writes)."""
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    wds.write_shard(path, members)
     return path
 
 
@@ -252,11 +247,13 @@ def test_webdataset_on_s3_with_metadata_resumes_per_key(ray_local, s3_bucket, tm
         assert torch.equal(masks, target[None] == by_image[image.numpy().tobytes()]["segment_ids"][:, None, None])
 
 
-@pytest.mark.slow
-def test_hugging_face_datasets_round_trip(ray_local, tmp_path):
+def test_hugging_face_datasets_round_trip(tmp_path):
+    """A ``datasets`` Image dataset saved with ``to_parquet`` goes through the job's stages (in this
+    process: the Ray runs of this module cover the stages' plumbing) and the labels, written as a
+    shard, load back with ``datasets.load_dataset`` and their masks decode."""
     import datasets
 
-    from diffcut.pipeline import label_dataset
+    from diffcut.pipeline import FeatureStage, SegmentStage
 
     images = [Image.open(io.BytesIO(_jpeg(seed, size))) for seed, size in enumerate([(48, 32), (40, 40), (32, 56)])]
     features = datasets.Features({"image": datasets.Image(), "name": datasets.Value("string")})
@@ -264,18 +261,27 @@ def test_hugging_face_datasets_round_trip(ray_local, tmp_path):
     (tmp_path / "hf").mkdir()
     dataset.to_parquet(str(tmp_path / "hf" / "train.parquet"))
 
+    listing = dio.list_inputs(str(tmp_path / "hf"))
+    plan = dio.plan_parquet(listing.files, image_column="image", id_column="name")
+    decoded = pa.concat_tables(decode_stage(
+        plan.units, image_column="image", resolution=64, resize="bucket", stride=32, mask_size="32",
+        max_image_pixels=dio.DEFAULT_MAX_IMAGE_PIXELS, keep_image_bytes=False, chunk_rows=8))
+    features_table = FeatureStage("tiny-random", "cpu", "float32", 50, batch_size=2)(decoded)
+    labels = SegmentStage(0.5, 10.0, False, False, params="{}", max_image_pixels=dio.DEFAULT_MAX_IMAGE_PIXELS)(
+        features_table)
     output = tmp_path / "labels"
-    summary = label_dataset(str(tmp_path / "hf"), str(output), id_column="name", **TINY)
-    assert summary["ok"] == 3
+    output.mkdir()
+    pq.write_table(labels, output / "labels-hf-0.parquet")
 
-    labels = datasets.load_dataset("parquet", data_files=str(output / "labels-*.parquet"), split="train",
+    loaded = datasets.load_dataset("parquet", data_files=str(output / "labels-*.parquet"), split="train",
                                    cache_dir=str(tmp_path / "hf-cache"))
-    assert labels.num_rows == 3 and set(schema.COLUMNS) <= set(labels.column_names)
-    by_name = {row["image_id"]: row for row in labels}
+    assert loaded.num_rows == 3 and list(loaded.column_names) == list(schema.COLUMNS)
+    by_name = {row["image_id"]: row for row in loaded}
     for name, image in zip(["a", "b", "c"], images):
         row = by_name[name]
+        assert row["status"] == "ok", row["error"]
+        assert (row["width"], row["height"]) == image.size
+        assert row["source"].endswith("train.parquet#row=" + str("abc".index(name)))
         mask = schema.decode_mask(row["mask"])
-        width, height = image.size
-        assert mask.shape == (row["mask_height"], row["mask_width"])
-        assert (row["width"], row["height"]) == (width, height)
-        assert max(mask.shape) == 32 and mask.max() < row["num_segments"]
+        assert mask.shape == (row["mask_height"], row["mask_width"]) and max(mask.shape) == 32
+        assert mask.max() < row["num_segments"] == len(row["segments"])
