@@ -414,6 +414,22 @@ def plan_parquet(
     return Plan(units=units, listed=listed, already_done=already_done, planned=planned)
 
 
+def plan_inputs(listing: InputListing, *, image_column: str = "image", id_column: str | None = None,
+                done: set[str] | frozenset = frozenset(), limit: int | None = None) -> Plan:
+    """The plan for what :func:`list_inputs` found, by its format (``limit`` does not apply to
+    WebDataset shards: their records are only known once read)."""
+    if listing.format == "parquet":
+        plan = plan_parquet(listing.files, image_column=image_column, id_column=id_column, done=done, limit=limit)
+    elif listing.format == "webdataset":
+        from diffcut.webdataset import plan_shards
+
+        plan = plan_shards(listing.files, done=done)
+    else:
+        plan = plan_image_files(listing.files, done=done, limit=limit)
+    plan.skipped_files = listing.skipped
+    return plan
+
+
 @dataclass
 class RawRecord:
     """One input record as read: its bytes, or why there are none."""

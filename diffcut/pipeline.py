@@ -529,13 +529,7 @@ def label_dataset(
         done, incomplete = _existing_output(output, params)
 
     listing = dio.list_inputs(input, format, exclude=output)
-    if listing.format == "parquet":
-        plan = dio.plan_parquet(listing.files, image_column=image_column, id_column=id_column, done=done, limit=limit)
-    elif listing.format == "webdataset":
-        plan = webdataset.plan_shards(listing.files, done=done)
-    else:
-        plan = dio.plan_image_files(listing.files, done=done, limit=limit)
-    plan.skipped_files = listing.skipped
+    plan = dio.plan_inputs(listing, image_column=image_column, id_column=id_column, done=done, limit=limit)
     if plan.planned is None:
         log.info("%d tar shards, %d samples already done", len(listing.files), plan.already_done)
     else:

@@ -109,14 +109,7 @@ def read_targets(labels: str | None = None, classes: str | None = None) -> pa.Ta
 def input_units(input: str, format: str = "auto", *, image_column: str = "image") -> pa.Table:
     """The read units of every record of ``input``, planned as the labeling job plans them, so
     their ``source`` values are the ones in the label rows."""
-    from diffcut import webdataset
-
-    listing = dio.list_inputs(input, format)
-    if listing.format == "parquet":
-        return dio.plan_parquet(listing.files, image_column=image_column).units
-    if listing.format == "webdataset":
-        return webdataset.plan_shards(listing.files).units
-    return dio.plan_image_files(listing.files).units
+    return dio.plan_inputs(dio.list_inputs(input, format), image_column=image_column).units
 
 
 def _target_kind(target: str | None, classes: str | None) -> str:
@@ -300,6 +293,8 @@ def ray_dataset(input: str, labels: str | None = None, *, classes: str | None = 
     images = ray.data.from_arrow(blocks).map_batches(
         _read_sources, batch_size=units_per_task, batch_format="pyarrow", fn_kwargs=dict(image_column=image_column))
     files = _target_files(target_labels, classes if target == "semantic" else None)
+    if not files:
+        raise dio.InputError(f"no label shards under {classes if target == 'semantic' else labels}")
     filesystem, _ = dio.arrow_filesystem(files[0]) if files else (None, None)
     paths = [dio.arrow_filesystem(uri)[1] for uri in files]
     # One file per read task; keep the join's key and what the pairs need.

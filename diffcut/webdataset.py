@@ -51,10 +51,6 @@ SHARD_EXTENSIONS = frozenset({".tar"})
 IMAGE_MEMBER_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 METADATA_MEMBER_EXTENSION = "json"
 
-#: A tar archive ends with two zero blocks, padded to a multiple of the record size
-#: (20 blocks); more unread bytes than that after the last member means a broken header.
-_END_OF_ARCHIVE_SLACK = 2 * tarfile.BLOCKSIZE + tarfile.RECORDSIZE
-
 #: Arrow schema of a WebDataset read unit: one shard and the keys already done in it.
 SHARD_UNIT_SCHEMA = pa.schema(
     [
@@ -144,15 +140,25 @@ def _sample_record(shard_uri: str, key: str, members: Mapping[str, bytes], keep_
     return dio.RawRecord(key, source, members[image_ext], None, metadata)
 
 
-def iter_shard(handle, shard_uri: str, *, size: int | None = None, done_keys: Iterable[str] = (),
+def _is_end_of_archive(handle, position: int) -> bool:
+    """Whether the block at ``position``, where tarfile stopped, is the end-of-archive marker (zeros)
+    or the end of the file. tarfile also stops, silently, at a header it cannot parse."""
+    try:
+        handle.seek(position)
+        block = handle.read(tarfile.BLOCKSIZE)
+    except (OSError, ValueError):  # not seekable: nothing more can be checked
+        return True
+    return not any(block)
+
+
+def iter_shard(handle, shard_uri: str, *, done_keys: Iterable[str] = (),
                keep_metadata: bool = False) -> Iterator[dio.RawRecord]:
     """One record per sample of an open tar shard, streamed (see the module docstring).
 
     Args:
-        handle: a binary file object positioned at the start of the shard.
+        handle: a binary file object positioned at the start of the shard; seekable,
+            so that a tar structure broken before the end is reported.
         shard_uri: the shard's URI, the prefix of every ``source``.
-        size: the shard's size in bytes; with it, a tar structure broken before
-            the end of the file is reported (tarfile itself stops silently there).
         done_keys: keys to skip (done by an earlier run): their data is not kept.
         keep_metadata: read the ``.json`` member into ``RawRecord.metadata``.
     """
@@ -218,9 +224,8 @@ def iter_shard(handle, shard_uri: str, *, size: int | None = None, done_keys: It
     record = finish()
     if record is not None:
         yield record
-    if stream_error is None and size is not None and size - position > _END_OF_ARCHIVE_SLACK:
-        stream_error = (f"the tar structure is broken at byte {position} of {size}: the samples after it "
-                        "cannot be read")
+    if stream_error is None and not _is_end_of_archive(handle, position):
+        stream_error = f"the tar structure is broken at byte {position}: the samples after it cannot be read"
     if stream_error:
         marker = f"@{position}"
         if marker not in done:
@@ -232,7 +237,6 @@ def read_shard_unit(unit: Mapping, *, keep_metadata: bool = False) -> Iterator[d
     uri = unit["path"]
     try:
         fs, path = dio.open_filesystem(uri)
-        size = fs.size(path)
         handle = fs.open(path, "rb")
     except Exception as error:  # noqa: BLE001 - one error record for the shard, the job goes on
         marker = "@0"
@@ -241,8 +245,7 @@ def read_shard_unit(unit: Mapping, *, keep_metadata: bool = False) -> Iterator[d
                                 f"cannot open the shard: {dio.redact(error)}")
         return
     with handle:
-        yield from iter_shard(handle, uri, size=size, done_keys=unit.get("done_keys") or (),
-                              keep_metadata=keep_metadata)
+        yield from iter_shard(handle, uri, done_keys=unit.get("done_keys") or (), keep_metadata=keep_metadata)
 
 
 def write_shard(path_or_handle, members: Iterable[tuple[str, bytes]]) -> None:

@@ -123,6 +123,12 @@ def test_truncated_and_corrupt_shards_lose_no_sample_silently(tmp_path):
     assert [r.image_id for r in got[2:]] == [f"@{third.offset}"]
     assert "broken" in got[2].error and got[2].source == f"{corrupt}#@{third.offset}"
 
+    # Cut inside a header: tarfile stops there without a word too.
+    header_cut = tmp_path / "header_cut.tar"
+    header_cut.write_bytes(whole[: third.offset + 200])
+    got = records(header_cut)
+    assert [r.image_id for r in got] == keys[:2] + [f"@{third.offset}"] and "broken" in got[2].error
+
     # Not a tar at all: one error row for the shard.
     junk = tmp_path / "junk.tar"
     junk.write_bytes(b"\x01" * 3000)
