@@ -169,6 +169,7 @@ def decode_stage(units: pa.Table, *, image_column: str, resolution: int, resize:
             if len(rows) >= chunk_rows:
                 yield pa.Table.from_pylist(rows, schema=DECODED_SCHEMA)
                 rows = []
+        group.clear()  # the encoded bytes go before the next group is read, not after
     if rows:
         yield pa.Table.from_pylist(rows, schema=DECODED_SCHEMA)
 
