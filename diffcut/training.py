@@ -173,9 +173,9 @@ class LabeledImages(IterableDataset):
         self.max_image_pixels = max_image_pixels
         self.units = input_units(input, format, image_column=image_column).to_pylist()
         table = read_targets(labels if self.target == "instances" else None, classes)
+        columns = (table.column(name).to_pylist() for name in _TARGET_COLUMNS)
         self.targets: dict[str, tuple[str, bytes | None]] = {
-            source: (status, mask) for source, status, mask in zip(*(table.column(c).to_pylist() for c in _TARGET_COLUMNS))
-        }
+            source: (status, mask) for source, status, mask in zip(*columns)}
         self.counts: Counter = Counter()
 
     def _pair(self, record: dio.RawRecord):

@@ -119,7 +119,8 @@ def plan_shards(files: Sequence[str], done: set[str] | frozenset = frozenset()) 
             done_keys[parts[0]].append(parts[1])
     shards = sorted(files)
     units = pa.Table.from_pydict(
-        {"kind": [UNIT_KIND] * len(shards), "path": shards, "done_keys": [sorted(done_keys.get(s, [])) for s in shards]},
+        {"kind": [UNIT_KIND] * len(shards), "path": shards,
+         "done_keys": [sorted(done_keys.get(s, [])) for s in shards]},
         schema=SHARD_UNIT_SCHEMA,
     )
     already_done = sum(len(done_keys.get(s, [])) for s in shards)
@@ -135,8 +136,9 @@ def _sample_record(shard_uri: str, key: str, members: Mapping[str, bytes], keep_
         metadata = members[METADATA_MEMBER_EXTENSION].decode("utf-8", "replace")
     if image_ext is None:
         found = ", ".join(sorted(members)) or "none"
-        return dio.RawRecord(key, source, None, f"the sample has no image member (.{' .'.join(IMAGE_MEMBER_EXTENSIONS)}); "
-                                                f"its members: {found}", metadata)
+        wanted = " .".join(IMAGE_MEMBER_EXTENSIONS)
+        return dio.RawRecord(key, source, None, f"the sample has no image member (.{wanted}); its members: {found}",
+                             metadata)
     return dio.RawRecord(key, source, members[image_ext], None, metadata)
 
 
@@ -218,7 +220,8 @@ def iter_shard(handle, shard_uri: str, *, done_keys: Iterable[str] = (),
             try:
                 members[ext] = archive.extractfile(info).read()
             except (tarfile.TarError, OSError, EOFError) as error:
-                problem = f"member {info.name!r} cannot be read ({dio.redact(error)}); the shard is truncated or corrupt"
+                problem = (f"member {info.name!r} cannot be read ({dio.redact(error)}); "
+                           "the shard is truncated or corrupt")
                 stream_error = ""  # the sample's own error row reports it
                 break
     record = finish()

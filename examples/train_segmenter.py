@@ -79,7 +79,8 @@ def train(input: str, classes: str, *, steps: int = 60, size: int = 64, batch_si
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--input", default="samples", help="the images the labels were made from (diffcut label --input)")
+    parser.add_argument("--input", default="samples",
+                        help="the images the labels were made from (diffcut label --input)")
     parser.add_argument("--classes", default="examples/sample-classes", help="output of jobs/discover.py")
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps")
     parser.add_argument("--size", type=int, default=64, help="train at size x size (image and mask resized alike)")

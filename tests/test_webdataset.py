@@ -291,3 +291,28 @@ def test_hugging_face_datasets_round_trip(tmp_path):
         mask = schema.decode_mask(row["mask"])
         assert mask.shape == (row["mask_height"], row["mask_width"]) and max(mask.shape) == 32
         assert mask.max() < row["num_segments"] == len(row["segments"])
+
+
+def test_metadata_column_survives_reading_and_rethresholding(tmp_path):
+    """The optional column: read back with read_labels (nulls for shards without it), and kept by
+    diffcut rethreshold."""
+    from diffcut.rethreshold import rethreshold_labels
+    from diffcut.segmenter import segment_features
+
+    grid = np.random.default_rng(0).normal(size=(6, 6, 8)).astype(np.float32)
+    result = segment_features(grid, (12, 12), tau=0.9, alpha=10.0)
+    row = schema.ok_row(image_id="k", source="s.tar#k", width=12, height=12, mask=result.mask,
+                        latent_labels=result.latent_labels, descriptors=result.embeddings,
+                        tree=result.tree.to_dict(), params=schema.params_json({"tau": 0.9}))
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    pq.write_table(schema.rows_to_table([dict(row, metadata='{"url": "u"}')], schema.labels_schema(True)),
+                   labels / "labels-a-0.parquet")
+    pq.write_table(schema.rows_to_table([dict(row, source="s.tar#j", image_id="j")]), labels / "labels-b-0.parquet")
+    read = {r["source"]: r["metadata"] for r in schema.read_labels(str(labels)).to_pylist()}
+    assert read == {"s.tar#k": '{"url": "u"}', "s.tar#j": None}
+
+    rethreshold_labels(str(labels), str(tmp_path / "cut"), 0.3)
+    cut = schema.read_labels(str(tmp_path / "cut"), columns=["source", "metadata", "num_segments"]).to_pylist()
+    assert {r["source"]: r["metadata"] for r in cut} == read
+    assert all(r["num_segments"] <= row["num_segments"] for r in cut)
