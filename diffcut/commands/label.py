@@ -83,7 +83,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     pools = parser.add_argument_group("Ray pools")
     pools.add_argument("--batch-size", type=int, default=d["batch_size"], help="images per feature-extraction call")
     pools.add_argument("--decode-batch-size", type=int, default=d["decode_batch_size"],
-                       help="image files per read/decode task; a task orders them by model input size so "
+                       help="image files per read/decode task (WebDataset: images a shard's task holds at "
+                            "once); a task orders them by model input size so "
                             "that model calls fill up (larger: fewer blank images in the calls, more memory: "
                             "the encoded files of a task are held together)")
     pools.add_argument("--decode-cpus", type=float, default=d["decode_cpus"],
