@@ -128,14 +128,16 @@ def plan_shards(files: Sequence[str], done: set[str] | frozenset = frozenset()) 
 
 
 # =========================================================================== reading
-def _sample_record(shard_uri: str, key: str, members: Mapping[str, bytes], keep_metadata: bool) -> dio.RawRecord:
+def _sample_record(shard_uri: str, key: str, members: Mapping[str, bytes], extensions: Sequence[str],
+                   keep_metadata: bool) -> dio.RawRecord:
+    """The record of one sample from the members read (``members``) and the extensions of all of them."""
     source = shard_source(shard_uri, key)
     image_ext = next((ext for ext in IMAGE_MEMBER_EXTENSIONS if ext in members), None)
     metadata = None
     if keep_metadata and METADATA_MEMBER_EXTENSION in members:
         metadata = members[METADATA_MEMBER_EXTENSION].decode("utf-8", "replace")
     if image_ext is None:
-        found = ", ".join(sorted(members)) or "none"
+        found = ", ".join(extensions) or "none"
         wanted = " .".join(IMAGE_MEMBER_EXTENSIONS)
         return dio.RawRecord(key, source, None, f"the sample has no image member (.{wanted}); its members: {found}",
                              metadata)
@@ -169,7 +171,8 @@ def iter_shard(handle, shard_uri: str, *, done_keys: Iterable[str] = (),
     seen: dict[str, int] = {}  # key -> offset of its first member, to report duplicates
     key: str | None = None  # the current sample's key ...
     source_key = ""  # ... and what follows '#' in its source (the key, or key@offset for a duplicate)
-    members: dict[str, bytes] = {}
+    members: dict[str, bytes] = {}  # the members read: image and JSON ones
+    extensions: list[str] = []  # of all its members
     problem: str | None = None  # why the current sample cannot be used
     stream_error: str | None = None
     position = 0
@@ -179,7 +182,7 @@ def iter_shard(handle, shard_uri: str, *, done_keys: Iterable[str] = (),
             return None
         if problem is not None:
             return dio.RawRecord(key, shard_source(shard_uri, source_key), None, problem)
-        return _sample_record(shard_uri, key, members, keep_metadata)
+        return _sample_record(shard_uri, key, members, extensions, keep_metadata)
 
     try:
         archive = tarfile.open(fileobj=handle, mode="r|")
@@ -208,13 +211,14 @@ def iter_shard(handle, shard_uri: str, *, done_keys: Iterable[str] = (),
                 record = finish()
                 if record is not None:
                     yield record
-                key, source_key, members, problem = member_key, member_key, {}, None
+                key, source_key, members, extensions, problem = member_key, member_key, {}, [], None
                 if member_key in seen:
                     source_key = f"{member_key}@{info.offset}"
                     problem = (f"duplicate key {member_key!r} in this shard: its first sample starts at byte "
                                f"{seen[member_key]}; the members of a WebDataset sample must be consecutive")
                 else:
                     seen[member_key] = info.offset
+            extensions.append(ext)
             if source_key in done or problem is not None or ext not in wanted or ext in members:
                 continue  # stream mode skips the member's data when the next header is read
             try:

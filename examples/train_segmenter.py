@@ -65,7 +65,7 @@ def train(input: str, classes: str, *, steps: int = 60, size: int = 64, batch_si
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             log(f"step {len(losses):4d}  loss {losses[-1]:.4f}")
             if len(losses) >= steps:
                 break
