@@ -57,7 +57,7 @@ DEFAULT_STRIDE = 32
 DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
 
 RESIZE_MODES = ("bucket", "square")
-INPUT_FORMATS = ("auto", "images", "parquet")
+INPUT_FORMATS = ("auto", "images", "parquet", "webdataset")
 
 
 class InputError(ValueError):
@@ -166,7 +166,7 @@ def extension(path: str) -> str:
 class InputListing:
     """What :func:`list_inputs` found.
 
-    format: ``"images"`` or ``"parquet"``; files: their URIs, sorted;
+    format: ``"images"``, ``"parquet"`` or ``"webdataset"``; files: their URIs, sorted;
     skipped: files of the other kinds (hidden files, ``.txt``...) that are
     not inputs.
     """
@@ -213,8 +213,11 @@ def list_inputs(uri: str, format: str = "auto", *, exclude: str | None = None) -
 
     Args:
         uri: where the inputs are.
-        format: ``"images"`` (files with an image extension), ``"parquet"``, or
-            ``"auto"``: whichever kind is present (both present is an error).
+        format: ``"images"`` (files with an image extension), ``"parquet"``,
+            ``"webdataset"`` (``.tar`` shards, :mod:`diffcut.webdataset`), or
+            ``"auto"``: whichever kind is present (two kinds present is an error;
+            img2dataset's ``.parquet`` / ``_stats.json`` files beside the ``.tar``
+            shards of the same name are not inputs).
         exclude: a location never listed (the job's output, if it lies inside
             the input).
     """
@@ -222,8 +225,20 @@ def list_inputs(uri: str, format: str = "auto", *, exclude: str | None = None) -
         raise InputError(f"unknown input format {format!r}; use one of {', '.join(INPUT_FORMATS)}")
     uri = check_uri(uri)
     found, single_file = _relative_files(uri, exclude)
+    from diffcut import webdataset
+
     images = [f for f in found if f is not None and extension(f) in IMAGE_EXTENSIONS]
     parquet = [f for f in found if f is not None and extension(f) in PARQUET_EXTENSIONS]
+    shards = [f for f in found if f is not None and webdataset.is_shard(f)]
+    sidecars = set(webdataset.sidecar_files(shards, parquet))
+    if format == "auto" and shards:
+        others = images or [f for f in parquet if f not in sidecars]
+        if others:
+            raise InputError(
+                f"{uri!r} holds both .tar shards ({len(shards)}) and other inputs ({others[0]}...); "
+                "choose one with --format webdataset, --format images or --format parquet"
+            )
+        format = "webdataset"
     if format == "auto":
         if images and parquet:
             raise InputError(
@@ -231,11 +246,12 @@ def list_inputs(uri: str, format: str = "auto", *, exclude: str | None = None) -
                 "choose one with --format images or --format parquet"
             )
         format = "parquet" if parquet else "images"
-    files = parquet if format == "parquet" else images
+    files = {"parquet": parquet, "webdataset": shards}.get(format, images)
     if single_file and not files:
         files = list(found)  # an explicitly named file is used whatever its extension
     if not files:
-        kinds = "Parquet files" if format == "parquet" else f"image files ({', '.join(sorted(IMAGE_EXTENSIONS))})"
+        kinds = {"parquet": "Parquet files", "webdataset": ".tar shards"}.get(
+            format, f"image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
         raise InputError(f"no {kinds} found under {uri!r}")
     return InputListing(format=format, files=sorted(files), skipped=len(found) - len(files))
 
@@ -260,9 +276,9 @@ class Plan:
     """The work of one run: read units plus counts for the summary."""
 
     units: pa.Table
-    listed: int  # input records found
+    listed: int | None  # input records found (None: only known once read, WebDataset shards)
     already_done: int  # records with a row in the output already (skipped)
-    planned: int  # records this run will process
+    planned: int | None  # records this run will process (None: as for ``listed``)
     skipped_files: int = 0
 
 
@@ -320,11 +336,14 @@ def plan_parquet(
 
     Reads only footers and, with ``id_column``, that one column. Every row
     gets ``source = file#row=N``; ``image_id`` is the id column's value (as a
-    string) or the source. A null id, or an id already used by an earlier row
-    (in file order), is recorded as that row's error, so each input row still
-    gives exactly one output row.
+    string) or the source. A null id, an id already used by an earlier row
+    (in file order), or an img2dataset ``status`` other than ``success``
+    (:func:`diffcut.webdataset.img2dataset_status_errors`) is recorded as that
+    row's error, so each input row still gives exactly one output row.
     """
     import pyarrow.parquet as pq
+
+    from diffcut.webdataset import img2dataset_status_errors
 
     first_use: dict[str, str] = {}
     columns: dict[str, list] = {name: [] for name in UNIT_SCHEMA.names}
@@ -345,6 +364,8 @@ def plan_parquet(
                 if id_column is not None:
                     ids = parquet.read(columns=[id_column], use_threads=False).column(id_column)
                     ids = ids.cast(pa.string()).to_pylist()
+                status_errors = img2dataset_status_errors(
+                    parquet.schema_arrow, lambda names: parquet.read(columns=names, use_threads=False))
                 group_sizes = [parquet.metadata.row_group(i).num_rows for i in range(parquet.metadata.num_row_groups)]
         except InputError:
             raise
@@ -368,6 +389,8 @@ def plan_parquet(
                     else:
                         image_id = value
                         first_use.setdefault(value, source)
+                if error is None and status_errors is not None:
+                    error = status_errors[row]
                 if source in done:
                     already_done += 1
                     continue
@@ -391,6 +414,22 @@ def plan_parquet(
     return Plan(units=units, listed=listed, already_done=already_done, planned=planned)
 
 
+def plan_inputs(listing: InputListing, *, image_column: str = "image", id_column: str | None = None,
+                done: set[str] | frozenset = frozenset(), limit: int | None = None) -> Plan:
+    """The plan for what :func:`list_inputs` found, by its format (``limit`` does not apply to
+    WebDataset shards: their records are only known once read)."""
+    if listing.format == "parquet":
+        plan = plan_parquet(listing.files, image_column=image_column, id_column=id_column, done=done, limit=limit)
+    elif listing.format == "webdataset":
+        from diffcut.webdataset import plan_shards
+
+        plan = plan_shards(listing.files, done=done)
+    else:
+        plan = plan_image_files(listing.files, done=done, limit=limit)
+    plan.skipped_files = listing.skipped
+    return plan
+
+
 @dataclass
 class RawRecord:
     """One input record as read: its bytes, or why there are none."""
@@ -399,17 +438,21 @@ class RawRecord:
     source: str
     data: bytes | None
     error: str | None = None
+    metadata: str | None = None  # the sample's JSON (WebDataset), kept with --keep-metadata
 
 
 def _struct_bytes(value) -> bytes | None:
     return None if value is None else value.get("bytes")
 
 
-def read_units(units: Iterable[Mapping], *, image_column: str = "image") -> Iterator[RawRecord]:
+def read_units(units: Iterable[Mapping], *, image_column: str = "image",
+               keep_metadata: bool = False) -> Iterator[RawRecord]:
     """Bytes of every record of some read units (see :data:`UNIT_SCHEMA`), in order.
 
     Image files of one call are fetched together (s3fs fetches them
-    concurrently); a Parquet unit reads its row group's image column once.
+    concurrently); a Parquet unit reads its row group's image column once; a
+    WebDataset shard (:data:`diffcut.webdataset.SHARD_UNIT_SCHEMA`) is
+    streamed, its records come as they are read.
     A record that cannot be read comes back with ``error`` set, never raises.
     """
     import pyarrow.parquet as pq
@@ -427,6 +470,11 @@ def read_units(units: Iterable[Mapping], *, image_column: str = "image") -> Iter
         fetched = {uri: contents.get(path, FileNotFoundError(path)) for uri, path in paths.items()}
 
     for unit in units:
+        if unit["kind"] == "webdataset":
+            from diffcut.webdataset import read_shard_unit
+
+            yield from read_shard_unit(unit, keep_metadata=keep_metadata)
+            continue
         preset = unit["errors"]
         if unit["kind"] == "file":
             value = fetched[unit["path"]]

@@ -2,8 +2,9 @@
 
 Stages (one Ray Data operator each, streaming):
 
-1. **read + decode** (CPU tasks): a read unit is one image file or the pending
-   rows of one Parquet row group (:mod:`diffcut.io`); bytes are decoded,
+1. **read + decode** (CPU tasks): a read unit is one image file, the pending
+   rows of one Parquet row group (:mod:`diffcut.io`), or one WebDataset tar
+   shard, streamed (:mod:`diffcut.webdataset`); bytes are decoded,
    EXIF-rotated, converted to RGB and resized to the model's input size
    (``bucket`` or ``square``). A record that cannot be read or decoded
    becomes an error row here and passes every later stage untouched.
@@ -45,7 +46,7 @@ from ray.data.datasource import FilenameProvider
 
 from diffcut import __version__
 from diffcut import io as dio
-from diffcut import schema
+from diffcut import schema, webdataset
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ _CARRIED = [
     pa.field("mask_width", pa.int32()),
     pa.field("mask_height", pa.int32()),
     pa.field("image_bytes", pa.binary()),  # only with refine: PAMR needs the image at the mask size
+    pa.field("metadata", pa.string()),  # the sample's JSON (WebDataset), kept with keep_metadata
 ]
 DECODED_SCHEMA = pa.schema(
     _CARRIED + [pa.field("pixels", pa.binary()), pa.field("pixel_width", pa.int32()), pa.field("pixel_height", pa.int32())]
@@ -91,7 +93,7 @@ def _error_fields(message: str) -> dict:
 
 def _carried(record: dio.RawRecord) -> dict:
     row = dict.fromkeys(DECODED_SCHEMA.names)
-    row.update(image_id=record.image_id, source=record.source, status=schema.STATUS_OK)
+    row.update(image_id=record.image_id, source=record.source, status=schema.STATUS_OK, metadata=record.metadata)
     return row
 
 
@@ -137,7 +139,8 @@ def input_size_key(record: dio.RawRecord, *, resolution: int, resize: str, strid
 
 
 def decode_stage(units: pa.Table, *, image_column: str, resolution: int, resize: str, stride: int, mask_size: str,
-                 max_image_pixels: int, keep_image_bytes: bool, chunk_rows: int) -> Iterator[pa.Table]:
+                 max_image_pixels: int, keep_image_bytes: bool, chunk_rows: int, keep_metadata: bool = False,
+                 sort_records: int | None = None) -> Iterator[pa.Table]:
     """Ray Data UDF of stage 1: read units -> decoded rows, ``chunk_rows`` at a time.
 
     The records of a batch (its image files, or a Parquet row group) are put
@@ -148,22 +151,39 @@ def decode_stage(units: pa.Table, *, image_column: str, resolution: int, resize:
     scatter over the buckets and leave most calls part blank
     (``benchmarks/padding.py``). A generator, so a Parquet row group of many
     images never exists decoded all at once (the encoded bytes of the batch
-    are in memory anyway: they are fetched together).
+    are in memory anyway: they are fetched together). With ``sort_records``,
+    records are read and ordered ``sort_records`` at a time instead of all of
+    the batch's: a WebDataset shard is streamed, only that many of its
+    encoded images are held at once.
     """
     spec = dio.MaskSize.parse(mask_size)
-    records = list(dio.read_units(units.to_pylist(), image_column=image_column))
-    if resize == "bucket":  # list.sort is stable: equal sizes keep their input order
-        records.sort(key=lambda record: input_size_key(record, resolution=resolution, resize=resize, stride=stride,
-                                                       max_image_pixels=max_image_pixels))
+    records = dio.read_units(units.to_pylist(), image_column=image_column, keep_metadata=keep_metadata)
     rows: list[dict] = []
-    for record in records:
-        rows.append(decode_record(record, resolution=resolution, resize=resize, stride=stride, mask_size=spec,
-                                  max_image_pixels=max_image_pixels, keep_image_bytes=keep_image_bytes))
-        if len(rows) >= chunk_rows:
-            yield pa.Table.from_pylist(rows, schema=DECODED_SCHEMA)
-            rows = []
+    for group in _groups(records, sort_records):
+        if resize == "bucket":  # list.sort is stable: equal sizes keep their input order
+            group.sort(key=lambda record: input_size_key(record, resolution=resolution, resize=resize, stride=stride,
+                                                         max_image_pixels=max_image_pixels))
+        for record in group:
+            rows.append(decode_record(record, resolution=resolution, resize=resize, stride=stride, mask_size=spec,
+                                      max_image_pixels=max_image_pixels, keep_image_bytes=keep_image_bytes))
+            if len(rows) >= chunk_rows:
+                yield pa.Table.from_pylist(rows, schema=DECODED_SCHEMA)
+                rows = []
+        group.clear()  # the encoded bytes go before the next group is read, not after
     if rows:
         yield pa.Table.from_pylist(rows, schema=DECODED_SCHEMA)
+
+
+def _groups(records: Iterator[dio.RawRecord], size: int | None) -> Iterator[list[dio.RawRecord]]:
+    """Consecutive lists of ``size`` records (all of them in one list when ``size`` is None)."""
+    group: list[dio.RawRecord] = []
+    for record in records:
+        group.append(record)
+        if size is not None and len(group) >= size:
+            yield group
+            group = []
+    if group:
+        yield group
 
 
 def model_calls(sizes: list[tuple[int, int] | None], batch_size: int) -> list[list[int]]:
@@ -264,10 +284,12 @@ class SegmentStage:
     """Ray Data UDF of stage 3 (actor): NCut, assignment, optional PAMR -> output rows."""
 
     def __init__(self, tau: float, alpha: float, refine: bool, exact_search: bool, params: str,
-                 max_image_pixels: int):
+                 max_image_pixels: int, keep_metadata: bool = False):
         self.tau, self.alpha, self.refine, self.exact_search = tau, alpha, refine, exact_search
         self.params = params
         self.max_image_pixels = max_image_pixels
+        self.keep_metadata = keep_metadata
+        self.schema = schema.labels_schema(keep_metadata)
 
     def label(self, row: dict) -> dict:
         """The output row of one image; never raises."""
@@ -297,7 +319,12 @@ class SegmentStage:
                                     params=self.params, width=row["width"], height=row["height"])
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return schema.rows_to_table([self.label(row) for row in batch.to_pylist()])
+        rows = batch.to_pylist()
+        out = [self.label(row) for row in rows]
+        if self.keep_metadata:
+            for row, result in zip(rows, out):
+                result["metadata"] = row["metadata"]
+        return schema.rows_to_table(out, self.schema)
 
 
 class ShardNames(FilenameProvider):
@@ -428,6 +455,7 @@ def label_dataset(
     format: str = "auto",
     image_column: str = "image",
     id_column: str | None = None,
+    keep_metadata: bool = False,
     model: str = DEFAULT_MODEL,
     device: str = "auto",
     dtype: str = "auto",
@@ -502,17 +530,16 @@ def label_dataset(
         done, incomplete = _existing_output(output, params)
 
     listing = dio.list_inputs(input, format, exclude=output)
-    if listing.format == "parquet":
-        plan = dio.plan_parquet(listing.files, image_column=image_column, id_column=id_column, done=done, limit=limit)
+    plan = dio.plan_inputs(listing, image_column=image_column, id_column=id_column, done=done, limit=limit)
+    if plan.planned is None:
+        log.info("%d tar shards, %d samples already done", len(listing.files), plan.already_done)
     else:
-        plan = dio.plan_image_files(listing.files, done=done, limit=limit)
-    plan.skipped_files = listing.skipped
-    log.info("%d input records, %d already done, %d to label", plan.listed, plan.already_done, plan.planned)
+        log.info("%d input records, %d already done, %d to label", plan.listed, plan.already_done, plan.planned)
 
     run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
     pipeline_seconds = 0.0
     started_ray = False
-    if plan.planned:
+    if plan.planned is None or plan.planned:
         min_cpus = decode_cpus + extractor_pool_min * extractor_cpus + ncut_pool_min * ncut_cpus
         started_ray = connect_ray(address, min_cpus)
         try:
@@ -525,6 +552,7 @@ def label_dataset(
                 extractor_pool=(extractor_pool_min, extractor_pool_max), extractor_gpus=extractor_gpus,
                 extractor_cpus=extractor_cpus, ncut_pool=(ncut_pool_min, ncut_pool_max), ncut_cpus=ncut_cpus,
                 shard_rows=shard_rows, max_image_pixels=max_image_pixels, params_text=params_text,
+                keep_metadata=keep_metadata, limit=limit,
             )
             pipeline_seconds = time.time() - pipeline_started
         except ray.exceptions.ActorDiedError as error:
@@ -553,7 +581,9 @@ def label_dataset(
         "input": input,
         "output": output,
         "format": listing.format,
-        "inputs_listed": plan.listed,
+        # WebDataset shards: counted while reading; every sample is counted when each shard was read to the end.
+        "inputs_listed": plan.listed if plan.listed is not None else (
+            plan.already_done + run_ok + run_error if limit is None else None),
         "skipped_non_input_files": plan.skipped_files,
         "already_done": plan.already_done,
         "processed": run_ok + run_error,
@@ -573,7 +603,7 @@ def label_dataset(
         "common_errors": [{"error": message, "count": count} for message, count in common_errors],
         "params": params,
     }
-    if run_ok + run_error != plan.planned:
+    if plan.planned is not None and run_ok + run_error != plan.planned:
         summary["warning"] = f"planned {plan.planned} records but this run wrote {run_ok + run_error} rows"
     summary = json.loads(dio.redact(json.dumps(summary)))
     _write_summary(output, summary)
@@ -594,14 +624,15 @@ def _run_pipeline(plan: dio.Plan, output: str, *, run_id: str, image_column: str
                   mask_size: str, refine: bool, exact_search: bool, batch_size: int, decode_batch_size: int,
                   decode_cpus: float, extractor_pool: tuple[int, int], extractor_gpus: float | None, extractor_cpus: float,
                   ncut_pool: tuple[int, int], ncut_cpus: float, shard_rows: int, max_image_pixels: int,
-                  params_text: str) -> None:
+                  params_text: str, keep_metadata: bool = False, limit: int | None = None) -> None:
     """Build the Ray Data pipeline for ``plan`` and run it to the end of the write."""
     from ray.data import ActorPoolStrategy
 
     units = plan.units
-    parquet_units = units.num_rows and units.column("kind")[0].as_py() == "parquet"
-    # A Parquet unit is a whole row group; an image-file unit is one file.
-    units_per_batch = 1 if parquet_units else decode_batch_size
+    kind = units.column("kind")[0].as_py() if units.num_rows else "file"
+    # A Parquet unit is a whole row group, a WebDataset unit a whole shard (one task
+    # streams it, holding decode_batch_size encoded images at a time); an image-file unit is one file.
+    units_per_batch = decode_batch_size if kind == "file" else 1
     # Bucketed inputs vary in size: hand each feature actor a few model calls'
     # worth of rows at a time, so rows of one size can share a call; decoded
     # blocks of the same length arrive grouped by size (decode_stage).
@@ -626,8 +657,12 @@ def _run_pipeline(plan: dio.Plan, output: str, *, run_id: str, image_column: str
         memory=DECODE_TASK_MEMORY,
         fn_kwargs=dict(image_column=image_column, resolution=resolution, resize=resize, stride=stride,
                        mask_size=mask_size, max_image_pixels=max_image_pixels, keep_image_bytes=refine,
-                       chunk_rows=feature_batch),
+                       chunk_rows=feature_batch, keep_metadata=keep_metadata,
+                       sort_records=decode_batch_size if kind == webdataset.UNIT_KIND else None),
     )
+    if limit is not None and kind == webdataset.UNIT_KIND:
+        # The plan could not cut at the limit (a shard's samples are known once read): stop the stream there.
+        dataset = dataset.limit(max(0, int(limit)))
     actor_device, on_gpu = _actor_device(device)
     dataset = dataset.map_batches(
         FeatureStage,
@@ -645,7 +680,8 @@ def _run_pipeline(plan: dio.Plan, output: str, *, run_id: str, image_column: str
     dataset = dataset.map_batches(
         SegmentStage,
         fn_constructor_kwargs=dict(tau=tau, alpha=alpha, refine=refine, exact_search=exact_search,
-                                   params=params_text, max_image_pixels=max_image_pixels),
+                                   params=params_text, max_image_pixels=max_image_pixels,
+                                   keep_metadata=keep_metadata),
         compute=ActorPoolStrategy(min_size=ncut_pool[0], max_size=ncut_pool[1]),
         batch_size=1,
         batch_format="pyarrow",
@@ -658,5 +694,5 @@ def _run_pipeline(plan: dio.Plan, output: str, *, run_id: str, image_column: str
         filename_provider=ShardNames(run_id),
         min_rows_per_file=shard_rows,
         ray_remote_args={"num_cpus": decode_cpus},
-        schema=schema.LABELS_SCHEMA,
+        schema=schema.labels_schema(keep_metadata),
     )

@@ -266,11 +266,16 @@ def rethreshold_labels(input: str, output: str, tau: float, *, overwrite: bool =
         in_fs, in_path = open_filesystem(uri)
         target = join_uri(output, uri.rsplit("/", 1)[-1])
         with in_fs.open(in_path, "rb") as source, out_fs.open(open_filesystem(target)[1], "wb") as sink:
-            with pq.ParquetWriter(sink, schema.LABELS_SCHEMA) as writer:
-                for batch in schema.iter_shard_batches(source, batch_rows, list(schema.COLUMNS)):
+            # A shard written with keep_metadata keeps its metadata column.
+            columns = pq.ParquetFile(source, pre_buffer=False).schema_arrow.names
+            shard_schema = schema.labels_schema(keep_metadata=schema.METADATA_FIELD.name in columns)
+            with pq.ParquetWriter(sink, shard_schema) as writer:
+                for batch in schema.iter_shard_batches(source, batch_rows, shard_schema.names):
                     rows = []
                     for row in batch.to_pylist():
                         new_row = rethreshold_row(row, tau)
+                        if shard_schema is not schema.LABELS_SCHEMA:
+                            new_row[schema.METADATA_FIELD.name] = row[schema.METADATA_FIELD.name]
                         summary.rows += 1
                         if row["status"] == schema.STATUS_OK:
                             summary.ok += 1
@@ -279,6 +284,6 @@ def rethreshold_labels(input: str, output: str, tau: float, *, overwrite: bool =
                         else:
                             summary.error += 1
                         rows.append(new_row)
-                    writer.write_table(schema.rows_to_table(rows))
+                    writer.write_table(schema.rows_to_table(rows, shard_schema))
         summary.shards += 1
     return summary

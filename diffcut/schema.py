@@ -32,6 +32,8 @@ latent_labels   binary                                      PNG label map at the
 tree            string                                      JSON of ``SplitTree.to_dict()`` (without the
                                                             label map: see :func:`decode_tree`)
 params          string                                      JSON: model, tau, alpha, timestep, ...
+metadata        string (optional: only with                 the input sample's own JSON (WebDataset
+                ``keep_metadata``)                          ``{key}.json``), verbatim; null without one
 ==============  ==========================================  ============================================
 
 Segment ids are the labels of the recursive normalized cut (numbered by first
@@ -90,6 +92,16 @@ LABELS_SCHEMA = pa.schema(
 )
 
 COLUMNS = tuple(LABELS_SCHEMA.names)
+
+#: Columns written only when asked for (``label_dataset(keep_metadata=True)``); readers give
+#: nulls for them in shards written without.
+METADATA_FIELD = pa.field("metadata", pa.string())
+OPTIONAL_FIELDS = (METADATA_FIELD,)
+
+
+def labels_schema(keep_metadata: bool = False) -> pa.Schema:
+    """The schema of the shards of a run: :data:`LABELS_SCHEMA`, plus ``metadata`` if kept."""
+    return LABELS_SCHEMA.append(METADATA_FIELD) if keep_metadata else LABELS_SCHEMA
 
 #: The largest label a 16-bit PNG can hold.
 MAX_LABEL = 2**16 - 1
@@ -235,22 +247,23 @@ def error_row(
     return row
 
 
-def rows_to_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
-    """Rows (dicts with exactly the schema's columns) -> a table with :data:`LABELS_SCHEMA`."""
-    columns = {name: [] for name in COLUMNS}
+def rows_to_table(rows: Sequence[Mapping[str, Any]], schema: pa.Schema = LABELS_SCHEMA) -> pa.Table:
+    """Rows (dicts with the schema's columns) -> a table with ``schema`` (:func:`labels_schema`)."""
+    names = schema.names
+    columns = {name: [] for name in names}
     for row in rows:
-        extra = set(row) - set(COLUMNS)
+        extra = set(row) - set(names)
         if extra:
             raise ValueError(f"unknown output columns {sorted(extra)}")
-        for name in COLUMNS:
+        for name in names:
             columns[name].append(row.get(name))
     segments = columns["segments"]
     columns["segments"] = [
         None if value is None else [dict(s, descriptor=np.asarray(s["descriptor"], np.float32).tolist()) for s in value]
         for value in segments
     ]
-    arrays = [pa.array(columns[field.name], type=field.type) for field in LABELS_SCHEMA]
-    return pa.Table.from_arrays(arrays, schema=LABELS_SCHEMA)
+    arrays = [pa.array(columns[field.name], type=field.type) for field in schema]
+    return pa.Table.from_arrays(arrays, schema=schema)
 
 
 # --------------------------------------------------------------------------- reading
@@ -299,19 +312,41 @@ def read_labels(output: str, columns: Iterable[str] | None = None) -> pa.Table:
 
     Args:
         output: the job's ``--output``.
-        columns: a subset of the columns; default all.
+        columns: a subset of the columns (optional ones included, see
+            :data:`OPTIONAL_FIELDS`); default all, optional ones when a shard has them.
 
     Returns:
         A table with :data:`LABELS_SCHEMA` (or the chosen columns).
     """
-    wanted = list(COLUMNS if columns is None else columns)
-    unknown = set(wanted) - set(COLUMNS)
+    import pyarrow.parquet as pq
+
+    from diffcut.io import open_filesystem
+
+    optional = {field.name: field for field in OPTIONAL_FIELDS}
+    complete, _ = list_shards(output)
+    shard_columns = {}
+    for uri in complete:
+        fs, path = open_filesystem(uri)
+        with fs.open(path, "rb") as handle:
+            shard_columns[uri] = set(pq.ParquetFile(handle, pre_buffer=False).schema_arrow.names)
+    if columns is None:
+        present = set().union(*shard_columns.values()) if shard_columns else set()
+        wanted = list(COLUMNS) + [name for name in optional if name in present]
+    else:
+        wanted = list(columns)
+    unknown = set(wanted) - set(COLUMNS) - set(optional)
     if unknown:
         raise ValueError(f"unknown columns {sorted(unknown)}; the output has {list(COLUMNS)}")
     read_columns = wanted if "source" in wanted else [*wanted, "source"]
-    complete, _ = list_shards(output)
-    tables = [read_shard(uri, read_columns) for uri in complete]
-    schema = pa.schema([LABELS_SCHEMA.field(name) for name in read_columns], metadata=LABELS_SCHEMA.metadata)
+    fields = {**{name: LABELS_SCHEMA.field(name) for name in COLUMNS}, **optional}
+    schema = pa.schema([fields[name] for name in read_columns], metadata=LABELS_SCHEMA.metadata)
+    tables = []
+    for uri in complete:
+        table = read_shard(uri, [name for name in read_columns if name in shard_columns[uri]])
+        for name in read_columns:  # an optional column the shard was written without
+            if name not in table.column_names:
+                table = table.append_column(fields[name], pa.nulls(table.num_rows, fields[name].type))
+        tables.append(table.select(read_columns))
     if not tables:
         return schema.empty_table().select(wanted)
     table = pa.concat_tables([t.cast(schema) for t in tables])

@@ -37,14 +37,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io = parser.add_argument_group("inputs and outputs")
     io.add_argument("--input", required=True,
                     help="local folder/file or s3://bucket/prefix: image files (recursive; jpg jpeg png webp bmp tif "
-                         "tiff gif) or a Parquet dataset")
+                         "tiff gif), a Parquet dataset, or WebDataset .tar shards")
     io.add_argument("--output", required=True, help="local folder or s3://bucket/prefix for the Parquet shards")
     io.add_argument("--format", default=d["format"], choices=dio.INPUT_FORMATS,
-                    help="input kind; auto detects image files vs Parquet")
+                    help="input kind; auto detects image files, Parquet or .tar shards (img2dataset's "
+                         ".parquet/_stats.json beside its shards are not inputs)")
     io.add_argument("--image-column", default=d["image_column"],
-                    help="Parquet column with the image bytes (binary, or the HF datasets Image struct)")
+                    help="Parquet column with the image bytes (binary, or the HF datasets Image struct; "
+                         "img2dataset: jpg)")
     io.add_argument("--id-column", default=d["id_column"],
-                    help="Parquet column with the image ids (default: the source, file.parquet#row=N)")
+                    help="Parquet column with the image ids (default: the source, file.parquet#row=N; "
+                         "img2dataset: key); WebDataset: the sample key")
+    io.add_argument("--keep-metadata", action="store_true",
+                    help="copy each WebDataset sample's {key}.json into the output's metadata column")
     io.add_argument("--overwrite", action="store_true",
                     help="delete the job's previous shards in --output and start over (default: resume)")
     io.add_argument("--limit", type=_optional_int, default=d["limit"],
@@ -78,7 +83,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     pools = parser.add_argument_group("Ray pools")
     pools.add_argument("--batch-size", type=int, default=d["batch_size"], help="images per feature-extraction call")
     pools.add_argument("--decode-batch-size", type=int, default=d["decode_batch_size"],
-                       help="image files per read/decode task; a task orders them by model input size so "
+                       help="image files per read/decode task (WebDataset: images a shard's task holds at "
+                            "once); a task orders them by model input size so "
                             "that model calls fill up (larger: fewer blank images in the calls, more memory: "
                             "the encoded files of a task are held together)")
     pools.add_argument("--decode-cpus", type=float, default=d["decode_cpus"],
