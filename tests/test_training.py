@@ -1,7 +1,7 @@
 """Training on the labels (issue 14): input images joined with their label rows by source, the same
 resize for image and mask, error rows skipped and counted; the example trains and its loss falls.
-The Ray Data builder (``diffcut.training.ray_dataset``) is checked in tests/test_webdataset.py, on the
-labels of WebDataset shards on S3, in the Ray session that labels them."""
+The per-batch steps of the Ray Data builder (``diffcut.training.ray_dataset``) are checked here without
+Ray."""
 
 from __future__ import annotations
 
