@@ -33,6 +33,8 @@ import logging
 import math
 import os
 import re
+import signal
+import threading
 import time
 import uuid
 from collections import defaultdict
@@ -311,6 +313,63 @@ class ShardNames(FilenameProvider):
         return f"{schema.SHARD_PREFIX}{self.run_id}-{write_uuid}-{task_index:06d}.parquet"
 
 
+# =========================================================================== preemption
+class JobInterrupted(BaseException):
+    """Raised in the driver's main thread by the first SIGTERM/SIGINT of a run.
+
+    A BaseException (like KeyboardInterrupt), so that no ``except Exception``
+    on the way up -- in Ray Data's executor or here -- mistakes it for a
+    failure of one image or one task.
+    """
+
+
+class StopSignals:
+    """SIGTERM and SIGINT end a run cleanly instead of killing the driver mid-write.
+
+    Kubernetes (and Slurm, and spot-instance preemption) sends SIGTERM to the
+    driver, waits a grace period, then SIGKILLs everything. The first signal
+    raises :class:`JobInterrupted` in the main thread while the job plans or
+    runs: Ray Data's executor stops, Ray shuts down (in-flight tasks die;
+    their half-written shards have no Parquet footer, are skipped by
+    :func:`diffcut.schema.read_labels` and deleted by the next run), and the
+    job writes a ``_summary.json`` that says it was interrupted. Shards
+    already written are complete files and stay valid. Later signals are
+    only recorded: the cleanup continues until the orchestrator's SIGKILL.
+
+    Only the main thread can receive signals; from any other thread (tests
+    that run the job in a thread) this does nothing.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: str | None = None
+        self.armed = False
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        first = self.received is None
+        self.received = self.received or signal.Signals(signum).name
+        if first and self.armed:
+            self.armed = False
+            raise JobInterrupted(self.received)
+
+    def install(self) -> None:
+        """(Re)install the handlers; ``ray.init`` replaces the SIGTERM handler with its own."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in self.SIGNALS:
+            previous = signal.signal(signum, self._handle)
+            self._previous.setdefault(signum, previous)
+        self.armed = self.received is None
+
+    def restore(self) -> None:
+        self.armed = False
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
+
+
 # =========================================================================== Ray session
 def connect_ray(address: str | None, min_cpus: float) -> bool:
     """Join the Ray cluster at ``address`` (or ``RAY_ADDRESS``), or start an embedded one.
@@ -512,11 +571,15 @@ def label_dataset(
     run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
     pipeline_seconds = 0.0
     started_ray = False
+    # Signals before this point end the process at once (their default): nothing has been
+    # written yet, and removing incomplete shards is redone by the next run.
+    stop = StopSignals()
     if plan.planned:
         min_cpus = decode_cpus + extractor_pool_min * extractor_cpus + ncut_pool_min * ncut_cpus
         started_ray = connect_ray(address, min_cpus)
+        stop.install()  # after ray.init: it installs a SIGTERM handler of its own (sys.exit)
+        pipeline_started = time.time()
         try:
-            pipeline_started = time.time()
             _run_pipeline(
                 plan, output, run_id=run_id, image_column=image_column, model=model, device=device, dtype=dtype,
                 timestep=timestep, tau=tau, alpha=alpha, resolution=resolution, resize=resize, stride=stride,
@@ -526,7 +589,9 @@ def label_dataset(
                 extractor_cpus=extractor_cpus, ncut_pool=(ncut_pool_min, ncut_pool_max), ncut_cpus=ncut_cpus,
                 shard_rows=shard_rows, max_image_pixels=max_image_pixels, params_text=params_text,
             )
-            pipeline_seconds = time.time() - pipeline_started
+        except JobInterrupted:
+            log.warning("%s received: the run stops; shards already written stay valid, the same command "
+                        "resumes", stop.received)
         except ray.exceptions.ActorDiedError as error:
             # A model that cannot be loaded fails every feature actor the same way: one clear
             # job-level error (exit status 2), not a Ray traceback or an error row per image.
@@ -535,8 +600,11 @@ def label_dataset(
                 raise
             raise dio.InputError(f"the feature actors could not load --model {model!r}: {reason}") from None
         finally:
+            stop.armed = False  # a second signal no longer interrupts the cleanup
+            pipeline_seconds = time.time() - pipeline_started
             if started_ray:
                 ray.shutdown()
+            stop.restore()
 
     run_table = _run_rows(output, run_id)
     run_ok, run_error = _count(run_table)
@@ -570,10 +638,15 @@ def label_dataset(
         "error_rate_exceeded": error_rate > max_error_rate,
         "removed_incomplete_shards": incomplete,
         "removed_by_overwrite": removed,
+        "interrupted": stop.received is not None,
+        "interrupted_by": stop.received,
         "common_errors": [{"error": message, "count": count} for message, count in common_errors],
         "params": params,
     }
-    if run_ok + run_error != plan.planned:
+    if stop.received:
+        summary["warning"] = (f"interrupted by {stop.received} after {run_ok + run_error} of {plan.planned} planned "
+                              "records; run the same command again to resume")
+    elif run_ok + run_error != plan.planned:
         summary["warning"] = f"planned {plan.planned} records but this run wrote {run_ok + run_error} rows"
     summary = json.loads(dio.redact(json.dumps(summary)))
     _write_summary(output, summary)
