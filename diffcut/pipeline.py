@@ -56,6 +56,17 @@ DEFAULT_MODEL = "segmind/SSD-1B"
 #: Memory reserved per read/decode task (bytes).
 DECODE_TASK_MEMORY = 512 * 2**20
 
+#: Messages of the transient storage errors a write retries (Ray Data's ``retried_io_errors``,
+#: added to its defaults, which only match Arrow's own S3 client: "AWS Error SLOW_DOWN"...). The
+#: output is written through s3fs (``diffcut.io.arrow_filesystem``), whose errors read like
+#: botocore's and aiohttp's once its retries and botocore's are spent. Each write is then retried
+#: whole, up to 10 times with backoff to 32 s: a shard is one object, so a retry replaces it.
+RETRIED_IO_ERRORS = (
+    "SlowDown", "reduce your request rate", "ServiceUnavailable", "InternalError", "RequestTimeout",
+    "Connection reset", "Connection was closed", "Server disconnected", "Could not connect to the endpoint",
+    "Read timeout on endpoint",
+)
+
 #: Parameters that change the labels; a resumed run must match the output's.
 RESUME_KEYS = ("model", "tau", "alpha", "timestep", "noise_seed", "resolution", "resize", "mask_size", "refine",
                "exact_search", "dtype")
@@ -435,7 +446,7 @@ def remove_job_files(output: str, names: list[str] | None = None) -> int:
     return len(names)
 
 
-def _existing_output(output: str, params: dict) -> tuple[set[str], int]:
+def existing_output(output: str, params: dict) -> tuple[set[str], int]:
     """(sources already done, incomplete shards removed); refuses a mismatching output."""
     complete, incomplete = schema.list_shards(output)
     if incomplete:
@@ -443,8 +454,10 @@ def _existing_output(output: str, params: dict) -> tuple[set[str], int]:
         log.warning("removed %d incomplete shard(s) left by an interrupted run", len(incomplete))
     if not complete:
         return set(), len(incomplete)
-    done = schema.read_labels(output, columns=["source", "params"])
-    stored = next((p for p in done.column("params").to_pylist() if p), None)
+    # One shard's parameters stand for the output's (every run checks them before writing), and
+    # only the source column of the others is read: at a million rows the params strings alone
+    # would be ~300 MB in the driver (benchmarks/resume_plan.py).
+    stored = next((p for p in schema.read_shard(complete[0], ["params"]).column("params").to_pylist() if p), None)
     if stored is not None:
         previous = json.loads(stored)
         changed = {k: (previous.get(k), params.get(k)) for k in RESUME_KEYS if previous.get(k) != params.get(k)}
@@ -454,7 +467,7 @@ def _existing_output(output: str, params: dict) -> tuple[set[str], int]:
                 f"{output} holds labels made with other parameters ({details}); "
                 "pass --overwrite to replace them or choose another --output"
             )
-    return set(done.column("source").to_pylist()), len(incomplete)
+    return schema.shard_sources(complete, threads=16 if dio.is_remote(output) else 2), len(incomplete)
 
 
 def _write_summary(output: str, summary: dict) -> None:
@@ -558,7 +571,7 @@ def label_dataset(
         done: set[str] = set()
         incomplete = 0
     else:
-        done, incomplete = _existing_output(output, params)
+        done, incomplete = existing_output(output, params)
 
     listing = dio.list_inputs(input, format, exclude=output)
     if listing.format == "parquet":
@@ -623,6 +636,8 @@ def label_dataset(
         "format": listing.format,
         "inputs_listed": plan.listed,
         "skipped_non_input_files": plan.skipped_files,
+        # The first dio.SKIPPED_NAMED of them, {"path", "reason"}: a file never labeled is named, not only counted.
+        "skipped_files": listing.skipped_named,
         "already_done": plan.already_done,
         "processed": run_ok + run_error,
         "ok": run_ok,
@@ -670,6 +685,9 @@ def _run_pipeline(plan: dio.Plan, output: str, *, run_id: str, image_column: str
                   params_text: str) -> None:
     """Build the Ray Data pipeline for ``plan`` and run it to the end of the write."""
     from ray.data import ActorPoolStrategy
+
+    context = ray.data.DataContext.get_current()  # travels with the job to every task
+    context.retried_io_errors = list(dict.fromkeys([*context.retried_io_errors, *RETRIED_IO_ERRORS]))
 
     units = plan.units
     parquet_units = units.num_rows and units.column("kind")[0].as_py() == "parquet"
