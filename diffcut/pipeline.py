@@ -21,7 +21,10 @@ Every input record gives exactly one row. Re-runs resume: the sources of the
 rows in complete shards are skipped, shards a killed run left half-written are
 deleted first, and readers keep one row per source
 (:func:`diffcut.schema.read_labels`). ``overwrite=True`` deletes the job's
-shards and summary and starts over.
+shards and summary and starts over. SIGTERM/SIGINT stop a run cleanly
+(:class:`StopSignals`). What Ray Data retries on lost workers, nodes and
+storage errors, and what this module adds to make every input come out
+exactly once, is in docs/reliability.md.
 
 This is the only module of the package that imports Ray.
 """

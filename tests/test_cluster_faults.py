@@ -70,8 +70,8 @@ class LoopbackCluster:
     def address(self) -> str:
         return self.cluster.address
 
-    def add_node(self, name: str, **resources) -> None:
-        self.nodes[name] = self.cluster.add_node(**NODE_ARGS, **resources)
+    def add_node(self, name: str, wait: bool = True, **resources) -> None:
+        self.nodes[name] = self.cluster.add_node(wait=wait, **NODE_ARGS, **resources)
 
     def processes(self, name: str) -> list[psutil.Process]:
         """The raylet of node ``name`` and every process it started (workers, agents)."""
@@ -114,9 +114,10 @@ def cluster():
     workdir = Path(tempfile.mkdtemp(prefix="dcnl-", dir="/tmp"))
     cluster = LoopbackCluster(workdir)
     try:
-        cluster.add_node("gpu1", **GPU_NODE)
-        cluster.add_node("cpu1", **CPU_NODE)
-        cluster.add_node("cpu2", **CPU_NODE)
+        cluster.add_node("gpu1", wait=False, **GPU_NODE)
+        cluster.add_node("cpu1", wait=False, **CPU_NODE)
+        cluster.add_node("cpu2", wait=False, **CPU_NODE)
+        cluster.cluster.wait_for_nodes(timeout=120)
         yield cluster
     finally:
         cluster.shutdown()

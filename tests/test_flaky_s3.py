@@ -18,6 +18,7 @@ the test checks the output directly against moto.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -31,6 +32,7 @@ import pytest
 
 from diffcut import schema
 from s3_fault_proxy import FAULTS, FaultProxy
+from test_autoscaling import session_processes
 from test_faults import TINY_FLAGS, _job_env, assert_each_input_exactly_once, write_images
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(480)]
@@ -38,17 +40,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(480)]
 REPO = Path(__file__).resolve().parents[1]
 GRACE_S = 30  # Kubernetes' default terminationGracePeriodSeconds
 MAX_FAULTS = 60
-
-
-def session_processes(session_id: int) -> list[psutil.Process]:
-    found = []
-    for process in psutil.process_iter():
-        try:
-            if os.getsid(process.pid) == session_id:
-                found.append(process)
-        except (ProcessLookupError, PermissionError, psutil.Error):
-            continue
-    return found
 
 
 @pytest.fixture
@@ -82,10 +73,8 @@ def preempt(command: list[str], env: dict, log_path: Path, output: str) -> tuple
         stopped_s = time.time() - signalled
         leftovers = session_processes(driver.pid)  # the grace period is over: SIGKILL what is left
         for process in leftovers:
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 process.kill()
-            except psutil.NoSuchProcess:
-                pass
         psutil.wait_procs(leftovers, timeout=30)
     finally:
         if driver.poll() is None:
