@@ -61,7 +61,7 @@ class LoopbackCluster:
     def __init__(self, workdir: Path):
         from ray.cluster_utils import Cluster
 
-        self.cluster = Cluster(initialize_head=True, shutdown_at_exit=False, head_node_args=dict(
+        self.cluster = Cluster(initialize_head=True, head_node_args=dict(
             num_cpus=0, include_dashboard=False, temp_dir=str(workdir / "ray"), _system_config=HEALTH_CHECKS,
             **NODE_ARGS))
         self.nodes: dict = {}
