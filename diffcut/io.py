@@ -33,10 +33,9 @@ from __future__ import annotations
 import io
 import math
 import os
-import posixpath
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 from urllib.parse import urlsplit
 
@@ -133,8 +132,28 @@ def open_filesystem(uri: str):
     import fsspec
 
     uri = check_uri(uri)
-    fs, path = fsspec.core.url_to_fs(uri)
+    fs, path = fsspec.core.url_to_fs(uri, **storage_options(uri))
     return fs, path
+
+
+#: botocore's retry policy for the job's S3 clients (docs/reliability.md): "standard" mode retries
+#: throttling (503 SlowDown), 5xx answers and connection errors (reset, closed, timed out) with
+#: exponential backoff and jitter, up to 20 s a wait; 10 attempts ride out about a minute of a
+#: store's trouble. botocore's default ("legacy", 5 attempts) gives up within a few seconds.
+S3_RETRIES = {"mode": "standard", "max_attempts": 10}
+
+
+def storage_options(uri: str) -> dict:
+    """fsspec options for ``uri``: :data:`S3_RETRIES` for ``s3://``, unless the AWS settings
+    (``AWS_RETRY_MODE`` / ``AWS_MAX_ATTEMPTS``) choose a retry policy themselves.
+
+    s3fs adds its own retries on top (``S3FileSystem.retries``, 5 attempts): for errors botocore
+    does not retry, a response body cut off mid-read above all.
+    """
+    if urlsplit(uri).scheme in ("s3", "s3a") and not (os.environ.get("AWS_RETRY_MODE")
+                                                      or os.environ.get("AWS_MAX_ATTEMPTS")):
+        return {"config_kwargs": {"retries": dict(S3_RETRIES)}}
+    return {}
 
 
 def arrow_filesystem(uri: str):
@@ -159,7 +178,19 @@ def join_uri(root: str, relative: str) -> str:
 
 # =========================================================================== listing
 def extension(path: str) -> str:
-    return posixpath.splitext(path.rsplit("/", 1)[-1])[1].lower()
+    """``".jpg"`` for ``a/b.JPG``; ``""`` without one (``a/3f9a``, ``a/.hidden``), as ``posixpath.splitext``."""
+    name = path[path.rfind("/") + 1:]
+    dot = name.rfind(".")
+    return name[dot:].lower() if dot > 0 and name[:dot].strip(".") else ""
+
+
+#: How many skipped files the job's summary names (their total is always given).
+SKIPPED_NAMED = 100
+
+#: Leading bytes of the image formats of IMAGE_EXTENSIONS (WebP: "RIFF", 4 size bytes, "WEBP").
+IMAGE_MAGIC = {"JPEG": (b"\xff\xd8\xff",), "PNG": (b"\x89PNG\r\n\x1a\n",), "GIF": (b"GIF87a", b"GIF89a"),
+               "TIFF": (b"II*\x00", b"MM\x00*"), "BMP": (b"BM",), "WEBP": (b"RIFF",)}
+MAGIC_BYTES = 16
 
 
 @dataclass
@@ -167,24 +198,91 @@ class InputListing:
     """What :func:`list_inputs` found.
 
     format: ``"images"``, ``"parquet"`` or ``"webdataset"``; files: their URIs, sorted;
-    skipped: files of the other kinds (hidden files, ``.txt``...) that are
-    not inputs.
+    skipped: how many files under the input are not inputs (hidden files,
+    ``.txt``, files without an extension that are not images, img2dataset's
+    sidecars of the shards...); skipped_named: the first
+    :data:`SKIPPED_NAMED` of them (sorted), each ``{"path": uri, "reason": why}``.
     """
 
     format: str
     files: list[str]
     skipped: int = 0
+    skipped_named: list[dict] = field(default_factory=list)
 
 
-def _relative_files(uri: str, exclude: str | None) -> tuple[list[str], bool]:
-    """(URIs of every file under ``uri``, recursively, sorted; whether ``uri`` is itself a file)."""
+def sniff_image_format(head: bytes) -> str | None:
+    """The image format whose magic bytes ``head`` (a file's first bytes) starts with, else None.
+
+    For files without an extension (content-addressed stores: ``images/3f9a...``).
+    Weak two-byte BMP magic is confirmed by its reserved header bytes (zero).
+    """
+    for name, prefixes in IMAGE_MAGIC.items():
+        if any(head.startswith(prefix) for prefix in prefixes):
+            if name == "WEBP" and head[8:12] != b"WEBP":
+                continue
+            if name == "BMP" and head[6:10] != b"\x00\x00\x00\x00":
+                continue
+            return name
+    return None
+
+
+def sniff_images(uris: Sequence[str]) -> dict[str, str | None]:
+    """uri -> image format from the file's first bytes, or None (not an image, unreadable).
+
+    One ranged read per file, fetched concurrently on object stores (fsspec ``cat_ranges``).
+    """
+    if not uris:
+        return {}
+    fs, _ = open_filesystem(uris[0])
+    paths = [open_filesystem(uri)[1] for uri in uris]
+    try:
+        heads = fs.cat_ranges(paths, [0] * len(paths), [MAGIC_BYTES] * len(paths), on_error="return")
+    except Exception:  # noqa: BLE001 - then one by one
+        heads = [_head(fs, path) for path in paths]
+    return {uri: sniff_image_format(head) if isinstance(head, bytes) else None for uri, head in zip(uris, heads)}
+
+
+def _head(fs, path: str) -> bytes | Exception:
+    try:
+        with fs.open(path, "rb") as handle:
+            return handle.read(MAGIC_BYTES)
+    except Exception as error:  # noqa: BLE001
+        return error
+
+
+def _walk_local(root: str) -> list[str]:
+    """Every file under a local directory, recursively (symlinks followed as fsspec does).
+
+    ``os.scandir`` reads entry types from the directory itself: no ``stat``
+    per file and no info dict per file as ``fsspec``'s ``find`` builds, which
+    made listing a million files take 22 s and ~1 GB here
+    (benchmarks/resume_plan.py).
+    """
+    files, pending = [], [root]
+    while pending:
+        directory = pending.pop()
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if entry.is_dir():
+                    pending.append(entry.path)
+                else:
+                    files.append(entry.path)
+    return files
+
+
+def _relative_files(uri: str, exclude: str | None) -> tuple[list[str], list[str], bool]:
+    """(URIs of every file under ``uri``, recursively; of the hidden ones among them; whether
+    ``uri`` is itself a file)."""
     fs, root = open_filesystem(uri)
     fs.invalidate_cache()  # other processes may have written since this process last listed
     try:
         if fs.isfile(root):
-            return [uri], True
+            return [uri], [], True
         exists = fs.exists(root)
-        paths = fs.find(root.rstrip("/"), detail=False) if exists else []
+        if exists and not is_remote(uri):
+            paths = _walk_local(root.rstrip("/"))
+        else:
+            paths = fs.find(root.rstrip("/"), detail=False) if exists else []
     except Exception as error:  # noqa: BLE001 - storage errors (credentials, network) are the user's to fix
         raise InputError(f"cannot list {uri}: {_describe_exception(error)}") from None
     if not exists:
@@ -195,17 +293,30 @@ def _relative_files(uri: str, exclude: str | None) -> tuple[list[str], bool]:
         if type(exclude_fs) is type(fs):
             excluded = exclude_root.rstrip("/") + "/"
     root = root.rstrip("/")
-    found = []
+    found, hidden = [], []
     for path in paths:
         if excluded is not None and (path + "/").startswith(excluded):
             continue
         relative = path[len(root):].lstrip("/") if path.startswith(root) else path
         # Hidden files and directories (".DS_Store", ".ipynb_checkpoints/") are never inputs.
-        if any(part.startswith(".") for part in relative.split("/")):
-            found.append(None)
-            continue
-        found.append(join_uri(uri, relative))
-    return found, False
+        is_hidden = relative.startswith(".") or "/." in relative
+        (hidden if is_hidden else found).append(join_uri(uri, relative))
+    return found, hidden, False
+
+
+def _skip_reason(uri: str, format: str) -> str:
+    ext = extension(uri)
+    if not ext:
+        if format != "images":
+            return "no file extension"
+        return "no file extension, and its first bytes are not those of an image"
+    if format == "webdataset":
+        return f"not a .tar shard ({ext} file: img2dataset writes .parquet and _stats.json beside its shards)"
+    if ext in PARQUET_EXTENSIONS and format == "images":
+        return "a Parquet file among image files (choose with --format)"
+    if ext in IMAGE_EXTENSIONS and format == "parquet":
+        return "an image file among Parquet files (choose with --format)"
+    return f"not an input kind ({ext} file)"
 
 
 def list_inputs(uri: str, format: str = "auto", *, exclude: str | None = None) -> InputListing:
@@ -224,14 +335,18 @@ def list_inputs(uri: str, format: str = "auto", *, exclude: str | None = None) -
     if format not in INPUT_FORMATS:
         raise InputError(f"unknown input format {format!r}; use one of {', '.join(INPUT_FORMATS)}")
     uri = check_uri(uri)
-    found, single_file = _relative_files(uri, exclude)
+    found, hidden, single_file = _relative_files(uri, exclude)
     from diffcut import webdataset
 
-    images = [f for f in found if f is not None and extension(f) in IMAGE_EXTENSIONS]
-    parquet = [f for f in found if f is not None and extension(f) in PARQUET_EXTENSIONS]
-    shards = [f for f in found if f is not None and webdataset.is_shard(f)]
-    sidecars = set(webdataset.sidecar_files(shards, parquet))
+    by_kind: dict[str, list[str]] = {"images": [], "parquet": [], "webdataset": [], "none": [], "other": []}
+    for f in found:  # one pass, one extension() per file: a listing can hold millions
+        ext = extension(f)
+        kind = ("images" if ext in IMAGE_EXTENSIONS else "parquet" if ext in PARQUET_EXTENSIONS
+                else "webdataset" if ext in webdataset.SHARD_EXTENSIONS else "other" if ext else "none")
+        by_kind[kind].append(f)
+    images, parquet, shards = by_kind["images"], by_kind["parquet"], by_kind["webdataset"]
     if format == "auto" and shards:
+        sidecars = set(webdataset.sidecar_files(shards, parquet))
         others = images or [f for f in parquet if f not in sidecars]
         if others:
             raise InputError(
@@ -246,6 +361,10 @@ def list_inputs(uri: str, format: str = "auto", *, exclude: str | None = None) -
                 "choose one with --format images or --format parquet"
             )
         format = "parquet" if parquet else "images"
+    if format == "images" and not single_file:
+        # Content-addressed stores name files by hash alone: those are images when their bytes say so.
+        sniffed = sniff_images(by_kind["none"])
+        images += [f for f, kind in sniffed.items() if kind is not None]
     files = {"parquet": parquet, "webdataset": shards}.get(format, images)
     if single_file and not files:
         files = list(found)  # an explicitly named file is used whatever its extension
@@ -253,7 +372,14 @@ def list_inputs(uri: str, format: str = "auto", *, exclude: str | None = None) -
         kinds = {"parquet": "Parquet files", "webdataset": ".tar shards"}.get(
             format, f"image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
         raise InputError(f"no {kinds} found under {uri!r}")
-    return InputListing(format=format, files=sorted(files), skipped=len(found) - len(files))
+    if len(files) == len(found):
+        skipped = [(f, "hidden file") for f in hidden]
+    else:
+        chosen = set(files)
+        skipped = [(f, None) for f in found if f not in chosen] + [(f, "hidden file") for f in hidden]
+    skipped.sort()
+    named = [{"path": f, "reason": reason or _skip_reason(f, format)} for f, reason in skipped[:SKIPPED_NAMED]]
+    return InputListing(format=format, files=sorted(files), skipped=len(skipped), skipped_named=named)
 
 
 # =========================================================================== planning

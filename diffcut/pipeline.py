@@ -22,7 +22,10 @@ Every input record gives exactly one row. Re-runs resume: the sources of the
 rows in complete shards are skipped, shards a killed run left half-written are
 deleted first, and readers keep one row per source
 (:func:`diffcut.schema.read_labels`). ``overwrite=True`` deletes the job's
-shards and summary and starts over.
+shards and summary and starts over. SIGTERM/SIGINT stop a run cleanly
+(:class:`StopSignals`). What Ray Data retries on lost workers, nodes and
+storage errors, and what this module adds to make every input come out
+exactly once, is in docs/reliability.md.
 
 This is the only module of the package that imports Ray.
 """
@@ -34,6 +37,8 @@ import logging
 import math
 import os
 import re
+import signal
+import threading
 import time
 import uuid
 from collections import defaultdict
@@ -54,6 +59,17 @@ DEFAULT_MODEL = "segmind/SSD-1B"
 
 #: Memory reserved per read/decode task (bytes).
 DECODE_TASK_MEMORY = 512 * 2**20
+
+#: Messages of the transient storage errors a write retries (Ray Data's ``retried_io_errors``,
+#: added to its defaults, which only match Arrow's own S3 client: "AWS Error SLOW_DOWN"...). The
+#: output is written through s3fs (``diffcut.io.arrow_filesystem``), whose errors read like
+#: botocore's and aiohttp's once its retries and botocore's are spent. Each write is then retried
+#: whole, up to 10 times with backoff to 32 s: a shard is one object, so a retry replaces it.
+RETRIED_IO_ERRORS = (
+    "SlowDown", "reduce your request rate", "ServiceUnavailable", "InternalError", "RequestTimeout",
+    "Connection reset", "Connection was closed", "Server disconnected", "Could not connect to the endpoint",
+    "Read timeout on endpoint",
+)
 
 #: Parameters that change the labels; a resumed run must match the output's.
 RESUME_KEYS = ("model", "tau", "alpha", "timestep", "noise_seed", "resolution", "resize", "mask_size", "refine",
@@ -338,6 +354,63 @@ class ShardNames(FilenameProvider):
         return f"{schema.SHARD_PREFIX}{self.run_id}-{write_uuid}-{task_index:06d}.parquet"
 
 
+# =========================================================================== preemption
+class JobInterrupted(BaseException):
+    """Raised in the driver's main thread by the first SIGTERM/SIGINT of a run.
+
+    A BaseException (like KeyboardInterrupt), so that no ``except Exception``
+    on the way up -- in Ray Data's executor or here -- mistakes it for a
+    failure of one image or one task.
+    """
+
+
+class StopSignals:
+    """SIGTERM and SIGINT end a run cleanly instead of killing the driver mid-write.
+
+    Kubernetes (and Slurm, and spot-instance preemption) sends SIGTERM to the
+    driver, waits a grace period, then SIGKILLs everything. The first signal
+    raises :class:`JobInterrupted` in the main thread while the job plans or
+    runs: Ray Data's executor stops, Ray shuts down (in-flight tasks die;
+    their half-written shards have no Parquet footer, are skipped by
+    :func:`diffcut.schema.read_labels` and deleted by the next run), and the
+    job writes a ``_summary.json`` that says it was interrupted. Shards
+    already written are complete files and stay valid. Later signals are
+    only recorded: the cleanup continues until the orchestrator's SIGKILL.
+
+    Only the main thread can receive signals; from any other thread (tests
+    that run the job in a thread) this does nothing.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: str | None = None
+        self.armed = False
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        first = self.received is None
+        self.received = self.received or signal.Signals(signum).name
+        if first and self.armed:
+            self.armed = False
+            raise JobInterrupted(self.received)
+
+    def install(self) -> None:
+        """(Re)install the handlers; ``ray.init`` replaces the SIGTERM handler with its own."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in self.SIGNALS:
+            previous = signal.signal(signum, self._handle)
+            self._previous.setdefault(signum, previous)
+        self.armed = self.received is None
+
+    def restore(self) -> None:
+        self.armed = False
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
+
+
 # =========================================================================== Ray session
 def connect_ray(address: str | None, min_cpus: float) -> bool:
     """Join the Ray cluster at ``address`` (or ``RAY_ADDRESS``), or start an embedded one.
@@ -403,7 +476,7 @@ def remove_job_files(output: str, names: list[str] | None = None) -> int:
     return len(names)
 
 
-def _existing_output(output: str, params: dict) -> tuple[set[str], int]:
+def existing_output(output: str, params: dict) -> tuple[set[str], int]:
     """(sources already done, incomplete shards removed); refuses a mismatching output."""
     complete, incomplete = schema.list_shards(output)
     if incomplete:
@@ -411,8 +484,10 @@ def _existing_output(output: str, params: dict) -> tuple[set[str], int]:
         log.warning("removed %d incomplete shard(s) left by an interrupted run", len(incomplete))
     if not complete:
         return set(), len(incomplete)
-    done = schema.read_labels(output, columns=["source", "params"])
-    stored = next((p for p in done.column("params").to_pylist() if p), None)
+    # One shard's parameters stand for the output's (every run checks them before writing), and
+    # only the source column of the others is read: at a million rows the params strings alone
+    # would be ~300 MB in the driver (benchmarks/resume_plan.py).
+    stored = next((p for p in schema.read_shard(complete[0], ["params"]).column("params").to_pylist() if p), None)
     if stored is not None:
         previous = json.loads(stored)
         changed = {k: (previous.get(k), params.get(k)) for k in RESUME_KEYS if previous.get(k) != params.get(k)}
@@ -422,7 +497,7 @@ def _existing_output(output: str, params: dict) -> tuple[set[str], int]:
                 f"{output} holds labels made with other parameters ({details}); "
                 "pass --overwrite to replace them or choose another --output"
             )
-    return set(done.column("source").to_pylist()), len(incomplete)
+    return schema.shard_sources(complete, threads=16 if dio.is_remote(output) else 2), len(incomplete)
 
 
 def _write_summary(output: str, summary: dict) -> None:
@@ -527,7 +602,7 @@ def label_dataset(
         done: set[str] = set()
         incomplete = 0
     else:
-        done, incomplete = _existing_output(output, params)
+        done, incomplete = existing_output(output, params)
 
     listing = dio.list_inputs(input, format, exclude=output)
     plan = dio.plan_inputs(listing, image_column=image_column, id_column=id_column, done=done, limit=limit)
@@ -539,11 +614,15 @@ def label_dataset(
     run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
     pipeline_seconds = 0.0
     started_ray = False
+    # Signals before this point end the process at once (their default): nothing has been
+    # written yet, and removing incomplete shards is redone by the next run.
+    stop = StopSignals()
     if plan.planned is None or plan.planned:
         min_cpus = decode_cpus + extractor_pool_min * extractor_cpus + ncut_pool_min * ncut_cpus
         started_ray = connect_ray(address, min_cpus)
+        stop.install()  # after ray.init: it installs a SIGTERM handler of its own (sys.exit)
+        pipeline_started = time.time()
         try:
-            pipeline_started = time.time()
             _run_pipeline(
                 plan, output, run_id=run_id, image_column=image_column, model=model, device=device, dtype=dtype,
                 timestep=timestep, tau=tau, alpha=alpha, resolution=resolution, resize=resize, stride=stride,
@@ -554,7 +633,9 @@ def label_dataset(
                 shard_rows=shard_rows, max_image_pixels=max_image_pixels, params_text=params_text,
                 keep_metadata=keep_metadata, limit=limit,
             )
-            pipeline_seconds = time.time() - pipeline_started
+        except JobInterrupted:
+            log.warning("%s received: the run stops; shards already written stay valid, the same command "
+                        "resumes", stop.received)
         except ray.exceptions.ActorDiedError as error:
             # A model that cannot be loaded fails every feature actor the same way: one clear
             # job-level error (exit status 2), not a Ray traceback or an error row per image.
@@ -563,8 +644,11 @@ def label_dataset(
                 raise
             raise dio.InputError(f"the feature actors could not load --model {model!r}: {reason}") from None
         finally:
+            stop.armed = False  # a second signal no longer interrupts the cleanup
+            pipeline_seconds = time.time() - pipeline_started
             if started_ray:
                 ray.shutdown()
+            stop.restore()
 
     run_table = _run_rows(output, run_id)
     run_ok, run_error = _count(run_table)
@@ -583,8 +667,10 @@ def label_dataset(
         "format": listing.format,
         # WebDataset shards: counted while reading; every sample is counted when each shard was read to the end.
         "inputs_listed": plan.listed if plan.listed is not None else (
-            plan.already_done + run_ok + run_error if limit is None else None),
+            plan.already_done + run_ok + run_error if limit is None and stop.received is None else None),
         "skipped_non_input_files": plan.skipped_files,
+        # The first dio.SKIPPED_NAMED of them, {"path", "reason"}: a file never labeled is named, not only counted.
+        "skipped_files": listing.skipped_named,
         "already_done": plan.already_done,
         "processed": run_ok + run_error,
         "ok": run_ok,
@@ -600,10 +686,16 @@ def label_dataset(
         "error_rate_exceeded": error_rate > max_error_rate,
         "removed_incomplete_shards": incomplete,
         "removed_by_overwrite": removed,
+        "interrupted": stop.received is not None,
+        "interrupted_by": stop.received,
         "common_errors": [{"error": message, "count": count} for message, count in common_errors],
         "params": params,
     }
-    if plan.planned is not None and run_ok + run_error != plan.planned:
+    if stop.received:
+        planned = "" if plan.planned is None else f" of {plan.planned} planned"
+        summary["warning"] = (f"interrupted by {stop.received} after {run_ok + run_error}{planned} "
+                              "records; run the same command again to resume")
+    elif plan.planned is not None and run_ok + run_error != plan.planned:
         summary["warning"] = f"planned {plan.planned} records but this run wrote {run_ok + run_error} rows"
     summary = json.loads(dio.redact(json.dumps(summary)))
     _write_summary(output, summary)
@@ -627,6 +719,9 @@ def _run_pipeline(plan: dio.Plan, output: str, *, run_id: str, image_column: str
                   params_text: str, keep_metadata: bool = False, limit: int | None = None) -> None:
     """Build the Ray Data pipeline for ``plan`` and run it to the end of the write."""
     from ray.data import ActorPoolStrategy
+
+    context = ray.data.DataContext.get_current()  # travels with the job to every task
+    context.retried_io_errors = list(dict.fromkeys([*context.retried_io_errors, *RETRIED_IO_ERRORS]))
 
     units = plan.units
     kind = units.column("kind")[0].as_py() if units.num_rows else "file"

@@ -276,31 +276,53 @@ def is_shard_name(name: str) -> bool:
 def list_shards(output: str) -> tuple[list[str], list[str]]:
     """Complete and incomplete shard files directly under ``output``.
 
-    A shard is complete when its Parquet footer can be read: a run killed
-    while writing a local file leaves a file without one (on S3 an unfinished
-    upload never becomes an object). Returns (complete, incomplete) URIs,
-    sorted.
+    A local shard is complete when its Parquet footer can be read: a run
+    killed while writing a file leaves one without. On an object store
+    (``s3://``) every listed object is complete: an upload becomes visible
+    whole or not at all (a single PUT, or a multipart upload on completion),
+    so no footer is read there -- thousands of shards list in a few requests.
+    A footer that cannot be *fetched* (a network error, not an invalid file)
+    raises: it must not pass for a half-written shard, which a resumed run
+    deletes. Returns (complete, incomplete) URIs, sorted.
     """
     import pyarrow.parquet as pq
 
-    from diffcut.io import join_uri, open_filesystem
+    from diffcut.io import is_remote, join_uri, open_filesystem
 
     fs, root = open_filesystem(output)
     fs.invalidate_cache()  # Ray workers wrote the shards; this process may hold an older listing
     if not fs.exists(root):
         return [], []
+    names = sorted(entry.rsplit("/", 1)[-1] for entry in fs.ls(root, detail=False) if is_shard_name(entry))
+    if is_remote(output):
+        return [join_uri(output, name) for name in names], []
     complete, incomplete = [], []
-    for entry in sorted(fs.ls(root, detail=False)):
-        if not is_shard_name(entry):
-            continue
-        uri = join_uri(output, entry.rsplit("/", 1)[-1])
+    for name in names:
+        uri = join_uri(output, name)
         try:
-            with fs.open(entry, "rb") as handle:
-                pq.ParquetFile(handle).metadata  # noqa: B018 - reading the footer is the check
+            with fs.open(root.rstrip("/") + "/" + name, "rb") as handle:
+                pq.ParquetFile(handle, pre_buffer=False).metadata  # noqa: B018 - reading the footer is the check
             complete.append(uri)
-        except Exception:  # noqa: BLE001 - any unreadable footer means "not complete"
+        except pa.ArrowInvalid:  # empty, shorter than a footer, or no footer magic: cut off mid-write
             incomplete.append(uri)
     return complete, incomplete
+
+
+def shard_sources(uris: Sequence[str], threads: int = 16) -> set[str]:
+    """The ``source`` of every row of the given shards: the done set of a resumed run.
+
+    Reads that one column (no masks, no parameters), ``threads`` shards at a
+    time (each read stays in its own calling thread, see :func:`read_shard`),
+    and adds each shard's sources to the set as it arrives, so the driver
+    holds one copy of each string, not a table of them as well.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    done: set[str] = set()
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        for table in pool.map(lambda uri: read_shard(uri, ["source"]), uris):
+            done.update(table.column("source").to_pylist())
+    return done
 
 
 def read_labels(output: str, columns: Iterable[str] | None = None) -> pa.Table:

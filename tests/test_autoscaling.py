@@ -65,6 +65,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def session_processes(session_id: int) -> list[psutil.Process]:
+    """Every process of the process session ``session_id`` (e.g. one started with start_new_session)."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if os.getsid(process.pid) == session_id:
+                found.append(process)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            continue
+    return found
+
+
 class LoopbackAutoscalingCluster:
     """A fake multi-node autoscaling Ray cluster on 127.0.0.1 whose processes this object owns."""
 
@@ -134,16 +146,7 @@ class LoopbackAutoscalingCluster:
             time.sleep(0.5)
 
     def session_processes(self) -> list[psutil.Process]:
-        if self.process is None:
-            return []
-        found = []
-        for process in psutil.process_iter():
-            try:
-                if os.getsid(process.pid) == self.process.pid:
-                    found.append(process)
-            except (ProcessLookupError, PermissionError, psutil.Error):
-                continue
-        return found
+        return [] if self.process is None else session_processes(self.process.pid)
 
     def shutdown(self) -> None:
         processes = self.session_processes()

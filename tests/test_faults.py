@@ -64,7 +64,7 @@ def assert_each_input_exactly_once(output: str, sources: list[str]) -> list[dict
     assert sorted(r["source"] for r in rows) == sorted(sources)
     raw = Counter()
     for uri in schema.list_shards(output)[0]:
-        raw.update(pq.ParquetFile(uri).read(columns=["source"], use_threads=False).column("source").to_pylist())
+        raw.update(schema.read_shard(uri, ["source"]).column("source").to_pylist())  # local or s3://
     duplicates = {source: n for source, n in raw.items() if n != 1}
     assert not duplicates, f"sources written more than once: {duplicates}"
     assert sorted(raw) == sorted(sources)

@@ -215,6 +215,52 @@ def test_listing_is_recursive_case_insensitive_and_skips_other_files(tmp_path, t
         dio.list_inputs(str(tmp_path / "missing"))
 
 
+def test_files_without_extension_are_sniffed_and_every_skipped_file_is_named(tmp_path, tricky_images):
+    """Issue 13 item 5: a content-addressed store (``images/3f/9a...``, no extensions)."""
+    store = tmp_path / "images" / "3f"
+    store.mkdir(parents=True)
+    formats = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP", "gif": "GIF", "bmp": "BMP", "tiff": "TIFF"}
+    for name, kind in [("gray.jpg", "jpg"), ("rgba.png", "png"), ("image.webp", "webp"), ("animated.gif", "gif"),
+                       ("image.bmp", "bmp"), ("image.tiff", "tiff")]:
+        data = tricky_images[name][0]
+        assert dio.sniff_image_format(data[:dio.MAGIC_BYTES]) == formats[kind]
+        (store / f"3f9a{kind}").write_bytes(data)
+    (store / "3f9b").write_bytes(b"BMnot a bitmap, only starts like one")
+    (store / "3f9c").write_bytes(b"")
+    (store / "notes.txt").write_text("not an image")
+    (tmp_path / "images" / ".DS_Store").write_bytes(b"x")
+    listing = dio.list_inputs(str(tmp_path / "images"))
+    assert listing.files == sorted(f"{store}/3f9a{kind}" for kind in formats)
+    assert listing.skipped == 4
+    named = {entry["path"].rsplit("/", 1)[1]: entry["reason"] for entry in listing.skipped_named}
+    assert named == {"3f9b": "no file extension, and its first bytes are not those of an image",
+                     "3f9c": "no file extension, and its first bytes are not those of an image",
+                     "notes.txt": "not an input kind (.txt file)", ".DS_Store": "hidden file"}
+    for name in range(dio.SKIPPED_NAMED + 5):  # the named list is bounded, the count is not
+        (store / f"extra{name}.json").write_text("{}")
+    listing = dio.list_inputs(str(tmp_path / "images"))
+    assert (listing.skipped, len(listing.skipped_named)) == (4 + dio.SKIPPED_NAMED + 5, dio.SKIPPED_NAMED)
+
+
+def test_cut_off_shards_are_incomplete_but_unreadable_ones_raise(tmp_path):
+    """Only a shard whose footer is invalid counts as half-written (a resumed run deletes those);
+    one that cannot be read at all must not pass for one."""
+    from diffcut import schema
+
+    table = schema.rows_to_table([schema.error_row("a", "a", "bad")])
+    pq.write_table(table, tmp_path / "labels-run-a-000000.parquet")
+    data = (tmp_path / "labels-run-a-000000.parquet").read_bytes()
+    (tmp_path / "labels-run-b-000000.parquet").write_bytes(data[: len(data) // 2])
+    (tmp_path / "labels-run-c-000000.parquet").write_bytes(b"")
+    complete, incomplete = schema.list_shards(str(tmp_path))
+    assert [u.rsplit("/", 1)[1] for u in complete] == ["labels-run-a-000000.parquet"]
+    assert [u.rsplit("/", 1)[1] for u in incomplete] == ["labels-run-b-000000.parquet", "labels-run-c-000000.parquet"]
+    assert schema.shard_sources(complete) == {"a"}
+    (tmp_path / "labels-run-d-000000.parquet").mkdir()  # unreadable, not cut off
+    with pytest.raises(IsADirectoryError):
+        schema.list_shards(str(tmp_path))
+
+
 def test_listing_excludes_an_output_inside_the_input(tmp_path, tricky_images):
     (tmp_path / "img.png").write_bytes(tricky_images["rgba.png"][0])
     (tmp_path / "labels").mkdir()

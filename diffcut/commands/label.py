@@ -5,7 +5,9 @@ name (``--image-column`` -> ``image_column``); defaults come from that
 function's signature, so the two cannot drift apart.
 
 Exit status: 0 when the run completes, 1 when the output's error rate is
-above ``--max-error-rate``, 2 for a problem with the inputs or flags.
+above ``--max-error-rate``, 2 for a problem with the inputs or flags, 128 + N
+when signal N (SIGTERM: 143) stopped the run (the summary is written; the same
+command resumes).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import inspect
 import json
 import logging
+import signal
 import sys
 
 from diffcut import io as dio
@@ -135,4 +138,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"diffcut label: {dio.redact(error)}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    if summary.get("interrupted"):
+        return 128 + signal.Signals[summary["interrupted_by"]].value  # as a shell reports death by that signal
     return 1 if summary["error_rate_exceeded"] else 0
