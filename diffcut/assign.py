@@ -306,17 +306,21 @@ def segment_stats(mask, num_segments: int | None = None) -> SegmentStats:
     x_max = np.full(k, -1, dtype=np.int64)
     y_min = np.full(k, height, dtype=np.int64)
     y_max = np.full(k, -1, dtype=np.int64)
+    # Only the ends of horizontal runs of equal labels can be a label's
+    # extreme pixels (every row a label occurs in has a run of it): label maps
+    # are piecewise constant, so there are far fewer runs than pixels.
     rows_per_chunk = max(1, _STATS_CHUNK_PIXELS // max(1, width))
-    columns = np.arange(width, dtype=np.int64)
     for start in range(0, height, rows_per_chunk):
-        block = labels[start : start + rows_per_chunk].astype(np.int64, copy=False)
-        flat = block.reshape(-1)
-        xs = np.tile(columns, block.shape[0])
-        ys = np.repeat(np.arange(start, start + block.shape[0], dtype=np.int64), width)
-        np.minimum.at(x_min, flat, xs)
-        np.maximum.at(x_max, flat, xs)
-        np.minimum.at(y_min, flat, ys)
-        np.maximum.at(y_max, flat, ys)
+        block = labels[start : start + rows_per_chunk]
+        change = block[:, 1:] != block[:, :-1]
+        edge = np.ones((block.shape[0], 1), dtype=bool)
+        ys, xs = np.nonzero(np.concatenate((edge, change), axis=1))  # run starts
+        first = block[ys, xs].astype(np.int64)
+        np.minimum.at(x_min, first, xs)
+        np.minimum.at(y_min, first, ys + start)
+        np.maximum.at(y_max, first, ys + start)
+        ys, xs = np.nonzero(np.concatenate((change, edge), axis=1))  # run ends
+        np.maximum.at(x_max, block[ys, xs].astype(np.int64), xs)
 
     bbox = np.stack([x_min, y_min, x_max + 1, y_max + 1], axis=1)
     bbox[area == 0] = 0

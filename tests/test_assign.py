@@ -185,6 +185,12 @@ def test_segment_stats_equal_loop_version(monkeypatch, chunk_pixels):
             x0, y0, x1, y1 = stats.bbox[label]
             crop = mask[y0:y1, x0:x1]
             assert (crop == label).sum() == area[label]  # exclusive x1, y1 crop holds the whole segment
+    # label noise: a run of equal labels per pixel
+    noise = rng.integers(0, 6, size=(17, 13))
+    stats = segment_stats(noise, num_segments=7)
+    area, bbox = loop_stats(noise, 7)
+    np.testing.assert_array_equal(stats.area, area)
+    np.testing.assert_array_equal(stats.bbox, bbox)
 
 
 def test_segment_stats_default_k_and_errors():
