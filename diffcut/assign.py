@@ -23,8 +23,8 @@ interpolation weights, so a segment beaten at the block's four corner pixels
 (by another segment, or by a mean of segments) is beaten in the whole block.
 Blocks inside a segment are filled with its label; only blocks along
 boundaries are scored, against the few segments that remain
-(:func:`_assign_from_maps`). At 1024x1024 from 32x32 this is 14x (16 segments)
-to 50x (1024 segments) faster than upsampling all K maps (benchmarks/RESULTS.md).
+(:func:`_assign_from_maps`). At 1024x1024 from 32x32 this is 15x (16 segments)
+to 40x (1024 segments) faster than upsampling all K maps (benchmarks/RESULTS.md).
 
 Array convention (all public functions here):
     numpy in -> numpy out, torch in -> torch out (on the input's device).

@@ -33,9 +33,11 @@ region, one NCut evaluation per threshold), computed faster:
   working on its parent's matrix (zero-padded products) instead of being
   copied out, and gets its degrees from the parent's bin sums.
 
-The affinity itself (the Gram matrix of the features, O(n^2 c), BLAS syrk) is
-computed the same way by any implementation; on benchmarks/ncut.py's maps it is
-about half of this module's time.
+The affinity itself (the Gram matrix of the features, O(n^2 c)) is computed by
+BLAS ssyrk in float32 (2.9x faster than float64 on one core; the cosine
+similarities then carry errors of about 1e-7, which changed no segment on the
+benchmark maps, benchmarks/RESULTS.md); everything after it is float64. On
+benchmarks/ncut.py's maps it is about a third of this module's time.
 
 Beyond the paper, following DESIGN.md: the recursion is iterative (an explicit
 stack, no recursion limit); it terminates on any input (one cell, constant
