@@ -33,9 +33,11 @@ region, one NCut evaluation per threshold), computed faster:
   working on its parent's matrix (zero-padded products) instead of being
   copied out, and gets its degrees from the parent's bin sums.
 
-The affinity itself (the Gram matrix of the features, O(n^2 c), BLAS syrk) is
-computed the same way by any implementation; on benchmarks/ncut.py's maps it is
-about half of this module's time.
+The affinity itself (the Gram matrix of the features, O(n^2 c)) is computed by
+BLAS ssyrk in float32 (2.9x faster than float64 on one core; the cosine
+similarities then carry errors of about 1e-7, which changed no segment on the
+benchmark maps, benchmarks/RESULTS.md); everything after it is float64. On
+benchmarks/ncut.py's maps it is about a third of this module's time.
 
 Beyond the paper, following DESIGN.md: the recursion is iterative (an explicit
 stack, no recursion limit); it terminates on any input (one cell, constant
@@ -228,35 +230,42 @@ def _affinity_from_cells(cells: np.ndarray, alpha: float) -> tuple[np.ndarray, n
     # zero vectors stay zero (0 / 1)
     cells = cells / np.where(norms > 0, norms, 1.0)[:, None]
     n = cells.shape[0]
+    # The Gram matrix in float32 (BLAS ssyrk: 2.9x faster than dsyrk on one
+    # core here; the products of unit vectors carry errors of about 1e-7, far
+    # below what separates the cells from the candidate thresholds -- checked on
+    # every map of benchmarks/ncut.py and benchmarks/segment_step.py); the
+    # scaling, the power and everything after it in float64.
     # syrk on cells.T (Fortran order, no copy) gives the upper triangle of
     # cells @ cells.T in Fortran order: its transpose is C-ordered with the
     # values in the lower triangle (row >= column).
-    similarity = blas.dsyrk(1.0, cells.T, trans=1, lower=0).T
+    similarity32 = blas.ssyrk(1.0, np.asarray(cells.T, dtype=np.float32), trans=1, lower=0).T
     rows = min(n, max(16, _STRIP_BYTES // (8 * n)))
     above_diagonal = np.triu(np.ones((rows, rows), dtype=bool), 1)
     low, high = np.inf, -np.inf
     for start in range(0, n, rows):
         stop = min(n, start + rows)
-        diagonal_block = similarity[start:stop, start:stop]
+        diagonal_block = similarity32[start:stop, start:stop]
         size = stop - start
         np.copyto(diagonal_block, diagonal_block.T, where=above_diagonal[:size, :size])
-        strip = similarity[start:stop, :stop]
+        strip = similarity32[start:stop, :stop]
         low = min(low, float(strip.min()))
         high = max(high, float(strip.max()))
     if high == low:
         return np.ones((n, n)), np.full(n, float(n))
     span = high - low
+    similarity = np.empty((n, n))
     degrees = np.zeros(n)
     for start in range(0, n, rows):
         stop = min(n, start + rows)
         strip = similarity[start:stop, :stop]
-        np.subtract(strip, low, out=strip)
+        np.subtract(similarity32[start:stop, :stop], low, out=strip)
         np.divide(strip, span, out=strip)
         np.power(strip, alpha, out=strip)
         below_diagonal = similarity[start:stop, :start]
         similarity[:start, start:stop] = below_diagonal.T
         degrees[start:stop] += strip.sum(axis=1)
         degrees[:start] += below_diagonal.sum(axis=0)
+    del similarity32
     return similarity, degrees
 
 

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from diffcut.assign import assign_concepts, segment_embeddings
+from diffcut.assign import assign_concepts_and_embeddings
 from diffcut.ncut import SplitTree, recursive_ncut
 
 DEFAULT_TAU = 0.5
@@ -72,7 +72,7 @@ def segment_features(
     latent_labels, tree = recursive_ncut(features, tau=tau, alpha=alpha, exact_search=exact_search,
                                          return_tree=True)
     size = tuple(mask_size) if mask_size is not None else features.shape[:2]
-    mask = assign_concepts(features, latent_labels, size=size)
+    mask, embeddings = assign_concepts_and_embeddings(features, latent_labels, size)
     if refine:
         if image is None:
             raise ValueError("refine=True needs the image at the mask size")
@@ -85,7 +85,7 @@ def segment_features(
         latent_labels=np.asarray(latent_labels, dtype=np.int32),
         mask=np.asarray(mask, dtype=np.int32),
         tree=tree,
-        embeddings=np.asarray(segment_embeddings(features, latent_labels), dtype=np.float32),
+        embeddings=np.asarray(embeddings, dtype=np.float32),
     )
 
 

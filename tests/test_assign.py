@@ -185,6 +185,12 @@ def test_segment_stats_equal_loop_version(monkeypatch, chunk_pixels):
             x0, y0, x1, y1 = stats.bbox[label]
             crop = mask[y0:y1, x0:x1]
             assert (crop == label).sum() == area[label]  # exclusive x1, y1 crop holds the whole segment
+    # label noise: a run of equal labels per pixel
+    noise = rng.integers(0, 6, size=(17, 13))
+    stats = segment_stats(noise, num_segments=7)
+    area, bbox = loop_stats(noise, 7)
+    np.testing.assert_array_equal(stats.area, area)
+    np.testing.assert_array_equal(stats.bbox, bbox)
 
 
 def test_segment_stats_default_k_and_errors():
@@ -195,3 +201,34 @@ def test_segment_stats_default_k_and_errors():
         segment_stats(np.array([[3]]), num_segments=2)
     with pytest.raises(TypeError):
         segment_stats(np.zeros((2, 2), np.float32))
+
+
+@pytest.mark.parametrize("size", [(61, 47), (256, 256), (9, 5)])
+def test_piecewise_constant_segments_equal_naive_upsampling(size):
+    # Segments as regions (most output blocks lie inside one segment and are
+    # filled without scoring), features with noise: the label of every pixel
+    # must still be a naive argmax.
+    rng = np.random.default_rng(size[0])
+    h, w, c = 8, 8, 32
+    labels = np.zeros((h, w), np.int64)
+    labels[:, 4:] = 1
+    labels[5:, 2:6] = 2
+    features = rng.normal(size=(3, c))[labels] + 0.4 * rng.normal(size=(h, w, c))
+    got = assign_concepts(features.astype(np.float32), labels, size)
+    scores = naive_scores(features.astype(np.float32), labels, size)
+    chosen = np.take_along_axis(scores, got[None].astype(np.int64), axis=0)[0]
+    assert np.all(chosen >= scores.max(axis=0) - 1e-5)
+    assert len(np.unique(got)) == 3
+
+
+def test_segment_step_benchmark_smoke():
+    # benchmarks/segment_step.py --quick: today's step against the frozen
+    # baseline on two maps; it fails if the latent segments or the masks differ.
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "segment_step.py"
+    spec = importlib.util.spec_from_file_location("segment_step_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--quick"]) == 0

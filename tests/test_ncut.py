@@ -112,7 +112,9 @@ def test_affinity_matches_definition():
     for alpha in (1.0, 3.7, 10.0):
         w = affinity_matrix(features, alpha)
         assert w.shape == (63, 63) and w.dtype == np.float64
-        np.testing.assert_allclose(w, plain_affinity(features, alpha), rtol=1e-12, atol=1e-15)
+        # The cosine similarities come from a float32 Gram matrix (errors ~1e-7,
+        # times alpha after the power), the rest is float64.
+        np.testing.assert_allclose(w, plain_affinity(features, alpha), rtol=2e-5, atol=1e-12)
         assert np.array_equal(w, w.T)
         assert w.min() == 0.0 and w.max() == 1.0
     # (n, c) input is the same as (h, w, c)

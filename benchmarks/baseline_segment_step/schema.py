@@ -1,0 +1,359 @@
+# FROZEN REFERENCE copied verbatim from diffcut/schema.py at a58cb80 (benchmarks/baseline_segment_step/__init__.py):
+# the baseline of benchmarks/segment_step.py, excluded from duplicate checks; never edit.
+"""The output format of the labeling job: one Arrow schema, the mask codec, and a reader.
+
+This module is the one source of the format (DESIGN.md §4). Every row the
+labeling job writes is built by :func:`ok_row` or :func:`error_row` and
+converted by :func:`rows_to_table`; readers use :func:`read_labels`,
+:func:`decode_mask` and :func:`decode_tree`.
+
+One row per input image (see ``docs/output-format.md`` for the full reference):
+
+==============  ==========================================  ============================================
+column          type                                        meaning
+==============  ==========================================  ============================================
+image_id        string                                      ``--id-column`` value, else the source
+source          string                                      where the image came from (path / URI,
+                                                            ``file.parquet#row=N`` for Parquet input);
+                                                            unique per input record
+width, height   int32                                       image size after EXIF orientation (null if
+                                                            the image could not be read)
+status          string                                      ``"ok"`` or ``"error"``
+error           string                                      why the image failed (null when ok)
+mask            binary                                      PNG label map at the mask size, 8-bit when
+                                                            every label is < 256, else 16-bit
+mask_width,     int32                                       size of ``mask``
+mask_height
+num_segments    int32                                       K = number of segments = len(segments);
+                                                            every mask value is in 0..K-1
+segments        list<struct<segment_id int32, area int64,   one entry per segment k = 0..K-1: its pixel
+                bbox fixed_size_list<int32>[4],             count in ``mask``, box [x0, y0, x1, y1]
+                descriptor list<float32>>>                  (x1, y1 exclusive; zeros when area is 0),
+                                                            mean L2-normalized feature (length c)
+latent_labels   binary                                      PNG label map at the feature-grid size
+tree            string                                      JSON of ``SplitTree.to_dict()`` (without the
+                                                            label map: see :func:`decode_tree`)
+params          string                                      JSON: model, tau, alpha, timestep, ...
+==============  ==========================================  ============================================
+
+Segment ids are the labels of the recursive normalized cut (numbered by first
+appearance in raster order of ``latent_labels``); ``mask`` uses the same ids.
+The high-resolution assignment can leave a latent segment with no pixel of
+``mask`` (area 0); it is still listed so ids, descriptors and the split tree
+stay aligned.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+#: Bumped when a column changes meaning or type; stored in the Parquet metadata.
+SCHEMA_VERSION = "1"
+
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+
+#: Shard files of the labeling job are named ``<SHARD_PREFIX><run>-<task>-<i>.parquet``.
+SHARD_PREFIX = "labels-"
+SUMMARY_NAME = "_summary.json"
+
+SEGMENT_TYPE = pa.struct(
+    [
+        pa.field("segment_id", pa.int32(), nullable=False),
+        pa.field("area", pa.int64(), nullable=False),
+        pa.field("bbox", pa.list_(pa.int32(), 4), nullable=False),
+        pa.field("descriptor", pa.list_(pa.float32()), nullable=False),
+    ]
+)
+
+LABELS_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("error", pa.string()),
+        pa.field("mask", pa.binary()),
+        pa.field("mask_width", pa.int32()),
+        pa.field("mask_height", pa.int32()),
+        pa.field("num_segments", pa.int32()),
+        pa.field("segments", pa.list_(SEGMENT_TYPE)),
+        pa.field("latent_labels", pa.binary()),
+        pa.field("tree", pa.string()),
+        pa.field("params", pa.string()),
+    ],
+    metadata={"diffcut.schema_version": SCHEMA_VERSION},
+)
+
+COLUMNS = tuple(LABELS_SCHEMA.names)
+
+#: The largest label a 16-bit PNG can hold.
+MAX_LABEL = 2**16 - 1
+
+
+# --------------------------------------------------------------------------- mask codec
+def encode_mask(labels: np.ndarray) -> bytes:
+    """PNG bytes of an (H, W) integer label map.
+
+    8-bit grayscale when every label is < 256 (at most 256 labels), 16-bit
+    grayscale otherwise. Lossless: :func:`decode_mask` returns the same array.
+    """
+    from PIL import Image
+
+    labels = np.asarray(labels)
+    if labels.ndim != 2 or labels.shape[0] < 1 or labels.shape[1] < 1:
+        raise ValueError(f"a label map must be a non-empty (H, W) array; got shape {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise TypeError(f"a label map must hold integers; got {labels.dtype}")
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high > MAX_LABEL:
+        raise ValueError(f"labels must be in 0..{MAX_LABEL} to fit a PNG; got {low}..{high}")
+    pixels = labels.astype(np.uint8 if high < 256 else np.uint16)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def decode_mask(png: bytes) -> np.ndarray:
+    """(H, W) int32 label map from :func:`encode_mask`'s PNG bytes."""
+    from PIL import Image
+
+    if not png:
+        raise ValueError("no mask bytes (the row is probably an error row)")
+    with Image.open(io.BytesIO(png)) as image:
+        if image.format != "PNG" or image.mode not in ("L", "I;16", "I;16B", "I;16L", "I"):
+            raise ValueError(f"not a diffcut label map: {image.format} image in mode {image.mode}")
+        return np.asarray(image).astype(np.int32)
+
+
+def decode_tree(tree_json: str, latent_labels: bytes | np.ndarray):
+    """The :class:`diffcut.ncut.SplitTree` of a row, from its ``tree`` and ``latent_labels`` columns.
+
+    The stored tree leaves out the label map (it is the ``latent_labels``
+    column), so both are needed. ``tree.prune(tau')`` then gives the
+    segmentation for any ``tau' <= tau`` without the model.
+    """
+    from .ncut import SplitTree
+
+    labels = decode_mask(latent_labels) if isinstance(latent_labels, (bytes, bytearray)) else latent_labels
+    return SplitTree.from_dict(json.loads(tree_json), labels=labels)
+
+
+# --------------------------------------------------------------------------- rows
+def params_json(params: Mapping[str, Any]) -> str:
+    """The ``params`` column: sorted-key JSON, identical for every row of a run."""
+    return json.dumps(dict(params), sort_keys=True, separators=(",", ":"))
+
+
+def segments_column(mask: np.ndarray, descriptors: np.ndarray) -> list[dict]:
+    """The ``segments`` list of one image: area and box in ``mask``, descriptor per segment.
+
+    Args:
+        mask: (H, W) labels in 0..K-1 at the output size.
+        descriptors: (K, c) float array, row k the descriptor of segment k.
+    """
+    from .assign import segment_stats
+
+    descriptors = np.asarray(descriptors, dtype=np.float32)
+    if descriptors.ndim != 2:
+        raise ValueError(f"descriptors must be (K, c); got shape {descriptors.shape}")
+    stats = segment_stats(mask, num_segments=descriptors.shape[0])
+    return [
+        {
+            "segment_id": k,
+            "area": int(stats.area[k]),
+            "bbox": [int(v) for v in stats.bbox[k]],
+            "descriptor": descriptors[k],
+        }
+        for k in range(descriptors.shape[0])
+    ]
+
+
+def ok_row(
+    *,
+    image_id: str,
+    source: str,
+    width: int,
+    height: int,
+    mask: np.ndarray,
+    latent_labels: np.ndarray,
+    descriptors: np.ndarray,
+    tree: Mapping[str, Any] | str,
+    params: str,
+) -> dict:
+    """A successful row: encodes the masks, derives the segment list.
+
+    ``tree`` is ``SplitTree.to_dict()`` (or its JSON); ``params`` is
+    :func:`params_json`'s string.
+    """
+    mask = np.asarray(mask)
+    num_segments = int(np.asarray(descriptors).shape[0])
+    if mask.size and int(mask.max()) >= num_segments:
+        raise ValueError(f"mask has label {int(mask.max())} but there are only {num_segments} segments")
+    return {
+        "image_id": image_id,
+        "source": source,
+        "width": int(width),
+        "height": int(height),
+        "status": STATUS_OK,
+        "error": None,
+        "mask": encode_mask(mask),
+        "mask_width": int(mask.shape[1]),
+        "mask_height": int(mask.shape[0]),
+        "num_segments": num_segments,
+        "segments": segments_column(mask, descriptors),
+        "latent_labels": encode_mask(latent_labels),
+        "tree": tree if isinstance(tree, str) else json.dumps(tree, separators=(",", ":")),
+        "params": params,
+    }
+
+
+def error_row(
+    image_id: str,
+    source: str,
+    error: str,
+    *,
+    params: str | None = None,
+    width: int | None = None,
+    height: int | None = None,
+) -> dict:
+    """A row for an image that could not be labeled; ``error`` says why, for a person."""
+    row = dict.fromkeys(COLUMNS)
+    row.update(
+        image_id=image_id,
+        source=source,
+        status=STATUS_ERROR,
+        error=str(error) or "unknown error",
+        params=params,
+        width=None if width is None else int(width),
+        height=None if height is None else int(height),
+    )
+    return row
+
+
+def rows_to_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
+    """Rows (dicts with exactly the schema's columns) -> a table with :data:`LABELS_SCHEMA`."""
+    columns = {name: [] for name in COLUMNS}
+    for row in rows:
+        extra = set(row) - set(COLUMNS)
+        if extra:
+            raise ValueError(f"unknown output columns {sorted(extra)}")
+        for name in COLUMNS:
+            columns[name].append(row.get(name))
+    segments = columns["segments"]
+    columns["segments"] = [
+        None if value is None else [dict(s, descriptor=np.asarray(s["descriptor"], np.float32).tolist()) for s in value]
+        for value in segments
+    ]
+    arrays = [pa.array(columns[field.name], type=field.type) for field in LABELS_SCHEMA]
+    return pa.Table.from_arrays(arrays, schema=LABELS_SCHEMA)
+
+
+# --------------------------------------------------------------------------- reading
+def is_shard_name(name: str) -> bool:
+    """Whether a file name is one of the labeling job's shards."""
+    base = name.rsplit("/", 1)[-1]
+    return base.startswith(SHARD_PREFIX) and base.endswith(".parquet")
+
+
+def list_shards(output: str) -> tuple[list[str], list[str]]:
+    """Complete and incomplete shard files directly under ``output``.
+
+    A shard is complete when its Parquet footer can be read: a run killed
+    while writing a local file leaves a file without one (on S3 an unfinished
+    upload never becomes an object). Returns (complete, incomplete) URIs,
+    sorted.
+    """
+    import pyarrow.parquet as pq
+
+    from diffcut.io import join_uri, open_filesystem
+
+    fs, root = open_filesystem(output)
+    fs.invalidate_cache()  # Ray workers wrote the shards; this process may hold an older listing
+    if not fs.exists(root):
+        return [], []
+    complete, incomplete = [], []
+    for entry in sorted(fs.ls(root, detail=False)):
+        if not is_shard_name(entry):
+            continue
+        uri = join_uri(output, entry.rsplit("/", 1)[-1])
+        try:
+            with fs.open(entry, "rb") as handle:
+                pq.ParquetFile(handle).metadata  # noqa: B018 - reading the footer is the check
+            complete.append(uri)
+        except Exception:  # noqa: BLE001 - any unreadable footer means "not complete"
+            incomplete.append(uri)
+    return complete, incomplete
+
+
+def read_labels(output: str, columns: Iterable[str] | None = None) -> pa.Table:
+    """Read the labels a job wrote to ``output`` (a local directory or ``s3://`` prefix).
+
+    Reads every complete shard, skips files a killed run left half-written, and
+    keeps one row per ``source`` (so even two runs racing on one output read
+    back without duplicates).
+
+    Args:
+        output: the job's ``--output``.
+        columns: a subset of the columns; default all.
+
+    Returns:
+        A table with :data:`LABELS_SCHEMA` (or the chosen columns).
+    """
+    wanted = list(COLUMNS if columns is None else columns)
+    unknown = set(wanted) - set(COLUMNS)
+    if unknown:
+        raise ValueError(f"unknown columns {sorted(unknown)}; the output has {list(COLUMNS)}")
+    read_columns = wanted if "source" in wanted else [*wanted, "source"]
+    complete, _ = list_shards(output)
+    tables = [read_shard(uri, read_columns) for uri in complete]
+    schema = pa.schema([LABELS_SCHEMA.field(name) for name in read_columns], metadata=LABELS_SCHEMA.metadata)
+    if not tables:
+        return schema.empty_table().select(wanted)
+    table = pa.concat_tables([t.cast(schema) for t in tables])
+    table = drop_duplicate_sources(table)
+    return table.select(wanted)
+
+
+def read_shard(uri: str, columns: Sequence[str] | None = None) -> pa.Table:
+    """The rows of one shard file (local path or ``s3://`` URI).
+
+    Arrow reads the Python file object (what fsspec gives) in the calling
+    thread only. By default (``pre_buffer``, worker threads) Arrow's IO threads
+    read it and can drop the last reference to it later, outside the call;
+    when that happens while the interpreter exits the process aborts
+    (apache/arrow#33975, #49942): a resumed job that had written all its rows
+    exited with that crash in 4 of 8 runs here.
+    """
+    import pyarrow.parquet as pq
+
+    from diffcut.io import open_filesystem
+
+    fs, path = open_filesystem(uri)
+    with fs.open(path, "rb") as handle:
+        shard = pq.ParquetFile(handle, pre_buffer=False)
+        return shard.read(columns=None if columns is None else list(columns), use_threads=False)
+
+
+def iter_shard_batches(handle, batch_rows: int, columns: Sequence[str] | None = None) -> Iterator[pa.RecordBatch]:
+    """Record batches of an open shard file, read in the calling thread (see :func:`read_shard`)."""
+    import pyarrow.parquet as pq
+
+    shard = pq.ParquetFile(handle, pre_buffer=False)
+    yield from shard.iter_batches(batch_size=batch_rows, columns=None if columns is None else list(columns),
+                                  use_threads=False)
+
+
+def drop_duplicate_sources(table: pa.Table) -> pa.Table:
+    """Keep the first row of every ``source`` (file order), drop the rest."""
+    sources = table.column("source").to_numpy(zero_copy_only=False)
+    _, first = np.unique(sources, return_index=True)
+    if len(first) == table.num_rows:
+        return table
+    return table.take(pa.array(np.sort(first)))
