@@ -32,7 +32,6 @@ and ``vae_dtype``; none changes the method, each changes the rounding only
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -327,8 +326,8 @@ class FeatureExtractor:
         self._auto_batch: dict[tuple[int, int], int] = {}
         self.channels_last = bool(channels_last)
         self.compiled = compile not in (False, None, "", "off")
-        vae_forward = functools.partial(vae_latent_mean, vae)
-        unet_forward = functools.partial(truncated_unet_forward, unet, self.block_index)
+        vae_forward = _VaeToLatentMean(vae)
+        unet_forward = _UNetToFeature(unet, self.block_index)
         if self.compiled:
             backend = compile if isinstance(compile, str) and compile != "on" else "inductor"
             # Bucketed inputs come in many sizes: the spatial dimensions are
@@ -431,7 +430,8 @@ class FeatureExtractor:
                                  vae_dtype=str(resolved_vae_dtype).removeprefix("torch."))
 
         pipeline.to(device)
-        vae.to(resolved_vae_dtype)
+        if resolved_vae_dtype != dtype:
+            vae.to(resolved_vae_dtype)
         with torch.inference_mode():
             if family == "sdxl":
                 prompt_embeds, _, pooled, _ = pipeline.encode_prompt(
@@ -510,6 +510,8 @@ class FeatureExtractor:
             scaled = scaled.contiguous(memory_format=torch.channels_last)
         if self.compiled:
             _mark_spatial_dynamic(scaled)
+            with _distinct_symbolic_sizes():
+                return self._vae_forward(scaled) * self.vae.config.scaling_factor
         return self._vae_forward(scaled) * self.vae.config.scaling_factor
 
     def conditioning(self, batch: int, height: int, width: int) -> tuple[torch.Tensor, dict | None]:
@@ -555,7 +557,10 @@ class FeatureExtractor:
             noisy_latent = noisy_latent.contiguous(memory_format=torch.channels_last)
         if self.compiled:
             _mark_spatial_dynamic(noisy_latent)
-        tokens = self._unet_forward(noisy_latent, timesteps, prompt_embeds, added)
+            with _distinct_symbolic_sizes():
+                tokens = self._unet_forward(noisy_latent, timesteps, prompt_embeds, added)
+        else:
+            tokens = self._unet_forward(noisy_latent, timesteps, prompt_embeds, added)
         return tokens.reshape(batch, height // self.stride, width // self.stride, -1)
 
     # ------------------------------------------------------------- batch sizes
@@ -603,6 +608,30 @@ class FeatureExtractor:
                 f"module={self.feature_module_name})")
 
 
+class _VaeToLatentMean(torch.nn.Module):
+    """:func:`vae_latent_mean` as a module: ``torch.compile`` keeps one code cache per module class."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, pixels):
+        return vae_latent_mean(self.vae, pixels)
+
+
+class _UNetToFeature(torch.nn.Module):
+    """:func:`truncated_unet_forward` as a module (see :class:`_VaeToLatentMean`)."""
+
+    def __init__(self, unet, block_index: int):
+        super().__init__()
+        self.unet = unet
+        self.block_index = block_index
+
+    def forward(self, sample, timestep, encoder_hidden_states, added_cond_kwargs):
+        return truncated_unet_forward(self.unet, self.block_index, sample, timestep, encoder_hidden_states,
+                                      added_cond_kwargs)
+
+
 def set_attention_kernel(models, attention: str) -> None:
     """Every attention of ``models`` on the SDPA kernel or the explicit (eager) one."""
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
@@ -616,3 +645,15 @@ def _mark_spatial_dynamic(tensor: torch.Tensor) -> None:
     """Height and width of a compiled call's input vary with the bucket: one graph for all."""
     torch._dynamo.mark_dynamic(tensor, 2)
     torch._dynamo.mark_dynamic(tensor, 3)
+
+
+def _distinct_symbolic_sizes():
+    """Compile height and width as two symbols even when a first image is square.
+
+    With dynamo's default "duck sizing", equal sizes share one symbol: a
+    square first call would give a graph valid for squares only and every
+    non-square bucket would then recompile it.
+    """
+    import torch.fx.experimental._config as fx_config
+
+    return fx_config.patch(use_duck_shape=False)
