@@ -185,3 +185,33 @@ def test_truncated_forward_refuses_unsupported_unets():
         FeatureExtractor(None, unet, None, None, None, ExtractorConfig(model="x", family="sd"), torch.device("cpu"),
                          torch.float32)
     assert callable(truncated_unet_forward)
+
+
+def test_feature_stage_auto_batch_and_speed_options_on_cpu():
+    """The job's feature actor with --batch-size auto (one image per call on CPU) and speed
+    options: same features as the extractor alone, one model call per image."""
+    import numpy as np
+    import pyarrow as pa
+
+    from diffcut.pipeline import DECODED_SCHEMA, FeatureStage, model_calls
+
+    stage = FeatureStage("tiny-random", "cpu", "float32", 50, "auto", speed={"channels_last": True})
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (64, 96, 3), dtype=np.uint8) for _ in range(2)]
+    images.append(rng.integers(0, 256, (96, 64, 3), dtype=np.uint8))
+    rows = [dict.fromkeys(DECODED_SCHEMA.names) for _ in images]
+    for index, (row, image) in enumerate(zip(rows, images)):
+        row.update(image_id=str(index), source=str(index), status="ok", pixels=image.tobytes(),
+                   pixel_height=image.shape[0], pixel_width=image.shape[1])
+    calls = []
+    original = stage.extractor.extract
+    stage.extractor.extract = lambda pixels: calls.append(pixels.shape[0]) or original(pixels)
+    out = stage(pa.Table.from_pylist(rows, schema=DECODED_SCHEMA)).to_pylist()
+    assert calls == [1, 1, 1]
+    plain = FeatureExtractor.from_pretrained("tiny-random")
+    for row, image in zip(out, images):
+        got = np.frombuffer(row["features"], np.float16).reshape(row["feature_height"], row["feature_width"], -1)
+        pixels = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+        expected = plain.extract(pixels)[0].to(torch.float16).numpy()
+        np.testing.assert_allclose(got.astype(np.float32), expected.astype(np.float32), rtol=1e-2, atol=1e-3)
+    assert model_calls([(1, 1), (2, 2), (1, 1), None, (2, 2)], lambda size: size[0]) == [[0], [2], [1, 4]]
