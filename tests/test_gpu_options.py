@@ -9,6 +9,7 @@ and random UNets with the SDXL and SSD-1B down-block layouts) and SD 1.x.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -215,3 +216,31 @@ def test_feature_stage_auto_batch_and_speed_options_on_cpu():
         expected = plain.extract(pixels)[0].to(torch.float16).numpy()
         np.testing.assert_allclose(got.astype(np.float32), expected.astype(np.float32), rtol=1e-2, atol=1e-3)
     assert model_calls([(1, 1), (2, 2), (1, 1), None, (2, 2)], lambda size: size[0]) == [[0], [2], [1, 4]]
+
+
+def test_gpu_stage_benchmark_smoke(tmp_path, capsys):
+    """benchmarks/gpu_stage.py --smoke: the GPU benchmark's code path on the tiny model on CPU."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import gpu_stage
+
+    output = tmp_path / "gpu_stage.json"
+    assert gpu_stage.main(["--smoke", "--json", str(output)]) == 0
+    report = json.loads(output.read_text())
+    rows = report["rows"]
+    assert {row["size"] for row in rows} == {"square", "4:3", "3:4", "16:9"}
+    assert {row["batch"] for row in rows} == {1, 2}
+    for row in rows:
+        assert row["images_per_s"] > 0 and row["flop_per_image"] > 0 and row["vae_ms"] > 0 and row["unet_ms"] > 0
+        assert row["call_ms"] >= row["vae_ms"] + row["unet_ms"]
+    assert "img/s" in capsys.readouterr().out
+    assert report["device"] == "cpu" and report["skipped"] == []
+
+
+def test_gpu_stage_architectures_have_the_published_feature():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from architectures import SDXL_UNET, SDXL_VAE, SSD1B_UNET
+    from gpu_stage import flops_per_image
+
+    ssd, sdxl = flops_per_image(SSD1B_UNET, SDXL_VAE, 1024, 1024), flops_per_image(SDXL_UNET, SDXL_VAE, 1024, 1024)
+    assert 2.0e12 < sdxl["unet_to_feature"] < 2.2e12  # DESIGN.md §2.1: 2.08 TFLOP
+    assert ssd["unet_to_feature"] < sdxl["unet_to_feature"] and ssd["vae_encoder"] == sdxl["vae_encoder"]
