@@ -190,7 +190,8 @@ def measure(extractor, height: int, width: int, batch: int, *, repeats: int, min
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None}
 
 
-def sweep(settings, *, device, resolution, batches, time_limit, repeats, min_seconds, warmups=2, log=print):
+def sweep(settings, *, device, resolution, batches, time_limit, repeats, min_seconds, warmups=2, log=print,
+          compile_batches=None, on_row=None):
     """Run ``settings`` [(architecture, dtype name, compile)] in order; returns (rows, skipped)."""
     started = time.perf_counter()
     rows, skipped = [], []
@@ -212,7 +213,9 @@ def sweep(settings, *, device, resolution, batches, time_limit, repeats, min_sec
                 flop_cache[key] = flops_per_image(_constructor_args(unet_config), _constructor_args(vae_config),
                                                   height, width)
             flops = flop_cache[key]
-            for batch in batches:
+            # Batch is a static dimension (the job pads every call to its batch size): each
+            # batch size compiles once, so compiled settings time a few batch sizes only.
+            for batch in (compile_batches or batches) if compile else batches:
                 if time.perf_counter() - started > time_limit:
                     skipped.append({"model": architecture, "dtype": dtype_name, "compile": compile,
                                     "size": size_name, "batch": batch})
@@ -235,6 +238,8 @@ def sweep(settings, *, device, resolution, batches, time_limit, repeats, min_sec
                        "share_of_peak": round(achieved / peak, 4) if peak else None}
                 rows.append(row)
                 log(format_row(row))
+                if on_row is not None:
+                    on_row(rows, skipped)
         del extractor
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -259,18 +264,54 @@ def format_row(row: dict) -> str:
             f"{row['achieved_tflops']:>8.1f} {share:>6} {gib:>6}")
 
 
+def job_stage(extractor: FeatureExtractor, seconds: float, batch_size, resolution: int) -> dict:
+    """The labeling job's feature actor (:class:`diffcut.pipeline.FeatureStage`) on synthetic decoded
+    rows, bucket sizes mixed and grouped as decode_stage hands them over, for ``seconds``."""
+    import numpy as np
+    import pyarrow as pa
+
+    from diffcut.pipeline import DECODED_SCHEMA, FeatureStage
+
+    stage = FeatureStage.around(extractor, batch_size)
+    rng = np.random.default_rng(0)
+    rows_per_table = 4 * (8 if batch_size == "auto" else int(batch_size))
+    tables = []
+    for _, height, width in input_sizes(resolution):
+        image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8).tobytes()
+        rows = [dict(dict.fromkeys(DECODED_SCHEMA.names), image_id=str(i), source=str(i), status="ok", pixels=image,
+                     pixel_height=height, pixel_width=width) for i in range(rows_per_table)]
+        tables.append(pa.Table.from_pylist(rows, schema=DECODED_SCHEMA))
+    for table in tables:  # warm-up: compilation, cuDNN autotuning, auto batch search
+        stage(table)
+    images, errors, started, loop_start = 0, 0, time.perf_counter(), time.time()
+    while time.perf_counter() - started < seconds:
+        out = stage(tables[images // rows_per_table % len(tables)])
+        images += out.num_rows
+        errors += sum(status != "ok" for status in out.column("status").to_pylist())
+    elapsed = time.perf_counter() - started
+    return {"images": images, "errors": errors, "seconds": round(elapsed, 2),
+            "loop_start_unix": loop_start, "loop_end_unix": time.time(),
+            "images_per_s": round(images / elapsed, 3), "batch_size": batch_size,
+            "auto_batch_sizes": {f"{h}x{w}": b for (h, w), b in extractor._auto_batch.items()}}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="ssd-1b,sdxl")
     parser.add_argument("--dtypes", default="float16,bfloat16")
     parser.add_argument("--compile", default="off,on", help="off, on, or off,on")
     parser.add_argument("--batches", default="1,2,4,8,16,32")
+    parser.add_argument("--compile-batches", default="8,16", help="batch sizes timed with compile on")
     parser.add_argument("--resolution", type=int, default=1024)
     parser.add_argument("--time-limit", type=float, default=420.0,
                         help="seconds after which no new setting starts (the running one finishes)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--min-seconds", type=float, default=0.5, help="time each setting at least this long")
     parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--job-stage", type=float, metavar="SECONDS",
+                        help="instead of the sweep: the job's feature actor on synthetic images for SECONDS "
+                             "(first of --models / --dtypes; --compile on/off; --batch-size)")
+    parser.add_argument("--batch-size", default="8", help="with --job-stage: an integer or auto")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny-random model on CPU, float32, 64x64 buckets, batch 1-2: checks the script")
     args = parser.parse_args(argv)
@@ -293,17 +334,44 @@ def main(argv=None) -> int:
         resolution, batches = args.resolution, [int(b) for b in args.batches.split(",")]
         repeats, min_seconds, warmups = args.repeats, args.min_seconds, 2
     started = time.time()
+    if args.job_stage is not None:
+        architecture, dtype_name, compile = settings[0]
+        dtype = getattr(torch, dtype_name)
+        extractor = build_extractor(architecture, device, dtype, compile) if architecture in ARCHITECTURES \
+            else FeatureExtractor.from_pretrained(architecture, device=device, dtype=dtype, compile=compile)
+        batch_size = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
+        result = {"model": architecture, "dtype": dtype_name, "compile": compile, "resolution": resolution,
+                  "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
+                  **job_stage(extractor, args.job_stage, batch_size, resolution)}
+        print(json.dumps(result))
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(result, indent=1))
+        return 0
     print(HEADER, flush=True)
+
+    def report_of(rows, skipped):
+        return {
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "peak_dense_tflops": (device_peak_tflops(torch.cuda.get_device_name(device))
+                                  if device.type == "cuda" else None),
+            "torch": torch.__version__,
+            "command": " ".join(["python", "benchmarks/gpu_stage.py", *(argv if argv is not None else sys.argv[1:])]),
+            "seconds": round(time.time() - started, 1), "rows": rows, "skipped": skipped,
+        }
+
+    def write(rows, skipped):  # after every row: a run killed by a time limit keeps what it measured
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(report_of(rows, skipped), indent=1))
+
     rows, skipped = sweep(settings, device=device, resolution=resolution, batches=batches,
                           time_limit=args.time_limit, repeats=repeats, min_seconds=min_seconds, warmups=warmups,
-                          log=lambda line: print(line, flush=True))
-    report = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "peak_dense_tflops": device_peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None,
-        "torch": torch.__version__, "command": " ".join(["python", "benchmarks/gpu_stage.py", *(argv or sys.argv[1:])]),
-        "seconds": round(time.time() - started, 1), "rows": rows, "skipped": skipped,
-    }
+                          log=lambda line: print(line, flush=True), on_row=write,
+                          compile_batches=None if args.smoke else [int(b) for b in args.compile_batches.split(",")])
+    write(rows, skipped)
     best = max((r for r in rows if "images_per_s" in r and r["size"] == "square"), default=None,
                key=lambda r: r["images_per_s"])
     if best:
@@ -311,9 +379,6 @@ def main(argv=None) -> int:
               f"({best['model']}, {best['dtype']}, compile {best['compile']}, batch {best['batch']})")
     if skipped:
         print(f"skipped {len(skipped)} setting(s) past --time-limit {args.time_limit:.0f} s")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=1))
     return 0
 
 

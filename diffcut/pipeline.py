@@ -217,12 +217,23 @@ class FeatureStage:
         from diffcut.features import FeatureExtractor
 
         self.torch = torch
-        self.extractor = FeatureExtractor.from_pretrained(model, device=device, dtype=dtype, timestep=timestep,
-                                                          **(speed or {}))
-        self.auto_batch = batch_size == "auto"
-        self.batch_size = 1 if self.auto_batch else max(1, int(batch_size))
-        self._on_cuda = self.extractor.device.type == "cuda"
-        self._warm: set[tuple[int, int]] = set()
+        extractor = FeatureExtractor.from_pretrained(model, device=device, dtype=dtype, timestep=timestep,
+                                                     **(speed or {}))
+        self.__dict__.update(vars(FeatureStage.around(extractor, batch_size)))
+
+    @classmethod
+    def around(cls, extractor, batch_size: int | str) -> "FeatureStage":
+        """The stage around an extractor built elsewhere (benchmarks/gpu_stage.py --job-stage)."""
+        import torch
+
+        stage = cls.__new__(cls)
+        stage.torch = torch
+        stage.extractor = extractor
+        stage.auto_batch = batch_size == "auto"
+        stage.batch_size = 1 if stage.auto_batch else max(1, int(batch_size))
+        stage._on_cuda = extractor.device.type == "cuda"
+        stage._warm = set()
+        return stage
 
     def _batch_for(self, size: tuple[int, int]) -> int:
         """Images per call for this input size; with auto, found (and warmed up) once per size."""
