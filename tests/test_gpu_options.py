@@ -256,3 +256,25 @@ def test_gpu_stage_job_stage_smoke(tmp_path):
     result = json.loads(output.read_text())
     assert result["images"] > 0 and result["errors"] == 0
     assert set(result["auto_batch_sizes"].values()) == {1}
+
+
+def test_job_flags_map_to_label_dataset_and_are_checked(tmp_path):
+    import argparse
+
+    from diffcut.commands.label import add_arguments
+    from diffcut.io import InputError
+    from diffcut.pipeline import label_dataset
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--input", "a", "--output", "b", "--batch-size", "auto", "--compile", "--tf32",
+                              "--channels-last", "--attention", "eager", "--vae-dtype", "bfloat16"])
+    assert (args.batch_size, args.compile, args.tf32, args.channels_last, args.attention, args.vae_dtype) == \
+        ("auto", True, True, True, "eager", "bfloat16")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--input", "a", "--output", "b", "--batch-size", "0"])
+    (tmp_path / "in").mkdir()
+    with pytest.raises(InputError, match="--attention"):
+        label_dataset(str(tmp_path / "in"), str(tmp_path / "out"), attention="flash")
+    with pytest.raises(InputError, match="--batch-size"):
+        label_dataset(str(tmp_path / "in"), str(tmp_path / "out"), batch_size="many")
