@@ -28,7 +28,8 @@ stamp "start $(date -u +%FT%TZ)"
 PY=python3
 if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   stamp "installing torch (CUDA build) and the project"
-  $PY -m venv .venv-gpu >> "$OUT/install.log" 2>&1 && PY=.venv-gpu/bin/python
+  # A venv when the interpreter can make one, else the interpreter's own site-packages.
+  if $PY -m venv .venv-gpu >> "$OUT/install.log" 2>&1; then PY=.venv-gpu/bin/python; fi
   $PY -m pip install -q --upgrade pip >> "$OUT/install.log" 2>&1
   if ! $PY -m pip install -q torch==2.13.0 >> "$OUT/install.log" 2>&1; then
     stamp "pip install torch failed (see install.log): no registry? stopping"; exit 3
