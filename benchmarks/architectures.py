@@ -40,3 +40,22 @@ SDXL_VAE = dict(
 #: Text-conditioning shapes of the SDXL family: 77 tokens x (768 + 1280), pooled 1280.
 SDXL_PROMPT_SHAPE = (1, 77, 2048)
 SDXL_POOLED_SHAPE = (1, 1280)
+
+#: SSD-1B (segmind/SSD-1B), the paper's model: SDXL's UNet with fewer transformer blocks.
+#: Source of the depths: the SGM-format detection config of SSD-1B in ComfyUI
+#: (comfyanonymous/ComfyUI, comfy/model_detection.py ``SSD_1B`` and comfy/supported_models.py
+#: ``SSD1B``): ``transformer_depth`` [0, 0, 2, 2, 4, 4] per input block, i.e. down blocks
+#: with 0 (DownBlock2D), 2 and 4 transformer blocks per attention; ``transformer_depth_output``
+#: [0, 0, 0, 1, 1, 2, 10, 4, 4] consumed from the end, i.e. up blocks (4, 4, 10), (2, 1, 1),
+#: none; ``transformer_depth_middle`` -1, i.e. no transformer in the middle. Everything else
+#: (channels 320/640/1280, 2 layers per block, 64-channel heads, context 2048, added
+#: conditioning 2816, linear projections) is SDXL's. The diffusers ``unet/config.json`` of
+#: segmind/SSD-1B itself was not in the reference corpus searched on 2026-12-02; only the down
+#: blocks up to the feature run, and they follow from these depths. The feature is then
+#: down_blocks.2.attentions.1.transformer_blocks.3.attn1 (32x32x1280 at 1024x1024).
+SSD1B_UNET = dict(
+    SDXL_UNET,
+    transformer_layers_per_block=(1, 2, 4),
+    reverse_transformer_layers_per_block=((4, 4, 10), (2, 1, 1), (1, 1, 1)),
+    mid_block_type=None,
+)

@@ -16,10 +16,18 @@ run once on the slightly noised latent of the image:
    before the residual add) of the last transformer block of the last
    attention of the deepest down block that has attentions.
 
-Nothing after that module is needed, so the forward pass stops there: a hook
-captures the output and aborts the UNet, which saves ~70 % of the UNet's
-FLOPs (benchmarks/flops.py), and the modules that would run after it (mid
-block, up blocks, output head) are released from memory at load time.
+Nothing after that module is needed, so the UNet is not run as a whole:
+:func:`truncated_unet_forward` runs, from the loaded diffusers modules, exactly
+the part of ``UNet2DConditionModel.forward`` that comes before the feature and
+returns the ``attn1`` output. That saves ~70 % of the UNet's FLOPs
+(benchmarks/flops.py), needs no exception to stop, and is one graph that
+``torch.compile(fullgraph=True)`` captures. The modules that would run after it
+(mid block, up blocks, output head) are released from memory at load time.
+
+Speed options (:meth:`FeatureExtractor.from_pretrained`): ``compile``,
+``channels_last``, ``attention`` (SDPA or the explicit eager kernel), ``tf32``
+and ``vae_dtype``; none changes the method, each changes the rounding only
+(tests/test_gpu_options.py bounds each).
 """
 
 from __future__ import annotations
@@ -61,8 +69,17 @@ def _quiet_loading():
             lib.enable_progress_bar()
 
 
-class _FeatureCaptured(Exception):
-    """Raised from the feature hook to stop the UNet right after the feature."""
+#: ``attention`` values: the SDPA kernel (flash / memory-efficient on CUDA) or the explicit
+#: matmul-softmax-matmul of diffusers' ``AttnProcessor`` (the reference it must agree with).
+ATTENTION_KERNELS = ("sdpa", "eager")
+#: ``vae_dtype`` values. ``auto``: what the VAE's config asks: float32 under float16 when it
+#: sets ``force_upcast`` (SDXL's VAE overflows in float16), else the model dtype.
+VAE_DTYPES = ("auto", "float32", "float16", "bfloat16")
+#: ``batch_size="auto"`` never goes past this many images per call.
+AUTO_BATCH_CAP = 32
+#: Share of the device memory a call found by ``batch_size="auto"`` may peak at: the rest is
+#: headroom for the allocator's fragmentation and for other buffers of the actor.
+AUTO_BATCH_MEMORY_SHARE = 0.85
 
 
 @dataclass(frozen=True)
@@ -73,6 +90,7 @@ class ExtractorConfig:
     timestep: int = DEFAULT_TIMESTEP
     noise_seed: int = DEFAULT_NOISE_SEED
     family: str = "sdxl"  # "sdxl" (two text encoders, text_time) or "sd" (SD 1.x / 2.x)
+    vae_dtype: str = "float32"  # the dtype the VAE encoder ran in (resolved, never "auto")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -130,6 +148,153 @@ def feature_module_path(unet) -> tuple[int, str]:
     raise ValueError("this UNet has no down block with attentions; DiffCut needs a self-attention layer")
 
 
+def check_truncatable(unet, block_index: int) -> None:
+    """Refuse a UNet whose forward :func:`truncated_unet_forward` does not reproduce.
+
+    The SD 1.x / 2.x and SDXL families (SSD-1B, Segmind-Vega) pass: no class
+    embedding, no image-hint conditioning, continuous-input transformers
+    with plain LayerNorm blocks and no positional embedding.
+    """
+    config = unet.config
+    problems = []
+    if getattr(unet, "class_embedding", None) is not None:
+        problems.append("class-conditioned (class_embed_type)")
+    if config.addition_embed_type == "image_hint":
+        problems.append("image_hint added conditioning")
+    block = unet.down_blocks[block_index]
+    if len(block.resnets) != len(block.attentions):
+        problems.append("a feature block with unequal resnets and attentions")
+    transformer = block.attentions[-1]
+    if not getattr(transformer, "is_input_continuous", False):
+        problems.append("a transformer on non-continuous inputs")
+    last = transformer.transformer_blocks[-1]
+    if getattr(last, "norm_type", None) not in ("layer_norm", "layer_norm_i2vgen") or last.pos_embed is not None:
+        problems.append(f"a transformer block with norm_type {getattr(last, 'norm_type', None)!r} / pos_embed")
+    if problems:
+        raise ValueError("diffcut's truncated UNet forward does not support this UNet: " + "; ".join(problems))
+
+
+def truncated_unet_forward(unet, block_index: int, sample: torch.Tensor, timestep: torch.Tensor,
+                           encoder_hidden_states: torch.Tensor, added_cond_kwargs: dict | None) -> torch.Tensor:
+    """The output of the feature's ``attn1``, running only what precedes it.
+
+    The same steps, in the same order and with the same modules, as
+    diffusers' ``UNet2DConditionModel.forward`` (diffusers 0.42, without the
+    adapter / ControlNet / GLIGEN / mask inputs DiffCut never passes): time
+    embedding, added (text-time) embedding, ``conv_in``, the down blocks
+    before the feature's, and in the feature's ``CrossAttnDownBlock2D`` every
+    resnet + transformer pair before its last one, the last resnet, then
+    :func:`_transformer_to_attn1`. ``unet.down_blocks[block_index]`` is the
+    block of :func:`feature_module_path`; :func:`check_truncatable` guards the
+    assumptions. Returns (B, h * w, c) tokens in the UNet's dtype.
+    """
+    if unet.config.center_input_sample:
+        sample = 2 * sample - 1.0
+    t_emb = unet.get_time_embed(sample=sample, timestep=timestep)
+    emb = unet.time_embedding(t_emb, None)
+    aug_emb = unet.get_aug_embed(emb=emb, encoder_hidden_states=encoder_hidden_states,
+                                 added_cond_kwargs=added_cond_kwargs)
+    if aug_emb is not None:
+        emb = emb + aug_emb
+    if unet.time_embed_act is not None:
+        emb = unet.time_embed_act(emb)
+    encoder_hidden_states = unet.process_encoder_hidden_states(encoder_hidden_states=encoder_hidden_states,
+                                                               added_cond_kwargs=added_cond_kwargs)
+    hidden = unet.conv_in(sample)
+    for block in unet.down_blocks[:block_index]:
+        if getattr(block, "has_cross_attention", False):
+            hidden, _ = block(hidden_states=hidden, temb=emb, encoder_hidden_states=encoder_hidden_states)
+        else:
+            hidden, _ = block(hidden_states=hidden, temb=emb)
+    block = unet.down_blocks[block_index]
+    last = len(block.attentions) - 1
+    for resnet, transformer in zip(block.resnets[:last], block.attentions[:last]):
+        hidden = resnet(hidden, emb)
+        hidden = transformer(hidden, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+    hidden = block.resnets[last](hidden, emb)
+    return _transformer_to_attn1(block.attentions[last], hidden, encoder_hidden_states)
+
+
+def _transformer_to_attn1(transformer, hidden: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    """A ``Transformer2DModel`` (continuous input) up to its last block's ``attn1`` output.
+
+    GroupNorm, ``proj_in`` (a 1x1 conv before flattening, or a linear layer
+    after it: ``use_linear_projection``), every ``BasicTransformerBlock`` but
+    the last, then the last block's ``norm1`` and ``attn1`` -- what
+    diffusers' ``Transformer2DModel.forward`` and
+    ``BasicTransformerBlock.forward`` run before that point.
+    """
+    batch, _, height, width = hidden.shape
+    hidden = transformer.norm(hidden)
+    if not transformer.use_linear_projection:
+        hidden = transformer.proj_in(hidden)
+        hidden = hidden.permute(0, 2, 3, 1).reshape(batch, height * width, hidden.shape[1])
+    else:
+        hidden = hidden.permute(0, 2, 3, 1).reshape(batch, height * width, hidden.shape[1])
+        hidden = transformer.proj_in(hidden)
+    for block in transformer.transformer_blocks[:-1]:
+        hidden = block(hidden, encoder_hidden_states=encoder_hidden_states)
+    last = transformer.transformer_blocks[-1]
+    normed = last.norm1(hidden)
+    return last.attn1(normed, encoder_hidden_states=encoder_hidden_states if last.only_cross_attention else None)
+
+
+def vae_latent_mean(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """Mean of the VAE posterior of ``pixels`` in [-1, 1]: ``AutoencoderKL.encode(x).latent_dist.mean``.
+
+    Encoder, ``quant_conv``, and the first half of the channels (the
+    posterior's parameters are mean and log-variance stacked, diffusers'
+    ``DiagonalGaussianDistribution``), without building the distribution
+    object, so that ``torch.compile`` captures it as one graph.
+    """
+    moments = vae.encoder(pixels)
+    if getattr(vae, "quant_conv", None) is not None:
+        moments = vae.quant_conv(moments)
+    mean, _ = torch.chunk(moments, 2, dim=1)
+    return mean
+
+
+def resolve_vae_dtype(vae_dtype: str | torch.dtype | None, dtype: torch.dtype, force_upcast: bool) -> torch.dtype:
+    """The VAE's dtype: ``auto`` follows the VAE config (float32 under float16 with ``force_upcast``)."""
+    if vae_dtype is None or vae_dtype == "auto":
+        return torch.float32 if dtype == torch.float16 and force_upcast else dtype
+    if not isinstance(vae_dtype, torch.dtype) and str(vae_dtype) not in VAE_DTYPES:
+        raise ValueError(f"unknown vae_dtype {vae_dtype!r}; use one of {', '.join(VAE_DTYPES)}")
+    return resolve_dtype(vae_dtype, torch.device("cpu"))
+
+
+def largest_batch(fits, cap: int) -> int:
+    """The largest batch size b <= ``cap`` with ``fits(b)`` true, given ``fits(1)``.
+
+    Doubling until a size does not fit (or ``cap``), then bisection between the
+    last size that fitted and the first that did not: O(log cap) probes.
+    Assumes ``fits`` is monotone (memory grows with the batch). Returns 1 when
+    even one image does not fit (the call will then fail and be reported).
+    """
+    good, bad = 0, cap + 1
+    size = 1
+    while size <= cap:
+        if fits(size):
+            good = size
+            size *= 2
+        else:
+            bad = size
+            break
+    if good == 0:
+        return 1
+    if size > cap and good < cap:
+        if fits(cap):
+            return cap
+        bad = cap
+    while bad - good > 1:
+        middle = (good + bad) // 2
+        if fits(middle):
+            good = middle
+        else:
+            bad = middle
+    return good
+
+
 class FeatureExtractor:
     """Extracts DiffCut features from a diffusers latent-diffusion pipeline.
 
@@ -137,7 +302,8 @@ class FeatureExtractor:
     """
 
     def __init__(self, vae, unet, scheduler, prompt_embeds, pooled_prompt_embeds, config: ExtractorConfig,
-                 device: torch.device, dtype: torch.dtype):
+                 device: torch.device, dtype: torch.dtype, *, compile: bool | str = False,
+                 channels_last: bool = False):
         self.vae = vae
         self.unet = unet
         self.scheduler = scheduler
@@ -148,6 +314,7 @@ class FeatureExtractor:
         self.prompt_embeds = prompt_embeds
         self.pooled_prompt_embeds = pooled_prompt_embeds
         self.block_index, self.feature_module_name = feature_module_path(unet)
+        check_truncatable(unet, self.block_index)
         self.feature_module = unet.get_submodule(self.feature_module_name)
         self.feature_dim = int(self.feature_module.to_out[0].out_features)
         self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -156,6 +323,24 @@ class FeatureExtractor:
         )
         self.stride = self.vae_scale * 2**downsamplings
         self._noise_cache: dict[tuple[int, int], torch.Tensor] = {}
+        self._auto_batch: dict[tuple[int, int], int] = {}
+        self.channels_last = bool(channels_last)
+        self.compiled = compile not in (False, None, "", "off")
+        vae_forward = _VaeToLatentMean(vae)
+        unet_forward = _UNetToFeature(unet, self.block_index)
+        if self.compiled:
+            backend = compile if isinstance(compile, str) and compile != "on" else "inductor"
+            # Bucketed inputs come in many sizes: the spatial dimensions are
+            # marked dynamic at each call (_mark_spatial_dynamic), so one graph
+            # serves every bucket instead of one compilation per size.
+            vae_forward = torch.compile(vae_forward, backend=backend, fullgraph=True)
+            unet_forward = torch.compile(unet_forward, backend=backend, fullgraph=True)
+        self._vae_forward = vae_forward
+        self._unet_forward = unet_forward
+
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -168,6 +353,11 @@ class FeatureExtractor:
         timestep: int = DEFAULT_TIMESTEP,
         noise_seed: int = DEFAULT_NOISE_SEED,
         release_unused: bool = True,
+        compile: bool | str = False,
+        channels_last: bool = False,
+        attention: str = "sdpa",
+        tf32: bool = False,
+        vae_dtype: str | torch.dtype | None = "auto",
     ) -> "FeatureExtractor":
         """Load a pipeline and prepare it for feature extraction.
 
@@ -184,11 +374,34 @@ class FeatureExtractor:
             release_unused: drop the modules that run after the feature (mid
                 block, up blocks, output head) and the text encoders once the
                 empty-prompt conditioning is cached.
+            compile: ``torch.compile`` the VAE encoder and the truncated UNet
+                (``True``/``"on"``: inductor; another string names a backend).
+                Height and width are dynamic, so buckets share one graph; the
+                first call (see :meth:`warm_up`) pays the compilation.
+            channels_last: NHWC memory format for the convolutions (faster
+                cuDNN kernels under float16 / bfloat16 on GPU).
+            attention: ``"sdpa"`` (``scaled_dot_product_attention``: flash /
+                memory-efficient kernels on CUDA; diffusers' default) or
+                ``"eager"`` (explicit matmul + softmax, the reference).
+            tf32: allow TF32 for the float32 matmuls and convolutions on CUDA
+                (the float32 VAE under float16). Process-wide; no effect on CPU.
+            vae_dtype: ``"auto"`` (the VAE config's choice: float32 for SDXL's
+                VAE under float16), ``"float32"``, ``"float16"``,
+                ``"bfloat16"``. bfloat16 is a deviation from the published
+                recipe (which keeps SDXL's VAE in float32): faster, and the
+                latent differs by bfloat16 rounding (~1e-2 relative).
         """
         from diffusers import DDIMScheduler, DiffusionPipeline
 
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
+        if attention not in ATTENTION_KERNELS:
+            raise ValueError(f"unknown attention {attention!r}; use one of {', '.join(ATTENTION_KERNELS)}")
+        if vae_dtype not in (None, *VAE_DTYPES) and not isinstance(vae_dtype, torch.dtype):
+            raise ValueError(f"unknown vae_dtype {vae_dtype!r}; use one of {', '.join(VAE_DTYPES)}")
+        if tf32 and device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         model = str(model)
         source = str(tiny_random_path()) if model == TINY_RANDOM_NAME else model
         local = Path(source)
@@ -211,12 +424,14 @@ class FeatureExtractor:
                 ) from error
             raise
         family = "sdxl" if getattr(pipeline, "text_encoder_2", None) is not None else "sd"
-        config = ExtractorConfig(model=model, timestep=int(timestep), noise_seed=int(noise_seed), family=family)
+        vae = pipeline.vae
+        resolved_vae_dtype = resolve_vae_dtype(vae_dtype, dtype, bool(getattr(vae.config, "force_upcast", False)))
+        config = ExtractorConfig(model=model, timestep=int(timestep), noise_seed=int(noise_seed), family=family,
+                                 vae_dtype=str(resolved_vae_dtype).removeprefix("torch."))
 
         pipeline.to(device)
-        vae = pipeline.vae
-        if dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
-            vae.to(torch.float32)
+        if resolved_vae_dtype != dtype:
+            vae.to(resolved_vae_dtype)
         with torch.inference_mode():
             if family == "sdxl":
                 prompt_embeds, _, pooled, _ = pipeline.encode_prompt(
@@ -233,8 +448,12 @@ class FeatureExtractor:
         unet = pipeline.unet
         unet.eval()
         vae.eval()
+        set_attention_kernel([unet, vae], attention)
+        if channels_last:
+            unet.to(memory_format=torch.channels_last)
+            vae.to(memory_format=torch.channels_last)
         extractor = cls(vae, unet, scheduler, prompt_embeds.to(dtype), None if pooled is None else pooled.to(dtype),
-                        config, device, dtype)
+                        config, device, dtype, compile=compile, channels_last=channels_last)
         if release_unused:
             extractor._release_modules_after_feature()
         del pipeline
@@ -286,9 +505,14 @@ class FeatureExtractor:
     @torch.inference_mode()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """Latent of ``pixels`` in [0, 1]: posterior mean times the VAE's scaling factor."""
-        vae_dtype = next(self.vae.parameters()).dtype
-        posterior = self.vae.encode((2 * pixels - 1).to(self.device, vae_dtype)).latent_dist
-        return posterior.mean * self.vae.config.scaling_factor
+        scaled = (2 * pixels - 1).to(self.device, self.vae_dtype)
+        if self.channels_last:
+            scaled = scaled.contiguous(memory_format=torch.channels_last)
+        if self.compiled:
+            _mark_spatial_dynamic(scaled)
+            with _distinct_symbolic_sizes():
+                return self._vae_forward(scaled) * self.vae.config.scaling_factor
+        return self._vae_forward(scaled) * self.vae.config.scaling_factor
 
     def conditioning(self, batch: int, height: int, width: int) -> tuple[torch.Tensor, dict | None]:
         """Empty-prompt text conditioning for a batch of ``height`` x ``width`` images."""
@@ -325,29 +549,111 @@ class FeatureExtractor:
         """Run the UNet on a noisy latent up to the feature module, and no further.
 
         Returns the module's output as (B, H / stride, W / stride, c) in the
-        model's dtype. A forward hook captures the output and raises, which
-        unwinds the UNet's forward before anything after the feature runs.
+        model's dtype (:func:`truncated_unet_forward`).
         """
         batch = noisy_latent.shape[0]
         prompt_embeds, added = self.conditioning(batch, height, width)
-        captured: list[torch.Tensor] = []
+        if self.channels_last:
+            noisy_latent = noisy_latent.contiguous(memory_format=torch.channels_last)
+        if self.compiled:
+            _mark_spatial_dynamic(noisy_latent)
+            with _distinct_symbolic_sizes():
+                tokens = self._unet_forward(noisy_latent, timesteps, prompt_embeds, added)
+        else:
+            tokens = self._unet_forward(noisy_latent, timesteps, prompt_embeds, added)
+        return tokens.reshape(batch, height // self.stride, width // self.stride, -1)
 
-        def capture_and_stop(module, inputs, output):
-            captured.append(output)
-            raise _FeatureCaptured
+    # ------------------------------------------------------------- batch sizes
+    def warm_up(self, sizes, batch_size: int = 1) -> None:
+        """One call per (height, width) in ``sizes``: compiles (``compile``) and
+        selects kernels before the first real batch, so no image pays for it."""
+        for height, width in sizes:
+            self.extract(torch.zeros(batch_size, 3, height, width, device=self.device))
 
-        handle = self.feature_module.register_forward_hook(capture_and_stop)
+    def auto_batch_size(self, height: int, width: int, cap: int = AUTO_BATCH_CAP) -> int:
+        """The largest batch of ``height`` x ``width`` images that fits the device, found once per size.
+
+        CUDA: :func:`largest_batch` over real calls on blank images; a call
+        fits when it neither runs out of memory nor peaks above
+        :data:`AUTO_BATCH_MEMORY_SHARE` of the device memory. CPU: 1. Host
+        memory is not what limits a CPU run and a CPU does no more work per
+        image in a larger call, while the labeling job pads every call to its
+        batch size: one image per call wastes nothing on blank padding.
+        """
+        key = (int(height), int(width))
+        if key not in self._auto_batch:
+            if self.device.type != "cuda":
+                self._auto_batch[key] = 1
+            else:
+                self._auto_batch[key] = largest_batch(lambda b: self._fits_on_device(b, *key), cap)
+                log.info("batch size for %dx%d: %d", width, height, self._auto_batch[key])
+        return self._auto_batch[key]
+
+    def _fits_on_device(self, batch: int, height: int, width: int) -> bool:
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
         try:
-            self.unet(noisy_latent, timesteps, encoder_hidden_states=prompt_embeds, added_cond_kwargs=added)
-        except _FeatureCaptured:
-            pass
+            self.extract(torch.zeros(batch, 3, height, width, device=self.device))
+            torch.cuda.synchronize(self.device)
+        except torch.OutOfMemoryError:
+            return False
         finally:
-            handle.remove()
-        if not captured:
-            raise RuntimeError(f"the UNet finished without running {self.feature_module_name}")
-        return captured[0].reshape(batch, height // self.stride, width // self.stride, -1)
+            torch.cuda.empty_cache()
+        return torch.cuda.max_memory_allocated(self.device) <= AUTO_BATCH_MEMORY_SHARE * total
 
     def __repr__(self) -> str:
         return (f"FeatureExtractor(model={self.config.model!r}, family={self.config.family}, device={self.device}, "
                 f"dtype={self.dtype}, stride={self.stride}, feature_dim={self.feature_dim}, "
                 f"module={self.feature_module_name})")
+
+
+class _VaeToLatentMean(torch.nn.Module):
+    """:func:`vae_latent_mean` as a module: ``torch.compile`` keeps one code cache per module class."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, pixels):
+        return vae_latent_mean(self.vae, pixels)
+
+
+class _UNetToFeature(torch.nn.Module):
+    """:func:`truncated_unet_forward` as a module (see :class:`_VaeToLatentMean`)."""
+
+    def __init__(self, unet, block_index: int):
+        super().__init__()
+        self.unet = unet
+        self.block_index = block_index
+
+    def forward(self, sample, timestep, encoder_hidden_states, added_cond_kwargs):
+        return truncated_unet_forward(self.unet, self.block_index, sample, timestep, encoder_hidden_states,
+                                      added_cond_kwargs)
+
+
+def set_attention_kernel(models, attention: str) -> None:
+    """Every attention of ``models`` on the SDPA kernel or the explicit (eager) one."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    processor = AttnProcessor2_0 if attention == "sdpa" else AttnProcessor
+    for model in models:
+        model.set_attn_processor(processor())
+
+
+def _mark_spatial_dynamic(tensor: torch.Tensor) -> None:
+    """Height and width of a compiled call's input vary with the bucket: one graph for all."""
+    torch._dynamo.mark_dynamic(tensor, 2)
+    torch._dynamo.mark_dynamic(tensor, 3)
+
+
+def _distinct_symbolic_sizes():
+    """Compile height and width as two symbols even when a first image is square.
+
+    With dynamo's default "duck sizing", equal sizes share one symbol: a
+    square first call would give a graph valid for squares only and every
+    non-square bucket would then recompile it.
+    """
+    import torch.fx.experimental._config as fx_config
+
+    return fx_config.patch(use_duck_shape=False)

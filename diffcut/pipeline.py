@@ -73,7 +73,11 @@ RETRIED_IO_ERRORS = (
 
 #: Parameters that change the labels; a resumed run must match the output's.
 RESUME_KEYS = ("model", "tau", "alpha", "timestep", "noise_seed", "resolution", "resize", "mask_size", "refine",
-               "exact_search", "dtype")
+               "exact_search", "dtype", "vae_dtype")
+#: Value of a resume key in outputs written before the key was recorded.
+RESUME_KEY_DEFAULTS = {"vae_dtype": "auto"}
+#: Rows handed to a feature actor at a time with ``batch_size="auto"`` (a few calls' worth).
+AUTO_FEATURE_BATCH_ROWS = 64
 
 # Columns every intermediate stage carries for every row, ok or error.
 _CARRIED = [
@@ -202,10 +206,11 @@ def _groups(records: Iterator[dio.RawRecord], size: int | None) -> Iterator[list
         yield group
 
 
-def model_calls(sizes: list[tuple[int, int] | None], batch_size: int) -> list[list[int]]:
+def model_calls(sizes: list[tuple[int, int] | None], batch_size) -> list[list[int]]:
     """How :class:`FeatureStage` runs one batch: the indices of each model call.
 
     ``sizes`` are the rows' model input sizes (None: an error row, not run).
+    ``batch_size`` is an int or a function of the size (``batch_size="auto"``).
     Rows of one size run together in input order, ``batch_size`` per call;
     each call is padded to ``batch_size`` images, so ``len(calls) *
     batch_size`` images go through the model for ``sum(map(len, calls))``
@@ -215,8 +220,12 @@ def model_calls(sizes: list[tuple[int, int] | None], batch_size: int) -> list[li
     for index, size in enumerate(sizes):
         if size is not None:
             groups[tuple(size)].append(index)
-    return [indices[start:start + batch_size] for indices in groups.values()
-            for start in range(0, len(indices), batch_size)]
+    per_size = batch_size if callable(batch_size) else (lambda size: batch_size)
+    calls = []
+    for size, indices in groups.items():
+        step = per_size(size)
+        calls += [indices[start:start + step] for start in range(0, len(indices), step)]
+    return calls
 
 
 class FeatureStage:
@@ -237,25 +246,61 @@ class FeatureStage:
     Only the one-by-one retry after a failed chunk runs unpadded.
     """
 
-    def __init__(self, model: str, device: str, dtype: str, timestep: int, batch_size: int):
+    def __init__(self, model: str, device: str, dtype: str, timestep: int, batch_size: int | str,
+                 speed: dict | None = None):
         import torch
 
         from diffcut.features import FeatureExtractor
 
         self.torch = torch
-        self.extractor = FeatureExtractor.from_pretrained(model, device=device, dtype=dtype, timestep=timestep)
-        self.batch_size = max(1, int(batch_size))
+        extractor = FeatureExtractor.from_pretrained(model, device=device, dtype=dtype, timestep=timestep,
+                                                     **(speed or {}))
+        self.__dict__.update(vars(FeatureStage.around(extractor, batch_size)))
+
+    @classmethod
+    def around(cls, extractor, batch_size: int | str) -> "FeatureStage":
+        """The stage around an extractor built elsewhere (benchmarks/gpu_stage.py --job-stage)."""
+        import torch
+
+        stage = cls.__new__(cls)
+        stage.torch = torch
+        stage.extractor = extractor
+        stage.auto_batch = batch_size == "auto"
+        stage.batch_size = 1 if stage.auto_batch else max(1, int(batch_size))
+        stage._on_cuda = extractor.device.type == "cuda"
+        stage._warm = set()
+        return stage
+
+    def _batch_for(self, size: tuple[int, int]) -> int:
+        """Images per call for this input size; with auto, found (and warmed up) once per size."""
+        size = (int(size[0]), int(size[1]))
+        batch = self.extractor.auto_batch_size(*size) if self.auto_batch else self.batch_size
+        if size not in self._warm and self.extractor.compiled:
+            # Compile (or re-specialize) on blank images, not on the first real batch.
+            self.extractor.warm_up([size], batch)
+        self._warm.add(size)
+        return batch
 
     def _extract(self, pixels: list[np.ndarray], pad: bool = True) -> np.ndarray:
-        """float16 features of same-size images; ``pad``: run them in a call of exactly ``batch_size``."""
+        """float16 features of same-size images; ``pad``: run them in a call of exactly the size's batch."""
         torch = self.torch
         count = len(pixels)
-        if pad and count < self.batch_size:
-            pixels = pixels + [np.zeros_like(pixels[0])] * (self.batch_size - count)
-        batch = torch.from_numpy(np.stack(pixels)).to(self.extractor.device)
+        target = self._batch_for(pixels[0].shape[:2]) if pad else count
+        stacked = np.stack(pixels + [np.zeros_like(pixels[0])] * max(0, target - count))
+        host = torch.from_numpy(stacked)
+        if self._on_cuda:
+            # uint8 crosses the bus (4x less than float32) from pinned memory, asynchronously; the
+            # conversion to floats runs on the GPU.
+            host = host.pin_memory()
+        batch = host.to(self.extractor.device, non_blocking=True)
         batch = batch.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
-        features = self.extractor.extract(batch)[:count]
-        return features.to(torch.float16).cpu().numpy()
+        features = self.extractor.extract(batch)[:count].to(torch.float16)
+        if self._on_cuda:
+            out = torch.empty(features.shape, dtype=torch.float16, pin_memory=True)
+            out.copy_(features, non_blocking=True)
+            torch.cuda.current_stream(self.extractor.device).synchronize()
+            return out.numpy()
+        return features.cpu().numpy()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -271,11 +316,11 @@ class FeatureStage:
                 failures[index] = f"feature extraction failed: bad decoded pixels: {error}"
         sizes = [images[i].shape[:2] if i in images else None for i in range(len(rows))]
         features: dict[int, np.ndarray] = {}
-        for chunk in model_calls(sizes, self.batch_size):
+        for chunk in model_calls(sizes, self._batch_for):
             try:
                 features.update(zip(chunk, self._extract([images[i] for i in chunk])))
             except Exception as error:  # noqa: BLE001 - retry alone, then record per row
-                if self.batch_size == 1:
+                if len(chunk) == 1 and self._batch_for(sizes[chunk[0]]) == 1:
                     failures[chunk[0]] = f"feature extraction failed: {type(error).__name__}: {error}"
                     continue
                 for i in chunk:
@@ -490,7 +535,8 @@ def existing_output(output: str, params: dict) -> tuple[set[str], int]:
     stored = next((p for p in schema.read_shard(complete[0], ["params"]).column("params").to_pylist() if p), None)
     if stored is not None:
         previous = json.loads(stored)
-        changed = {k: (previous.get(k), params.get(k)) for k in RESUME_KEYS if previous.get(k) != params.get(k)}
+        changed = {k: (previous.get(k, RESUME_KEY_DEFAULTS.get(k)), params.get(k)) for k in RESUME_KEYS
+                   if previous.get(k, RESUME_KEY_DEFAULTS.get(k)) != params.get(k)}
         if changed:
             details = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
             raise dio.InputError(
@@ -542,7 +588,12 @@ def label_dataset(
     mask_size: str = "original",
     refine: bool = False,
     exact_search: bool = False,
-    batch_size: int = 4,
+    batch_size: int | str = 4,
+    compile: bool = False,
+    channels_last: bool = False,
+    attention: str = "sdpa",
+    tf32: bool = False,
+    vae_dtype: str = "auto",
     decode_batch_size: int = 256,
     decode_cpus: float = 1.0,
     extractor_pool_min: int = 1,
@@ -582,15 +633,27 @@ def label_dataset(
             raise dio.InputError(f"--{name}-min/-max must satisfy 1 <= min <= max; got {low}, {high}")
     if not tau > 0 or not alpha > 0:
         raise dio.InputError(f"--tau and --alpha must be positive; got {tau}, {alpha}")
-    if batch_size < 1 or decode_batch_size < 1 or shard_rows < 1:
+    if batch_size != "auto":
+        try:
+            batch_size = int(batch_size)
+        except (TypeError, ValueError):
+            raise dio.InputError(f"--batch-size must be a positive integer or auto; got {batch_size!r}") from None
+    if (batch_size != "auto" and batch_size < 1) or decode_batch_size < 1 or shard_rows < 1:
         raise dio.InputError("--batch-size, --decode-batch-size and --shard-rows must be at least 1")
+    from diffcut.features import ATTENTION_KERNELS, VAE_DTYPES
+
+    if attention not in ATTENTION_KERNELS or vae_dtype not in VAE_DTYPES:
+        raise dio.InputError(f"--attention must be one of {', '.join(ATTENTION_KERNELS)} and --vae-dtype one of "
+                             f"{', '.join(VAE_DTYPES)}; got {attention!r}, {vae_dtype!r}")
+    speed = dict(compile=bool(compile), channels_last=bool(channels_last), attention=attention, tf32=bool(tf32),
+                 vae_dtype=vae_dtype)
     input = dio.check_uri(input)
     output = dio.check_uri(output)
 
     params = {
         "model": model, "tau": float(tau), "alpha": float(alpha), "timestep": int(timestep), "noise_seed": 42,
         "resolution": int(resolution), "resize": resize, "mask_size": str(mask_spec), "refine": bool(refine),
-        "exact_search": bool(exact_search), "dtype": str(dtype), "stride": stride, "diffcut_version": __version__,
+        "exact_search": bool(exact_search), "dtype": str(dtype), "vae_dtype": str(vae_dtype), "stride": stride, "diffcut_version": __version__,
         "schema_version": schema.SCHEMA_VERSION,
     }
     params_text = schema.params_json(params)
@@ -627,7 +690,7 @@ def label_dataset(
                 plan, output, run_id=run_id, image_column=image_column, model=model, device=device, dtype=dtype,
                 timestep=timestep, tau=tau, alpha=alpha, resolution=resolution, resize=resize, stride=stride,
                 mask_size=str(mask_spec), refine=refine, exact_search=exact_search, batch_size=batch_size,
-                decode_batch_size=decode_batch_size, decode_cpus=decode_cpus,
+                speed=speed, decode_batch_size=decode_batch_size, decode_cpus=decode_cpus,
                 extractor_pool=(extractor_pool_min, extractor_pool_max), extractor_gpus=extractor_gpus,
                 extractor_cpus=extractor_cpus, ncut_pool=(ncut_pool_min, ncut_pool_max), ncut_cpus=ncut_cpus,
                 shard_rows=shard_rows, max_image_pixels=max_image_pixels, params_text=params_text,
@@ -713,7 +776,8 @@ def _model_load_failure(error: "ray.exceptions.ActorDiedError") -> str | None:
 
 def _run_pipeline(plan: dio.Plan, output: str, *, run_id: str, image_column: str, model: str, device: str,
                   dtype: str, timestep: int, tau: float, alpha: float, resolution: int, resize: str, stride: int,
-                  mask_size: str, refine: bool, exact_search: bool, batch_size: int, decode_batch_size: int,
+                  mask_size: str, refine: bool, exact_search: bool, batch_size: int | str, speed: dict,
+                  decode_batch_size: int,
                   decode_cpus: float, extractor_pool: tuple[int, int], extractor_gpus: float | None, extractor_cpus: float,
                   ncut_pool: tuple[int, int], ncut_cpus: float, shard_rows: int, max_image_pixels: int,
                   params_text: str, keep_metadata: bool = False, limit: int | None = None) -> None:
@@ -731,7 +795,10 @@ def _run_pipeline(plan: dio.Plan, output: str, *, run_id: str, image_column: str
     # Bucketed inputs vary in size: hand each feature actor a few model calls'
     # worth of rows at a time, so rows of one size can share a call; decoded
     # blocks of the same length arrive grouped by size (decode_stage).
-    feature_batch = batch_size * (4 if resize == "bucket" else 1)
+    if batch_size == "auto":
+        feature_batch = AUTO_FEATURE_BATCH_ROWS
+    else:
+        feature_batch = batch_size * (4 if resize == "bucket" else 1)
     units_per_block = max(units_per_batch, math.ceil(units.num_rows / 10_000))
     blocks = [units.slice(start, units_per_block) for start in range(0, units.num_rows, units_per_block)]
     dataset = ray.data.from_arrow(blocks)
@@ -762,7 +829,7 @@ def _run_pipeline(plan: dio.Plan, output: str, *, run_id: str, image_column: str
     dataset = dataset.map_batches(
         FeatureStage,
         fn_constructor_kwargs=dict(model=model, device=actor_device, dtype=dtype, timestep=timestep,
-                                   batch_size=batch_size),
+                                   batch_size=batch_size, speed=speed),
         compute=ActorPoolStrategy(min_size=extractor_pool[0], max_size=extractor_pool[1]),
         batch_size=feature_batch,
         batch_format="pyarrow",

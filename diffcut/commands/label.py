@@ -34,6 +34,32 @@ def _optional_int(text: str) -> int | None:
     return None if text.lower() in ("", "none", "all") else int(text)
 
 
+def batch_size_arg(text: str) -> int | str:
+    """``--batch-size``: a positive integer or ``auto``."""
+    if text.lower() == "auto":
+        return "auto"
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1, or auto")
+    return value
+
+
+def add_speed_arguments(group, defaults: dict) -> None:
+    """The feature extractor's speed options; shared by ``diffcut label`` and ``diffcut segment``."""
+    from diffcut.features import ATTENTION_KERNELS, VAE_DTYPES
+
+    group.add_argument("--compile", action="store_true",
+                       help="torch.compile the VAE encoder and the truncated UNet (dynamic sizes; the first call "
+                            "per size range compiles)")
+    group.add_argument("--channels-last", action="store_true", help="NHWC memory format for the convolutions")
+    group.add_argument("--attention", default=defaults["attention"], choices=ATTENTION_KERNELS,
+                       help="attention kernel: sdpa (flash / memory-efficient on CUDA) or eager (reference)")
+    group.add_argument("--tf32", action="store_true", help="TF32 for float32 matmuls and convolutions on CUDA")
+    group.add_argument("--vae-dtype", default=defaults["vae_dtype"], choices=VAE_DTYPES,
+                       help="VAE encoder dtype: auto (the VAE config's: float32 for SDXL's under float16); "
+                            "bfloat16 deviates from the paper")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = _defaults()
     parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
@@ -83,8 +109,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sizes.add_argument("--mask-size", default=d["mask_size"],
                        help="output mask size: original, model, N (longest side), or WxH")
 
+    add_speed_arguments(parser.add_argument_group("speed (feature actors)"), d)
+
     pools = parser.add_argument_group("Ray pools")
-    pools.add_argument("--batch-size", type=int, default=d["batch_size"], help="images per feature-extraction call")
+    pools.add_argument("--batch-size", type=batch_size_arg, default=d["batch_size"],
+                       help="images per feature-extraction call, or auto: the largest that fits the GPU memory, "
+                            "per input size (1 on CPU)")
     pools.add_argument("--decode-batch-size", type=int, default=d["decode_batch_size"],
                        help="image files per read/decode task (WebDataset: images a shard's task holds at "
                             "once); a task orders them by model input size so "

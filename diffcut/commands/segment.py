@@ -29,17 +29,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model input is about resolution^2 pixels (default: %(default)s)")
     parser.add_argument("--resize", choices=("bucket", "square"), default="bucket",
                         help="'square' reproduces the paper (resolution x resolution); 'bucket' keeps the aspect ratio")
+    from diffcut.commands.label import add_speed_arguments
+
+    add_speed_arguments(parser.add_argument_group("speed"), {"attention": "sdpa", "vae_dtype": "auto"})
 
 
 def run(args: argparse.Namespace) -> int:
     return segment_files(args.images, args.out, model=args.model, tau=args.tau, alpha=args.alpha,
                          refine=args.refine, device=args.device, dtype=args.dtype, resolution=args.resolution,
-                         resize=args.resize)
+                         resize=args.resize, compile=args.compile, channels_last=args.channels_last,
+                         attention=args.attention, tf32=args.tf32, vae_dtype=args.vae_dtype)
 
 
 def segment_files(images, out, *, model=DEFAULT_MODEL, tau=0.5, alpha=10.0, refine=False, device="auto",
-                  dtype="auto", resolution=1024, resize="bucket") -> int:
-    """Segment ``images`` into ``out``; returns the number of images that failed (0 = all written)."""
+                  dtype="auto", resolution=1024, resize="bucket", **speed) -> int:
+    """Segment ``images`` into ``out``; returns the number of images that failed (0 = all written).
+
+    ``speed``: the extractor's speed options (``compile``, ``channels_last``, ``attention``,
+    ``tf32``, ``vae_dtype``; :meth:`FeatureExtractor.from_pretrained`)."""
     import numpy as np
     import torch
     from PIL import Image
@@ -51,7 +58,7 @@ def segment_files(images, out, *, model=DEFAULT_MODEL, tau=0.5, alpha=10.0, refi
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    extractor = FeatureExtractor.from_pretrained(model, device=device, dtype=dtype)
+    extractor = FeatureExtractor.from_pretrained(model, device=device, dtype=dtype, **speed)
     check_resolution(resolution, extractor.stride)
     failures = 0
     for path in map(Path, images):
