@@ -143,6 +143,25 @@ def open_filesystem(uri: str):
 S3_RETRIES = {"mode": "standard", "max_attempts": 10}
 
 
+#: AWS credentials botocore sends as request headers, from the environment.
+CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
+def check_credential_variables() -> None:
+    """Refuse credentials in the environment that no request can carry (a newline from a copy-paste).
+
+    botocore refuses such a header with an HTTPClientError, which botocore's and
+    s3fs's retries treat as a connection error and retry for minutes
+    (:data:`S3_RETRIES` x ``S3FileSystem.retries``); failing here says what is wrong at once.
+    The value is never echoed.
+    """
+    for name in CREDENTIAL_VARIABLES:
+        value = os.environ.get(name)
+        if value is not None and any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+            raise ValueError(f"the environment variable {name} holds a control character (a newline from "
+                             "a copy-paste?): no S3 request can carry it; set it again without it")
+
+
 def storage_options(uri: str) -> dict:
     """fsspec options for ``uri``: :data:`S3_RETRIES` for ``s3://``, unless the AWS settings
     (``AWS_RETRY_MODE`` / ``AWS_MAX_ATTEMPTS``) choose a retry policy themselves.
@@ -276,6 +295,8 @@ def _relative_files(uri: str, exclude: str | None) -> tuple[list[str], list[str]
     fs, root = open_filesystem(uri)
     fs.invalidate_cache()  # other processes may have written since this process last listed
     try:
+        if is_remote(uri):
+            check_credential_variables()
         if fs.isfile(root):
             return [uri], [], True
         exists = fs.exists(root)
