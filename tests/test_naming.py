@@ -1,0 +1,131 @@
+"""diffcut.naming on the tiny random ConvNeXt CLIP, built locally and loaded by the real loading code."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from diffcut import naming
+
+
+@pytest.fixture(scope="module")
+def namer():
+    torch.set_num_threads(1)
+    vocabulary = naming.parse_vocabulary("sky\ncat, kitty\ndog\n")
+    return naming.SegmentNamer("tiny-random", vocabulary, device="cpu", resolution=128)
+
+
+def test_builtin_vocabularies_are_the_published_class_lists():
+    voc, context, coco = (naming.load_vocabulary(name) for name in naming.BUILTIN_VOCABULARIES)
+    assert (len(voc), len(context), len(coco)) == (21, 60, 81)
+    assert voc.synonyms[0][0] == "background" and voc.synonyms[1] == ("aeroplane", "airplane", "aeroplanes", "airplanes")
+    assert context.class_names[:2] == ["background", "aeroplane"] and context.class_names[-1] == "wood piece"
+    assert coco.class_names[1] == "person" and coco.class_names[-1] == "toothbrush"
+
+
+def test_vocabulary_file_format(tmp_path):
+    path = tmp_path / "classes.txt"
+    path.write_text("# mine\nroad, street\n\n  tree \n")
+    vocabulary = naming.load_vocabulary(str(path))
+    assert vocabulary.synonyms == (("road", "street"), ("tree",)) and vocabulary.class_names == ["road", "tree"]
+    with pytest.raises(ValueError, match="neither"):
+        naming.load_vocabulary(str(tmp_path / "missing.txt"))
+    (tmp_path / "empty.txt").write_text("# nothing\n")
+    with pytest.raises(ValueError, match="no class names"):
+        naming.load_vocabulary(str(tmp_path / "empty.txt"))
+
+
+def test_text_classifier_is_one_normalized_template_average_per_synonym(namer):
+    assert namer.text.shape[0] == 4  # sky, cat, kitty, dog
+    assert namer.synonym_class.tolist() == [0, 1, 1, 2]
+    np.testing.assert_allclose(namer.text.norm(dim=-1).numpy(), 1.0, rtol=1e-5)
+    # The average over the 14 ViLD templates, recomputed prompt by prompt.
+    with torch.no_grad():
+        rows = []
+        for template in naming.VILD_PROMPTS:
+            tokens, positions = namer.tokenize([template.format("kitty")])
+            row = namer.clip.encode_text(tokens, positions)[0]
+            rows.append(row / row.norm())
+        expected = torch.stack(rows).mean(0)
+    np.testing.assert_allclose(namer.text[2].numpy(), (expected / expected.norm()).numpy(), atol=1e-5)
+
+
+def test_classify_takes_the_best_synonym_and_clamps_the_logit_scale():
+    text = torch.eye(3)
+    logits = naming.classify(torch.tensor([[0.0, 0.0, 2.0]]), text, torch.tensor([0, 1, 1]), 2,
+                             torch.tensor(10.0))  # exp(10) is clamped to 100
+    np.testing.assert_allclose(logits.numpy(), [[0.0, 100.0]], atol=1e-4)
+
+
+def test_planted_region_gets_the_class_its_embedding_was_built_to_match(namer):
+    """Left half planted red; the visual projection is set so the pooled left half maps onto 'kitty', the right
+    half onto 'dog'. The pooled vectors are recomputed here by slicing the dense grid (128 px -> 4x4 cells)."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)
+    image[:, :48] = (220, 30, 30)
+    mask = np.zeros((96, 96), np.int64)
+    mask[:, 48:] = 1
+    clip = namer.clip
+    original = clip.visual.head.mlp.fc2.weight.detach().clone()
+    try:
+        with torch.no_grad():
+            dense = clip.dense_features(namer.preprocess(image))[0]
+            assert dense.shape[-2:] == (4, 4)
+            pooled = torch.stack([dense[:, :, :2].mean((1, 2)), dense[:, :, 2:].mean((1, 2))])
+            x = clip.visual.trunk.head(pooled[:, :, None, None])
+            hidden = clip.visual.head.mlp.act(clip.visual.head.mlp.fc1(x))  # (2, hidden)
+            targets = torch.stack([namer.text[2], namer.text[3]])  # kitty, dog
+            clip.visual.head.mlp.fc2.weight.copy_(targets.T @ torch.linalg.pinv(hidden.T))
+        names = namer.name(image, mask, num_segments=3)
+    finally:
+        with torch.no_grad():
+            clip.visual.head.mlp.fc2.weight.copy_(original)
+    assert names.class_id.tolist() == [1, 2, -1]  # segment 2 has no pixel
+    assert names.class_score[2] == 0 and 0 < names.class_score[0] <= 1
+    assert names.semantic_mask.shape == mask.shape
+    assert (names.semantic_mask[:, :48] == 1).all() and (names.semantic_mask[:, 48:] == 2).all()
+
+
+def test_mask_smaller_than_a_grid_cell_is_still_pooled():
+    dense = torch.arange(2 * 4 * 4, dtype=torch.float32).reshape(2, 4, 4)
+    masks = torch.zeros(1, 64, 64, dtype=torch.bool)
+    masks[0, 1, 1] = True  # one pixel of a 16x16 cell: empty after bilinear resizing
+    pooled, present = naming.mask_pool(dense, masks)
+    assert present.tolist() == [True]
+    np.testing.assert_allclose(pooled[0].numpy(), dense[:, 0, 0].numpy(), rtol=1e-5)
+
+
+def test_loading_is_strict_and_safetensors_only(tmp_path):
+    source = naming.tiny_naming_path()
+    copy = tmp_path / "clip"
+    shutil.copytree(source, copy)
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(copy / "open_clip_model.safetensors"))
+    weights.pop("visual.head.mlp.fc2.weight")
+    save_file(weights, str(copy / "open_clip_model.safetensors"))
+    with pytest.raises(RuntimeError, match="fc2.weight"):
+        naming.load_clip(str(copy))
+    (copy / "open_clip_model.safetensors").unlink()
+    torch.save({}, copy / "open_clip_pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        naming.load_clip(str(copy))
+    config = json.loads((source / "open_clip_config.json").read_text())["model_cfg"]
+    assert config["vision_cfg"]["timm_proj"] == "mlp"
+
+
+def test_published_architecture_has_open_clip_parameter_names():
+    with torch.device("meta"):
+        model = naming.build_clip(naming.CONVNEXT_LARGE_D_320)
+    names = set(model.state_dict())
+    for key in ("visual.trunk.stem.0.weight", "visual.trunk.stages.2.blocks.26.gamma",
+                "visual.trunk.stages.3.downsample.1.weight", "visual.trunk.head.norm.bias",
+                "visual.head.mlp.fc1.bias", "visual.head.mlp.fc2.weight", "token_embedding.weight",
+                "transformer.resblocks.15.attn.in_proj_weight", "ln_final.weight", "text_projection", "logit_scale"):
+        assert key in names
+    assert "visual.head.mlp.fc2.bias" not in names and "attn_mask" not in names
+    assert model.visual.head.mlp.fc2.weight.shape == (768, 1536)
