@@ -129,3 +129,22 @@ def test_published_architecture_has_open_clip_parameter_names():
         assert key in names
     assert "visual.head.mlp.fc2.bias" not in names and "attn_mask" not in names
     assert model.visual.head.mlp.fc2.weight.shape == (768, 1536)
+
+
+def test_names_matching_scores_class_ids_without_matching():
+    from diffcut.evaluate import SegmentationEvaluator
+
+    evaluator = SegmentationEvaluator(3, matching="names", size=None)
+    labels = np.array([[0, 0, 1, 1], [2, 2, 255, 255]])
+    # Image 1: all right but one class-2 pixel called 7 (outside the vocabulary).
+    evaluator.update(np.array([[0, 0, 1, 1], [2, 7, 0, 0]]), labels)
+    # Image 2: classes 0 and 1 swapped; a Hungarian matching would have scored it perfect.
+    evaluator.update(np.array([[1, 1, 0, 0], [2, 2, 1, 1]]), labels)
+    result = evaluator.compute()
+    # Dataset counts: class 0 TP 2 FP 2 FN 2; class 1 TP 2 FP 2 FN 2; class 2 TP 3 FP 0 FN 1.
+    np.testing.assert_allclose(result.per_class_iou, [2 / 6, 2 / 6, 3 / 4])
+    assert result.miou == pytest.approx((2 / 6 + 2 / 6 + 3 / 4) / 3)
+    # Per image: (1 + 1 + 1/2) / 3 and (0 + 0 + 1) / 3, averaged over the two images.
+    assert result.per_image_miou == pytest.approx(((2.5 / 3) + (1 / 3)) / 2)
+    assert result.pixel_accuracy == pytest.approx(7 / 12)
+    assert result.to_dict()["per_image_miou"] == pytest.approx(result.per_image_miou)
