@@ -513,7 +513,7 @@ class SegmentNamer:
     def preprocess(self, pixels: np.ndarray):
         """(H, W, 3) uint8 -> (1, 3, r, r) CLIP-normalized float tensor."""
         torch = self.torch
-        image = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device).permute(2, 0, 1)[None].float() / 255
+        image = torch.from_numpy(np.array(pixels, dtype=np.uint8)).to(self.device).permute(2, 0, 1)[None].float() / 255
         image = torch.nn.functional.interpolate(image, size=(self.resolution, self.resolution), mode="bilinear",
                                                 align_corners=False, antialias=True)
         mean = torch.tensor(CLIP_MEAN, device=self.device).view(1, 3, 1, 1)

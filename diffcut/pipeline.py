@@ -50,6 +50,9 @@ from diffcut import schema
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "segmind/SSD-1B"
+#: The published open-vocabulary extension's CLIP (diffcut.naming.DEFAULT_NAMING_MODEL; not imported: no CLIP
+#: code is loaded without --vocabulary).
+DEFAULT_NAMING_MODEL = "convnext_large_d_320:laion2b_s29b_b131k_ft_soup"
 
 #: Memory reserved per read/decode task (bytes).
 DECODE_TASK_MEMORY = 512 * 2**20
@@ -264,10 +267,12 @@ class SegmentStage:
     """Ray Data UDF of stage 3 (actor): NCut, assignment, optional PAMR -> output rows."""
 
     def __init__(self, tau: float, alpha: float, refine: bool, exact_search: bool, params: str,
-                 max_image_pixels: int):
+                 max_image_pixels: int, carry_image: bool = False):
         self.tau, self.alpha, self.refine, self.exact_search = tau, alpha, refine, exact_search
         self.params = params
         self.max_image_pixels = max_image_pixels
+        # The naming stage needs the image: hand its encoded bytes on in one extra column.
+        self.carry_image = carry_image
 
     def label(self, row: dict) -> dict:
         """The output row of one image; never raises."""
@@ -297,7 +302,51 @@ class SegmentStage:
                                     params=self.params, width=row["width"], height=row["height"])
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return schema.rows_to_table([self.label(row) for row in batch.to_pylist()])
+        rows = batch.to_pylist()
+        table = schema.rows_to_table([self.label(row) for row in rows])
+        if self.carry_image:
+            table = table.append_column("image_bytes", pa.array([row.get("image_bytes") for row in rows], pa.binary()))
+        return table
+
+
+class NamingStage:
+    """Ray Data UDF of the optional naming stage (actor): a class from the vocabulary for every segment.
+
+    Loads the CLIP and computes the vocabulary's text embeddings once per actor
+    (:class:`diffcut.naming.SegmentNamer`); a row whose naming fails becomes an
+    error row.
+    """
+
+    def __init__(self, naming_model: str, vocabulary: str, device: str, params: str, max_image_pixels: int):
+        from diffcut.naming import SegmentNamer
+
+        self.namer = SegmentNamer(naming_model, vocabulary, device=device)
+        self.class_names = self.namer.vocabulary.class_names
+        self.params = params
+        self.max_image_pixels = max_image_pixels
+
+    def name(self, row: dict) -> dict:
+        """The named output row of one segmented row; never raises."""
+        image_bytes = row.pop("image_bytes", None)
+        if row["status"] != schema.STATUS_OK:
+            return row
+        try:
+            size = (row["mask_width"], row["mask_height"])
+            pixels = dio.decode_image(image_bytes, size, max_pixels=self.max_image_pixels).pixels
+            mask = schema.decode_mask(row["mask"])
+            names = self.namer.name(pixels, mask, row["num_segments"])
+            for segment, class_id, score in zip(row["segments"], names.class_id, names.class_score):
+                segment.update(class_id=int(class_id), class_score=float(score),
+                               class_name=self.class_names[class_id] if class_id >= 0 else None)
+            row["semantic_mask"] = schema.encode_mask(names.semantic_mask)
+            return row
+        except Exception as error:  # noqa: BLE001 - one image's failure is one error row
+            return schema.error_row(row["image_id"], row["source"],
+                                    dio.redact(f"naming failed: {type(error).__name__}: {error}"),
+                                    params=self.params, width=row["width"], height=row["height"])
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return schema.rows_to_table([self.name(row) for row in batch.to_pylist()], named=True)
 
 
 class ShardNames(FilenameProvider):
@@ -455,6 +504,8 @@ def label_dataset(
     overwrite: bool = False,
     max_error_rate: float = 1.0,
     limit: int | None = None,
+    vocabulary: str | None = None,
+    naming_model: str = DEFAULT_NAMING_MODEL,
 ) -> dict:
     """Label every image under ``input`` and write Parquet shards to ``output``.
 
@@ -483,6 +534,13 @@ def label_dataset(
         raise dio.InputError("--batch-size, --decode-batch-size and --shard-rows must be at least 1")
     input = dio.check_uri(input)
     output = dio.check_uri(output)
+    if vocabulary is not None:
+        from diffcut.naming import load_vocabulary
+
+        try:
+            load_vocabulary(vocabulary)
+        except (ValueError, OSError) as error:
+            raise dio.InputError(str(error)) from None
 
     params = {
         "model": model, "tau": float(tau), "alpha": float(alpha), "timestep": int(timestep), "noise_seed": 42,
@@ -490,6 +548,8 @@ def label_dataset(
         "exact_search": bool(exact_search), "dtype": str(dtype), "stride": stride, "diffcut_version": __version__,
         "schema_version": schema.SCHEMA_VERSION,
     }
+    if vocabulary is not None:  # without naming, params (and so resuming) stay as they were
+        params.update(vocabulary=vocabulary, naming_model=naming_model)
     params_text = schema.params_json(params)
 
     # Output first: what is done decides what to plan.
@@ -514,6 +574,8 @@ def label_dataset(
     started_ray = False
     if plan.planned:
         min_cpus = decode_cpus + extractor_pool_min * extractor_cpus + ncut_pool_min * ncut_cpus
+        if vocabulary is not None:
+            min_cpus += extractor_pool_min * extractor_cpus  # the naming pool
         started_ray = connect_ray(address, min_cpus)
         try:
             pipeline_started = time.time()
@@ -525,6 +587,7 @@ def label_dataset(
                 extractor_pool=(extractor_pool_min, extractor_pool_max), extractor_gpus=extractor_gpus,
                 extractor_cpus=extractor_cpus, ncut_pool=(ncut_pool_min, ncut_pool_max), ncut_cpus=ncut_cpus,
                 shard_rows=shard_rows, max_image_pixels=max_image_pixels, params_text=params_text,
+                vocabulary=vocabulary, naming_model=naming_model,
             )
             pipeline_seconds = time.time() - pipeline_started
         except ray.exceptions.ActorDiedError as error:
@@ -594,7 +657,8 @@ def _run_pipeline(plan: dio.Plan, output: str, *, run_id: str, image_column: str
                   mask_size: str, refine: bool, exact_search: bool, batch_size: int, decode_batch_size: int,
                   decode_cpus: float, extractor_pool: tuple[int, int], extractor_gpus: float | None, extractor_cpus: float,
                   ncut_pool: tuple[int, int], ncut_cpus: float, shard_rows: int, max_image_pixels: int,
-                  params_text: str) -> None:
+                  params_text: str, vocabulary: str | None = None,
+                  naming_model: str = DEFAULT_NAMING_MODEL) -> None:
     """Build the Ray Data pipeline for ``plan`` and run it to the end of the write."""
     from ray.data import ActorPoolStrategy
 
@@ -625,7 +689,7 @@ def _run_pipeline(plan: dio.Plan, output: str, *, run_id: str, image_column: str
         # actors only run the model.
         memory=DECODE_TASK_MEMORY,
         fn_kwargs=dict(image_column=image_column, resolution=resolution, resize=resize, stride=stride,
-                       mask_size=mask_size, max_image_pixels=max_image_pixels, keep_image_bytes=refine,
+                       mask_size=mask_size, max_image_pixels=max_image_pixels, keep_image_bytes=refine or vocabulary is not None,
                        chunk_rows=feature_batch),
     )
     actor_device, on_gpu = _actor_device(device)
@@ -645,12 +709,25 @@ def _run_pipeline(plan: dio.Plan, output: str, *, run_id: str, image_column: str
     dataset = dataset.map_batches(
         SegmentStage,
         fn_constructor_kwargs=dict(tau=tau, alpha=alpha, refine=refine, exact_search=exact_search,
-                                   params=params_text, max_image_pixels=max_image_pixels),
+                                   params=params_text, max_image_pixels=max_image_pixels,
+                                   carry_image=vocabulary is not None),
         compute=ActorPoolStrategy(min_size=ncut_pool[0], max_size=ncut_pool[1]),
         batch_size=1,
         batch_format="pyarrow",
         num_cpus=ncut_cpus,
     )
+    if vocabulary is not None:
+        # Its own pool, sized like the feature pool: on the GPU nodes when the model runs on CUDA.
+        dataset = dataset.map_batches(
+            NamingStage,
+            fn_constructor_kwargs=dict(naming_model=naming_model, vocabulary=vocabulary, device=actor_device,
+                                       params=params_text, max_image_pixels=max_image_pixels),
+            compute=ActorPoolStrategy(min_size=extractor_pool[0], max_size=extractor_pool[1]),
+            batch_size=batch_size,
+            batch_format="pyarrow",
+            num_cpus=extractor_cpus,
+            num_gpus=1.0 if on_gpu else 0,
+        )
     filesystem, path = dio.arrow_filesystem(output)
     dataset.write_parquet(
         path,
@@ -658,5 +735,5 @@ def _run_pipeline(plan: dio.Plan, output: str, *, run_id: str, image_column: str
         filename_provider=ShardNames(run_id),
         min_rows_per_file=shard_rows,
         ray_remote_args={"num_cpus": decode_cpus},
-        schema=schema.LABELS_SCHEMA,
+        schema=schema.labels_schema(vocabulary is not None),
     )

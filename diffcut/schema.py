@@ -91,6 +91,26 @@ LABELS_SCHEMA = pa.schema(
 
 COLUMNS = tuple(LABELS_SCHEMA.names)
 
+#: Optional naming columns (``--vocabulary``, :mod:`diffcut.naming`): every segment also gets
+#: ``class_id`` (vocabulary index; -1 for a segment with no pixel), ``class_name`` (the class's
+#: first synonym) and ``class_score`` (softmax probability), and the row a ``semantic_mask``
+#: (PNG of class ids at the mask size). Outputs without naming keep :data:`LABELS_SCHEMA`.
+NAMED_SEGMENT_TYPE = pa.struct(
+    list(SEGMENT_TYPE)
+    + [pa.field("class_id", pa.int32()), pa.field("class_name", pa.string()), pa.field("class_score", pa.float32())]
+)
+NAMED_LABELS_SCHEMA = pa.schema(
+    [pa.field("segments", pa.list_(NAMED_SEGMENT_TYPE)) if f.name == "segments" else f for f in LABELS_SCHEMA]
+    + [pa.field("semantic_mask", pa.binary())],
+    metadata=LABELS_SCHEMA.metadata,
+)
+NAMED_COLUMNS = tuple(NAMED_LABELS_SCHEMA.names)
+
+
+def labels_schema(named: bool = False) -> pa.Schema:
+    """The output schema: :data:`NAMED_LABELS_SCHEMA` with naming, else :data:`LABELS_SCHEMA`."""
+    return NAMED_LABELS_SCHEMA if named else LABELS_SCHEMA
+
 #: The largest label a 16-bit PNG can hold.
 MAX_LABEL = 2**16 - 1
 
@@ -235,22 +255,24 @@ def error_row(
     return row
 
 
-def rows_to_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
-    """Rows (dicts with exactly the schema's columns) -> a table with :data:`LABELS_SCHEMA`."""
-    columns = {name: [] for name in COLUMNS}
+def rows_to_table(rows: Sequence[Mapping[str, Any]], named: bool = False) -> pa.Table:
+    """Rows (dicts with the schema's columns) -> a table with :func:`labels_schema` (``named``)."""
+    target = labels_schema(named)
+    names = tuple(target.names)
+    columns = {name: [] for name in names}
     for row in rows:
-        extra = set(row) - set(COLUMNS)
+        extra = set(row) - set(names)
         if extra:
             raise ValueError(f"unknown output columns {sorted(extra)}")
-        for name in COLUMNS:
+        for name in names:
             columns[name].append(row.get(name))
     segments = columns["segments"]
     columns["segments"] = [
         None if value is None else [dict(s, descriptor=np.asarray(s["descriptor"], np.float32).tolist()) for s in value]
         for value in segments
     ]
-    arrays = [pa.array(columns[field.name], type=field.type) for field in LABELS_SCHEMA]
-    return pa.Table.from_arrays(arrays, schema=LABELS_SCHEMA)
+    arrays = [pa.array(columns[field.name], type=field.type) for field in target]
+    return pa.Table.from_arrays(arrays, schema=target)
 
 
 # --------------------------------------------------------------------------- reading
@@ -302,21 +324,34 @@ def read_labels(output: str, columns: Iterable[str] | None = None) -> pa.Table:
         columns: a subset of the columns; default all.
 
     Returns:
-        A table with :data:`LABELS_SCHEMA` (or the chosen columns).
+        A table with :data:`LABELS_SCHEMA`, or :data:`NAMED_LABELS_SCHEMA` for a
+        job run with ``--vocabulary`` (or the chosen columns).
     """
-    wanted = list(COLUMNS if columns is None else columns)
-    unknown = set(wanted) - set(COLUMNS)
-    if unknown:
-        raise ValueError(f"unknown columns {sorted(unknown)}; the output has {list(COLUMNS)}")
-    read_columns = wanted if "source" in wanted else [*wanted, "source"]
     complete, _ = list_shards(output)
+    target = labels_schema(bool(complete) and "semantic_mask" in shard_schema(complete[0]).names)
+    wanted = list(target.names if columns is None else columns)
+    unknown = set(wanted) - set(target.names)
+    if unknown:
+        raise ValueError(f"unknown columns {sorted(unknown)}; the output has {list(target.names)}")
+    read_columns = wanted if "source" in wanted else [*wanted, "source"]
     tables = [read_shard(uri, read_columns) for uri in complete]
-    schema = pa.schema([LABELS_SCHEMA.field(name) for name in read_columns], metadata=LABELS_SCHEMA.metadata)
+    schema = pa.schema([target.field(name) for name in read_columns], metadata=target.metadata)
     if not tables:
         return schema.empty_table().select(wanted)
     table = pa.concat_tables([t.cast(schema) for t in tables])
     table = drop_duplicate_sources(table)
     return table.select(wanted)
+
+
+def shard_schema(uri: str) -> pa.Schema:
+    """The Arrow schema of one shard file (its footer only)."""
+    import pyarrow.parquet as pq
+
+    from diffcut.io import open_filesystem
+
+    fs, path = open_filesystem(uri)
+    with fs.open(path, "rb") as handle:
+        return pq.ParquetFile(handle, pre_buffer=False).schema_arrow
 
 
 def read_shard(uri: str, columns: Sequence[str] | None = None) -> pa.Table:

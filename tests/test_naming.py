@@ -6,10 +6,11 @@ import json
 import shutil
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
-from diffcut import naming
+from diffcut import naming, schema
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +149,50 @@ def test_names_matching_scores_class_ids_without_matching():
     assert result.per_image_miou == pytest.approx(((2.5 / 3) + (1 / 3)) / 2)
     assert result.pixel_accuracy == pytest.approx(7 / 12)
     assert result.to_dict()["per_image_miou"] == pytest.approx(result.per_image_miou)
+
+
+def _segmented_row(tmp_path, image_bytes):
+    mask = np.zeros((32, 48), np.int64)
+    mask[:, 24:] = 1
+    row = schema.ok_row(image_id="a", source=str(tmp_path / "a.png"), width=48, height=32, mask=mask,
+                        latent_labels=np.array([[0, 1]]), descriptors=np.eye(2, 4), tree={}, params="{}")
+    row["image_bytes"] = image_bytes
+    return row
+
+
+def test_naming_stage_names_rows_and_turns_failures_into_error_rows(tmp_path):
+    import io as _io
+
+    from PIL import Image
+
+    from diffcut.pipeline import NamingStage, SegmentStage
+
+    torch.set_num_threads(1)
+    buffer = _io.BytesIO()
+    Image.fromarray(np.full((32, 48, 3), 90, np.uint8)).save(buffer, format="PNG")
+    stage = NamingStage("tiny-random", "voc", "cpu", params='{"vocabulary":"voc"}', max_image_pixels=10**8)
+    good = _segmented_row(tmp_path, buffer.getvalue())
+    broken = _segmented_row(tmp_path, b"not an image")
+    failed = schema.error_row("b", "b.png", "decode failed: truncated", params="{}")
+    failed["image_bytes"] = None
+    rows = [good, broken, failed]
+    batch = schema.rows_to_table([{k: v for k, v in r.items() if k != "image_bytes"} for r in rows])
+    table = stage(batch.append_column("image_bytes", pa.array([r["image_bytes"] for r in rows], pa.binary())))
+    assert table.schema == schema.NAMED_LABELS_SCHEMA
+    named, error, passed = table.to_pylist()
+    assert [s["class_name"] for s in named["segments"]] == [voc_name(s["class_id"]) for s in named["segments"]]
+    assert all(0 <= s["class_id"] < 21 and 0 < s["class_score"] <= 1 for s in named["segments"])
+    semantic = schema.decode_mask(named["semantic_mask"])
+    mask = schema.decode_mask(named["mask"])
+    for segment in named["segments"]:
+        assert (semantic[mask == segment["segment_id"]] == segment["class_id"]).all()
+    assert error["status"] == "error" and error["error"].startswith("naming failed") and error["segments"] is None
+    assert error["params"] == '{"vocabulary":"voc"}'
+    assert passed["status"] == "error" and passed["error"] == "decode failed: truncated"
+    # Without naming the segment stage writes the plain schema and no image column.
+    plain = SegmentStage(0.5, 10.0, False, False, "{}", 10**8)
+    assert "image_bytes" not in plain.__dict__ and plain.carry_image is False
+
+
+def voc_name(class_id):
+    return naming.load_vocabulary("voc").class_names[class_id]
