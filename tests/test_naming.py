@@ -196,3 +196,26 @@ def test_naming_stage_names_rows_and_turns_failures_into_error_rows(tmp_path):
 
 def voc_name(class_id):
     return naming.load_vocabulary("voc").class_names[class_id]
+
+
+@pytest.mark.slow
+def test_label_job_with_a_vocabulary_names_every_segment(sample_dir, tmp_path):
+    from diffcut.pipeline import label_dataset
+
+    output = str(tmp_path / "named")
+    summary = label_dataset(str(sample_dir), output, model="tiny-random", device="cpu", resolution=64,
+                            batch_size=2, decode_cpus=0.5, extractor_cpus=0.5, ncut_cpus=0.5, ncut_pool_max=1,
+                            mask_size="48", vocabulary="context", naming_model="tiny-random")
+    assert summary["params"]["vocabulary"] == "context" and summary["params"]["naming_model"] == "tiny-random"
+    table = schema.read_labels(output)
+    assert table.schema.names == list(schema.NAMED_COLUMNS)
+    rows = table.to_pylist()
+    assert len(rows) == summary["inputs_listed"]
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert ok and all(s["class_name"] is not None or s["area"] == 0 for r in ok for s in r["segments"])
+    for row in ok:
+        semantic, mask = schema.decode_mask(row["semantic_mask"]), schema.decode_mask(row["mask"])
+        for segment in row["segments"]:
+            if segment["area"]:
+                assert (semantic[mask == segment["segment_id"]] == segment["class_id"]).all()
+    assert all(r["semantic_mask"] is None for r in rows if r["status"] == "error")
