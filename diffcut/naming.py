@@ -342,13 +342,10 @@ def tiny_naming_path() -> Path:
 
 def build_tiny_clip(target: str | os.PathLike, seed: int = 0) -> Path:
     """Write a tiny randomly initialized ConvNeXt CLIP in open_clip's hub layout to ``target``."""
-    import shutil
-    import tempfile
-
     import torch
     from safetensors.torch import save_file
 
-    from diffcut.tiny import _tiny_clip_tokenizer
+    from diffcut.tiny import _tiny_clip_tokenizer, publish_directory
 
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -362,19 +359,12 @@ def build_tiny_clip(target: str | os.PathLike, seed: int = 0) -> Path:
                 parameter.fill_(1.0)  # a visible residual branch: random weights that do something
             elif parameter.ndim >= 2:
                 parameter.normal_(0.0, 0.2)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    def write(staging: Path) -> None:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, staging / "open_clip_model.safetensors")
         (staging / "open_clip_config.json").write_text(json.dumps({"model_cfg": config, "note": "random, for tests"}))
         tokenizer.save_pretrained(staging)
-        try:
-            os.replace(staging, target)
-        except OSError:
-            if not (target / "open_clip_config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+
+    return publish_directory(target, "open_clip_config.json", write)
 
 
 def resolve_naming_model(model: str) -> Path:
