@@ -47,7 +47,7 @@ from scipy.optimize import linear_sum_assignment
 IGNORE_INDEX = 255
 #: The paper compares predictions and labels at this size.
 COMPARE_SIZE = (128, 128)
-MATCHING_MODES = ("per-image", "dataset")
+MATCHING_MODES = ("per-image", "dataset", "names")
 
 #: A refinement hook: label map in, label map of the same shape out (PAMR in the paper).
 Refine = Callable[[np.ndarray], np.ndarray]
@@ -218,6 +218,8 @@ class EvaluationResult:
     matching: str
     #: dataset matching only: the predicted cluster id matched to each class.
     assignment: np.ndarray | None = None
+    #: names matching only: the mean over images of each image's mIoU (the published open-vocabulary script).
+    per_image_miou: float | None = None
 
     @property
     def num_classes(self) -> int:
@@ -234,6 +236,8 @@ class EvaluationResult:
         }
         if self.assignment is not None:
             out["assignment"] = [int(c) for c in self.assignment]
+        if self.per_image_miou is not None:
+            out["per_image_miou"] = _nan_to_none(self.per_image_miou)
         return out
 
 
@@ -261,7 +265,15 @@ class SegmentationEvaluator:
         ignore_index: the conventional ignore label; must lie outside ``[0, N)``
             (every label outside that range is ignored anyway).
         matching: ``"per-image"`` (the paper) or ``"dataset"`` (one Hungarian
-            matching over the accumulated histogram; ids must be dataset-level).
+            matching over the accumulated histogram; ids must be dataset-level),
+            or ``"names"``: the prediction is already a class id per pixel (a
+            vocabulary index, e.g. ``diffcut.naming``'s semantic mask), scored
+            without any matching; ids outside ``[0, N)`` are wrong classes.
+            ``miou`` is then the dataset-level mIoU and ``per_image_miou`` the
+            mean over images of each image's mIoU (classes absent from both
+            maps of an image left out), the averaging of the published
+            ``eval_diffcut_openvoc.py`` (torchmetrics ``JaccardIndex`` per
+            image, summed and divided by the number of images).
         size: (H, W) both maps are resized to with nearest sampling before
             scoring (paper: 128 x 128); None compares at the labels' size.
     """
@@ -293,6 +305,7 @@ class SegmentationEvaluator:
         self._fn = np.zeros(n)
         self._total = 0
         self._hist = np.zeros((n + 1, 1), dtype=np.int64)  # dataset matching only
+        self._image_mious: list[float] = []  # names matching only
 
     def _prepare(self, prediction: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         labels = np.asarray(labels)
@@ -317,7 +330,9 @@ class SegmentationEvaluator:
         """
         prediction, labels = self._prepare(prediction, labels)
         n = self.num_classes
-        if self.matching == "dataset":
+        if self.matching == "names":
+            self._add_named(prediction, labels)
+        elif self.matching == "dataset":
             if refine is not None:
                 prediction = _as_prediction(refine(prediction))
             self._accumulate_histogram(confusion_histogram(labels, prediction, n))
@@ -334,6 +349,22 @@ class SegmentationEvaluator:
             self._fn += counts.false_negatives
             self._total += counts.total
         self.num_images += 1
+
+    def _add_named(self, prediction: np.ndarray, labels: np.ndarray) -> None:
+        """Counts of a class-id prediction against the labels (no matching)."""
+        n = self.num_classes
+        scored = (labels >= 0) & (labels < n)
+        truth, guess = labels[scored], prediction[scored].astype(np.int64)
+        guess = np.where(guess < n, guess, n)  # any out-of-vocabulary id is one wrong class
+        hist = np.bincount(truth * (n + 1) + guess, minlength=n * (n + 1)).reshape(n, n + 1)
+        tp = np.diag(hist[:, :n]).astype(float)
+        fp = hist[:, :n].sum(0) - tp
+        fn = hist.sum(1) - tp
+        self._tp += tp
+        self._fp += fp
+        self._fn += fn
+        self._total += int(scored.sum())
+        self._image_mious.append(scores_from_counts(tp, fp, fn, int(scored.sum()))[0])
 
     def _accumulate_histogram(self, hist: np.ndarray) -> None:
         if hist.shape[1] > self._hist.shape[1]:
@@ -355,10 +386,14 @@ class SegmentationEvaluator:
         else:
             tp, fp, fn, total = self._tp, self._fp, self._fn, self._total
         miou, accuracy, iou = scores_from_counts(tp, fp, fn, total)
+        per_image = None
+        if self.matching == "names":
+            valid = [v for v in self._image_mious if not math.isnan(v)]
+            per_image = float(np.mean(valid)) if valid else float("nan")
         return EvaluationResult(
             miou=miou, pixel_accuracy=accuracy, per_class_iou=iou, true_positives=tp.copy(),
             false_positives=fp.copy(), false_negatives=fn.copy(), total_pixels=int(total),
-            num_images=self.num_images, matching=self.matching, assignment=assignment,
+            num_images=self.num_images, matching=self.matching, assignment=assignment, per_image_miou=per_image,
         )
 
 

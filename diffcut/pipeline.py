@@ -56,6 +56,9 @@ from diffcut import schema, webdataset
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "segmind/SSD-1B"
+#: The published open-vocabulary extension's CLIP (diffcut.naming.DEFAULT_NAMING_MODEL; not imported: no CLIP
+#: code is loaded without --vocabulary).
+DEFAULT_NAMING_MODEL = "convnext_large_d_320:laion2b_s29b_b131k_ft_soup"
 
 #: Memory reserved per read/decode task (bytes).
 DECODE_TASK_MEMORY = 512 * 2**20
@@ -345,12 +348,14 @@ class SegmentStage:
     """Ray Data UDF of stage 3 (actor): NCut, assignment, optional PAMR -> output rows."""
 
     def __init__(self, tau: float, alpha: float, refine: bool, exact_search: bool, params: str,
-                 max_image_pixels: int, keep_metadata: bool = False):
+                 max_image_pixels: int, keep_metadata: bool = False, carry_image: bool = False):
         self.tau, self.alpha, self.refine, self.exact_search = tau, alpha, refine, exact_search
         self.params = params
         self.max_image_pixels = max_image_pixels
         self.keep_metadata = keep_metadata
         self.schema = schema.labels_schema(keep_metadata)
+        # The naming stage needs the image: hand its encoded bytes on in one extra column.
+        self.carry_image = carry_image
 
     def label(self, row: dict) -> dict:
         """The output row of one image; never raises."""
@@ -385,7 +390,56 @@ class SegmentStage:
         if self.keep_metadata:
             for row, result in zip(rows, out):
                 result["metadata"] = row["metadata"]
-        return schema.rows_to_table(out, self.schema)
+        table = schema.rows_to_table(out, self.schema)
+        if self.carry_image:
+            table = table.append_column("image_bytes", pa.array([row.get("image_bytes") for row in rows], pa.binary()))
+        return table
+
+
+class NamingStage:
+    """Ray Data UDF of the optional naming stage (actor): a class from the vocabulary for every segment.
+
+    Loads the CLIP and computes the vocabulary's text embeddings once per actor
+    (:class:`diffcut.naming.SegmentNamer`); a row whose naming fails becomes an
+    error row.
+    """
+
+    def __init__(self, naming_model: str, vocabulary: str, device: str, params: str, max_image_pixels: int,
+                 keep_metadata: bool = False):
+        from diffcut.naming import SegmentNamer
+
+        self.namer = SegmentNamer(naming_model, vocabulary, device=device)
+        self.class_names = self.namer.vocabulary.class_names
+        self.params = params
+        self.max_image_pixels = max_image_pixels
+        self.keep_metadata = keep_metadata
+        self.schema = schema.labels_schema(keep_metadata, named=True)
+
+    def name(self, row: dict) -> dict:
+        """The named output row of one segmented row; never raises."""
+        image_bytes = row.pop("image_bytes", None)
+        if row["status"] != schema.STATUS_OK:
+            return row
+        try:
+            size = (row["mask_width"], row["mask_height"])
+            pixels = dio.decode_image(image_bytes, size, max_pixels=self.max_image_pixels).pixels
+            mask = schema.decode_mask(row["mask"])
+            names = self.namer.name(pixels, mask, row["num_segments"])
+            for segment, class_id, score in zip(row["segments"], names.class_id, names.class_score):
+                segment.update(class_id=int(class_id), class_score=float(score),
+                               class_name=self.class_names[class_id] if class_id >= 0 else None)
+            row["semantic_mask"] = schema.encode_mask(names.semantic_mask)
+            return row
+        except Exception as error:  # noqa: BLE001 - one image's failure is one error row
+            failed = schema.error_row(row["image_id"], row["source"],
+                                      dio.redact(f"naming failed: {type(error).__name__}: {error}"),
+                                      params=self.params, width=row["width"], height=row["height"])
+            if self.keep_metadata:
+                failed["metadata"] = row["metadata"]
+            return failed
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return schema.rows_to_table([self.name(row) for row in batch.to_pylist()], self.schema)
 
 
 class ShardNames(FilenameProvider):
@@ -609,6 +663,8 @@ def label_dataset(
     overwrite: bool = False,
     max_error_rate: float = 1.0,
     limit: int | None = None,
+    vocabulary: str | None = None,
+    naming_model: str = DEFAULT_NAMING_MODEL,
 ) -> dict:
     """Label every image under ``input`` and write Parquet shards to ``output``.
 
@@ -649,6 +705,13 @@ def label_dataset(
                  vae_dtype=vae_dtype)
     input = dio.check_uri(input)
     output = dio.check_uri(output)
+    if vocabulary is not None:
+        from diffcut.naming import load_vocabulary
+
+        try:
+            load_vocabulary(vocabulary)
+        except (ValueError, OSError) as error:
+            raise dio.InputError(str(error)) from None
 
     params = {
         "model": model, "tau": float(tau), "alpha": float(alpha), "timestep": int(timestep), "noise_seed": 42,
@@ -656,6 +719,8 @@ def label_dataset(
         "exact_search": bool(exact_search), "dtype": str(dtype), "vae_dtype": str(vae_dtype), "stride": stride, "diffcut_version": __version__,
         "schema_version": schema.SCHEMA_VERSION,
     }
+    if vocabulary is not None:  # without naming, params (and so resuming) stay as they were
+        params.update(vocabulary=vocabulary, naming_model=naming_model)
     params_text = schema.params_json(params)
 
     # Output first: what is done decides what to plan.
@@ -682,6 +747,8 @@ def label_dataset(
     stop = StopSignals()
     if plan.planned is None or plan.planned:
         min_cpus = decode_cpus + extractor_pool_min * extractor_cpus + ncut_pool_min * ncut_cpus
+        if vocabulary is not None:
+            min_cpus += extractor_pool_min * extractor_cpus  # the naming pool
         started_ray = connect_ray(address, min_cpus)
         stop.install()  # after ray.init: it installs a SIGTERM handler of its own (sys.exit)
         pipeline_started = time.time()
@@ -694,7 +761,7 @@ def label_dataset(
                 extractor_pool=(extractor_pool_min, extractor_pool_max), extractor_gpus=extractor_gpus,
                 extractor_cpus=extractor_cpus, ncut_pool=(ncut_pool_min, ncut_pool_max), ncut_cpus=ncut_cpus,
                 shard_rows=shard_rows, max_image_pixels=max_image_pixels, params_text=params_text,
-                keep_metadata=keep_metadata, limit=limit,
+                keep_metadata=keep_metadata, limit=limit, vocabulary=vocabulary, naming_model=naming_model,
             )
         except JobInterrupted:
             log.warning("%s received: the run stops; shards already written stay valid, the same command "
@@ -780,7 +847,8 @@ def _run_pipeline(plan: dio.Plan, output: str, *, run_id: str, image_column: str
                   decode_batch_size: int,
                   decode_cpus: float, extractor_pool: tuple[int, int], extractor_gpus: float | None, extractor_cpus: float,
                   ncut_pool: tuple[int, int], ncut_cpus: float, shard_rows: int, max_image_pixels: int,
-                  params_text: str, keep_metadata: bool = False, limit: int | None = None) -> None:
+                  params_text: str, keep_metadata: bool = False, limit: int | None = None,
+                  vocabulary: str | None = None, naming_model: str = DEFAULT_NAMING_MODEL) -> None:
     """Build the Ray Data pipeline for ``plan`` and run it to the end of the write."""
     from ray.data import ActorPoolStrategy
 
@@ -818,7 +886,8 @@ def _run_pipeline(plan: dio.Plan, output: str, *, run_id: str, image_column: str
         # actors only run the model.
         memory=DECODE_TASK_MEMORY,
         fn_kwargs=dict(image_column=image_column, resolution=resolution, resize=resize, stride=stride,
-                       mask_size=mask_size, max_image_pixels=max_image_pixels, keep_image_bytes=refine,
+                       mask_size=mask_size, max_image_pixels=max_image_pixels,
+                       keep_image_bytes=refine or vocabulary is not None,
                        chunk_rows=feature_batch, keep_metadata=keep_metadata,
                        sort_records=decode_batch_size if kind == webdataset.UNIT_KIND else None),
     )
@@ -843,12 +912,25 @@ def _run_pipeline(plan: dio.Plan, output: str, *, run_id: str, image_column: str
         SegmentStage,
         fn_constructor_kwargs=dict(tau=tau, alpha=alpha, refine=refine, exact_search=exact_search,
                                    params=params_text, max_image_pixels=max_image_pixels,
-                                   keep_metadata=keep_metadata),
+                                   keep_metadata=keep_metadata, carry_image=vocabulary is not None),
         compute=ActorPoolStrategy(min_size=ncut_pool[0], max_size=ncut_pool[1]),
         batch_size=1,
         batch_format="pyarrow",
         num_cpus=ncut_cpus,
     )
+    if vocabulary is not None:
+        # Its own pool, sized like the feature pool: on the GPU nodes when the model runs on CUDA.
+        dataset = dataset.map_batches(
+            NamingStage,
+            fn_constructor_kwargs=dict(naming_model=naming_model, vocabulary=vocabulary, device=actor_device,
+                                       params=params_text, max_image_pixels=max_image_pixels,
+                                       keep_metadata=keep_metadata),
+            compute=ActorPoolStrategy(min_size=extractor_pool[0], max_size=extractor_pool[1]),
+            batch_size=1,  # rows are named one by one; batch_size may be "auto" (the feature actors')
+            batch_format="pyarrow",
+            num_cpus=extractor_cpus,
+            num_gpus=1.0 if on_gpu else 0,
+        )
     filesystem, path = dio.arrow_filesystem(output)
     dataset.write_parquet(
         path,
@@ -856,5 +938,5 @@ def _run_pipeline(plan: dio.Plan, output: str, *, run_id: str, image_column: str
         filename_provider=ShardNames(run_id),
         min_rows_per_file=shard_rows,
         ray_remote_args={"num_cpus": decode_cpus},
-        schema=schema.labels_schema(keep_metadata),
+        schema=schema.labels_schema(keep_metadata, named=vocabulary is not None),
     )

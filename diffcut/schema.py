@@ -99,10 +99,28 @@ COLUMNS = tuple(LABELS_SCHEMA.names)
 METADATA_FIELD = pa.field("metadata", pa.string())
 OPTIONAL_FIELDS = (METADATA_FIELD,)
 
+#: Optional naming columns (``--vocabulary``, :mod:`diffcut.naming`): every segment also gets
+#: ``class_id`` (vocabulary index; -1 for a segment with no pixel), ``class_name`` (the class's
+#: first synonym) and ``class_score`` (softmax probability), and the row a ``semantic_mask``
+#: (PNG of class ids at the mask size). Outputs without naming keep :data:`LABELS_SCHEMA`.
+NAMED_SEGMENT_TYPE = pa.struct(
+    list(SEGMENT_TYPE)
+    + [pa.field("class_id", pa.int32()), pa.field("class_name", pa.string()), pa.field("class_score", pa.float32())]
+)
+SEMANTIC_MASK_FIELD = pa.field("semantic_mask", pa.binary())
+NAMED_LABELS_SCHEMA = pa.schema(
+    [pa.field("segments", pa.list_(NAMED_SEGMENT_TYPE)) if f.name == "segments" else f for f in LABELS_SCHEMA]
+    + [SEMANTIC_MASK_FIELD],
+    metadata=LABELS_SCHEMA.metadata,
+)
+NAMED_COLUMNS = tuple(NAMED_LABELS_SCHEMA.names)
 
-def labels_schema(keep_metadata: bool = False) -> pa.Schema:
-    """The schema of the shards of a run: :data:`LABELS_SCHEMA`, plus ``metadata`` if kept."""
-    return LABELS_SCHEMA.append(METADATA_FIELD) if keep_metadata else LABELS_SCHEMA
+
+def labels_schema(keep_metadata: bool = False, named: bool = False) -> pa.Schema:
+    """The schema of the shards of a run: :data:`LABELS_SCHEMA`, or :data:`NAMED_LABELS_SCHEMA` with
+    naming, plus ``metadata`` if kept."""
+    base = NAMED_LABELS_SCHEMA if named else LABELS_SCHEMA
+    return base.append(METADATA_FIELD) if keep_metadata else base
 
 #: The largest label a 16-bit PNG can hold.
 MAX_LABEL = 2**16 - 1
@@ -369,7 +387,8 @@ def read_labels(output: str, columns: Iterable[str] | None = None) -> pa.Table:
             :data:`OPTIONAL_FIELDS`); default all, optional ones when a shard has them.
 
     Returns:
-        A table with :data:`LABELS_SCHEMA` (or the chosen columns).
+        A table with :data:`LABELS_SCHEMA`, or :data:`NAMED_LABELS_SCHEMA` for a
+        job run with ``--vocabulary`` (or the chosen columns).
     """
     import pyarrow.parquet as pq
 
@@ -382,17 +401,19 @@ def read_labels(output: str, columns: Iterable[str] | None = None) -> pa.Table:
         fs, path = open_filesystem(uri)
         with fs.open(path, "rb") as handle:
             shard_columns[uri] = set(pq.ParquetFile(handle, pre_buffer=False).schema_arrow.names)
+    present = set().union(*shard_columns.values()) if shard_columns else set()
+    # A job run with --vocabulary writes the named schema (its params make a resume keep it).
+    base = labels_schema(named=SEMANTIC_MASK_FIELD.name in present)
     if columns is None:
-        present = set().union(*shard_columns.values()) if shard_columns else set()
-        wanted = list(COLUMNS) + [name for name in optional if name in present]
+        wanted = list(base.names) + [name for name in optional if name in present]
     else:
         wanted = list(columns)
-    unknown = set(wanted) - set(COLUMNS) - set(optional)
+    unknown = set(wanted) - set(base.names) - set(optional)
     if unknown:
-        raise ValueError(f"unknown columns {sorted(unknown)}; the output has {list(COLUMNS)}")
+        raise ValueError(f"unknown columns {sorted(unknown)}; the output has {list(base.names)}")
     read_columns = wanted if "source" in wanted else [*wanted, "source"]
-    fields = {**{name: LABELS_SCHEMA.field(name) for name in COLUMNS}, **optional}
-    schema = pa.schema([fields[name] for name in read_columns], metadata=LABELS_SCHEMA.metadata)
+    fields = {**{name: base.field(name) for name in base.names}, **optional}
+    schema = pa.schema([fields[name] for name in read_columns], metadata=base.metadata)
     tables = []
     for uri in complete:
         table = read_shard(uri, [name for name in read_columns if name in shard_columns[uri]])
@@ -405,6 +426,17 @@ def read_labels(output: str, columns: Iterable[str] | None = None) -> pa.Table:
     table = pa.concat_tables([t.cast(schema) for t in tables])
     table = drop_duplicate_sources(table)
     return table.select(wanted)
+
+
+def shard_schema(uri: str) -> pa.Schema:
+    """The Arrow schema of one shard file (its footer only)."""
+    import pyarrow.parquet as pq
+
+    from diffcut.io import open_filesystem
+
+    fs, path = open_filesystem(uri)
+    with fs.open(path, "rb") as handle:
+        return pq.ParquetFile(handle, pre_buffer=False).schema_arrow
 
 
 def read_shard(uri: str, columns: Sequence[str] | None = None) -> pa.Table:

@@ -142,17 +142,30 @@ def build_tiny_random(target: str | os.PathLike) -> Path:
         vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
         tokenizer_2=_tiny_clip_tokenizer(), unet=unet, scheduler=scheduler,
     )
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    def write(staging: Path) -> None:
         pipeline.save_pretrained(staging, safe_serialization=True)
         (staging / "DIFFCUT_TINY_RANDOM.json").write_text(
             json.dumps({"version": TINY_RANDOM_VERSION, "seed": _SEED, "note": "random weights, for tests"})
         )
+
+    return publish_directory(target, "model_index.json", write)
+
+
+def publish_directory(target: Path, marker: str, write) -> Path:
+    """Run ``write(staging)`` in a temporary sibling of ``target``, then move it into place.
+
+    Concurrent builders (several Ray actors on one node) never see a half
+    written model: the first to finish wins, the others use its directory
+    (recognised by the file ``marker``).
+    """
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        write(staging)
         try:
             os.replace(staging, target)
         except OSError:
             # Another process finished first (target exists and is not empty): use theirs.
-            if not (target / "model_index.json").exists():
+            if not (target / marker).exists():
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)

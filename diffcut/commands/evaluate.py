@@ -35,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--background-class", type=int, default=None,
                         help="background class id: many-to-one background merge (VOC, Context, COCO-Object)")
     parser.add_argument("--matching", choices=MATCHING_MODES, default="per-image",
-                        help="per-image Hungarian matching (paper) or one matching over the whole dataset")
+                        help="per-image Hungarian matching (paper), one matching over the whole dataset, or names: predictions are "
+                             "class ids (vocabulary indices), no matching")
     parser.add_argument("--size", type=int, default=COMPARE_SIZE[0],
                         help="compare at SIZE x SIZE, both maps resized with nearest (default 128; 0 = the "
                              "ground truth's own size)")
@@ -145,6 +146,9 @@ def format_result(result: EvaluationResult, title: str = "") -> str:
     lines.append(f"images          {result.num_images}")
     lines.append(f"matching        {result.matching}")
     lines.append(f"mIoU            {pct(result.miou).strip()}")
+    if result.per_image_miou is not None:
+        lines.append(f"per-image mIoU  {pct(result.per_image_miou).strip()}  (mean over images, as the published "
+                     "open-vocabulary script)")
     lines.append(f"pixel accuracy  {pct(result.pixel_accuracy).strip()}")
     lines.append("")
     lines.append("class    IoU   (n/a: neither in the ground truth nor predicted)")

@@ -100,6 +100,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     method.add_argument("--exact-search", action="store_true",
                         help="search every sweep cut of the Fiedler vector, not the paper's 100 thresholds")
     method.add_argument("--refine", action="store_true", help="refine masks with PAMR (paper's headline numbers)")
+    method.add_argument("--vocabulary", default=d["vocabulary"],
+                        help="name every segment: voc, context, coco-object, or FILE (one class per line, "
+                             "synonyms comma-separated); adds a CLIP naming stage and class columns")
+    method.add_argument("--naming-model", default=d["naming_model"],
+                        help="open_clip ConvNeXt CLIP for --vocabulary: name:pretrained tag, hub id, local "
+                             "folder (safetensors), or tiny-random (tests)")
 
     sizes = parser.add_argument_group("sizes")
     sizes.add_argument("--resolution", type=int, default=d["resolution"],
