@@ -1,7 +1,7 @@
 """Training on the labels (issue 14): input images joined with their label rows by source, the same
 resize for image and mask, error rows skipped and counted; the example trains and its loss falls.
 The per-batch steps of the Ray Data builder (``diffcut.training.ray_dataset``) are checked here without
-Ray."""
+Ray, the builder itself in tests/test_webdataset.py (Ray Data's join on the labels of S3 shards)."""
 
 from __future__ import annotations
 

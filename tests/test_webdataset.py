@@ -5,7 +5,7 @@ The shard reader, listing and planning are checked without Ray on hand-built tar
 included); three runs of the job with the tiny model and a local Ray check the whole path: S3 shards
 with ``keep_metadata`` labelled in two resumed runs, and a ``datasets`` Image dataset in, the labels
 loaded back with ``datasets.load_dataset``. The S3 labels also go back into training through
-``diffcut.training.LabeledImages``.
+``diffcut.training`` (one machine and Ray Data) in the Ray session that made them.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from diffcut import io as dio
@@ -204,7 +205,7 @@ def test_webdataset_on_s3_with_metadata_resumes_per_key(ray_local, s3_bucket, tm
     import fsspec
 
     from diffcut.pipeline import label_dataset
-    from diffcut.training import LabeledImages
+    from diffcut.training import LabeledImages, ray_dataset
 
     fs = fsspec.filesystem("s3")
     keys = {"00000": ["000000000", "000000001", "000000002"], "00001": ["000010000", "000010001"]}
@@ -235,11 +236,22 @@ def test_webdataset_on_s3_with_metadata_resumes_per_key(ray_local, s3_bucket, tm
     for row in ok:
         assert schema.decode_mask(row["mask"]).shape == (row["mask_height"], row["mask_width"]) == (21, 32)
 
-    # Back into training: the shards joined with their labels by source (shard.tar#key).
+    # Back into training: the shards joined with their labels by source (shard.tar#key), on one
+    # machine (LabeledImages) and with Ray Data (ray_dataset, a hash join): the same pairs.
     local = LabeledImages(source, output, size=(24, 16))
     pairs = list(local)
     assert dict(local.counts) == {"pairs": 4, "error_rows": 1}
     assert all(image.shape == (3, 16, 24) and target["masks"].shape[1:] == (16, 24) for image, target in pairs)
+    built = ray_dataset(source, output, size=(24, 16), num_partitions=2)
+    assert (built.labeled, built.error_rows) == (4, 1)
+    batches = list(built.dataset.iter_torch_batches(batch_size=3))
+    images = torch.cat([batch["image"] for batch in batches])
+    targets = torch.cat([batch["target"] for batch in batches])
+    assert images.shape == (4, 3, 16, 24) and targets.shape == (4, 16, 24) and targets.dtype == torch.int64
+    by_image = {image.numpy().tobytes(): target for image, target in pairs}
+    for image, target in zip(images, targets):
+        wanted = by_image[image.numpy().tobytes()]  # the same image, resized alike, and its masks
+        assert torch.equal(wanted["masks"], target[None] == wanted["segment_ids"][:, None, None])
 
 
 def test_hugging_face_datasets_round_trip(tmp_path):
