@@ -390,17 +390,9 @@ def read_labels(output: str, columns: Iterable[str] | None = None) -> pa.Table:
         A table with :data:`LABELS_SCHEMA`, or :data:`NAMED_LABELS_SCHEMA` for a
         job run with ``--vocabulary`` (or the chosen columns).
     """
-    import pyarrow.parquet as pq
-
-    from diffcut.io import open_filesystem
-
     optional = {field.name: field for field in OPTIONAL_FIELDS}
     complete, _ = list_shards(output)
-    shard_columns = {}
-    for uri in complete:
-        fs, path = open_filesystem(uri)
-        with fs.open(path, "rb") as handle:
-            shard_columns[uri] = set(pq.ParquetFile(handle, pre_buffer=False).schema_arrow.names)
+    shard_columns = {uri: set(shard_schema(uri).names) for uri in complete}
     present = set().union(*shard_columns.values()) if shard_columns else set()
     # A job run with --vocabulary writes the named schema (its params make a resume keep it).
     base = labels_schema(named=SEMANTIC_MASK_FIELD.name in present)
