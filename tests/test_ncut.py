@@ -216,6 +216,29 @@ def test_agrees_with_plain_definition(seed, shape, tau, alpha):
     assert np.array_equal(labels, canonical(expected))
 
 
+def test_warm_started_children_agree_with_plain_definition(monkeypatch):
+    # Regions above the dense-eigh size start Lanczos from their parent's cluster
+    # vectors (ncut._warm_start); the segments must still be the definition's.
+    from diffcut import ncut
+
+    warm_starts = []
+
+    def counted(*args):
+        start, basis = original(*args)
+        warm_starts.append(start is not None)
+        return start, basis
+
+    original = ncut._warm_start
+    monkeypatch.setattr(ncut, "_warm_start", counted)
+    for seed in (21, 22):
+        features, _ = planted_map(seed, h=24, w=26, channels=48, segments=12, noise=0.3, shared=0.6)
+        expected = plain_recursive_ncut(features, 0.5, 10.0)
+        labels = recursive_ncut(features, 0.5, 10.0)
+        assert labels.max() >= 8
+        assert np.array_equal(labels, canonical(expected))
+    assert sum(warm_starts) >= 2
+
+
 def test_labels_numbered_by_first_appearance():
     features, _ = planted_map(5, segments=6, noise=0.2)
     labels = recursive_ncut(features)
