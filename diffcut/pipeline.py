@@ -424,12 +424,7 @@ class NamingStage:
             size = (row["mask_width"], row["mask_height"])
             pixels = dio.decode_image(image_bytes, size, max_pixels=self.max_image_pixels).pixels
             mask = schema.decode_mask(row["mask"])
-            names = self.namer.name(pixels, mask, row["num_segments"])
-            for segment, class_id, score in zip(row["segments"], names.class_id, names.class_score):
-                segment.update(class_id=int(class_id), class_score=float(score),
-                               class_name=self.class_names[class_id] if class_id >= 0 else None)
-            row["semantic_mask"] = schema.encode_mask(names.semantic_mask)
-            return row
+            return schema.named_row(row, self.namer.name(pixels, mask, row["num_segments"]), self.class_names)
         except Exception as error:  # noqa: BLE001 - one image's failure is one error row
             failed = schema.error_row(row["image_id"], row["source"],
                                       dio.redact(f"naming failed: {type(error).__name__}: {error}"),
