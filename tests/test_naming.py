@@ -205,7 +205,8 @@ def test_label_job_with_a_vocabulary_names_every_segment(sample_dir, tmp_path):
     output = str(tmp_path / "named")
     summary = label_dataset(str(sample_dir), output, model="tiny-random", device="cpu", resolution=64,
                             batch_size=2, decode_cpus=0.5, extractor_cpus=0.5, ncut_cpus=0.5, ncut_pool_max=1,
-                            mask_size="48", vocabulary="context", naming_model="tiny-random")
+                            mask_size="48", vocabulary="context", naming_model="tiny-random",
+                            naming_pool_max=1, naming_cpus=0.5)
     assert summary["params"]["vocabulary"] == "context" and summary["params"]["naming_model"] == "tiny-random"
     table = schema.read_labels(output)
     assert table.schema.names == list(schema.NAMED_COLUMNS)
