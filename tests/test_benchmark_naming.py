@@ -64,7 +64,10 @@ def test_a_vocabulary_that_does_not_fit_is_refused_before_any_model_loads(tmp_pa
     (tmp_path / "five.txt").write_text("a\nb\nc\nd\ne\n")
     assert main(argv + ["--vocabulary", str(tmp_path / "five.txt")]) == 1
     assert "5 classes" in capsys.readouterr().err
-    assert main(["benchmark", "--dataset", "ade20k", "--root", str(tmp_path), "--vocabulary"]) == 1  # no layout
+    coco = make_coco(tmp_path / "coco-root")  # COCO-Stuff-27 has no built-in vocabulary
+    assert main(["benchmark", "--dataset", "coco-stuff", "--root", str(coco), "--limit", "3", "--model",
+                 "no-such-model", "--vocabulary"]) == 1
+    assert "'coco-stuff' has no built-in vocabulary" in capsys.readouterr().err
 
 
 def planted_namer(vocabulary: str, target: int):
