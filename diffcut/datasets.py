@@ -164,6 +164,37 @@ def cityscapes27_table() -> np.ndarray:
     return lookup_table({int(k): int(v) for k, v in mapping.items()})
 
 
+# --------------------------------------------------------------------------- vocabularies
+#: The built-in vocabulary (``diffcut/data/vocabularies``, :mod:`diffcut.naming`) of each benchmark that has one.
+BENCHMARK_VOCABULARIES = {"voc": "voc", "context": "context", "coco-object": "coco-object"}
+
+
+def vocabulary_eval_ids(name: str, vocabulary_size: int) -> np.ndarray:
+    """(V,) int64: the evaluation id (our label maps) of every vocabulary index, for benchmark ``name``.
+
+    The published open-vocabulary extension puts "background" at vocabulary
+    index 0 for every dataset (its labels are shifted by +1, background
+    -1 -> 0). Our label maps agree for VOC (0 background, 1..20 in VOC order)
+    and Context (0 background, 1..59 in Context-59 order, both layouts), so
+    the map is the identity there. COCO-Object's maps put the 80 things at
+    0..79 and background at 80 (:func:`coco_object_table`), so vocabulary
+    index 0 -> 80 and k -> k - 1. A vocabulary for a benchmark without a
+    built-in one lists its classes in evaluation-id order (identity).
+
+    Raises:
+        ValueError: the vocabulary does not have the benchmark's class count.
+    """
+    spec = BENCHMARKS[name]
+    if vocabulary_size != spec.num_classes:
+        fits = BENCHMARK_VOCABULARIES.get(name)
+        hint = f"; the built-in vocabulary {fits!r} fits it" if fits else ""
+        raise ValueError(f"the vocabulary has {vocabulary_size} classes but benchmark {name!r} ({spec.title}) "
+                         f"scores {spec.num_classes}{hint}")
+    if name == "coco-object":  # [80, 0, 1, ..., 79]
+        return np.concatenate([[spec.background_class], np.arange(spec.num_classes - 1)]).astype(np.int64)
+    return np.arange(vocabulary_size, dtype=np.int64)
+
+
 # --------------------------------------------------------------------------- reading
 def read_rgb(path: str | Path) -> np.ndarray:
     """An image file as (H, W, 3) uint8 RGB (grayscale and CMYK JPEGs converted)."""

@@ -269,6 +269,8 @@ class SegmentationEvaluator:
             or ``"names"``: the prediction is already a class id per pixel (a
             vocabulary index, e.g. ``diffcut.naming``'s semantic mask), scored
             without any matching; ids outside ``[0, N)`` are wrong classes.
+            With a ``background_class``, ignored pixels count as background
+            (the published script scores them so), else they are left out.
             ``miou`` is then the dataset-level mIoU and ``per_image_miou`` the
             mean over images of each image's mIoU (classes absent from both
             maps of an image left out), the averaging of the published
@@ -353,6 +355,10 @@ class SegmentationEvaluator:
     def _add_named(self, prediction: np.ndarray, labels: np.ndarray) -> None:
         """Counts of a class-id prediction against the labels (no matching)."""
         n = self.num_classes
+        if self.background_class is not None:
+            # As the published open-vocabulary script: every pixel that is not one of the classes
+            # (VOC boundaries, COCO unlabeled) is background there, and scored.
+            labels = np.where((labels >= 0) & (labels < n), labels, self.background_class)
         scored = (labels >= 0) & (labels < n)
         truth, guess = labels[scored], prediction[scored].astype(np.int64)
         guess = np.where(guess < n, guess, n)  # any out-of-vocabulary id is one wrong class

@@ -501,9 +501,14 @@ class SegmentNamer:
         return text, torch.tensor([c for c, _ in synonyms], device=self.device)
 
     def preprocess(self, pixels: np.ndarray):
-        """(H, W, 3) uint8 -> (1, 3, r, r) CLIP-normalized float tensor."""
+        """(H, W, 3) uint8, or float in [0, 1] (the benchmark's prepared image) -> (1, 3, r, r) CLIP-normalized."""
         torch = self.torch
-        image = torch.from_numpy(np.array(pixels, dtype=np.uint8)).to(self.device).permute(2, 0, 1)[None].float() / 255
+        pixels = np.asarray(pixels)
+        if np.issubdtype(pixels.dtype, np.floating):
+            image = torch.from_numpy(np.array(pixels, dtype=np.float32))
+        else:
+            image = torch.from_numpy(np.array(pixels, dtype=np.uint8)).float() / 255
+        image = image.to(self.device).permute(2, 0, 1)[None]
         image = torch.nn.functional.interpolate(image, size=(self.resolution, self.resolution), mode="bilinear",
                                                 align_corners=False, antialias=True)
         mean = torch.tensor(CLIP_MEAN, device=self.device).view(1, 3, 1, 1)

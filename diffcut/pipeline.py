@@ -424,12 +424,7 @@ class NamingStage:
             size = (row["mask_width"], row["mask_height"])
             pixels = dio.decode_image(image_bytes, size, max_pixels=self.max_image_pixels).pixels
             mask = schema.decode_mask(row["mask"])
-            names = self.namer.name(pixels, mask, row["num_segments"])
-            for segment, class_id, score in zip(row["segments"], names.class_id, names.class_score):
-                segment.update(class_id=int(class_id), class_score=float(score),
-                               class_name=self.class_names[class_id] if class_id >= 0 else None)
-            row["semantic_mask"] = schema.encode_mask(names.semantic_mask)
-            return row
+            return schema.named_row(row, self.namer.name(pixels, mask, row["num_segments"]), self.class_names)
         except Exception as error:  # noqa: BLE001 - one image's failure is one error row
             failed = schema.error_row(row["image_id"], row["source"],
                                       dio.redact(f"naming failed: {type(error).__name__}: {error}"),
@@ -665,6 +660,10 @@ def label_dataset(
     limit: int | None = None,
     vocabulary: str | None = None,
     naming_model: str = DEFAULT_NAMING_MODEL,
+    naming_pool_min: int = 1,
+    naming_pool_max: int = 1,
+    naming_gpus: float | None = None,
+    naming_cpus: float = 1.0,
 ) -> dict:
     """Label every image under ``input`` and write Parquet shards to ``output``.
 
@@ -684,7 +683,8 @@ def label_dataset(
         raise dio.InputError(f"unknown --resize {resize!r}; use one of {', '.join(dio.RESIZE_MODES)}")
     mask_spec = dio.MaskSize.parse(mask_size)
     for name, low, high in (("extractor-pool", extractor_pool_min, extractor_pool_max),
-                            ("ncut-pool", ncut_pool_min, ncut_pool_max)):
+                            ("ncut-pool", ncut_pool_min, ncut_pool_max),
+                            ("naming-pool", naming_pool_min, naming_pool_max)):
         if low < 1 or high < low:
             raise dio.InputError(f"--{name}-min/-max must satisfy 1 <= min <= max; got {low}, {high}")
     if not tau > 0 or not alpha > 0:
@@ -748,7 +748,7 @@ def label_dataset(
     if plan.planned is None or plan.planned:
         min_cpus = decode_cpus + extractor_pool_min * extractor_cpus + ncut_pool_min * ncut_cpus
         if vocabulary is not None:
-            min_cpus += extractor_pool_min * extractor_cpus  # the naming pool
+            min_cpus += naming_pool_min * naming_cpus
         started_ray = connect_ray(address, min_cpus)
         stop.install()  # after ray.init: it installs a SIGTERM handler of its own (sys.exit)
         pipeline_started = time.time()
@@ -762,6 +762,7 @@ def label_dataset(
                 extractor_cpus=extractor_cpus, ncut_pool=(ncut_pool_min, ncut_pool_max), ncut_cpus=ncut_cpus,
                 shard_rows=shard_rows, max_image_pixels=max_image_pixels, params_text=params_text,
                 keep_metadata=keep_metadata, limit=limit, vocabulary=vocabulary, naming_model=naming_model,
+                naming_pool=(naming_pool_min, naming_pool_max), naming_gpus=naming_gpus, naming_cpus=naming_cpus,
             )
         except JobInterrupted:
             log.warning("%s received: the run stops; shards already written stay valid, the same command "
@@ -848,7 +849,9 @@ def _run_pipeline(plan: dio.Plan, output: str, *, run_id: str, image_column: str
                   decode_cpus: float, extractor_pool: tuple[int, int], extractor_gpus: float | None, extractor_cpus: float,
                   ncut_pool: tuple[int, int], ncut_cpus: float, shard_rows: int, max_image_pixels: int,
                   params_text: str, keep_metadata: bool = False, limit: int | None = None,
-                  vocabulary: str | None = None, naming_model: str = DEFAULT_NAMING_MODEL) -> None:
+                  vocabulary: str | None = None, naming_model: str = DEFAULT_NAMING_MODEL,
+                  naming_pool: tuple[int, int] = (1, 1), naming_gpus: float | None = None,
+                  naming_cpus: float = 1.0) -> None:
     """Build the Ray Data pipeline for ``plan`` and run it to the end of the write."""
     from ray.data import ActorPoolStrategy
 
@@ -919,17 +922,17 @@ def _run_pipeline(plan: dio.Plan, output: str, *, run_id: str, image_column: str
         num_cpus=ncut_cpus,
     )
     if vocabulary is not None:
-        # Its own pool, sized like the feature pool: on the GPU nodes when the model runs on CUDA.
+        # Its own pool: on the GPU nodes when the model runs on CUDA (naming_gpus None), as the feature pool.
         dataset = dataset.map_batches(
             NamingStage,
             fn_constructor_kwargs=dict(naming_model=naming_model, vocabulary=vocabulary, device=actor_device,
                                        params=params_text, max_image_pixels=max_image_pixels,
                                        keep_metadata=keep_metadata),
-            compute=ActorPoolStrategy(min_size=extractor_pool[0], max_size=extractor_pool[1]),
+            compute=ActorPoolStrategy(min_size=naming_pool[0], max_size=naming_pool[1]),
             batch_size=1,  # rows are named one by one; batch_size may be "auto" (the feature actors')
             batch_format="pyarrow",
-            num_cpus=extractor_cpus,
-            num_gpus=1.0 if on_gpu else 0,
+            num_cpus=naming_cpus,
+            num_gpus=naming_gpus if naming_gpus is not None else (1.0 if on_gpu else 0),
         )
     filesystem, path = dio.arrow_filesystem(output)
     dataset.write_parquet(

@@ -28,6 +28,17 @@ For one row (:func:`rethreshold_row`):
 Error rows pass through unchanged. :func:`rethreshold_labels` streams a whole
 output shard by shard, batch by batch: one input shard gives one output shard
 of the same name and schema.
+
+Named outputs (``--vocabulary``): merged segments need new names, and the old
+ones cannot be combined into them (a class is not a mean of classes), so every
+re-thresholded ok row is named again (:class:`Renamer`): the image is read
+again from the row's ``source`` (local path, ``s3://`` URI or
+``file.parquet#row=N``; :class:`diffcut.gallery.SourceReader`), decoded at the
+mask size as the job's naming stage does, and named with the vocabulary and
+CLIP recorded in the row's ``params`` (or the ones passed instead, which then
+go into ``params``). A row whose image cannot be read or named becomes an
+error row saying why: one row per input, always. Passing a vocabulary for an
+output made without one names it.
 """
 
 from __future__ import annotations
@@ -184,6 +195,72 @@ def rethreshold_row(row: Mapping[str, Any], tau_prime: float) -> dict:
     )
 
 
+class Renamer:
+    """Names re-thresholded rows again, reading each image from its ``source``.
+
+    ``vocabulary`` / ``naming_model``: None takes what the row's ``params``
+    recorded. One :class:`diffcut.naming.SegmentNamer` per (model, vocabulary)
+    met, loaded on first use (the text classifier is computed once for each).
+    """
+
+    def __init__(self, vocabulary: str | None = None, naming_model: str | None = None, *, device: str = "cpu",
+                 images_root: str | None = None, image_column: str = "image", max_image_pixels: int | None = None):
+        from diffcut.gallery import SourceReader
+        from diffcut.io import DEFAULT_MAX_IMAGE_PIXELS
+
+        self.vocabulary, self.naming_model, self.device = vocabulary, naming_model, device
+        self.reader = SourceReader(images_root, image_column=image_column)
+        self.max_image_pixels = max_image_pixels or DEFAULT_MAX_IMAGE_PIXELS
+        self._namers: dict[tuple[str, str], Any] = {}
+        self.renamed = 0
+        self.failed = 0
+
+    def _namer(self, naming_model: str, vocabulary: str):
+        key = (naming_model, vocabulary)
+        if key not in self._namers:
+            from diffcut.naming import SegmentNamer
+
+            self._namers[key] = SegmentNamer(naming_model, vocabulary, device=self.device)
+        return self._namers[key]
+
+    def _image_bytes(self, source: str) -> bytes:
+        from diffcut.webdataset import split_source
+
+        if split_source(source) is not None:
+            raise ValueError("WebDataset sources (shard.tar#key) are not read back one sample at a time")
+        return self.reader.read(source)
+
+    def __call__(self, row: dict) -> dict:
+        """The named version of a re-thresholded ok ``row``, or an error row saying why not; never raises."""
+        from diffcut.io import decode_image, redact
+        from diffcut.naming import DEFAULT_NAMING_MODEL
+
+        params = json.loads(row["params"]) if row.get("params") else {}
+        vocabulary = self.vocabulary or params.get("vocabulary")
+        naming_model = self.naming_model or params.get("naming_model") or DEFAULT_NAMING_MODEL
+        params.update(vocabulary=vocabulary, naming_model=naming_model)
+        row["params"] = schema.params_json(params)
+        try:
+            if vocabulary is None:
+                raise ValueError("its params record no vocabulary; pass --vocabulary")
+            try:
+                data = self._image_bytes(row["source"])
+            except Exception as error:  # noqa: BLE001 - moved, deleted, no credentials...
+                raise ValueError(f"the image could not be read from its source {row['source']!r}: "
+                                 f"{type(error).__name__}: {error}") from None
+            size = (row["mask_width"], row["mask_height"])
+            pixels = decode_image(data, size, max_pixels=self.max_image_pixels).pixels
+            namer = self._namer(naming_model, vocabulary)
+            names = namer.name(pixels, schema.decode_mask(row["mask"]), row["num_segments"])
+            self.renamed += 1
+            return schema.named_row(row, names, namer.vocabulary.class_names)
+        except Exception as error:  # noqa: BLE001 - one image's failure is one error row
+            self.failed += 1
+            return schema.error_row(row["image_id"], row["source"],
+                                    redact(f"re-naming failed: {type(error).__name__}: {error}"),
+                                    params=row["params"], width=row["width"], height=row["height"])
+
+
 @dataclass
 class RethresholdSummary:
     """What :func:`rethreshold_labels` did."""
@@ -198,6 +275,10 @@ class RethresholdSummary:
     segments_before: int = 0
     segments_after: int = 0
     skipped_incomplete_shards: list[str] = field(default_factory=list)
+    #: named output: ok rows named again, and rows that became error rows because naming them failed.
+    named: bool = False
+    renamed: int = 0
+    renaming_failed: int = 0
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -215,7 +296,9 @@ def _run_taus(shards: list[str]) -> set[float]:
 
 
 def rethreshold_labels(input: str, output: str, tau: float, *, overwrite: bool = False,
-                       batch_rows: int = DEFAULT_BATCH_ROWS) -> RethresholdSummary:
+                       batch_rows: int = DEFAULT_BATCH_ROWS, vocabulary: str | None = None,
+                       naming_model: str | None = None, device: str = "cpu", images_root: str | None = None,
+                       image_column: str = "image") -> RethresholdSummary:
     """Re-threshold every row of the labeling job's output ``input`` at ``tau``; write to ``output``.
 
     Checks every run tau first (the ``params`` column only), so a ``tau``
@@ -228,6 +311,12 @@ def rethreshold_labels(input: str, output: str, tau: float, *, overwrite: bool =
         output: where to write; must differ from ``input``.
         tau: the new threshold, at most the tau of every labeled row.
         overwrite: replace shards already under ``output`` (else refuse).
+        vocabulary, naming_model: name the new segments with these instead of
+            what a named output's ``params`` recorded (a vocabulary also names
+            an output made without one). See :class:`Renamer`.
+        device, images_root, image_column: where the naming CLIP runs; what
+            relative ``source`` paths are resolved against; the image column of
+            ``file.parquet#row=N`` sources.
 
     Raises:
         ValueError: ``tau`` too large, ``output == input``, or ``output``
@@ -259,7 +348,12 @@ def rethreshold_labels(input: str, output: str, tau: float, *, overwrite: bool =
         for uri in existing + half_written:
             out_fs.rm(open_filesystem(uri)[1])
 
+    if vocabulary is not None:
+        from diffcut.naming import load_vocabulary
+
+        load_vocabulary(vocabulary)  # a bad vocabulary fails before anything is written
     summary = RethresholdSummary(input=input, output=output, tau=tau, skipped_incomplete_shards=incomplete)
+    renamer = Renamer(vocabulary, naming_model, device=device, images_root=images_root, image_column=image_column)
     out_fs, out_root = open_filesystem(output)
     out_fs.makedirs(out_root, exist_ok=True)
     for uri in shards:
@@ -268,16 +362,23 @@ def rethreshold_labels(input: str, output: str, tau: float, *, overwrite: bool =
         with in_fs.open(in_path, "rb") as source, out_fs.open(open_filesystem(target)[1], "wb") as sink:
             # A shard written with keep_metadata keeps its metadata column.
             columns = pq.ParquetFile(source, pre_buffer=False).schema_arrow.names
-            shard_schema = schema.labels_schema(keep_metadata=schema.METADATA_FIELD.name in columns)
+            keep_metadata = schema.METADATA_FIELD.name in columns
+            named_input = schema.SEMANTIC_MASK_FIELD.name in columns
+            named = named_input or vocabulary is not None
+            summary.named = summary.named or named
+            shard_schema = schema.labels_schema(keep_metadata=keep_metadata, named=named)
+            read_columns = schema.labels_schema(keep_metadata=keep_metadata, named=named_input).names
             with pq.ParquetWriter(sink, shard_schema) as writer:
-                for batch in schema.iter_shard_batches(source, batch_rows, shard_schema.names):
+                for batch in schema.iter_shard_batches(source, batch_rows, read_columns):
                     rows = []
                     for row in batch.to_pylist():
                         new_row = rethreshold_row(row, tau)
-                        if shard_schema is not schema.LABELS_SCHEMA:
+                        if named and new_row["status"] == schema.STATUS_OK:
+                            new_row = renamer(new_row)
+                        if keep_metadata:
                             new_row[schema.METADATA_FIELD.name] = row[schema.METADATA_FIELD.name]
                         summary.rows += 1
-                        if row["status"] == schema.STATUS_OK:
+                        if new_row["status"] == schema.STATUS_OK:
                             summary.ok += 1
                             summary.segments_before += int(row["num_segments"])
                             summary.segments_after += int(new_row["num_segments"])
@@ -286,4 +387,5 @@ def rethreshold_labels(input: str, output: str, tau: float, *, overwrite: bool =
                         rows.append(new_row)
                     writer.write_table(schema.rows_to_table(rows, shard_schema))
         summary.shards += 1
+    summary.renamed, summary.renaming_failed = renamer.renamed, renamer.failed
     return summary

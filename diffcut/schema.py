@@ -273,6 +273,16 @@ def ok_row(
     }
 
 
+def named_row(row: dict, names, class_names: Sequence[str]) -> dict:
+    """An ok ``row`` with the naming columns filled in (in place): ``names`` is a
+    :class:`diffcut.naming.Names` for its segments, ``class_names`` the vocabulary's."""
+    for segment, class_id, score in zip(row["segments"], names.class_id, names.class_score):
+        segment.update(class_id=int(class_id), class_score=float(score),
+                       class_name=class_names[class_id] if class_id >= 0 else None)
+    row["semantic_mask"] = encode_mask(names.semantic_mask)
+    return row
+
+
 def error_row(
     image_id: str,
     source: str,

@@ -205,7 +205,8 @@ def test_label_job_with_a_vocabulary_names_every_segment(sample_dir, tmp_path):
     output = str(tmp_path / "named")
     summary = label_dataset(str(sample_dir), output, model="tiny-random", device="cpu", resolution=64,
                             batch_size=2, decode_cpus=0.5, extractor_cpus=0.5, ncut_cpus=0.5, ncut_pool_max=1,
-                            mask_size="48", vocabulary="context", naming_model="tiny-random")
+                            mask_size="48", vocabulary="context", naming_model="tiny-random",
+                            naming_pool_max=1, naming_cpus=0.5)
     assert summary["params"]["vocabulary"] == "context" and summary["params"]["naming_model"] == "tiny-random"
     table = schema.read_labels(output)
     assert table.schema.names == list(schema.NAMED_COLUMNS)
@@ -219,3 +220,34 @@ def test_label_job_with_a_vocabulary_names_every_segment(sample_dir, tmp_path):
             if segment["area"]:
                 assert (semantic[mask == segment["segment_id"]] == segment["class_id"]).all()
     assert all(r["semantic_mask"] is None for r in rows if r["status"] == "error")
+
+
+def test_evaluate_names_scores_the_semantic_mask_of_a_named_output(tmp_path, capsys):
+    """--matching names on the job's Parquet output reads semantic_mask (class ids), not mask (segment ids)."""
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from diffcut.cli import main
+
+    truth = np.zeros((8, 8), np.uint8)
+    truth[:, 4:] = 2
+    segments = np.zeros((8, 8), np.int64)
+    segments[:, 4:] = 1  # segment 1 is class 2: scoring the segment ids would be wrong
+    (tmp_path / "gt").mkdir()
+    Image.fromarray(truth).save(tmp_path / "gt" / "a.png")
+    row = schema.ok_row(image_id="a.jpg", source="a.jpg", width=8, height=8, mask=segments,
+                        latent_labels=np.array([[0, 1]]), descriptors=np.eye(2, 4), tree={}, params="{}")
+    schema.named_row(row, naming.Names(np.array([0, 2]), np.array([0.9, 0.8], np.float32),
+                                       np.array([0, 2])[segments]), ["background", "cat", "dog"])
+    pq.write_table(schema.rows_to_table([row], schema.NAMED_LABELS_SCHEMA), tmp_path / "labels-x-0.parquet")
+    argv = ["evaluate", "-p", str(tmp_path / "labels-x-0.parquet"), "-g", str(tmp_path / "gt"), "-n", "3",
+            "--matching", "names", "--size", "0", "--json"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["miou"] == 1.0 and result["per_class_iou"] == [1.0, None, 1.0]
+    plain = dict(row)
+    plain.pop("semantic_mask")
+    plain["segments"] = [{k: s[k] for k in ("segment_id", "area", "bbox", "descriptor")} for s in row["segments"]]
+    pq.write_table(schema.rows_to_table([plain]), tmp_path / "labels-x-0.parquet")
+    assert main(argv) == 1
+    assert "made with --vocabulary" in capsys.readouterr().err

@@ -211,3 +211,108 @@ def test_reads_and_writes_s3(tmp_path, tiny_model_features, s3_bucket):
     rethreshold_labels(str(tmp_path / "labels"), str(tmp_path / "local"), 0.05)
     remote = schema.read_labels(f"s3://{s3_bucket}/runs/v1-tau0.05")
     assert remote.equals(schema.read_labels(str(tmp_path / "local")))
+
+
+# ------------------------------------------------------------------------ named outputs
+def named_shards(tmp_path, tiny_model_features, sample_dir):
+    """A named output as the job's naming stage writes it (the real NamingStage, tiny CLIP, VOC vocabulary),
+    with sources pointing at copies of the sample images (so that one can be deleted)."""
+    import shutil
+
+    import pyarrow as pa
+
+    from diffcut.pipeline import NamingStage
+
+    images = tmp_path / "images"
+    images.mkdir()
+    params = schema.params_json({"model": "tiny-random", "tau": RUN_TAU, "alpha": 10.0, "vocabulary": "voc",
+                                 "naming_model": "tiny-random"})
+    rows = labeled_rows(tiny_model_features)
+    for row in rows:
+        name = row["source"].rsplit("/", 1)[-1]
+        if row["status"] == "ok":
+            shutil.copy(sample_dir / name, images / name)
+        row["source"], row["params"] = str(images / name), params
+    table = schema.rows_to_table(rows)
+    data = [(images / r["source"].rsplit("/", 1)[-1]).read_bytes() if r["status"] == "ok" else None for r in rows]
+    stage = NamingStage("tiny-random", "voc", "cpu", params=params, max_image_pixels=10**8)
+    named = stage(table.append_column("image_bytes", pa.array(data, pa.binary()))).to_pylist()
+    assert all(r["semantic_mask"] for r in named if r["status"] == "ok")
+    import pyarrow.parquet as pq
+
+    (tmp_path / "labels").mkdir()
+    pq.write_table(schema.rows_to_table(named, schema.NAMED_LABELS_SCHEMA),
+                   tmp_path / "labels" / f"{schema.SHARD_PREFIX}named-000000.parquet")
+    return named, images
+
+
+def test_a_named_output_is_named_again_from_the_recorded_vocabulary_and_clip(tmp_path, tiny_model_features,
+                                                                             sample_dir):
+    from diffcut.io import decode_image
+    from diffcut.naming import SegmentNamer
+
+    torch.set_num_threads(1)
+    named, images = named_shards(tmp_path, tiny_model_features, sample_dir)
+    originals = {row["source"]: row for row in named}
+    namer = SegmentNamer("tiny-random", "voc", device="cpu")
+    # At the run's own tau nothing changes: naming again gives the job's names back.
+    same = rethreshold_labels(str(tmp_path / "labels"), str(tmp_path / "same"), RUN_TAU)
+    assert (same.rows, same.ok, same.error, same.renamed, same.renaming_failed) == (4, 3, 1, 3, 0)
+    for row in schema.read_labels(str(tmp_path / "same")).to_pylist():
+        original = originals[row["source"]]
+        assert row["semantic_mask"] == original["semantic_mask"] and row["status"] == original["status"]
+        if row["status"] == "ok":
+            assert [s["class_id"] for s in row["segments"]] == [s["class_id"] for s in original["segments"]]
+            assert [s["class_score"] for s in row["segments"]] == [s["class_score"] for s in original["segments"]]
+
+    # Below it segments merge; their names are those of the merged masks, not the old ones.
+    (images / "tiles.png").unlink()  # this row's image is gone: it becomes an error row
+    summary = rethreshold_labels(str(tmp_path / "labels"), str(tmp_path / "out"), 0.05)
+    assert (summary.rows, summary.ok, summary.error, summary.renamed, summary.renaming_failed) == (4, 2, 2, 2, 1)
+    table = schema.read_labels(str(tmp_path / "out"))
+    assert table.schema.equals(schema.NAMED_LABELS_SCHEMA, check_metadata=False)
+    merged = False
+    for row in table.to_pylist():
+        params = json.loads(row["params"])
+        if row["source"].endswith("tiles.png"):
+            assert row["status"] == "error" and row["semantic_mask"] is None
+            assert row["error"].startswith("re-naming failed") and "could not be read from its source" in row["error"]
+            assert params["tau"] == 0.05 and params["vocabulary"] == "voc"
+            continue
+        if row["status"] != "ok":
+            assert row["error"] == "not an image"
+            continue
+        assert params["vocabulary"] == "voc" and params["naming_model"] == "tiny-random" and params["tau"] == 0.05
+        mask = schema.decode_mask(row["mask"])
+        pixels = decode_image(open(row["source"], "rb").read(), (row["mask_width"], row["mask_height"])).pixels
+        expected = namer.name(pixels, mask, row["num_segments"])
+        assert [s["class_id"] for s in row["segments"]] == expected.class_id.tolist()
+        assert [s["class_name"] for s in row["segments"]] == [namer.vocabulary.class_names[c] for c in
+                                                               expected.class_id]
+        np.testing.assert_allclose([s["class_score"] for s in row["segments"]], expected.class_score, rtol=1e-5)
+        np.testing.assert_array_equal(schema.decode_mask(row["semantic_mask"]), expected.semantic_mask)
+        merged |= row["num_segments"] < originals[row["source"]]["num_segments"]
+    assert merged
+
+
+def test_command_line_names_with_the_vocabulary_given(tmp_path, tiny_model_features, sample_dir, capsys):
+    """--vocabulary FILE replaces the recorded vocabulary; it also names an output made without one."""
+    rows = labeled_rows(tiny_model_features)
+    for row in rows:  # the plain job's rows, sources relative to the images root
+        row["source"] = row["source"].rsplit("/", 1)[-1]
+    write_shards(tmp_path / "labels", rows, shards=1)
+    vocabulary = tmp_path / "classes.txt"
+    vocabulary.write_text("sky, clouds\ntree\nroad\n")
+    argv = ["rethreshold", "-i", str(tmp_path / "labels"), "-t", "0.1", "-o", str(tmp_path / "out"),
+            "--vocabulary", str(vocabulary), "--naming-model", "tiny-random", "--images-root", str(sample_dir)]
+    assert cli_main(argv) == 0
+    assert "named the new segments again: 3 rows; 0 rows could not be named" in capsys.readouterr().out
+    table = schema.read_labels(str(tmp_path / "out"))
+    assert table.schema.equals(schema.NAMED_LABELS_SCHEMA, check_metadata=False)
+    ok = [r for r in table.to_pylist() if r["status"] == "ok"]
+    assert len(ok) == 3 and all(s["class_name"] in ("sky", "tree", "road") for r in ok for s in r["segments"])
+    assert {json.loads(r["params"])["vocabulary"] for r in ok} == {str(vocabulary)}
+    assert cli_main(argv[:-2] + ["--overwrite"]) == 0  # without the images root the sources are not found
+    assert "0 rows; 3 rows could not be named" in capsys.readouterr().out
+    assert cli_main(argv + ["--overwrite", "--vocabulary", str(tmp_path / "missing.txt")]) == 2
+    assert "neither" in capsys.readouterr().err

@@ -11,6 +11,18 @@ With ``--refine`` the same segmentations are scored twice, without and with
 PAMR; PAMR runs *inside* the protocol as in the published evaluation: after
 the background merge, before the final matching, on the image resized to
 128 x 128.
+
+With ``--vocabulary`` (VOC, Context, COCO-Object: their built-in class names;
+or a FILE with the benchmark's classes in its order) every segment is named by
+the CLIP of :mod:`diffcut.naming` and the class ids are scored as they are, no
+matching (:class:`diffcut.evaluate.SegmentationEvaluator` ``matching="names"``),
+as the authors' ``eval_diffcut_openvoc.py``: the per-image averaged mIoU it
+reports and the dataset-level mIoU. Vocabulary indices become evaluation ids
+through :func:`diffcut.datasets.vocabulary_eval_ids` (COCO-Object: vocabulary
+0 "background" is our 80). With ``--refine`` the segments are refined with
+PAMR before naming, as there. Differences from the published script: both maps
+are compared at 128 x 128 (it compares at 1024 x 1024), and COCO-Object images
+are not upsampled to 2048 for CLIP.
 """
 
 from __future__ import annotations
@@ -23,11 +35,14 @@ from pathlib import Path
 
 import numpy as np
 
-from diffcut.datasets import (BENCHMARKS, BenchmarkDataset, BenchmarkSpec, open_benchmark, paper_preprocess,
-                              resize_bilinear)
+from diffcut.datasets import (BENCHMARK_VOCABULARIES, BENCHMARKS, BenchmarkDataset, BenchmarkSpec, open_benchmark,
+                              paper_preprocess, resize_bilinear, vocabulary_eval_ids)
 from diffcut.evaluate import COMPARE_SIZE, EvaluationResult, SegmentationEvaluator
+from diffcut.naming import DEFAULT_NAMING_MODEL
 
 DEFAULT_MODEL = "segmind/SSD-1B"
+#: ``--vocabulary`` without a value: the benchmark's own built-in vocabulary.
+DATASET_VOCABULARY = "dataset"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,6 +58,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", type=float, default=10.0, help="affinity exponent (default 10)")
     parser.add_argument("--resolution", type=int, default=1024, help="input side after the crop (default 1024)")
     parser.add_argument("--batch-size", type=int, default=4, help="images per feature-extraction batch")
+    parser.add_argument("--vocabulary", nargs="?", const=DATASET_VOCABULARY, default=None,
+                        help="name the segments and score the names (no matching): alone, the benchmark's "
+                             f"built-in class names ({', '.join(sorted(BENCHMARK_VOCABULARIES))}); or one of "
+                             "those, or FILE (the benchmark's classes in its order, synonyms comma-separated)")
+    parser.add_argument("--naming-model", default=DEFAULT_NAMING_MODEL,
+                        help="open_clip ConvNeXt CLIP for --vocabulary: name:pretrained tag, hub id, local folder "
+                             f"(safetensors), or tiny-random (default {DEFAULT_NAMING_MODEL})")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
@@ -59,12 +81,14 @@ def _batches(dataset: BenchmarkDataset, size: int):
 
 
 def run_benchmark(dataset: BenchmarkDataset, segmenter, *, resolution: int = 1024, refine: bool = False,
-                  batch_size: int = 4, progress=None) -> dict[str, EvaluationResult]:
+                  batch_size: int = 4, progress=None, namer=None) -> dict[str, EvaluationResult]:
     """Segment and score every image of ``dataset``.
 
     Returns ``{"none": result}`` and, with ``refine``, ``{"pamr": result}`` as
     well, both from the same segmentations. ``progress(done, total, results)``
-    is called after each batch.
+    is called after each batch. With a ``namer`` (:class:`diffcut.naming.SegmentNamer`
+    whose vocabulary fits the benchmark) the segments are named and scored with
+    ``matching="names"`` (refined segments are named after PAMR).
     """
     import torch
 
@@ -73,9 +97,17 @@ def run_benchmark(dataset: BenchmarkDataset, segmenter, *, resolution: int = 102
     if resolution % stride:
         raise ValueError(f"--resolution {resolution} is not a multiple of the model's stride {stride}")
 
+    eval_ids = None if namer is None else vocabulary_eval_ids(spec.name, len(namer.vocabulary))
+
     def new_evaluator() -> SegmentationEvaluator:
         return SegmentationEvaluator(spec.num_classes, background_class=spec.background_class,
-                                     ignore_index=spec.ignore_index, size=COMPARE_SIZE)
+                                     ignore_index=spec.ignore_index, size=COMPARE_SIZE,
+                                     matching="per-image" if namer is None else "names")
+
+    def named(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """The segments' class ids, as evaluation ids, per pixel."""
+        names = namer.name(image, mask, int(mask.max()) + 1)
+        return eval_ids[names.semantic_mask]
 
     evaluators = {"none": new_evaluator()}
     if refine:
@@ -88,10 +120,15 @@ def run_benchmark(dataset: BenchmarkDataset, segmenter, *, resolution: int = 102
         pixels = torch.from_numpy(np.stack([image.transpose(2, 0, 1) for image, _ in prepared]))
         results = segmenter.segment(pixels, mask_sizes=[COMPARE_SIZE] * len(batch))
         for (image, labels), result in zip(prepared, results):
+            # The published evaluation refines with the input image resized to the mask size.
+            small = resize_bilinear(image, COMPARE_SIZE) if refine else None
+            if namer is not None:
+                evaluators["none"].update(named(image, result.mask), labels)
+                if refine:
+                    evaluators["pamr"].update(named(image, refine_pamr(small, result.mask)), labels)
+                continue
             evaluators["none"].update(result.mask, labels)
             if refine:
-                # The published evaluation refines with the input image resized to the mask size.
-                small = resize_bilinear(image, COMPARE_SIZE)
                 evaluators["pamr"].update(result.mask, labels,
                                           refine=lambda mask, small=small: refine_pamr(small, mask))
         done += len(batch)
@@ -105,13 +142,27 @@ def _pct(value: float | None) -> str:
 
 
 def format_table(spec: BenchmarkSpec, results: dict[str, EvaluationResult], header: str) -> str:
-    """Our mIoU and pixel accuracy beside the paper's mIoU, one row per refinement setting."""
+    """Our mIoU and pixel accuracy beside the paper's mIoU, one row per refinement setting.
+
+    Named results (``matching="names"``) show the per-image averaged mIoU (the
+    published open-vocabulary script's) and the dataset-level mIoU instead; the
+    paper's unsupervised mIoU is not comparable to them and is not shown.
+    """
     paper = {"none": spec.paper_miou, "pamr": spec.paper_miou_pamr}
     names = {"none": "without PAMR", "pamr": "with PAMR"}
-    rows = [("", "mIoU ours", "mIoU paper", "pixel acc. ours")]
+    if any(result.matching == "names" for result in results.values()):
+        rows = [("", "per-image mIoU", "dataset mIoU", "pixel acc.")]
+        cells = lambda r: (_pct(r.per_image_miou), _pct(r.miou), _pct(r.pixel_accuracy))  # noqa: E731
+    else:
+        rows = [("", "mIoU ours", "mIoU paper", "pixel acc. ours")]
+        cells = None
     for key in ("none", "pamr"):
         if key in results:
-            rows.append((names[key], _pct(results[key].miou), f"{paper[key]:.1f}", _pct(results[key].pixel_accuracy)))
+            if cells is not None:
+                rows.append((names[key], *cells(results[key])))
+            else:
+                rows.append((names[key], _pct(results[key].miou), f"{paper[key]:.1f}",
+                             _pct(results[key].pixel_accuracy)))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = [header]
     for row in rows:
@@ -129,12 +180,32 @@ def run(args: argparse.Namespace) -> int:
         print("diffcut benchmark: error: --batch-size must be >= 1", file=sys.stderr)
         return 2
 
+    spec = dataset.spec
+    vocabulary = None
+    if args.vocabulary is not None:
+        from diffcut.naming import load_vocabulary
+
+        spec_name = BENCHMARK_VOCABULARIES.get(spec.name) if args.vocabulary == DATASET_VOCABULARY else args.vocabulary
+        try:
+            if spec_name is None:
+                raise ValueError(f"benchmark {spec.name!r} has no built-in vocabulary (built in: "
+                                 f"{', '.join(sorted(BENCHMARK_VOCABULARIES))}); pass --vocabulary FILE")
+            vocabulary = load_vocabulary(spec_name)
+            vocabulary_eval_ids(spec.name, len(vocabulary))  # a vocabulary that does not fit fails here, early
+        except (OSError, ValueError) as error:
+            print(f"diffcut benchmark: error: --vocabulary: {error}", file=sys.stderr)
+            return 1
+
     from diffcut.features import FeatureExtractor
     from diffcut.segmenter import DiffCutSegmenter
 
     extractor = FeatureExtractor.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     segmenter = DiffCutSegmenter(extractor, tau=args.tau, alpha=args.alpha, refine=False)
-    spec = dataset.spec
+    namer = None
+    if vocabulary is not None:
+        from diffcut.naming import SegmentNamer
+
+        namer = SegmentNamer(args.naming_model, vocabulary, device=str(extractor.device), resolution=args.resolution)
 
     step = max(1, len(dataset) // 20)  # about twenty progress lines per run
     last_line = {"at": 0}
@@ -149,7 +220,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     try:
         results = run_benchmark(dataset, segmenter, resolution=args.resolution, refine=args.refine,
-                                batch_size=args.batch_size, progress=progress)
+                                batch_size=args.batch_size, progress=progress, namer=namer)
     except ValueError as error:
         print(f"diffcut benchmark: error: {error}", file=sys.stderr)
         return 1
@@ -157,20 +228,22 @@ def run(args: argparse.Namespace) -> int:
     throughput = len(dataset) / seconds if seconds > 0 else float("nan")
     device = str(extractor.device)
 
+    naming = {} if namer is None else {"vocabulary": vocabulary.name, "naming_model": args.naming_model}
     if args.json:
         print(json.dumps({
             "dataset": spec.name, "title": spec.title, "layout": dataset.layout, "images": len(dataset),
             "limit": args.limit, "model": args.model, "device": device, "tau": args.tau, "alpha": args.alpha,
-            "resolution": args.resolution, "images_per_second": throughput,
+            "resolution": args.resolution, "images_per_second": throughput, **naming,
             "results": {
-                key: {**result.to_dict(),
-                      "paper_miou": (spec.paper_miou if key == "none" else spec.paper_miou_pamr) / 100}
+                key: {**result.to_dict(), **({} if namer is not None else {
+                      "paper_miou": (spec.paper_miou if key == "none" else spec.paper_miou_pamr) / 100})}
                 for key, result in results.items()
             },
         }))
         return 0
+    named = "" if namer is None else f", named with {vocabulary.name} by {args.naming_model}"
     header = (f"DiffCut zero-shot benchmark: {spec.title} ({spec.name}), {len(dataset)} images, model {args.model}, "
-              f"tau {args.tau:g}, alpha {args.alpha:g}, resolution {args.resolution}, {device}")
+              f"tau {args.tau:g}, alpha {args.alpha:g}, resolution {args.resolution}, {device}{named}")
     print(format_table(spec, results, header))
     if args.limit is not None:
         print(f"note: ours over the first {len(dataset)} images only; the paper's over the whole split")

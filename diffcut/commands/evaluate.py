@@ -5,7 +5,9 @@ recursively). Predictions: a folder of PNG label maps with the same file
 stems, or the labeling job's Parquet output (a ``.parquet`` file or a folder
 of them) whose ``mask`` column holds PNG-encoded label maps, matched by the
 base name of ``image_id`` without its extension. Rows whose ``status`` is not
-``"ok"`` are skipped and counted.
+``"ok"`` are skipped and counted. With ``--matching names`` a Parquet output's
+``semantic_mask`` column (class ids; outputs made with ``--vocabulary``) is
+scored instead of ``mask`` (segment ids).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 from diffcut.evaluate import (COMPARE_SIZE, IGNORE_INDEX, MATCHING_MODES, EvaluationResult,
                               SegmentationEvaluator)
 
-_MASK_COLUMNS = ("image_id", "status", "mask")
+_ROW_COLUMNS = ("image_id", "status")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -80,8 +82,9 @@ def is_parquet_source(path: Path) -> bool:
     return any(path.rglob("*.parquet")) and not any(path.rglob("*.png"))
 
 
-def iter_parquet_masks(path: Path, wanted: set[str], stats: dict) -> Iterator[tuple[str, np.ndarray]]:
-    """(stem, label map) for the ``ok`` rows of a Parquet output whose stem is wanted.
+def iter_parquet_masks(path: Path, wanted: set[str], stats: dict,
+                       mask_column: str = "mask") -> Iterator[tuple[str, np.ndarray]]:
+    """(stem, label map from ``mask_column``) for the ``ok`` rows of a Parquet output whose stem is wanted.
 
     Reads batch by batch, so a large output never sits in memory whole. As
     :func:`diffcut.schema.read_labels` does, a file without a readable footer
@@ -100,15 +103,18 @@ def iter_parquet_masks(path: Path, wanted: set[str], stats: dict) -> Iterator[tu
             stats["unreadable"].append(f"{file} ({error.__class__.__name__})")
             continue
         names = parquet.schema_arrow.names
-        missing = [c for c in _MASK_COLUMNS if c not in names]
+        wanted_columns = [*_ROW_COLUMNS, mask_column]
+        missing = [c for c in wanted_columns if c not in names]
         if missing:
+            made_without = " (scoring names needs an output made with --vocabulary)" \
+                if mask_column == "semantic_mask" else ""
             raise ValueError(f"{file}: no column(s) {missing}; expected the labeling job's output "
-                             f"with columns {list(_MASK_COLUMNS)}")
-        columns = [*_MASK_COLUMNS, "source"] if "source" in names else list(_MASK_COLUMNS)
+                             f"with columns {wanted_columns}{made_without}")
+        columns = [*wanted_columns, "source"] if "source" in names else wanted_columns
         for batch in parquet.iter_batches(columns=columns, batch_size=256):
             rows = batch.to_pydict()
             sources = rows.get("source") or rows["image_id"]
-            for image_id, source, status, mask in zip(rows["image_id"], sources, rows["status"], rows["mask"]):
+            for image_id, source, status, mask in zip(rows["image_id"], sources, rows["status"], rows[mask_column]):
                 stem = Path(str(image_id).replace("\\", "/").rsplit("/", 1)[-1]).stem
                 if stem in owner:
                     if owner[stem] == source:
@@ -168,7 +174,8 @@ def run(args: argparse.Namespace) -> int:
         wanted = set(ground_truth)
         stats = {"skipped": [], "unused": 0, "duplicates": 0, "unreadable": []}
         if is_parquet_source(args.predictions):
-            predictions = iter_parquet_masks(args.predictions, wanted, stats)
+            predictions = iter_parquet_masks(args.predictions, wanted, stats,
+                                             "semantic_mask" if args.matching == "names" else "mask")
         elif args.predictions.is_dir():
             predictions = iter_png_masks(args.predictions, wanted, stats)
         else:

@@ -139,6 +139,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     pools.add_argument("--ncut-pool-min", type=int, default=d["ncut_pool_min"], help="minimum segmentation actors")
     pools.add_argument("--ncut-pool-max", type=int, default=d["ncut_pool_max"], help="maximum segmentation actors")
     pools.add_argument("--ncut-cpus", type=float, default=d["ncut_cpus"], help="CPUs per segmentation actor")
+    pools.add_argument("--naming-pool-min", type=int, default=d["naming_pool_min"],
+                       help="minimum naming actors (--vocabulary)")
+    pools.add_argument("--naming-pool-max", type=int, default=d["naming_pool_max"],
+                       help="maximum naming actors (--vocabulary)")
+    pools.add_argument("--naming-gpus", type=float, default=d["naming_gpus"],
+                       help="GPUs each naming actor requests (default: 1 when the model runs on CUDA, 0 on CPU)")
+    pools.add_argument("--naming-cpus", type=float, default=d["naming_cpus"], help="CPUs per naming actor")
     pools.add_argument("--shard-rows", type=int, default=d["shard_rows"], help="rows per output Parquet shard (at least)")
     pools.add_argument("--address", default=d["address"],
                        help="Ray cluster to join (default: RAY_ADDRESS, else an embedded Ray on 127.0.0.1)")
