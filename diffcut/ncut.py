@@ -108,8 +108,10 @@ _LANCZOS_TOL = 1e-13
 _LANCZOS_MAX_STEPS = 400
 # The most Lanczos steps between two convergence checks (see _lanczos_fiedler).
 _MAX_CHECK_INTERVAL = 8
-# A cold start resolves the rest of the cluster for at most this fraction more steps.
+# A cold start resolves the rest of the cluster for at most this fraction more
+# steps, and only if at most this fraction of its Ritz values are in the cluster.
 _CLUSTER_EXTRA_STEPS = 1.0
+_CLUSTER_MAX_FRACTION = 0.25
 # A child region is copied out of its ambient matrix once it has at most this
 # fraction of the ambient cells; larger ones work on the ambient matrix (see
 # _RegionGraph). Products with the ambient matrix cost (1/fraction)^2 times
@@ -133,6 +135,8 @@ _WARM_START_RANDOM = 1e-6
 
 
 _THREADPOOLS = None
+# The draws behind _start_vector (grown on demand).
+_RANDOM_DRAWS = np.empty(0)
 
 
 def _one_blas_thread():
@@ -167,9 +171,9 @@ def _to_numpy(values: Any) -> np.ndarray:
 
 
 def _cell_features(features: Any) -> tuple[np.ndarray, tuple[int, ...]]:
-    """Validate ``features`` ((h, w, c) or (n, c)) and return (float64 (n, c) array, grid shape).
+    """Validate ``features`` ((h, w, c) or (n, c)) and return (float32 or float64 (n, c) array, grid shape).
 
-    The array is the input itself when it already is float64 (no copy); it is
+    The array is the input itself when it already is float32 or float64 (no copy); it is
     checked for NaN/inf by :func:`_affinity_from_cells`, on its row norms.
     """
     array = _to_numpy(features)
@@ -182,7 +186,10 @@ def _cell_features(features: Any) -> tuple[np.ndarray, tuple[int, ...]]:
     if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)
             or array.dtype == np.bool_):
         raise ValueError(f"features must be real numbers, got dtype {array.dtype}")
-    cells = np.asarray(array.reshape(-1, array.shape[-1]), dtype=np.float64)
+    # float16/float32 stay float32 (their squares cannot overflow float64, in
+    # which the norms are computed); everything else becomes float64.
+    dtype = np.float32 if array.dtype in (np.float16, np.float32) else np.float64
+    cells = np.asarray(array.reshape(-1, array.shape[-1]), dtype=dtype)
     return cells, tuple(int(s) for s in array.shape[:-1])
 
 
@@ -226,7 +233,7 @@ def affinity_matrix(features: Any, alpha: float = 10.0) -> np.ndarray:
 
 
 def _affinity_from_cells(cells: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
-    """The affinity of §2.2 and its row sums, from an (n, c) float64 array (left unchanged).
+    """The affinity of §2.2 and its row sums, from an (n, c) float32 or float64 array (left unchanged).
 
     BLAS syrk fills one triangle of the cosine similarities (half the work of
     a full product); the min-max scaling and the power then run over that
@@ -235,7 +242,8 @@ def _affinity_from_cells(cells: np.ndarray, alpha: float) -> tuple[np.ndarray, n
     accumulated on the way, saving the recursion a pass over the matrix.
     """
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
-        norms = np.linalg.norm(cells, axis=1)
+        # Squares summed in float64 whatever the input (einsum casts on the fly).
+        norms = np.sqrt(np.einsum("ij,ij->i", cells, cells, dtype=np.float64))
     suspect = ~np.isfinite(norms) | (norms == 0)
     if suspect.any():
         # A NaN or inf entry makes its row's norm non-finite.
@@ -247,10 +255,12 @@ def _affinity_from_cells(cells: np.ndarray, alpha: float) -> tuple[np.ndarray, n
         peak = np.abs(cells[suspect]).max(axis=1)
         rows = np.flatnonzero(suspect)[peak > 0]
         cells[rows] /= peak[peak > 0, None]
-        norms[rows] = np.linalg.norm(cells[rows], axis=1)
-    # zero vectors stay zero (0 / 1)
-    cells = cells / np.where(norms > 0, norms, 1.0)[:, None]
+        norms[rows] = np.linalg.norm(cells[rows].astype(np.float64), axis=1)
     n = cells.shape[0]
+    # Unit vectors, divided in float64 and rounded to float32 in one pass (zero
+    # vectors stay zero: 0 / 1).
+    unit32 = np.empty(cells.shape, dtype=np.float32)
+    np.divide(cells, np.where(norms > 0, norms, 1.0)[:, None], out=unit32, casting="unsafe")
     # The Gram matrix in float32 (BLAS ssyrk: 2.9x faster than dsyrk on one
     # core here; the products of unit vectors carry errors of about 1e-7, far
     # below what separates the cells from the candidate thresholds -- checked on
@@ -259,7 +269,8 @@ def _affinity_from_cells(cells: np.ndarray, alpha: float) -> tuple[np.ndarray, n
     # syrk on cells.T (Fortran order, no copy) gives the upper triangle of
     # cells @ cells.T in Fortran order: its transpose is C-ordered with the
     # values in the lower triangle (row >= column).
-    similarity32 = blas.ssyrk(1.0, np.asarray(cells.T, dtype=np.float32), trans=1, lower=0).T
+    similarity32 = blas.ssyrk(1.0, unit32.T, trans=1, lower=0).T
+    del unit32
     rows = min(n, max(16, _STRIP_BYTES // (8 * n)))
     above_diagonal = np.triu(np.ones((rows, rows), dtype=bool), 1)
     low, high = np.inf, -np.inf
@@ -275,19 +286,40 @@ def _affinity_from_cells(cells: np.ndarray, alpha: float) -> tuple[np.ndarray, n
         return np.ones((n, n)), np.full(n, float(n))
     span = high - low
     similarity = np.empty((n, n))
+    scratch = np.empty(rows * n)
     degrees = np.zeros(n)
     for start in range(0, n, rows):
         stop = min(n, start + rows)
         strip = similarity[start:stop, :stop]
         np.subtract(similarity32[start:stop, :stop], low, out=strip)
         np.divide(strip, span, out=strip)
-        np.power(strip, alpha, out=strip)
+        _power_in_place(strip, alpha, scratch)
         below_diagonal = similarity[start:stop, :start]
         similarity[:start, start:stop] = below_diagonal.T
         degrees[start:stop] += strip.sum(axis=1)
         degrees[:start] += below_diagonal.sum(axis=0)
     del similarity32
     return similarity, degrees
+
+
+def _power_in_place(x: np.ndarray, alpha: float, scratch: np.ndarray) -> None:
+    """``x **= alpha`` for ``x`` in [0, 1]; ``scratch`` has at least ``x.size`` elements.
+
+    An integer exponent up to 64 (the paper's is 10) goes by binary
+    exponentiation, a few multiplications (3.4x faster than ``np.power`` on a
+    128 x 1024 strip here; within 6e-16 relative of it at 10); any other
+    exponent by ``np.power``.
+    """
+    exponent = int(alpha)
+    if exponent != alpha or not 1 <= exponent <= 64:
+        np.power(x, alpha, out=x)
+        return
+    base = scratch[: x.size].reshape(x.shape)
+    np.copyto(base, x)
+    for bit in bin(exponent)[3:]:
+        np.multiply(x, x, out=x)
+        if bit == "1":
+            np.multiply(x, base, out=x)
 
 
 # ----------------------------------------------------------------------------
@@ -459,9 +491,16 @@ def _fiedler(
 
 
 def _start_vector(trivial: np.ndarray) -> np.ndarray:
-    """The fixed pseudo-random unit vector orthogonal to ``trivial``."""
-    start = np.random.default_rng(_LANCZOS_SEED).standard_normal(trivial.shape[0])
-    start -= trivial * (trivial @ start)
+    """The fixed pseudo-random unit vector orthogonal to ``trivial``.
+
+    Its entries are the first n draws of one seeded stream (a longer draw has
+    the shorter one as its prefix), generated once and kept.
+    """
+    global _RANDOM_DRAWS
+    n = trivial.shape[0]
+    if _RANDOM_DRAWS.shape[0] < n:
+        _RANDOM_DRAWS = np.random.default_rng(_LANCZOS_SEED).standard_normal(max(n, 4096))
+    start = _RANDOM_DRAWS[:n] - trivial * (trivial @ _RANDOM_DRAWS[:n])
     return start / np.linalg.norm(start)
 
 
@@ -483,9 +522,12 @@ def _warm_start(
     an approximate Fiedler vector; Lanczos starts from it plus
     _WARM_START_RANDOM times the fixed random vector (which gives every
     eigenvector a share, as a random start does) and stops on the same residual
-    test as a cold start. Measured on the large children of 16-region maps:
-    15-25 products instead of 90-110; the resulting ``y`` differed from the
-    cold start's by about 1e-6 (relative), the cut not at all. The Rayleigh-Ritz
+    test as a cold start. Measured (benchmarks/ncut_warm_start.py, products
+    with W counted): 2.0x less solver work on 16-region maps, 2.25x on 32,
+    1.2x on benchmarks/ncut.py's maps, the same on noise; segments identical on
+    every map. On a large child the resulting ``y`` differed from a cold
+    start's by about 1e-6 (relative): both are within the cold start's own
+    error (residual / gap: 1e-13 / 1e-8). The Rayleigh-Ritz
     vectors of Ritz value above _CLUSTER_MIN_RITZ are the children's cluster
     basis. With no inherited cluster (or none of it above _CLUSTER_MIN_RITZ)
     the start is the plain one.
@@ -567,11 +609,14 @@ def _lanczos_fiedler(
 
     A cold start goes on after the Fiedler vector converged until every Ritz
     value above _CLUSTER_MIN_RITZ has converged to _CLUSTER_RESIDUAL too, for
-    at most _CLUSTER_EXTRA_STEPS times the steps taken so far: the children's
-    warm starts need the whole cluster (measured on a 32-region map: with 24 of
-    its 31 cluster vectors converged, the warm-started children took 170 steps
-    instead of 180; see _warm_start). The Fiedler vector is then the top Ritz
-    vector of the larger Krylov space (smaller residual still).
+    at most _CLUSTER_EXTRA_STEPS times the steps taken so far, unless more
+    than _CLUSTER_MAX_FRACTION of the Ritz values are above it (no cluster apart
+    from the bulk, as on i.i.d. noise): the children's warm starts need the
+    whole cluster (measured on a 32-region map: with only the 24 of its 31
+    cluster vectors that had converged with the Fiedler vector, the
+    warm-started children took 170 steps instead of 180; with all, 70-100).
+    The Fiedler vector is then the top Ritz vector of the larger Krylov space
+    (smaller residual still).
     """
     n = graph.size
     max_steps = min(n - 1, _LANCZOS_MAX_STEPS)
@@ -641,6 +686,9 @@ def _lanczos_fiedler(
                 ritz = vector
                 if invariant or start is not None or step == max_steps - 1:
                     break
+                values = scipy.linalg.eigvalsh_tridiagonal(diagonal[: step + 1], offdiagonal[:step])
+                if (values > _CLUSTER_MIN_RITZ).sum() > _CLUSTER_MAX_FRACTION * (step + 1):
+                    break  # no cluster apart from a bulk (e.g. i.i.d. noise): nothing to resolve
                 resolved_at = step
                 next_check = step + _MAX_CHECK_INTERVAL
             elif invariant:
