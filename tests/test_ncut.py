@@ -1,4 +1,4 @@
-"""Tests of diffcut.ncut: the affinity and recursive normalized cut of DESIGN.md §2.2-2.3."""
+"""Tests of diffcut.method.ncut: the affinity and recursive normalized cut of DESIGN.md §2.2-2.3."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from threadpoolctl import threadpool_limits
 
-from diffcut.ncut import (
+from diffcut.method.ncut import (
     SplitTree,
     affinity_matrix,
     best_cut,

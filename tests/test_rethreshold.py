@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from diffcut import schema
-from diffcut.assign import segment_embeddings, segment_stats
+from diffcut.job import schema
+from diffcut.method.assign import segment_embeddings, segment_stats
 from diffcut.cli import main as cli_main
-from diffcut.ncut import recursive_ncut
-from diffcut.rethreshold import merge_map, prune_tree, rethreshold_labels, rethreshold_row
-from diffcut.segmenter import segment_features
+from diffcut.method.ncut import recursive_ncut
+from diffcut.tools.rethreshold import merge_map, prune_tree, rethreshold_labels, rethreshold_row
+from diffcut.method.segmenter import segment_features
 
 RUN_TAU = 0.5
 
@@ -86,7 +86,7 @@ def tiny_model_features(sample_dir):
     """
     from PIL import Image
 
-    from diffcut.features import FeatureExtractor
+    from diffcut.method.features import FeatureExtractor
 
     extractor = FeatureExtractor.from_pretrained("tiny-random", device="cpu")
     names = ["landscape.jpg", "tiles.png", "portrait.jpg"]

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from diffcut.datasets import (BENCHMARKS, BenchmarkDataset, BenchmarkSpec, open_benchmark, paper_preprocess,
+from diffcut.evaluation.datasets import (BENCHMARKS, BenchmarkDataset, BenchmarkSpec, open_benchmark, paper_preprocess,
                               resize_bilinear)
-from diffcut.evaluate import COMPARE_SIZE, EvaluationResult, SegmentationEvaluator
+from diffcut.evaluation.protocol import COMPARE_SIZE, EvaluationResult, SegmentationEvaluator
 
 DEFAULT_MODEL = "segmind/SSD-1B"
 
@@ -79,7 +79,7 @@ def run_benchmark(dataset: BenchmarkDataset, segmenter, *, resolution: int = 102
 
     evaluators = {"none": new_evaluator()}
     if refine:
-        from diffcut.refine import refine_pamr
+        from diffcut.method.refine import refine_pamr
 
         evaluators["pamr"] = new_evaluator()
     done = 0
@@ -129,8 +129,8 @@ def run(args: argparse.Namespace) -> int:
         print("diffcut benchmark: error: --batch-size must be >= 1", file=sys.stderr)
         return 2
 
-    from diffcut.features import FeatureExtractor
-    from diffcut.segmenter import DiffCutSegmenter
+    from diffcut.method.features import FeatureExtractor
+    from diffcut.method.segmenter import DiffCutSegmenter
 
     extractor = FeatureExtractor.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     segmenter = DiffCutSegmenter(extractor, tau=args.tau, alpha=args.alpha, refine=False)

@@ -346,7 +346,7 @@ def list_inputs(uri: str, format: str = "auto", *, exclude: str | None = None) -
     Args:
         uri: where the inputs are.
         format: ``"images"`` (files with an image extension), ``"parquet"``,
-            ``"webdataset"`` (``.tar`` shards, :mod:`diffcut.webdataset`), or
+            ``"webdataset"`` (``.tar`` shards, :mod:`diffcut.job.webdataset`), or
             ``"auto"``: whichever kind is present (two kinds present is an error;
             img2dataset's ``.parquet`` / ``_stats.json`` files beside the ``.tar``
             shards of the same name are not inputs).
@@ -357,7 +357,7 @@ def list_inputs(uri: str, format: str = "auto", *, exclude: str | None = None) -
         raise InputError(f"unknown input format {format!r}; use one of {', '.join(INPUT_FORMATS)}")
     uri = check_uri(uri)
     found, hidden, single_file = _relative_files(uri, exclude)
-    from diffcut import webdataset
+    from diffcut.job import webdataset
 
     by_kind: dict[str, list[str]] = {"images": [], "parquet": [], "webdataset": [], "none": [], "other": []}
     for f in found:  # one pass, one extension() per file: a listing can hold millions
@@ -485,12 +485,12 @@ def plan_parquet(
     gets ``source = file#row=N``; ``image_id`` is the id column's value (as a
     string) or the source. A null id, an id already used by an earlier row
     (in file order), or an img2dataset ``status`` other than ``success``
-    (:func:`diffcut.webdataset.img2dataset_status_errors`) is recorded as that
+    (:func:`diffcut.job.webdataset.img2dataset_status_errors`) is recorded as that
     row's error, so each input row still gives exactly one output row.
     """
     import pyarrow.parquet as pq
 
-    from diffcut.webdataset import img2dataset_status_errors
+    from diffcut.job.webdataset import img2dataset_status_errors
 
     first_use: dict[str, str] = {}
     columns: dict[str, list] = {name: [] for name in UNIT_SCHEMA.names}
@@ -500,7 +500,7 @@ def plan_parquet(
         fs, path = open_filesystem(file_uri)
         try:
             with fs.open(path, "rb") as handle:
-                # Read in this thread: see diffcut.schema.read_shard (Arrow's IO threads vs. interpreter exit).
+                # Read in this thread: see diffcut.job.schema.read_shard (Arrow's IO threads vs. interpreter exit).
                 parquet = pq.ParquetFile(handle, pre_buffer=False)
                 image_column_kind(parquet.schema_arrow, image_column, file_uri)
                 if id_column is not None and id_column not in parquet.schema_arrow.names:
@@ -568,7 +568,7 @@ def plan_inputs(listing: InputListing, *, image_column: str = "image", id_column
     if listing.format == "parquet":
         plan = plan_parquet(listing.files, image_column=image_column, id_column=id_column, done=done, limit=limit)
     elif listing.format == "webdataset":
-        from diffcut.webdataset import plan_shards
+        from diffcut.job.webdataset import plan_shards
 
         plan = plan_shards(listing.files, done=done)
     else:
@@ -598,7 +598,7 @@ def read_units(units: Iterable[Mapping], *, image_column: str = "image",
 
     Image files of one call are fetched together (s3fs fetches them
     concurrently); a Parquet unit reads its row group's image column once; a
-    WebDataset shard (:data:`diffcut.webdataset.SHARD_UNIT_SCHEMA`) is
+    WebDataset shard (:data:`diffcut.job.webdataset.SHARD_UNIT_SCHEMA`) is
     streamed, its records come as they are read.
     A record that cannot be read comes back with ``error`` set, never raises.
     """
@@ -618,7 +618,7 @@ def read_units(units: Iterable[Mapping], *, image_column: str = "image",
 
     for unit in units:
         if unit["kind"] == "webdataset":
-            from diffcut.webdataset import read_shard_unit
+            from diffcut.job.webdataset import read_shard_unit
 
             yield from read_shard_unit(unit, keep_metadata=keep_metadata)
             continue

@@ -3,25 +3,25 @@
 Stages (one Ray Data operator each, streaming):
 
 1. **read + decode** (CPU tasks): a read unit is one image file, the pending
-   rows of one Parquet row group (:mod:`diffcut.io`), or one WebDataset tar
-   shard, streamed (:mod:`diffcut.webdataset`); bytes are decoded,
+   rows of one Parquet row group (:mod:`diffcut.job.io`), or one WebDataset tar
+   shard, streamed (:mod:`diffcut.job.webdataset`); bytes are decoded,
    EXIF-rotated, converted to RGB and resized to the model's input size
    (``bucket`` or ``square``). A record that cannot be read or decoded
    becomes an error row here and passes every later stage untouched.
 2. **features** (actor pool, one GPU per actor on GPU nodes, CPU actors with
-   ``device="cpu"``): each actor loads :class:`~diffcut.features.FeatureExtractor`
+   ``device="cpu"``): each actor loads :class:`~diffcut.method.features.FeatureExtractor`
    once; a batch is split by input size (bucket) and run in chunks of
    ``batch_size``. Features leave the stage as float16.
 3. **segment** (CPU actor pool): recursive normalized cut with its split tree,
    concept assignment at the mask size, optional PAMR, descriptors, and the
-   output row (:func:`diffcut.segmenter.segment_features`, :mod:`diffcut.schema`).
+   output row (:func:`diffcut.method.segmenter.segment_features`, :mod:`diffcut.job.schema`).
 4. **write**: ``write_parquet`` shards named ``labels-<run id>-...`` directly
    under the output.
 
 Every input record gives exactly one row. Re-runs resume: the sources of the
 rows in complete shards are skipped, shards a killed run left half-written are
 deleted first, and readers keep one row per source
-(:func:`diffcut.schema.read_labels`). ``overwrite=True`` deletes the job's
+(:func:`diffcut.job.schema.read_labels`). ``overwrite=True`` deletes the job's
 shards and summary and starts over. SIGTERM/SIGINT stop a run cleanly
 (:class:`StopSignals`). What Ray Data retries on lost workers, nodes and
 storage errors, and what this module adds to make every input come out
@@ -50,13 +50,14 @@ import ray
 from ray.data.datasource import FilenameProvider
 
 from diffcut import __version__
-from diffcut import io as dio
-from diffcut import schema, webdataset
+from diffcut.job import io as dio
+from diffcut.job import schema
+from diffcut.job import webdataset
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "segmind/SSD-1B"
-#: The published open-vocabulary extension's CLIP (diffcut.naming.DEFAULT_NAMING_MODEL; not imported: no CLIP
+#: The published open-vocabulary extension's CLIP (diffcut.method.naming.DEFAULT_NAMING_MODEL; not imported: no CLIP
 #: code is loaded without --vocabulary).
 DEFAULT_NAMING_MODEL = "convnext_large_d_320:laion2b_s29b_b131k_ft_soup"
 
@@ -65,7 +66,7 @@ DECODE_TASK_MEMORY = 512 * 2**20
 
 #: Messages of the transient storage errors a write retries (Ray Data's ``retried_io_errors``,
 #: added to its defaults, which only match Arrow's own S3 client: "AWS Error SLOW_DOWN"...). The
-#: output is written through s3fs (``diffcut.io.arrow_filesystem``), whose errors read like
+#: output is written through s3fs (``diffcut.job.io.arrow_filesystem``), whose errors read like
 #: botocore's and aiohttp's once its retries and botocore's are spent. Each write is then retried
 #: whole, up to 10 times with backoff to 32 s: a shard is one object, so a retry replaces it.
 RETRIED_IO_ERRORS = (
@@ -253,7 +254,7 @@ class FeatureStage:
                  speed: dict | None = None):
         import torch
 
-        from diffcut.features import FeatureExtractor
+        from diffcut.method.features import FeatureExtractor
 
         self.torch = torch
         extractor = FeatureExtractor.from_pretrained(model, device=device, dtype=dtype, timestep=timestep,
@@ -359,7 +360,7 @@ class SegmentStage:
 
     def label(self, row: dict) -> dict:
         """The output row of one image; never raises."""
-        from diffcut.segmenter import segment_features
+        from diffcut.method.segmenter import segment_features
 
         if row["status"] != schema.STATUS_OK:
             return schema.error_row(row["image_id"], row["source"], row["error"], params=self.params,
@@ -400,13 +401,13 @@ class NamingStage:
     """Ray Data UDF of the optional naming stage (actor): a class from the vocabulary for every segment.
 
     Loads the CLIP and computes the vocabulary's text embeddings once per actor
-    (:class:`diffcut.naming.SegmentNamer`); a row whose naming fails becomes an
+    (:class:`diffcut.method.naming.SegmentNamer`); a row whose naming fails becomes an
     error row.
     """
 
     def __init__(self, naming_model: str, vocabulary: str, device: str, params: str, max_image_pixels: int,
                  keep_metadata: bool = False):
-        from diffcut.naming import SegmentNamer
+        from diffcut.method.naming import SegmentNamer
 
         self.namer = SegmentNamer(naming_model, vocabulary, device=device)
         self.class_names = self.namer.vocabulary.class_names
@@ -471,7 +472,7 @@ class StopSignals:
     raises :class:`JobInterrupted` in the main thread while the job plans or
     runs: Ray Data's executor stops, Ray shuts down (in-flight tasks die;
     their half-written shards have no Parquet footer, are skipped by
-    :func:`diffcut.schema.read_labels` and deleted by the next run), and the
+    :func:`diffcut.job.schema.read_labels` and deleted by the next run), and the
     job writes a ``_summary.json`` that says it was interrupted. Shards
     already written are complete files and stay valid. Later signals are
     only recorded: the cleanup continues until the orchestrator's SIGKILL.
@@ -674,7 +675,7 @@ def label_dataset(
     written to ``<output>/_summary.json``.
 
     Raises:
-        diffcut.io.InputError: bad flags, missing inputs, or an output made
+        diffcut.job.io.InputError: bad flags, missing inputs, or an output made
             with other parameters (without ``overwrite``).
     """
     started = time.time()
@@ -696,7 +697,7 @@ def label_dataset(
             raise dio.InputError(f"--batch-size must be a positive integer or auto; got {batch_size!r}") from None
     if (batch_size != "auto" and batch_size < 1) or decode_batch_size < 1 or shard_rows < 1:
         raise dio.InputError("--batch-size, --decode-batch-size and --shard-rows must be at least 1")
-    from diffcut.features import ATTENTION_KERNELS, VAE_DTYPES
+    from diffcut.method.features import ATTENTION_KERNELS, VAE_DTYPES
 
     if attention not in ATTENTION_KERNELS or vae_dtype not in VAE_DTYPES:
         raise dio.InputError(f"--attention must be one of {', '.join(ATTENTION_KERNELS)} and --vae-dtype one of "
@@ -706,7 +707,7 @@ def label_dataset(
     input = dio.check_uri(input)
     output = dio.check_uri(output)
     if vocabulary is not None:
-        from diffcut.naming import load_vocabulary
+        from diffcut.method.naming import load_vocabulary
 
         try:
             load_vocabulary(vocabulary)

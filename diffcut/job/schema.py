@@ -99,7 +99,7 @@ COLUMNS = tuple(LABELS_SCHEMA.names)
 METADATA_FIELD = pa.field("metadata", pa.string())
 OPTIONAL_FIELDS = (METADATA_FIELD,)
 
-#: Optional naming columns (``--vocabulary``, :mod:`diffcut.naming`): every segment also gets
+#: Optional naming columns (``--vocabulary``, :mod:`diffcut.method.naming`): every segment also gets
 #: ``class_id`` (vocabulary index; -1 for a segment with no pixel), ``class_name`` (the class's
 #: first synonym) and ``class_score`` (softmax probability), and the row a ``semantic_mask``
 #: (PNG of class ids at the mask size). Outputs without naming keep :data:`LABELS_SCHEMA`.
@@ -192,13 +192,13 @@ def decode_mask(png: bytes) -> np.ndarray:
 
 
 def decode_tree(tree_json: str, latent_labels: bytes | np.ndarray):
-    """The :class:`diffcut.ncut.SplitTree` of a row, from its ``tree`` and ``latent_labels`` columns.
+    """The :class:`diffcut.method.ncut.SplitTree` of a row, from its ``tree`` and ``latent_labels`` columns.
 
     The stored tree leaves out the label map (it is the ``latent_labels``
     column), so both are needed. ``tree.prune(tau')`` then gives the
     segmentation for any ``tau' <= tau`` without the model.
     """
-    from diffcut.ncut import SplitTree
+    from diffcut.method.ncut import SplitTree
 
     labels = decode_mask(latent_labels) if isinstance(latent_labels, (bytes, bytearray)) else latent_labels
     return SplitTree.from_dict(json.loads(tree_json), labels=labels)
@@ -217,7 +217,7 @@ def segments_column(mask: np.ndarray, descriptors: np.ndarray) -> list[dict]:
         mask: (H, W) labels in 0..K-1 at the output size.
         descriptors: (K, c) float array, row k the descriptor of segment k.
     """
-    from diffcut.assign import segment_stats
+    from diffcut.method.assign import segment_stats
 
     descriptors = np.asarray(descriptors, dtype=np.float32)
     if descriptors.ndim != 2:
@@ -336,7 +336,7 @@ def list_shards(output: str) -> tuple[list[str], list[str]]:
     """
     import pyarrow.parquet as pq
 
-    from diffcut.io import is_remote, join_uri, open_filesystem
+    from diffcut.job.io import is_remote, join_uri, open_filesystem
 
     fs, root = open_filesystem(output)
     fs.invalidate_cache()  # Ray workers wrote the shards; this process may hold an older listing
@@ -424,7 +424,7 @@ def shard_schema(uri: str) -> pa.Schema:
     """The Arrow schema of one shard file (its footer only)."""
     import pyarrow.parquet as pq
 
-    from diffcut.io import open_filesystem
+    from diffcut.job.io import open_filesystem
 
     fs, path = open_filesystem(uri)
     with fs.open(path, "rb") as handle:
@@ -443,7 +443,7 @@ def read_shard(uri: str, columns: Sequence[str] | None = None) -> pa.Table:
     """
     import pyarrow.parquet as pq
 
-    from diffcut.io import open_filesystem
+    from diffcut.job.io import open_filesystem
 
     fs, path = open_filesystem(uri)
     with fs.open(path, "rb") as handle:

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from diffcut.tiny import TINY_RANDOM_NAME, tiny_random_path
+from diffcut.method.tiny import TINY_RANDOM_NAME, tiny_random_path
 
 log = logging.getLogger(__name__)
 
@@ -499,7 +499,7 @@ class FeatureExtractor:
         if height % self.stride or width % self.stride:
             raise ValueError(
                 f"image size {height}x{width} is not a multiple of the model's stride {self.stride}; "
-                "resize first (diffcut.io does this for the labeling job)"
+                "resize first (diffcut.job.io does this for the labeling job)"
             )
 
     @torch.inference_mode()

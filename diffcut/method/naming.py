@@ -332,7 +332,7 @@ def _tiny_config(vocab_size: int) -> dict:
 
 def tiny_naming_path() -> Path:
     """The tiny random ConvNeXt CLIP (safetensors + config + tokenizer), built locally on first use."""
-    from diffcut.tiny import cache_root
+    from diffcut.method.tiny import cache_root
 
     target = cache_root() / f"tiny-random-convnext-clip-v{TINY_NAMING_VERSION}"
     if not (target / "open_clip_config.json").exists():
@@ -345,7 +345,7 @@ def build_tiny_clip(target: str | os.PathLike, seed: int = 0) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from diffcut.tiny import _tiny_clip_tokenizer, publish_directory
+    from diffcut.method.tiny import _tiny_clip_tokenizer, publish_directory
 
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -54,7 +54,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pyarrow as pa
 
-from diffcut import schema
+from diffcut.job import schema
 
 __all__ = [
     "CLASSES_SCHEMA",
@@ -464,7 +464,7 @@ def classify_batch(batch: pa.Table, *, centroids: np.ndarray) -> pa.Table:
 
 # =========================================================================== reading an output
 def _class_shards(output: str) -> list[str]:
-    from diffcut.io import join_uri, open_filesystem
+    from diffcut.job.io import join_uri, open_filesystem
 
     fs, root = open_filesystem(output)
     fs.invalidate_cache()
@@ -489,7 +489,7 @@ def read_classes(output: str, columns: Sequence[str] | None = None) -> pa.Table:
 
 def read_centroids(output: str) -> np.ndarray:
     """(K, c) float32 unit centroids of a discover output."""
-    from diffcut.io import join_uri, open_filesystem
+    from diffcut.job.io import join_uri, open_filesystem
 
     fs, path = open_filesystem(join_uri(output, CENTROIDS_NPY))
     with fs.open(path, "rb") as handle:
@@ -498,7 +498,7 @@ def read_centroids(output: str) -> np.ndarray:
 
 def read_centroids_info(output: str) -> dict:
     """The ``centroids.json`` of a discover output (fit settings and statistics)."""
-    from diffcut.io import join_uri, open_filesystem
+    from diffcut.job.io import join_uri, open_filesystem
 
     fs, path = open_filesystem(join_uri(output, CENTROIDS_JSON))
     with fs.open(path, "r", encoding="utf-8") as handle:
@@ -521,7 +521,7 @@ def _shard_names(run_id: str):
 
 
 def _prepare_output(labels: str, output: str, overwrite: bool) -> None:
-    from diffcut.io import join_uri, open_filesystem
+    from diffcut.job.io import join_uri, open_filesystem
 
     if output == labels:
         raise ValueError("--output must differ from --input (the labels)")
@@ -559,8 +559,8 @@ def discover_classes(labels: str, output: str, num_classes: int, *, sample_size:
     """
     import ray
 
-    from diffcut.io import arrow_filesystem, check_uri
-    from diffcut.pipeline import connect_ray
+    from diffcut.job.io import arrow_filesystem, check_uri
+    from diffcut.job.pipeline import connect_ray
 
     started = time.time()
     labels, output = check_uri(labels), check_uri(output)
@@ -655,7 +655,7 @@ def discover_classes(labels: str, output: str, num_classes: int, *, sample_size:
 
 def write_centroids(output: str, centroids: np.ndarray, info: dict) -> None:
     """Write ``centroids.npy`` ((K, c) float32) and ``centroids.json`` (``info`` plus the centroids as lists)."""
-    from diffcut.io import join_uri, open_filesystem
+    from diffcut.job.io import join_uri, open_filesystem
 
     centroids = np.asarray(centroids, dtype=np.float32)
     fs, root = open_filesystem(output)
@@ -690,7 +690,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffcut.io import InputError
+    from diffcut.job.io import InputError
 
     try:
         info = discover_classes(args.input, args.output, args.num_classes, sample_size=args.sample_size,

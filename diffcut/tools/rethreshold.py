@@ -39,8 +39,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from diffcut import schema
-from diffcut.ncut import SplitTree
+from diffcut.job import schema
+from diffcut.method.ncut import SplitTree
 
 __all__ = [
     "prune_tree",
@@ -235,7 +235,7 @@ def rethreshold_labels(input: str, output: str, tau: float, *, overwrite: bool =
     """
     import pyarrow.parquet as pq
 
-    from diffcut.io import check_uri, join_uri, open_filesystem
+    from diffcut.job.io import check_uri, join_uri, open_filesystem
 
     tau = _check_tau(tau)
     input, output = check_uri(input), check_uri(output)
