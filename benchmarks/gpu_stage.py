@@ -265,12 +265,12 @@ def format_row(row: dict) -> str:
 
 
 def job_stage(extractor: FeatureExtractor, seconds: float, batch_size, resolution: int) -> dict:
-    """The labeling job's feature actor (:class:`diffcut.job.pipeline.FeatureStage`) on synthetic decoded
+    """The labeling job's feature actor (:class:`diffcut.job.stages.FeatureStage`) on synthetic decoded
     rows, bucket sizes mixed and grouped as decode_stage hands them over, for ``seconds``."""
     import numpy as np
     import pyarrow as pa
 
-    from diffcut.job.pipeline import DECODED_SCHEMA, FeatureStage
+    from diffcut.job.stages import DECODED_SCHEMA, FeatureStage
 
     stage = FeatureStage.around(extractor, batch_size)
     rng = np.random.default_rng(0)

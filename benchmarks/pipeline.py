@@ -109,7 +109,9 @@ def run_loop(paths: list[Path], output: Path, *, model: str, resolution: int, ba
 def run_job(folder: Path, output: Path, *, model: str, resolution: int, batch_size: int, flags: dict) -> dict:
     import ray
 
-    from diffcut.job.pipeline import connect_ray, label_dataset
+    from diffcut.job.ray_session import connect_ray
+
+    from diffcut.job.pipeline import label_dataset
 
     started = time.perf_counter()
     connect_ray(None, flags["decode_cpus"] + flags["extractor_cpus"] + flags["ncut_cpus"])

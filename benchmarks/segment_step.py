@@ -1,6 +1,6 @@
 """Benchmark: the segmentation actor's whole step per image, today's code against the frozen baseline.
 
-The step is what ``diffcut.job.pipeline.SegmentStage`` does for one ok row:
+The step is what ``diffcut.job.stages.SegmentStage`` does for one ok row:
 ``diffcut.method.segmenter.segment_features`` (recursive NCut with its split tree,
 concept assignment at the mask size, descriptors) + ``diffcut.job.schema.ok_row``
 (PNG masks, per-segment areas and boxes, tree JSON). The baseline is the same

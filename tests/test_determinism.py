@@ -98,7 +98,7 @@ def test_same_bytes_whatever_the_pools_and_the_batching(ray_local, scenes, refer
 def test_a_feature_call_does_not_depend_on_its_batch_neighbours(scenes):
     """The mechanism behind the promise, without Ray: FeatureStage pads every model call to exactly
     ``batch_size`` images, so an image's features are the same alone, with others, at any position."""
-    from diffcut.job.pipeline import FeatureStage, decode_stage
+    from diffcut.job.stages import FeatureStage, decode_stage
 
     folder, paths = scenes
     same_bucket: dict[tuple[int, int], list[str]] = {}

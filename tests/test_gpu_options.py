@@ -192,7 +192,7 @@ def test_feature_stage_auto_batch_and_speed_options_on_cpu():
     import numpy as np
     import pyarrow as pa
 
-    from diffcut.job.pipeline import DECODED_SCHEMA, FeatureStage, model_calls
+    from diffcut.job.stages import DECODED_SCHEMA, FeatureStage, model_calls
 
     stage = FeatureStage("tiny-random", "cpu", "float32", 50, "auto", speed={"channels_last": True})
     rng = np.random.default_rng(0)

@@ -167,7 +167,7 @@ def test_naming_stage_names_rows_and_turns_failures_into_error_rows(tmp_path):
 
     from PIL import Image
 
-    from diffcut.job.pipeline import NamingStage, SegmentStage
+    from diffcut.job.stages import NamingStage, SegmentStage
 
     torch.set_num_threads(1)
     buffer = _io.BytesIO()

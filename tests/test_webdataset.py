@@ -25,7 +25,7 @@ from PIL import Image
 from diffcut.job import io as dio
 from diffcut.job import schema
 from diffcut.job import webdataset as wds
-from diffcut.job.pipeline import decode_stage
+from diffcut.job.stages import decode_stage
 
 TINY = dict(model="tiny-random", device="cpu", resolution=64, batch_size=2, decode_cpus=0.5,
             extractor_cpus=0.5, ncut_cpus=0.5, ncut_pool_max=1, mask_size="32")
@@ -260,7 +260,7 @@ def test_hugging_face_datasets_round_trip(tmp_path):
     shard, load back with ``datasets.load_dataset`` and their masks decode."""
     import datasets
 
-    from diffcut.job.pipeline import FeatureStage, SegmentStage
+    from diffcut.job.stages import FeatureStage, SegmentStage
 
     images = [Image.open(io.BytesIO(_jpeg(seed, size))) for seed, size in enumerate([(48, 32), (40, 40), (32, 56)])]
     features = datasets.Features({"image": datasets.Image(), "name": datasets.Value("string")})

@@ -560,7 +560,7 @@ def discover_classes(labels: str, output: str, num_classes: int, *, sample_size:
     import ray
 
     from diffcut.job.io import arrow_filesystem, check_uri
-    from diffcut.job.pipeline import connect_ray
+    from diffcut.job.ray_session import connect_ray
 
     started = time.time()
     labels, output = check_uri(labels), check_uri(output)
