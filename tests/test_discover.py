@@ -12,8 +12,9 @@ import pytest
 from PIL import Image
 
 from diffcut.job import schema
-from diffcut.tools.discover import (assign_classes, classify_batch, draw_sample, kmeans_plusplus, merge_samples,
-                              normalize_rows, sample_arrays, sample_batch, sample_key_bound, spherical_kmeans)
+from diffcut.method.kmeans import assign_classes, kmeans_plusplus, normalize_rows, spherical_kmeans
+from diffcut.tools.discover_batches import (classify_batch, draw_sample, merge_samples, sample_arrays, sample_batch,
+                                            sample_key_bound)
 
 REPO = Path(__file__).resolve().parents[1]
 

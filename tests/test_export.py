@@ -13,7 +13,9 @@ from PIL import Image
 from diffcut.job import schema
 from diffcut.method.assign import segment_stats
 from diffcut.cli import main as cli_main
-from diffcut.tools.discover import CLASSES_PREFIX, classify_batch, spherical_kmeans, write_centroids
+from diffcut.tools.discover import CLASSES_PREFIX, write_centroids
+from diffcut.tools.discover_batches import classify_batch
+from diffcut.method.kmeans import spherical_kmeans
 from diffcut.evaluation.protocol import resize_nearest
 from diffcut.tools.export import UniqueNames, export_coco, export_png, safe_stem
 from diffcut.method.segmenter import segment_features

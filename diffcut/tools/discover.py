@@ -10,19 +10,20 @@ map becomes a semantic one that a supervised model can train on, and that
 ``diffcut evaluate --matching dataset`` scores with one matching for the
 whole dataset.
 
-The method, plain numpy functions (no Ray):
+The method, plain numpy functions (no Ray) in :mod:`diffcut.method.kmeans` and
+:mod:`diffcut.tools.discover_batches`:
 
 * **spherical k-means** (Dhillon and Modha, "Concept decompositions for large
   sparse text data using clustering", Machine Learning 2001): descriptors
   are L2-normalized, a point goes to the centroid of largest cosine
   similarity, a centroid is the normalized (weighted) sum of its points;
-  :func:`spherical_kmeans`;
+  :func:`~diffcut.method.kmeans.spherical_kmeans`;
 * **k-means++ seeding** (Arthur and Vassilvitskii, SODA 2007) with the cosine
-  distance ``1 - cos``, from a seeded generator; :func:`kmeans_plusplus`;
-* fitted on a **sample** of segments (:func:`sample_keys` gives every segment
+  distance ``1 - cos``, from a seeded generator; :func:`~diffcut.method.kmeans.kmeans_plusplus`;
+* fitted on a **sample** of segments (:func:`~diffcut.tools.discover_batches.sample_keys` gives every segment
   a deterministic pseudo-random key; the ``sample_size`` smallest keys form
   the sample, whatever the partitioning into batches); then every segment of
-  the dataset is **assigned** to its nearest centroid (:func:`assign_classes`).
+  the dataset is **assigned** to its nearest centroid (:func:`~diffcut.method.kmeans.assign_classes`).
 
 Weighting (``weighting``): with ``"pixels"`` (the default) each sampled
 segment weighs its share of its image's mask pixels, so every image counts
@@ -35,431 +36,41 @@ The job (:func:`discover_classes`; Ray is imported only there and in its file
 naming helper): pass 1
 reads the label shards with Ray Data and keeps the sample; the driver fits the
 centroids; pass 2 (``map_batches`` over the shards) writes one row per input
-row (:data:`CLASSES_SCHEMA`): the class id of every segment and the semantic
+row (:data:`~diffcut.tools.discover_batches.CLASSES_SCHEMA`): the class id of every segment and the semantic
 label map (PNG, segment ids replaced by class ids), as ``classes-*.parquet``
-under the output, beside ``centroids.npy`` and ``centroids.json``.
+under the output, beside ``centroids.npy`` and ``centroids.json``. The flags
+are in :mod:`diffcut.commands.discover`.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
-import sys
 import time
-from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
 
 from diffcut.job import schema
+from diffcut.method.kmeans import spherical_kmeans
+from diffcut.tools.discover_batches import (_CLASSIFY_COLUMNS, _SAMPLE_COLUMNS, CLASSES_SCHEMA, WEIGHTINGS,
+                                            classify_batch, draw_sample, sample_arrays, sample_batch)
 
 __all__ = [
-    "CLASSES_SCHEMA",
-    "WEIGHTINGS",
-    "normalize_rows",
-    "kmeans_plusplus",
-    "spherical_kmeans",
-    "KMeansResult",
-    "assign_classes",
-    "segment_arrays",
-    "sample_keys",
-    "sample_batch",
-    "merge_samples",
-    "sample_key_bound",
-    "draw_sample",
-    "classify_batch",
     "discover_classes",
     "read_classes",
     "read_centroids",
     "read_centroids_info",
     "write_centroids",
-    "add_arguments",
-    "run",
 ]
 
 #: Output shards are ``classes-<run id>-....parquet``.
 CLASSES_PREFIX = "classes-"
 CENTROIDS_NPY = "centroids.npy"
 CENTROIDS_JSON = "centroids.json"
-WEIGHTINGS = ("pixels", "segments")
 DEFAULT_SAMPLE_SIZE = 50_000
-
-#: One row per input row. ``mask`` is the semantic label map (class ids), PNG
-#: like the labels' ``mask``; the columns ``image_id``, ``status`` and ``mask``
-#: are what ``diffcut evaluate`` reads from Parquet predictions.
-CLASSES_SCHEMA = pa.schema(
-    [
-        pa.field("image_id", pa.string(), nullable=False),
-        pa.field("source", pa.string(), nullable=False),
-        pa.field("status", pa.string(), nullable=False),
-        pa.field("error", pa.string()),
-        pa.field("width", pa.int32()),
-        pa.field("height", pa.int32()),
-        pa.field("mask", pa.binary()),
-        pa.field("mask_width", pa.int32()),
-        pa.field("mask_height", pa.int32()),
-        pa.field("num_segments", pa.int32()),
-        pa.field("class_ids", pa.list_(pa.int32())),
-        pa.field("class_scores", pa.list_(pa.float32())),
-    ],
-    metadata={"diffcut.classes_version": "1"},
-)
-
-# Columns of the label shards each pass reads.
-_SAMPLE_COLUMNS = ["source", "status", "mask_width", "mask_height", "segments"]
-_CLASSIFY_COLUMNS = ["image_id", "source", "status", "error", "width", "height", "mask", "mask_width",
-                     "mask_height", "num_segments", "segments"]
-
-#: Sample element: its key, its weight, its descriptor.
-SAMPLE_SCHEMA = pa.schema([pa.field("key", pa.float64()), pa.field("weight", pa.float64()),
-                           pa.field("descriptor", pa.list_(pa.float32()))])
-
-
-# =========================================================================== math (numpy only)
-def normalize_rows(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm (float64 copy); all-zero rows stay zero."""
-    x = np.array(x, dtype=np.float64, ndmin=2)
-    norms = np.linalg.norm(x, axis=1)
-    nonzero = norms > 0
-    x[nonzero] /= norms[nonzero, None]
-    return x
-
-
-def _check_weights(weights: np.ndarray | None, n: int) -> np.ndarray:
-    if weights is None:
-        return np.ones(n)
-    weights = np.asarray(weights, dtype=np.float64).reshape(-1)
-    if weights.shape[0] != n or not np.isfinite(weights).all() or (weights < 0).any() or weights.sum() <= 0:
-        raise ValueError(f"weights must be {n} finite numbers >= 0 with a positive sum")
-    return weights
-
-
-def kmeans_plusplus(points: np.ndarray, k: int, rng: np.random.Generator,
-                    weights: np.ndarray | None = None) -> np.ndarray:
-    """Indices of ``k`` seed points by k-means++ (Arthur and Vassilvitskii 2007) under the cosine distance.
-
-    The first seed is drawn with probability proportional to the weight; each
-    next one with probability proportional to ``weight * D(x)^2``, ``D(x)`` the
-    cosine distance ``1 - cos`` to the nearest seed so far. When every
-    remaining point coincides with a seed (fewer distinct points than ``k``),
-    the next seed is drawn by weight among the points not chosen yet.
-
-    Args:
-        points: (n, c) unit rows (:func:`normalize_rows`).
-        k: number of seeds, 1 <= k <= n.
-        rng: the random generator (seeded by the caller).
-        weights: (n,) nonnegative weights; default all 1.
-
-    Returns:
-        (k,) distinct int64 row indices.
-    """
-    n = points.shape[0]
-    if not 1 <= k <= n:
-        raise ValueError(f"cannot choose {k} seeds among {n} points")
-    weights = _check_weights(weights, n)
-    chosen = np.empty(k, dtype=np.int64)
-    chosen[0] = rng.choice(n, p=weights / weights.sum())
-    distance = np.clip(1.0 - points @ points[chosen[0]], 0.0, 2.0)
-    taken = np.zeros(n, dtype=bool)
-    taken[chosen[0]] = True
-    for index in range(1, k):
-        score = weights * distance**2
-        score[taken] = 0.0
-        if score.sum() <= 0:
-            score = np.where(taken, 0.0, np.maximum(weights, 1e-300))
-        chosen[index] = rng.choice(n, p=score / score.sum())
-        taken[chosen[index]] = True
-        distance = np.minimum(distance, np.clip(1.0 - points @ points[chosen[index]], 0.0, 2.0))
-    return chosen
-
-
-@dataclass
-class KMeansResult:
-    """A spherical k-means fit.
-
-    centroids: (k, c) float32 unit rows; labels: (n,) int32 cluster of each point;
-    objective: weighted mean cosine similarity of the points to their centroids
-    (higher is better, at most 1); iterations: of the best run; converged: whether
-    the best run stopped before ``max_iter``.
-    """
-
-    centroids: np.ndarray
-    labels: np.ndarray
-    objective: float
-    iterations: int
-    converged: bool
-
-
-def _lloyd(points: np.ndarray, weights: np.ndarray, centroids: np.ndarray, max_iter: int,
-           tol: float) -> KMeansResult:
-    """Spherical Lloyd iterations from the given unit centroids."""
-    previous = -np.inf
-    labels = np.zeros(points.shape[0], dtype=np.int32)
-    total = weights.sum()
-    for iteration in range(1, max_iter + 1):
-        similarity = points @ centroids.T
-        labels = similarity.argmax(axis=1).astype(np.int32)
-        best = similarity[np.arange(points.shape[0]), labels]
-        objective = float(weights @ best / total)
-        sums = np.zeros_like(centroids)
-        np.add.at(sums, labels, points * weights[:, None])
-        norms = np.linalg.norm(sums, axis=1)
-        empty = norms <= 0
-        if empty.any():
-            # An empty cluster takes the points its neighbours fit worst (largest weighted
-            # loss), one each: the objective can only improve.
-            loss = weights * (1.0 - best)
-            worst = np.argsort(-loss, kind="stable")
-            used = set()
-            for cluster in np.flatnonzero(empty):
-                point = next(int(p) for p in worst if int(p) not in used)
-                used.add(point)
-                sums[cluster] = points[point]
-                norms[cluster] = np.linalg.norm(points[point])
-        new_centroids = sums / np.where(norms > 0, norms, 1.0)[:, None]
-        if objective - previous <= tol * max(1.0, abs(objective)) and not empty.any():
-            return KMeansResult(centroids.astype(np.float32), labels, objective, iteration, True)
-        previous = objective
-        centroids = new_centroids
-    similarity = points @ centroids.T
-    labels = similarity.argmax(axis=1).astype(np.int32)
-    objective = float(weights @ similarity[np.arange(points.shape[0]), labels] / total)
-    return KMeansResult(centroids.astype(np.float32), labels, objective, max_iter, False)
-
-
-def spherical_kmeans(x: np.ndarray, k: int, *, weights: np.ndarray | None = None, seed: int = 0,
-                     max_iter: int = 100, tol: float = 1e-7, n_init: int = 3,
-                     init: np.ndarray | None = None) -> KMeansResult:
-    """Spherical k-means (Dhillon and Modha 2001) of the rows of ``x``, k-means++ seeded.
-
-    Rows are L2-normalized; each iteration assigns every point to the centroid
-    of largest cosine similarity (ties to the lowest index) and sets every
-    centroid to the normalized weighted sum of its points, which never lowers
-    the objective ``sum_i w_i cos(x_i, c(x_i)) / sum_i w_i``. Stops when an
-    iteration gains less than ``tol`` (relative). ``n_init`` runs from
-    different seeds (one generator seeded with ``seed``); the best objective
-    wins.
-
-    Args:
-        x: (n, c) points (descriptors); zero rows are allowed (similarity 0 to all).
-        k: number of clusters, 1 <= k <= n.
-        weights: (n,) nonnegative weights; default all 1.
-        seed: seed of the k-means++ draws.
-        max_iter: iterations per run.
-        tol: relative objective gain below which a run stops.
-        n_init: number of seeded runs.
-        init: (k, c) initial centroids instead of k-means++ (one run).
-    """
-    points = normalize_rows(x)
-    n = points.shape[0]
-    if not 1 <= int(k) <= n:
-        raise ValueError(f"need at least k={k} points to fit {k} classes; got {n}")
-    weights = _check_weights(weights, n)
-    if init is not None:
-        starts = [normalize_rows(init)]
-        if starts[0].shape != (k, points.shape[1]):
-            raise ValueError(f"init must have shape {(k, points.shape[1])}; got {starts[0].shape}")
-    else:
-        rng = np.random.default_rng(seed)
-        starts = [points[kmeans_plusplus(points, int(k), rng, weights)] for _ in range(max(1, int(n_init)))]
-    best = None
-    for start in starts:
-        result = _lloyd(points, weights, start, int(max_iter), float(tol))
-        if best is None or result.objective > best.objective:
-            best = result
-    return best
-
-
-def assign_classes(descriptors: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(class id per descriptor (int32), cosine similarity to that centroid (float32)).
-
-    The nearest centroid by cosine similarity, ties to the lowest class id.
-    """
-    points = normalize_rows(descriptors)
-    similarity = points @ normalize_rows(centroids).T
-    ids = similarity.argmax(axis=1)
-    return ids.astype(np.int32), similarity[np.arange(points.shape[0]), ids].astype(np.float32)
-
-
-# =========================================================================== per-batch work (Arrow, numpy)
-def segment_arrays(batch: pa.Table) -> dict[str, np.ndarray]:
-    """The segments of the ok rows of a label batch, flattened.
-
-    Returns a dict of arrays over all segments: ``row`` (index of the row in
-    ``batch``), ``segment_id``, ``area``, ``descriptor`` (n, c) float32, and
-    ``pixels`` (the mask size of the segment's row).
-    """
-    status = batch.column("status").to_pylist()
-    rows = [index for index, value in enumerate(status) if value == schema.STATUS_OK]
-    ok = batch.take(pa.array(rows, pa.int64())) if len(rows) != batch.num_rows else batch
-    segments = ok.column("segments").combine_chunks() if ok.num_rows else None
-    if segments is None or len(segments) == 0:
-        return {"row": np.zeros(0, np.int64), "segment_id": np.zeros(0, np.int32), "area": np.zeros(0, np.int64),
-                "descriptor": np.zeros((0, 0), np.float32), "pixels": np.zeros(0, np.int64)}
-    lengths = np.diff(np.asarray(segments.offsets))
-    flat = segments.flatten()
-    descriptors = flat.field("descriptor")
-    dims = np.diff(np.asarray(descriptors.offsets))
-    if dims.size and (dims != dims[0]).any():
-        raise ValueError("segment descriptors of different lengths in one output")
-    dim = int(dims[0]) if dims.size else 0
-    values = np.asarray(descriptors.flatten(), dtype=np.float32).reshape(-1, dim) if dim else \
-        np.zeros((len(flat), 0), np.float32)
-    pixels = (np.asarray(ok.column("mask_width").to_numpy(zero_copy_only=False), np.int64)
-              * np.asarray(ok.column("mask_height").to_numpy(zero_copy_only=False), np.int64))
-    return {
-        "row": np.repeat(np.asarray(rows, np.int64), lengths),
-        "segment_id": np.asarray(flat.field("segment_id"), dtype=np.int32),
-        "area": np.asarray(flat.field("area"), dtype=np.int64),
-        "descriptor": values,
-        "pixels": np.repeat(pixels, lengths),
-    }
-
-
-def sample_keys(source: str, num_segments: int, seed: int) -> np.ndarray:
-    """(num_segments,) keys in [0, 1) of an image's segments, a function of (seed, source, segment) only.
-
-    The sample is the segments with the smallest keys: a uniform sample without
-    replacement that does not depend on how the rows are batched or ordered.
-    """
-    digest = hashlib.blake2b(f"{int(seed)}\x00{source}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    return np.random.default_rng(int.from_bytes(digest, "little")).random(int(num_segments))
-
-
-def _segment_weights(arrays: dict[str, np.ndarray], weighting: str) -> np.ndarray:
-    if weighting == "pixels":
-        return arrays["area"] / np.maximum(arrays["pixels"], 1)
-    if weighting == "segments":
-        return (arrays["area"] > 0).astype(np.float64)
-    raise ValueError(f"weighting must be one of {WEIGHTINGS}; got {weighting!r}")
-
-
-def _smallest(table: pa.Table, size: int) -> pa.Table:
-    """The ``size`` rows of a sample table with the smallest keys (duplicate keys once: a row read twice)."""
-    keys = table.column("key").to_numpy()
-    _, first = np.unique(keys, return_index=True)  # sorted by key
-    return table.take(pa.array(first[:size], pa.int64()))
-
-
-def sample_batch(batch: pa.Table, *, sample_size: int, seed: int, weighting: str,
-                 max_key: float = 1.0) -> pa.Table:
-    """Pass 1 on one batch of label rows: its segments with key below ``max_key``, at most the
-    ``sample_size`` of smallest key (:data:`SAMPLE_SCHEMA`).
-
-    Only segments with pixels in the mask take part. ``max_key`` (see
-    :func:`sample_key_bound`) keeps what travels to the driver near the
-    sample size instead of every descriptor of the dataset.
-    """
-    arrays = segment_arrays(batch)
-    if arrays["row"].size == 0:
-        return SAMPLE_SCHEMA.empty_table()
-    sources = batch.column("source").to_pylist()
-    rows, segment_ids = arrays["row"], arrays["segment_id"]
-    keys = np.empty(rows.size)
-    starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
-    for start, stop in zip(starts.tolist(), np.r_[starts[1:], rows.size].tolist()):
-        ids = segment_ids[start:stop]
-        keys[start:stop] = sample_keys(sources[rows[start]], int(ids.max()) + 1, seed)[ids]
-    weights = _segment_weights(arrays, weighting)
-    keep = np.flatnonzero((arrays["area"] > 0) & (keys < max_key))
-    keep = keep[np.argsort(keys[keep], kind="stable")[:sample_size]]
-    descriptors = arrays["descriptor"][keep]
-    offsets = pa.array(np.arange(keep.size + 1, dtype=np.int32) * descriptors.shape[1], pa.int32())
-    return pa.Table.from_arrays(
-        [pa.array(keys[keep]), pa.array(weights[keep]),
-         pa.ListArray.from_arrays(offsets, pa.array(descriptors.reshape(-1), pa.float32()))],
-        schema=SAMPLE_SCHEMA,
-    )
-
-
-def merge_samples(samples: Iterable[pa.Table], sample_size: int) -> pa.Table:
-    """The ``sample_size`` smallest-key elements of several partial samples, merged as they arrive.
-
-    Parts are buffered and trimmed whenever the buffer passes twice the
-    sample size, so memory stays within a few sample sizes.
-    """
-    buffered: list[pa.Table] = []
-    count = 0
-    for sample in samples:
-        if sample.num_rows:
-            buffered.append(sample.select(SAMPLE_SCHEMA.names).cast(SAMPLE_SCHEMA))
-            count += sample.num_rows
-        if count > 2 * sample_size:
-            buffered = [_smallest(pa.concat_tables(buffered), sample_size)]
-            count = buffered[0].num_rows
-    return _smallest(pa.concat_tables([SAMPLE_SCHEMA.empty_table(), *buffered]), sample_size)
-
-
-def sample_key_bound(sample_size: int, total_segments: int) -> float:
-    """A key bound below which ``total_segments`` uniform keys hold the ``sample_size`` smallest, almost surely.
-
-    About ``1.2 * sample_size + 10 sqrt(sample_size) + 100`` keys fall below it
-    (mean of a binomial; the margin is many standard deviations). When fewer
-    than ``sample_size`` do after all, :func:`draw_sample` reads again
-    without a bound, so the sample never depends on this.
-    """
-    if total_segments <= 0:
-        return 1.0
-    expected = 1.2 * sample_size + 10 * np.sqrt(sample_size) + 100
-    return float(min(1.0, expected / total_segments))
-
-
-def draw_sample(run_pass, sample_size: int, total_segments: int) -> pa.Table:
-    """The ``sample_size`` segments of smallest key of a dataset.
-
-    Args:
-        run_pass: ``max_key -> iterable of`` :func:`sample_batch` tables over
-            every batch of the dataset (the Ray Data pass, or a loop).
-        sample_size: S.
-        total_segments: segments in the dataset (an upper bound on those with pixels).
-    """
-    bound = sample_key_bound(sample_size, total_segments)
-    sample = merge_samples(run_pass(bound), sample_size)
-    if sample.num_rows < sample_size and bound < 1.0:
-        # Fewer than S keys below the bound (or fewer than S segments with pixels): take them all.
-        sample = merge_samples(run_pass(1.0), sample_size)
-    return sample
-
-
-def sample_arrays(sample: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-    """(descriptors (n, c) float32, weights (n,)) of a merged sample."""
-    if sample.num_rows == 0:
-        return np.zeros((0, 0), np.float32), np.zeros(0)
-    column = sample.column("descriptor").combine_chunks()
-    values = np.asarray(column.flatten(), dtype=np.float32).reshape(sample.num_rows, -1)
-    return values, sample.column("weight").to_numpy()
-
-
-def classify_batch(batch: pa.Table, *, centroids: np.ndarray) -> pa.Table:
-    """Pass 2 on one batch of label rows: class ids and the semantic label map of every row.
-
-    Ok rows: ``class_ids[k]`` is segment k's class (:func:`assign_classes` of
-    its descriptor, all segments of the batch in one product), ``mask`` the
-    label map with every segment id replaced by its class id. Error rows keep
-    their error and get no mask.
-    """
-    arrays = segment_arrays(batch)
-    if arrays["row"].size:
-        ids, scores = assign_classes(arrays["descriptor"], centroids)
-    else:
-        ids, scores = np.zeros(0, np.int32), np.zeros(0, np.float32)
-    columns = [name for name in _CLASSIFY_COLUMNS if name != "segments"]
-    rows = []
-    for index, row in enumerate(batch.select(columns).to_pylist()):
-        out = {name: row.get(name) for name in CLASSES_SCHEMA.names if name in row}
-        out.update(mask=None, class_ids=None, class_scores=None)
-        if row["status"] == schema.STATUS_OK:
-            start, stop = np.searchsorted(arrays["row"], [index, index + 1])
-            # segments are stored in id order: position k is segment k
-            row_ids = ids[start:stop]
-            semantic = row_ids[schema.decode_mask(row["mask"])]
-            out.update(mask=schema.encode_mask(semantic), class_ids=row_ids.tolist(),
-                       class_scores=scores[start:stop].tolist())
-        rows.append(out)
-    return pa.Table.from_pylist(rows, schema=CLASSES_SCHEMA)
 
 
 # =========================================================================== reading an output
@@ -666,39 +277,3 @@ def write_centroids(output: str, centroids: np.ndarray, info: dict) -> None:
     document = dict(info, num_classes=int(centroids.shape[0]), centroids=centroids.tolist())
     fs.pipe_file(open_filesystem(join_uri(output, CENTROIDS_JSON))[1],
                  (json.dumps(document, indent=1) + "\n").encode("utf-8"))
-
-
-# =========================================================================== command line
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of ``jobs/discover.py``."""
-    parser.add_argument("--input", "-i", required=True, help="output of `diffcut label` (directory or s3:// prefix)")
-    parser.add_argument("--output", "-o", required=True,
-                        help="where to write classes-*.parquet, centroids.npy and centroids.json")
-    parser.add_argument("--num-classes", "-k", required=True, type=int, help="K, the number of classes")
-    parser.add_argument("--sample-size", type=int, default=DEFAULT_SAMPLE_SIZE,
-                        help="segments the centroids are fitted on (a uniform sample of segments with pixels)")
-    parser.add_argument("--weighting", choices=WEIGHTINGS, default="pixels",
-                        help="pixels: a segment weighs its share of its image's pixels; segments: every segment 1")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the sample and of k-means++")
-    parser.add_argument("--max-iter", type=int, default=100, help="k-means iterations per run")
-    parser.add_argument("--n-init", type=int, default=3, help="k-means runs from different seeds; the best is kept")
-    parser.add_argument("--batch-rows", type=int, default=64, help="label rows per Ray Data batch")
-    parser.add_argument("--cpus-per-task", type=float, default=1.0, help="CPUs reserved per Ray Data task")
-    parser.add_argument("--address", default=None,
-                        help="Ray cluster to join (default: RAY_ADDRESS, else an embedded Ray on 127.0.0.1)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a discover output already at --output")
-
-
-def run(args: argparse.Namespace) -> int:
-    from diffcut.job.io import InputError
-
-    try:
-        info = discover_classes(args.input, args.output, args.num_classes, sample_size=args.sample_size,
-                                seed=args.seed, weighting=args.weighting, max_iter=args.max_iter,
-                                n_init=args.n_init, batch_rows=args.batch_rows, cpus_per_task=args.cpus_per_task,
-                                address=args.address, overwrite=args.overwrite)
-    except (InputError, ValueError, FileNotFoundError) as error:
-        print(f"discover: error: {error}", file=sys.stderr)
-        return 2
-    print(json.dumps({k: v for k, v in info.items() if k != "labels_params"}, indent=1))
-    return 0
