@@ -41,7 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from architectures import SDXL_UNET, SDXL_VAE, SSD1B_UNET  # noqa: E402
 
-from diffcut.method.features import ExtractorConfig, FeatureExtractor, set_attention_kernel  # noqa: E402
+from diffcut.method.features import ExtractorConfig, FeatureExtractor  # noqa: E402
+
+from diffcut.method.unet import set_attention_kernel  # noqa: E402
 from diffcut.job.io import bucket_size  # noqa: E402
 
 ARCHITECTURES = {"ssd-1b": SSD1B_UNET, "sdxl": SDXL_UNET}

@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from diffcut.method.features import FeatureExtractor, feature_module_path
+from diffcut.method.features import FeatureExtractor
+
+from diffcut.method.unet import feature_module_path
 from diffcut.method.tiny import tiny_random_path
 
 
