@@ -11,7 +11,7 @@ Builds once (kept under ``--dir``):
 
 Then, in a fresh Python process (the driver), runs the planning steps of
 :func:`diffcut.job.pipeline.label_dataset` in its order -- the done set from the output
-(:func:`diffcut.job.pipeline.existing_output`: list the shards, check their footers, read the sources
+(:func:`diffcut.job.resume.existing_output`: list the shards, check their footers, read the sources
 and one row's parameters), the listing (:func:`diffcut.job.io.list_inputs`) and the filtering
 (:func:`diffcut.job.io.plan_image_files`) -- and prints the seconds of each step and the driver's peak
 RSS. Ends with one JSON object. ``--runs`` repeats the measure (the page cache is warm after the
@@ -88,7 +88,7 @@ sys.path.insert(0, sys.argv[1])
 from diffcut import __version__
 from diffcut.job import schema
 from diffcut.job import io as dio
-from diffcut.job.pipeline import existing_output
+from diffcut.job.resume import existing_output
 images, labels, params = sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 params.update(diffcut_version=__version__, schema_version=schema.SCHEMA_VERSION)
 times = {}

@@ -32,6 +32,7 @@ from diffcut.job import schema
 
 log = logging.getLogger(__name__)
 
+#: Rows handed to a feature actor at a time with ``batch_size="auto"`` (a few calls' worth).
 AUTO_FEATURE_BATCH_ROWS = 64
 
 # Columns every intermediate stage carries for every row, ok or error.
