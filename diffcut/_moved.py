@@ -7,6 +7,10 @@ returns the very module object of the new home, so attributes, private helpers a
 monkeypatching behave exactly as before, and a ``DeprecationWarning`` names the new
 path. To be removed in 0.3.0.
 
+``diffcut.schema`` is the exception: it is public API (``diffcut.schema.read_labels``,
+the readers' entry point in README.md and docs/output-format.md), so it stays a
+permanent alias of ``diffcut.job.schema`` and does not warn.
+
 Why an import hook and not a one-line file at each old path: a file at the old
 path would make git see "modified" instead of "renamed", so edits made on other
 branches to the old files would not follow the move when merged.
@@ -42,6 +46,9 @@ MOVED = {
     "diffcut.training": "diffcut.tools.training",
 }
 
+#: Old paths that stay for good, without a warning (public API).
+STABLE = frozenset({"diffcut.schema"})
+
 
 class _MovedModuleLoader(importlib.abc.Loader):
     """Hands back the module of the new home instead of creating one."""
@@ -50,8 +57,9 @@ class _MovedModuleLoader(importlib.abc.Loader):
         self.new_name = new_name
 
     def create_module(self, spec):
-        warnings.warn(f"{spec.name} is deprecated; import {self.new_name} instead", DeprecationWarning,
-                      stacklevel=2)
+        if spec.name not in STABLE:
+            warnings.warn(f"{spec.name} is deprecated; import {self.new_name} instead", DeprecationWarning,
+                          stacklevel=2)
         return importlib.import_module(self.new_name)
 
     def exec_module(self, module) -> None:
