@@ -1,3 +1,5 @@
+# Over 450 lines: kept whole while issue 15 edits it in parallel; to be split after that merge into
+# prompts + vocabulary, the CLIP towers, and SegmentNamer.
 """Open-vocabulary names for DiffCut segments: mask-pooled ConvNeXt-CLIP features vs class-name prompts.
 
 Follows the authors' open-vocabulary extension of DiffCut (``eval_diffcut_openvoc.py``
