@@ -10,8 +10,8 @@ The package is laid out by the parts of the system (docs/architecture.md):
 job and its output schema), ``diffcut.evaluation`` (mIoU protocol, benchmark
 datasets), ``diffcut.tools`` (built on the job's output) and the CLI
 (``diffcut.cli``, ``diffcut.commands``). The old flat module paths
-(``diffcut.pipeline``, ``diffcut.schema``, ...) still import, deprecated, through
-``diffcut._moved``.
+(``diffcut.pipeline``, ``diffcut.io``, ...) still import, deprecated, through
+``diffcut._moved``; ``diffcut.schema`` stays for good (``diffcut.schema.read_labels``).
 
 The public names below are imported lazily: ``import diffcut`` stays cheap and
 does not pull torch, diffusers or Ray until a name that needs them is used.
