@@ -1,6 +1,6 @@
 """Decode + resize throughput of one CPU core, as the job's read/decode tasks do it.
 
-``diffcut.io.decode_image`` (open, EXIF orientation, RGB, bilinear resize to the model
+``diffcut.job.io.decode_image`` (open, EXIF orientation, RGB, bilinear resize to the model
 input size; JPEG decoded at a reduced DCT scale when the target is smaller) on one thread,
 for JPEG (quality 90) and PNG sources: 1024x1024 (the model size itself: decode only),
 2048x1536 (3 MP, resized to its 1024 bucket) and 4032x3024 (12 MP phone photo). The
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from diffcut.io import decode_image, model_size  # noqa: E402
+from diffcut.job.io import decode_image, model_size  # noqa: E402
 
 SOURCES = [(1024, 1024), (2048, 1536), (4032, 3024)]
 TARGET_RATES = (40, 60)

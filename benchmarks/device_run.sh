@@ -35,8 +35,8 @@ if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
     stamp "pip install torch failed (see install.log): no registry? stopping"; exit 3
   fi
 fi
-# The project with its Ray extra (the job's FeatureStage lives in diffcut.pipeline, which imports Ray).
-if ! $PY -c "import diffcut.pipeline" 2>/dev/null; then
+# The project with its Ray extra (the job's FeatureStage lives in diffcut.job.pipeline, which imports Ray).
+if ! $PY -c "import diffcut.job.pipeline" 2>/dev/null; then
   $PY -m pip install -q -c constraints.txt -e '.[ray]' >> "$OUT/install.log" 2>&1 \
     || { stamp "pip install of the project failed (see install.log)"; exit 3; }
 fi

@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from architectures import SDXL_POOLED_SHAPE, SDXL_PROMPT_SHAPE, SDXL_UNET, SDXL_VAE  # noqa: E402
 
-from diffcut.features import ExtractorConfig, FeatureExtractor  # noqa: E402
+from diffcut.method.features import ExtractorConfig, FeatureExtractor  # noqa: E402
 
 
 def count(fn) -> int:

@@ -3,7 +3,7 @@
 Builds the SSD-1B and SDXL-base UNets and the SDXL VAE from their published
 configs (``benchmarks/architectures.py``, sources there) with random weights
 directly on the device (no download), wraps them in the job's own
-:class:`diffcut.features.FeatureExtractor` (truncated forward, modules after
+:class:`diffcut.method.features.FeatureExtractor` (truncated forward, modules after
 the feature released) and times, for every model x dtype x compile x input
 size x batch size:
 
@@ -14,7 +14,7 @@ with CUDA events, and reports images/s, ms per part per call, achieved
 TFLOP/s from the FLOPs counted on the meta device (``torch.utils.flop_counter``,
 as benchmarks/flops.py), its share of the device's dense peak, and the peak
 GPU memory. Sizes: 1024x1024 and three aspect buckets (4:3, 3:4, 16:9 at about
-1024^2 pixels, ``diffcut.io.bucket_size``). Batch sizes 1, 2, 4, ... 32 (stops
+1024^2 pixels, ``diffcut.job.io.bucket_size``). Batch sizes 1, 2, 4, ... 32 (stops
 at the first out-of-memory). The sweep runs in priority order and stops
 starting new settings once ``--time-limit`` seconds are spent (skipped ones
 are listed), so one command fits a device session.
@@ -41,8 +41,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from architectures import SDXL_UNET, SDXL_VAE, SSD1B_UNET  # noqa: E402
 
-from diffcut.features import ExtractorConfig, FeatureExtractor, set_attention_kernel  # noqa: E402
-from diffcut.io import bucket_size  # noqa: E402
+from diffcut.method.features import ExtractorConfig, FeatureExtractor  # noqa: E402
+
+from diffcut.method.unet import set_attention_kernel  # noqa: E402
+from diffcut.job.io import bucket_size  # noqa: E402
 
 ARCHITECTURES = {"ssd-1b": SSD1B_UNET, "sdxl": SDXL_UNET}
 
@@ -265,12 +267,12 @@ def format_row(row: dict) -> str:
 
 
 def job_stage(extractor: FeatureExtractor, seconds: float, batch_size, resolution: int) -> dict:
-    """The labeling job's feature actor (:class:`diffcut.pipeline.FeatureStage`) on synthetic decoded
+    """The labeling job's feature actor (:class:`diffcut.job.stages.FeatureStage`) on synthetic decoded
     rows, bucket sizes mixed and grouped as decode_stage hands them over, for ``seconds``."""
     import numpy as np
     import pyarrow as pa
 
-    from diffcut.pipeline import DECODED_SCHEMA, FeatureStage
+    from diffcut.job.stages import DECODED_SCHEMA, FeatureStage
 
     stage = FeatureStage.around(extractor, batch_size)
     rng = np.random.default_rng(0)

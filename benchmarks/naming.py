@@ -14,7 +14,7 @@ import time
 import numpy as np
 import torch
 
-from diffcut import naming
+from diffcut.method import naming
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Benchmark: diffcut.ncut.recursive_ncut against a straightforward implementation.
+"""Benchmark: diffcut.method.ncut.recursive_ncut against a straightforward implementation.
 
 Both implement DESIGN.md §2.2-2.3 (DiffCut's affinity and recursive normalized
 cut). The reference below is written plainly, the way the definition reads: a
@@ -39,7 +39,7 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from diffcut.ncut import affinity_matrix, recursive_ncut  # noqa: E402
+from diffcut.method.ncut import affinity_matrix, recursive_ncut  # noqa: E402
 
 BASE_SEED = 2026
 

@@ -1,7 +1,7 @@
-"""Benchmark: what the warm-started Lanczos of diffcut.ncut saves, counted in products with W.
+"""Benchmark: what the warm-started Lanczos of diffcut.method.ncut saves, counted in products with W.
 
 Every child region's Fiedler solve starts from its parent's near-1 cluster
-(``diffcut.ncut._warm_start``) and cold starts resolve that cluster for their
+(``diffcut.method.ncut._warm_start``) and cold starts resolve that cluster for their
 children. This script runs the recursion on the same maps with warm starts on
 and off (off: ``_CLUSTER_MIN_RITZ`` above 1, so no Ritz value counts as the
 cluster and every region starts cold, as before issue 11) and reports the work
@@ -36,7 +36,7 @@ sys.path.insert(0, str(_HERE.parent / "infra"))
 import ncut as ncut_benchmark  # noqa: E402  (benchmarks/ncut.py)
 from measure_ncut_time import random_features, structured_features  # noqa: E402
 
-from diffcut import ncut  # noqa: E402
+from diffcut.method import ncut  # noqa: E402
 
 
 def _counting(products: list[int]):

@@ -2,9 +2,9 @@
 
 Every model call of the feature stage holds exactly ``--batch-size`` images of
 one input size (bucket), padded with blank images when a feature batch has
-fewer of that size (:class:`diffcut.pipeline.FeatureStage`; why in
+fewer of that size (:class:`diffcut.job.stages.FeatureStage`; why in
 docs/output-format.md, "Determinism"). Padding is model work -- GPU time on a
-GPU run -- spent on nothing. :func:`diffcut.pipeline.decode_stage` orders the
+GPU run -- spent on nothing. :func:`diffcut.job.stages.decode_stage` orders the
 records of each read/decode batch by input size (from the image headers)
 before decoding, so the rows reach the feature batches grouped by bucket.
 
@@ -12,7 +12,7 @@ This script runs the real ``decode_stage`` over generated JPEG files at the
 chosen resolution, in read/decode batches of each ``--decode-batch-sizes``
 value, cuts its output into feature batches of ``4 * batch_size`` rows as the
 job does, and counts the images the model runs with
-:func:`diffcut.pipeline.model_calls` -- the function the feature stage runs.
+:func:`diffcut.job.stages.model_calls` -- the function the feature stage runs.
 The baseline is the same rows in input (file) order: what the feature stage
 saw before the ordering. Ray Data may interleave the decoded blocks of
 concurrent decode tasks; they are ``4 * batch_size`` rows long, one feature
@@ -78,7 +78,7 @@ def write_images(folder: Path, sizes: list[tuple[int, int]], seed: int = 0) -> l
 
 def model_images(sizes: list[tuple[int, int]], batch_size: int, feature_batch: int) -> int:
     """Images the model runs for rows arriving in this order (padding included)."""
-    from diffcut.pipeline import model_calls
+    from diffcut.job.stages import model_calls
 
     calls = 0
     for start in range(0, len(sizes), feature_batch):
@@ -89,8 +89,8 @@ def model_images(sizes: list[tuple[int, int]], batch_size: int, feature_batch: i
 def decode_in_batches(paths: list[str], *, resolution: int, decode_batch_size: int) -> list[tuple[int, int]]:
     """Input sizes of the rows ``decode_stage`` yields, in the order it yields them (the concatenation of
     its outputs over read/decode batches of ``decode_batch_size`` files)."""
-    from diffcut import io as dio
-    from diffcut.pipeline import decode_stage
+    from diffcut.job import io as dio
+    from diffcut.job.stages import decode_stage
 
     units = dio.plan_image_files(paths).units
     rows: list[tuple[str, tuple[int, int]]] = []
@@ -108,7 +108,7 @@ def decode_in_batches(paths: list[str], *, resolution: int, decode_batch_size: i
 
 
 def compare(rows: list[tuple[str, tuple[int, int]]], paths: list[str], batch_size: int) -> dict:
-    feature_batch = 4 * batch_size  # as diffcut.pipeline._run_pipeline hands rows to a feature actor
+    feature_batch = 4 * batch_size  # as diffcut.job.pipeline._run_pipeline hands rows to a feature actor
     position = {path: index for index, path in enumerate(paths)}
     ordered = [size for _, size in rows]
     in_file_order = [size for _, size in sorted(rows, key=lambda item: position[item[0]])]

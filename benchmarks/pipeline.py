@@ -4,12 +4,12 @@ Both label the same generated images with the same library calls and write
 the same Parquet rows:
 
 * **loop**: one Python process; for each batch of ``--batch-size`` images:
-  read, :func:`diffcut.io.decode_image`, ``FeatureExtractor.extract``,
-  float16, :func:`diffcut.segmenter.segment_features`,
-  :func:`diffcut.schema.ok_row`; one ``pyarrow.parquet.write_table`` at the
+  read, :func:`diffcut.job.io.decode_image`, ``FeatureExtractor.extract``,
+  float16, :func:`diffcut.method.segmenter.segment_features`,
+  :func:`diffcut.job.schema.ok_row`; one ``pyarrow.parquet.write_table`` at the
   end. torch may use every core. Model loading is timed separately and not
   counted.
-* **job**: :func:`diffcut.pipeline.label_dataset` with an embedded Ray on
+* **job**: :func:`diffcut.job.pipeline.label_dataset` with an embedded Ray on
   127.0.0.1 (started by the job, as ``python jobs/label.py`` does). Its
   ``images_per_second`` counts from the start of the Ray Data execution to
   the last shard written, so actor start-up and model loading *are* inside
@@ -68,10 +68,10 @@ def run_loop(paths: list[Path], output: Path, *, model: str, resolution: int, ba
     import pyarrow.parquet as pq
     import torch
 
-    from diffcut import io as dio
-    from diffcut import schema
-    from diffcut.features import FeatureExtractor
-    from diffcut.segmenter import segment_features
+    from diffcut.job import io as dio
+    from diffcut.job import schema
+    from diffcut.method.features import FeatureExtractor
+    from diffcut.method.segmenter import segment_features
 
     torch.set_num_threads(os.cpu_count() or 1)
     loaded = time.perf_counter()
@@ -109,7 +109,9 @@ def run_loop(paths: list[Path], output: Path, *, model: str, resolution: int, ba
 def run_job(folder: Path, output: Path, *, model: str, resolution: int, batch_size: int, flags: dict) -> dict:
     import ray
 
-    from diffcut.pipeline import connect_ray, label_dataset
+    from diffcut.job.ray_session import connect_ray
+
+    from diffcut.job.pipeline import label_dataset
 
     started = time.perf_counter()
     connect_ray(None, flags["decode_cpus"] + flags["extractor_cpus"] + flags["ncut_cpus"])

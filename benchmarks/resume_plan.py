@@ -10,10 +10,10 @@ Builds once (kept under ``--dir``):
   ``--sources`` files: realistic ``source`` and ``params`` strings, no masks or segments.
 
 Then, in a fresh Python process (the driver), runs the planning steps of
-:func:`diffcut.pipeline.label_dataset` in its order -- the done set from the output
-(:func:`diffcut.pipeline.existing_output`: list the shards, check their footers, read the sources
-and one row's parameters), the listing (:func:`diffcut.io.list_inputs`) and the filtering
-(:func:`diffcut.io.plan_image_files`) -- and prints the seconds of each step and the driver's peak
+:func:`diffcut.job.pipeline.label_dataset` in its order -- the done set from the output
+(:func:`diffcut.job.resume.existing_output`: list the shards, check their footers, read the sources
+and one row's parameters), the listing (:func:`diffcut.job.io.list_inputs`) and the filtering
+(:func:`diffcut.job.io.plan_image_files`) -- and prints the seconds of each step and the driver's peak
 RSS. Ends with one JSON object. ``--runs`` repeats the measure (the page cache is warm after the
 first: the numbers of later runs are those of a re-run right after a preempted one).
 
@@ -50,7 +50,9 @@ def build(folder: Path, sources: int, pending: int, shard_rows: int) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from diffcut import __version__, schema
+    from diffcut import __version__
+
+    from diffcut.job import schema
 
     marker = folder / f"built-{sources}-{pending}-{shard_rows}"
     if marker.exists():
@@ -83,9 +85,10 @@ def build(folder: Path, sources: int, pending: int, shard_rows: int) -> None:
 MEASURE = r"""
 import json, resource, sys, time
 sys.path.insert(0, sys.argv[1])
-from diffcut import __version__, schema
-from diffcut import io as dio
-from diffcut.pipeline import existing_output
+from diffcut import __version__
+from diffcut.job import schema
+from diffcut.job import io as dio
+from diffcut.job.resume import existing_output
 images, labels, params = sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 params.update(diffcut_version=__version__, schema_version=schema.SCHEMA_VERSION)
 times = {}

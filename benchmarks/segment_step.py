@@ -1,8 +1,8 @@
 """Benchmark: the segmentation actor's whole step per image, today's code against the frozen baseline.
 
-The step is what ``diffcut.pipeline.SegmentStage`` does for one ok row:
-``diffcut.segmenter.segment_features`` (recursive NCut with its split tree,
-concept assignment at the mask size, descriptors) + ``diffcut.schema.ok_row``
+The step is what ``diffcut.job.stages.SegmentStage`` does for one ok row:
+``diffcut.method.segmenter.segment_features`` (recursive NCut with its split tree,
+concept assignment at the mask size, descriptors) + ``diffcut.job.schema.ok_row``
 (PNG masks, per-segment areas and boxes, tree JSON). The baseline is the same
 step as it was before issue 11, kept verbatim in ``benchmarks/baseline_segment_step/``.
 
@@ -50,7 +50,13 @@ from baseline_segment_step import ncut as baseline_ncut  # noqa: E402
 from baseline_segment_step import schema as baseline_schema  # noqa: E402
 from measure_ncut_time import random_features, structured_features  # noqa: E402
 
-from diffcut import assign, ncut, schema, segmenter  # noqa: E402
+from diffcut.method import assign  # noqa: E402
+
+from diffcut.method import ncut  # noqa: E402
+
+from diffcut.job import schema  # noqa: E402
+
+from diffcut.method import segmenter  # noqa: E402
 
 #: Two float64 scores closer than this count as a tie (float32 scores carry ~1e-7 rounding).
 TIE = 1e-5

@@ -4,8 +4,8 @@
 
 Writes a shard of ``--members`` image members of ``--member-kb`` KB each (random bytes, so each
 becomes an error row at its header check and decoding costs nothing) with a JSON member beside
-each, then runs the job's read/decode stage on it (:func:`diffcut.pipeline.decode_stage`: the
-shard streamed by :func:`diffcut.webdataset.read_shard_unit`, ``tarfile`` stream mode over the
+each, then runs the job's read/decode stage on it (:func:`diffcut.job.stages.decode_stage`: the
+shard streamed by :func:`diffcut.job.webdataset.read_shard_unit`, ``tarfile`` stream mode over the
 fsspec file, records ordered ``--group`` at a time as ``--decode-batch-size`` sets it), and prints
 the peak of Python-allocated memory (``tracemalloc``) during the stage, as a fraction of the
 shard's size and in members, measured in this one run.
@@ -20,9 +20,9 @@ import tempfile
 import tracemalloc
 from pathlib import Path
 
-from diffcut import io as dio
-from diffcut import webdataset
-from diffcut.pipeline import decode_stage
+from diffcut.job import io as dio
+from diffcut.job import webdataset
+from diffcut.job.stages import decode_stage
 
 
 def main() -> None:

@@ -5,6 +5,14 @@ with Diffusion Features and Recursive Normalized Cut", NeurIPS 2024,
 arXiv:2406.02842) segments an image by a recursive normalized cut over the
 self-attention features of a diffusion UNet.
 
+The package is laid out by the parts of the system (docs/architecture.md):
+``diffcut.method`` (DiffCut on arrays), ``diffcut.job`` (the Ray Data labeling
+job and its output schema), ``diffcut.evaluation`` (mIoU protocol, benchmark
+datasets), ``diffcut.tools`` (built on the job's output) and the CLI
+(``diffcut.cli``, ``diffcut.commands``). The old flat module paths
+(``diffcut.pipeline``, ``diffcut.io``, ...) still import, deprecated, through
+``diffcut._moved``; ``diffcut.schema`` stays for good (``diffcut.schema.read_labels``).
+
 The public names below are imported lazily: ``import diffcut`` stays cheap and
 does not pull torch, diffusers or Ray until a name that needs them is used.
 """
@@ -13,23 +21,29 @@ from __future__ import annotations
 
 import importlib
 
+from diffcut import _moved
+
 __version__ = "0.1.0"
 
+_moved.install()
+
 _LAZY = {
-    "FeatureExtractor": "diffcut.features",
-    "recursive_ncut": "diffcut.ncut",
-    "SplitTree": "diffcut.ncut",
-    "assign_concepts": "diffcut.assign",
-    "segment_embeddings": "diffcut.assign",
-    "refine_pamr": "diffcut.refine",
-    "DiffCutSegmenter": "diffcut.segmenter",
-    "SegmentationResult": "diffcut.segmenter",
+    "FeatureExtractor": "diffcut.method.features",
+    "recursive_ncut": "diffcut.method.ncut",
+    "SplitTree": "diffcut.method.ncut",
+    "assign_concepts": "diffcut.method.assign",
+    "segment_embeddings": "diffcut.method.assign",
+    "refine_pamr": "diffcut.method.refine",
+    "DiffCutSegmenter": "diffcut.method.segmenter",
+    "SegmentationResult": "diffcut.method.segmenter",
 }
 
 __all__ = ["__version__", *_LAZY]
 
 
 def __getattr__(name: str):
+    if f"diffcut.{name}" in _moved.MOVED:  # an old flat module path, e.g. diffcut.schema
+        return importlib.import_module(f"diffcut.{name}")
     module_name = _LAZY.get(name)
     if module_name is None:
         raise AttributeError(f"module 'diffcut' has no attribute {name!r}")

@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("diffcut.commands.evaluate", "score predicted label maps against ground truth (mIoU)"),
     "benchmark": ("diffcut.commands.benchmark", "run the paper's zero-shot benchmarks"),
     "rethreshold": ("diffcut.commands.rethreshold", "re-cut labels at a smaller tau from the stored split tree"),
-    "discover": ("diffcut.discover", "cluster segment descriptors into dataset-level classes (Ray Data)"),
+    "discover": ("diffcut.commands.discover", "cluster segment descriptors into dataset-level classes (Ray Data)"),
     "export": ("diffcut.commands.export", "export labels as COCO JSON or PNG folders"),
     "gallery": ("diffcut.commands.gallery", "write a static HTML gallery of labeled images"),
 }

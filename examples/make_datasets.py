@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffcut.webdataset import write_shard  # noqa: E402
+from diffcut.job.webdataset import write_shard  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,7 @@
 
 The targets are the dataset-level classes of ``jobs/discover.py`` (the same
 class id means the same kind of segment in every image), joined with the
-input images by ``diffcut.training.LabeledImages``; image and mask get the
+input images by ``diffcut.tools.training.LabeledImages``; image and mask get the
 same resize. The network is a few convolutions (a downsampling encoder and a
 bilinear upsampling head), trained with per-pixel cross-entropy and Adam on
 the CPU. The bundled labels (``examples/sample-labels``,
@@ -27,8 +27,8 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffcut.discover import read_centroids  # noqa: E402
-from diffcut.training import LabeledImages  # noqa: E402
+from diffcut.tools.discover import read_centroids  # noqa: E402
+from diffcut.tools.training import LabeledImages  # noqa: E402
 
 
 class SmallSegmenter(nn.Module):

@@ -35,11 +35,11 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from diffcut import io as dio  # noqa: E402
-from diffcut import schema  # noqa: E402
-from diffcut.assign import assign_concepts  # noqa: E402
-from diffcut.ncut import recursive_ncut  # noqa: E402
-from diffcut.segmenter import segment_features  # noqa: E402
+from diffcut.job import io as dio  # noqa: E402
+from diffcut.job import schema  # noqa: E402
+from diffcut.method.assign import assign_concepts  # noqa: E402
+from diffcut.method.ncut import recursive_ncut  # noqa: E402
+from diffcut.method.segmenter import segment_features  # noqa: E402
 
 
 def structured_features(rng: np.random.Generator, size: int, dim: int, regions: int, noise: float) -> np.ndarray:

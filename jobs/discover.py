@@ -5,7 +5,7 @@
 Clusters the segment descriptors of ``diffcut label``'s output into K classes
 (spherical k-means fitted on a sample, then every segment assigned in a second
 Ray Data pass) and writes a class id per segment and a semantic label map per
-image; see :mod:`diffcut.discover` and ``python jobs/discover.py --help``.
+image; see :mod:`diffcut.tools.discover` and ``python jobs/discover.py --help``.
 Without a cluster address (``--address`` or ``RAY_ADDRESS``) it starts an
 embedded Ray on 127.0.0.1.
 """
@@ -18,11 +18,12 @@ from pathlib import Path
 # repository: import the package from that copy, the code that was submitted.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffcut import discover  # noqa: E402
+from diffcut.commands import discover  # noqa: E402
+from diffcut.tools.discover import __doc__ as DISCOVER_DOC  # noqa: E402
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="jobs/discover.py", description=discover.__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(prog="jobs/discover.py", description=DISCOVER_DOC.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     discover.add_arguments(parser)
     return discover.run(parser.parse_args(argv))

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffcut import assign
-from diffcut.assign import assign_concepts, bilinear_source_index, segment_embeddings, segment_stats
+from diffcut.method import assign
+from diffcut.method.assign import assign_concepts, bilinear_source_index, segment_embeddings, segment_stats
 
 
 def random_case(seed: int, h: int, w: int, c: int, k: int):

@@ -34,7 +34,7 @@ import psutil
 import pytest
 from PIL import Image
 
-from diffcut import schema
+from diffcut.job import schema
 
 pytestmark = pytest.mark.slow
 

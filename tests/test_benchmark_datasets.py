@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from diffcut.cli import main
-from diffcut.datasets import (BENCHMARKS, apply_lookup, centre_square_crop_box, coco_stuff27_val_ids, label_maps,
+from diffcut.evaluation.datasets import (BENCHMARKS, apply_lookup, centre_square_crop_box, coco_stuff27_val_ids, label_maps,
                               open_benchmark, paper_preprocess, resize_bilinear, resize_nearest_exact)
 
 HEIGHT, WIDTH = 48, 64
@@ -285,9 +285,9 @@ def test_benchmark_command_prints_ours_beside_the_paper(tmp_path, layout, capsys
 @pytest.mark.slow
 def test_benchmark_json_scores_match_the_evaluator(tmp_path, capsys):
     """The JSON output equals scoring the same segmentations through the library path by hand."""
-    from diffcut.evaluate import COMPARE_SIZE, SegmentationEvaluator
-    from diffcut.features import FeatureExtractor
-    from diffcut.segmenter import DiffCutSegmenter
+    from diffcut.evaluation.protocol import COMPARE_SIZE, SegmentationEvaluator
+    from diffcut.method.features import FeatureExtractor
+    from diffcut.method.segmenter import DiffCutSegmenter
 
     root = make_voc(tmp_path)
     assert main(["benchmark", "--dataset", "voc", "--root", str(root), "--model", "tiny-random", "--device", "cpu",

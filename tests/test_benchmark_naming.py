@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from diffcut import naming
+from diffcut.method import naming
 from diffcut.cli import main
-from diffcut.datasets import (BENCHMARKS, coco_object_table, context_d2_table, open_benchmark, paper_preprocess,
+from diffcut.evaluation.datasets import (BENCHMARKS, coco_object_table, context_d2_table, open_benchmark, paper_preprocess,
                               vocabulary_eval_ids)
-from diffcut.evaluate import COMPARE_SIZE, resize_nearest
+from diffcut.evaluation.protocol import COMPARE_SIZE, resize_nearest
 
 from test_benchmark_datasets import make_coco, make_voc
 
@@ -44,7 +44,7 @@ def test_vocabulary_indices_map_to_our_evaluation_ids():
 
 
 def test_names_matching_with_a_background_scores_ignored_pixels_as_background():
-    from diffcut.evaluate import SegmentationEvaluator
+    from diffcut.evaluation.protocol import SegmentationEvaluator
 
     labels = np.array([[0, 1], [255, 255]])
     with_bg = SegmentationEvaluator(2, background_class=0, matching="names", size=None)
@@ -112,8 +112,8 @@ def expected_scores(dataset, predicted_eval_id: int) -> tuple[float, float]:
 
 @pytest.fixture(scope="module")
 def segmenter():
-    from diffcut.features import FeatureExtractor
-    from diffcut.segmenter import DiffCutSegmenter
+    from diffcut.method.features import FeatureExtractor
+    from diffcut.method.segmenter import DiffCutSegmenter
 
     torch.set_num_threads(1)
     return DiffCutSegmenter(FeatureExtractor.from_pretrained("tiny-random", device="cpu"), refine=False)

@@ -16,8 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from diffcut import io as dio
-from diffcut import schema
+from diffcut.job import io as dio
+from diffcut.job import schema
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -67,7 +67,7 @@ def scenes(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference_run(ray_local, scenes, tmp_path_factory):
     """Batch size 4, one actor per pool, one decode batch for every image."""
-    from diffcut.pipeline import label_dataset
+    from diffcut.job.pipeline import label_dataset
 
     folder, paths = scenes
     output = str(tmp_path_factory.mktemp("determinism") / "reference")
@@ -80,7 +80,7 @@ def reference_run(ray_local, scenes, tmp_path_factory):
 def test_same_bytes_whatever_the_pools_and_the_batching(ray_local, scenes, reference_run, tmp_path):
     """Two feature actors and two NCut actors, decode batches of 3 (so other images share each model
     call): every row is byte-identical to the reference run."""
-    from diffcut.pipeline import label_dataset
+    from diffcut.job.pipeline import label_dataset
 
     folder, paths = scenes
     output = str(tmp_path / "labels")
@@ -98,7 +98,7 @@ def test_same_bytes_whatever_the_pools_and_the_batching(ray_local, scenes, refer
 def test_a_feature_call_does_not_depend_on_its_batch_neighbours(scenes):
     """The mechanism behind the promise, without Ray: FeatureStage pads every model call to exactly
     ``batch_size`` images, so an image's features are the same alone, with others, at any position."""
-    from diffcut.pipeline import FeatureStage, decode_stage
+    from diffcut.job.stages import FeatureStage, decode_stage
 
     folder, paths = scenes
     same_bucket: dict[tuple[int, int], list[str]] = {}
@@ -122,7 +122,7 @@ def test_batch_size_changes_features_only_at_float_rounding(ray_local, scenes, r
     float32 (measured: see docs/output-format.md, "Determinism"), so exact bytes are promised for a
     fixed batch size only. What must hold across batch sizes: the same segments up to rounding ties,
     descriptors equal to float16 precision, and the same (tree-free) structure almost everywhere."""
-    from diffcut.pipeline import label_dataset
+    from diffcut.job.pipeline import label_dataset
 
     folder, paths = scenes
     output = str(tmp_path / "labels")
@@ -154,7 +154,7 @@ def test_batch_size_changes_features_only_at_float_rounding(ray_local, scenes, r
 def test_features_for_batch_one_and_four_differ_only_in_the_last_bits():
     """The measurement behind the documented promise (tiny model, CPU): batch-1 and batch-4 calls
     give float32 features within a few ulps, not equal bit for bit."""
-    from diffcut.features import FeatureExtractor
+    from diffcut.method.features import FeatureExtractor
 
     extractor = FeatureExtractor.from_pretrained("tiny-random", device="cpu")
     pixels = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))

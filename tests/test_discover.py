@@ -11,9 +11,10 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from diffcut import schema
-from diffcut.discover import (assign_classes, classify_batch, draw_sample, kmeans_plusplus, merge_samples,
-                              normalize_rows, sample_arrays, sample_batch, sample_key_bound, spherical_kmeans)
+from diffcut.job import schema
+from diffcut.method.kmeans import assign_classes, kmeans_plusplus, normalize_rows, spherical_kmeans
+from diffcut.tools.discover_batches import (classify_batch, draw_sample, merge_samples, sample_arrays, sample_batch,
+                                            sample_key_bound)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -187,7 +188,7 @@ def scene(index: int, rng) -> tuple[np.ndarray, np.ndarray]:
 @pytest.fixture(scope="module")
 def labeled_dataset(ray_local, tmp_path_factory):
     """Eight generated scenes (and a broken file) labeled by the real job on the local Ray; ground truth PNGs."""
-    from diffcut.pipeline import label_dataset
+    from diffcut.job.pipeline import label_dataset
 
     root = tmp_path_factory.mktemp("discover")
     images, truth = root / "images", root / "truth"
@@ -208,7 +209,7 @@ def labeled_dataset(ray_local, tmp_path_factory):
 @pytest.mark.slow
 def test_discover_job_writes_classes_that_evaluate_scores(labeled_dataset, capsys):
     from diffcut.cli import main as cli_main
-    from diffcut.discover import discover_classes, read_centroids, read_centroids_info, read_classes
+    from diffcut.tools.discover import discover_classes, read_centroids, read_centroids_info, read_classes
 
     labels, output = labeled_dataset / "labels", labeled_dataset / "classes"
     info = discover_classes(str(labels), str(output), 3, sample_size=1000, seed=0, batch_rows=2,

@@ -20,9 +20,9 @@ from PIL import Image
 from scipy.optimize import linear_sum_assignment
 
 from diffcut.cli import main
-from diffcut.evaluate import (SegmentationEvaluator, confusion_histogram, evaluate_pairs, hungarian_counts,
+from diffcut.evaluation.protocol import (SegmentationEvaluator, confusion_histogram, evaluate_pairs, hungarian_counts,
                               merge_background_histogram, resize_nearest)
-from diffcut.schema import encode_mask
+from diffcut.job.schema import encode_mask
 
 
 def score(pairs, num_classes, **options):

@@ -10,13 +10,15 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from diffcut import schema
-from diffcut.assign import segment_stats
+from diffcut.job import schema
+from diffcut.method.assign import segment_stats
 from diffcut.cli import main as cli_main
-from diffcut.discover import CLASSES_PREFIX, classify_batch, spherical_kmeans, write_centroids
-from diffcut.evaluate import resize_nearest
-from diffcut.export import UniqueNames, export_coco, export_png, safe_stem
-from diffcut.segmenter import segment_features
+from diffcut.tools.discover import CLASSES_PREFIX, write_centroids
+from diffcut.tools.discover_batches import classify_batch
+from diffcut.method.kmeans import spherical_kmeans
+from diffcut.evaluation.protocol import resize_nearest
+from diffcut.tools.export import UniqueNames, export_coco, export_png, safe_stem
+from diffcut.method.segmenter import segment_features
 
 pycocotools = pytest.importorskip("pycocotools", reason="pycocotools (the `export` extra) is not installed")
 

@@ -7,7 +7,7 @@
 * The driver (``python jobs/label.py`` with its embedded Ray) is killed with everything it started:
   running the same command again completes with every input exactly once.
 
-Every image is counted twice: through :func:`diffcut.schema.read_labels` (which keeps one row per
+Every image is counted twice: through :func:`diffcut.job.schema.read_labels` (which keeps one row per
 source) and through plain pyarrow over every shard file (which would show any duplicate).
 """
 
@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from diffcut import schema
+from diffcut.job import schema
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(480)]
 
@@ -164,7 +164,7 @@ def kill_busy_worker(title: str, deadline: float, job: threading.Thread) -> dict
 
 
 def test_killed_feature_and_ncut_actors_lose_no_image(ray_local, tmp_path):
-    from diffcut.pipeline import label_dataset
+    from diffcut.job.pipeline import label_dataset
 
     sources = write_images(tmp_path / "images", 60)
     output = str(tmp_path / "labels")

@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from diffcut.features import FeatureExtractor, feature_module_path
-from diffcut.tiny import tiny_random_path
+from diffcut.method.features import FeatureExtractor
+
+from diffcut.method.unet import feature_module_path
+from diffcut.method.tiny import tiny_random_path
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +167,7 @@ def build_tiny_sd1(target: Path) -> Path:
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from diffcut.tiny import _tiny_clip_tokenizer
+    from diffcut.method.tiny import _tiny_clip_tokenizer
 
     tokenizer = _tiny_clip_tokenizer()
     torch.manual_seed(0)

@@ -30,7 +30,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from diffcut import schema
+from diffcut.job import schema
 from s3_fault_proxy import FAULTS, FaultProxy
 from test_autoscaling import session_processes
 from test_faults import TINY_FLAGS, _job_env, assert_each_input_exactly_once, write_images

@@ -17,10 +17,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from diffcut import schema
+from diffcut.job import schema
 from diffcut.cli import main as cli_main
-from diffcut.gallery import SourceReader, build_gallery, thumbnail_size
-from diffcut.segmenter import segment_features
+from diffcut.tools.gallery import SourceReader, build_gallery, thumbnail_size
+from diffcut.method.segmenter import segment_features
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 
@@ -131,7 +131,7 @@ def labeled_on_s3(ray_local, s3_server, sample_dir, tmp_path_factory):
     deleted, as happens when a dataset moves after labeling. Returns (labels dir, bucket)."""
     import boto3
 
-    from diffcut.pipeline import label_dataset
+    from diffcut.job.pipeline import label_dataset
 
     bucket = f"gallery-{uuid.uuid4().hex[:10]}"
     client = boto3.client("s3")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffcut.features import ExtractorConfig, FeatureExtractor, largest_batch, resolve_vae_dtype
+from diffcut.method.features import ExtractorConfig, FeatureExtractor, largest_batch, resolve_vae_dtype
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_features import build_tiny_sd1  # noqa: E402
@@ -192,7 +192,7 @@ def test_feature_stage_auto_batch_and_speed_options_on_cpu():
     import numpy as np
     import pyarrow as pa
 
-    from diffcut.pipeline import DECODED_SCHEMA, FeatureStage, model_calls
+    from diffcut.job.stages import DECODED_SCHEMA, FeatureStage, model_calls
 
     stage = FeatureStage("tiny-random", "cpu", "float32", 50, "auto", speed={"channels_last": True})
     rng = np.random.default_rng(0)
@@ -260,8 +260,8 @@ def test_job_flags_map_to_label_dataset_and_are_checked(tmp_path):
     import argparse
 
     from diffcut.commands.label import add_arguments
-    from diffcut.io import InputError
-    from diffcut.pipeline import label_dataset
+    from diffcut.job.io import InputError
+    from diffcut.job.pipeline import label_dataset
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

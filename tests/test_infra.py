@@ -10,7 +10,7 @@
   CEL rules (``x-kubernetes-validations``) cannot be evaluated here, so the test asserts the
   manifests reach none except transition rules (``oldSelf``), which cannot fail on create.
 - What the pods / node types offer covers what the pipeline's actors request: the defaults of
-  ``diffcut.pipeline.label_dataset`` overridden by the flags of the RayJob's command, which is
+  ``diffcut.job.pipeline.label_dataset`` overridden by the flags of the RayJob's command, which is
   parsed by the real ``diffcut label`` argument parser.
 """
 
@@ -62,7 +62,7 @@ def pyproject() -> dict:
 @pytest.fixture(scope="module")
 def pipeline_defaults() -> dict:
     """Per-actor resources the pipeline asks for when no flag overrides them."""
-    from diffcut.pipeline import label_dataset
+    from diffcut.job.pipeline import label_dataset
 
     params = inspect.signature(label_dataset).parameters
     missing = [name for name in RESOURCE_PARAMS if name not in params]

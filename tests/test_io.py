@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from diffcut import io as dio
+from diffcut.job import io as dio
 
 
 # ------------------------------------------------------------------------------------ decoding
@@ -127,7 +127,7 @@ def test_large_jpeg_is_decoded_at_reduced_scale(large_jpeg):
     """An 8000 x 6000 JPEG for a 256-pixel model input never exists at full size (144 MB) in memory."""
     script = textwrap.dedent(f"""
         import json, resource
-        from diffcut import io as dio
+        from diffcut.job import io as dio
         data = open({str(large_jpeg)!r}, "rb").read()
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         decoded = dio.decode_image(data, lambda w, h: dio.model_size(w, h, 256))
@@ -245,7 +245,7 @@ def test_files_without_extension_are_sniffed_and_every_skipped_file_is_named(tmp
 def test_cut_off_shards_are_incomplete_but_unreadable_ones_raise(tmp_path):
     """Only a shard whose footer is invalid counts as half-written (a resumed run deletes those);
     one that cannot be read at all must not pass for one."""
-    from diffcut import schema
+    from diffcut.job import schema
 
     table = schema.rows_to_table([schema.error_row("a", "a", "bad")])
     pq.write_table(table, tmp_path / "labels-run-a-000000.parquet")

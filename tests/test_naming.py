@@ -1,4 +1,4 @@
-"""diffcut.naming on the tiny random ConvNeXt CLIP, built locally and loaded by the real loading code."""
+"""diffcut.method.naming on the tiny random ConvNeXt CLIP, built locally and loaded by the real loading code."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import pyarrow as pa
 import pytest
 import torch
 
-from diffcut import naming, schema
+from diffcut.method import naming
+
+from diffcut.job import schema
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +135,7 @@ def test_published_architecture_has_open_clip_parameter_names():
 
 
 def test_names_matching_scores_class_ids_without_matching():
-    from diffcut.evaluate import SegmentationEvaluator
+    from diffcut.evaluation.protocol import SegmentationEvaluator
 
     evaluator = SegmentationEvaluator(3, matching="names", size=None)
     labels = np.array([[0, 0, 1, 1], [2, 2, 255, 255]])
@@ -165,7 +167,7 @@ def test_naming_stage_names_rows_and_turns_failures_into_error_rows(tmp_path):
 
     from PIL import Image
 
-    from diffcut.pipeline import NamingStage, SegmentStage
+    from diffcut.job.stages import NamingStage, SegmentStage
 
     torch.set_num_threads(1)
     buffer = _io.BytesIO()
@@ -200,7 +202,7 @@ def voc_name(class_id):
 
 @pytest.mark.slow
 def test_label_job_with_a_vocabulary_names_every_segment(sample_dir, tmp_path):
-    from diffcut.pipeline import label_dataset
+    from diffcut.job.pipeline import label_dataset
 
     output = str(tmp_path / "named")
     summary = label_dataset(str(sample_dir), output, model="tiny-random", device="cpu", resolution=64,

@@ -1,4 +1,4 @@
-"""Tests of diffcut.ncut: the affinity and recursive normalized cut of DESIGN.md §2.2-2.3."""
+"""Tests of diffcut.method.ncut: the affinity and recursive normalized cut of DESIGN.md §2.2-2.3."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from threadpoolctl import threadpool_limits
 
-from diffcut.ncut import (
+from diffcut.method.ncut import (
     SplitTree,
     affinity_matrix,
     best_cut,
@@ -219,7 +219,7 @@ def test_agrees_with_plain_definition(seed, shape, tau, alpha):
 def test_warm_started_children_agree_with_plain_definition(monkeypatch):
     # Regions above the dense-eigh size start Lanczos from their parent's cluster
     # vectors (ncut._warm_start); the segments must still be the definition's.
-    from diffcut import ncut
+    from diffcut.method import ncut
 
     warm_starts = []
 

@@ -25,8 +25,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from diffcut import io as dio
-from diffcut import schema
+from diffcut.job import io as dio
+from diffcut.job import schema
 from diffcut.cli import main as cli_main
 
 pytestmark = pytest.mark.slow
@@ -44,7 +44,7 @@ SAMPLE_NAMES = sorted(["landscape.jpg", "portrait.jpg", "sideways_exif.jpg", "ti
 @pytest.fixture(scope="module")
 def tiny_feature_dim():
     """Channels of the tiny model's feature layer, read from its saved UNet config."""
-    from diffcut.tiny import tiny_random_path
+    from diffcut.method.tiny import tiny_random_path
 
     config = json.loads((tiny_random_path() / "unet" / "config.json").read_text())
     return int(config["block_out_channels"][-1])
@@ -97,7 +97,7 @@ def check_labels(output: str, feature_dim: int, tau: float = 0.5) -> list[dict]:
 def test_stages_give_one_row_per_record_and_pass_errors_through(tmp_path, sample_dir, tricky_images,
                                                                  tiny_feature_dim):
     """The three stage functions without Ray: per-row failures at every stage, order and ids kept."""
-    from diffcut.pipeline import FEATURES_SCHEMA, FeatureStage, SegmentStage, decode_stage
+    from diffcut.job.stages import FEATURES_SCHEMA, FeatureStage, SegmentStage, decode_stage
 
     names = ["tiles.png", "zero_bytes.jpg", "landscape.jpg", "bomb.png", "logo_rgba.png"]
     for name in names:
@@ -146,7 +146,7 @@ def test_stages_give_one_row_per_record_and_pass_errors_through(tmp_path, sample
 
 def test_local_folder_resume_overwrite_and_agreement_with_the_library(ray_local, tmp_path, sample_dir,
                                                                       tiny_feature_dim):
-    from diffcut.pipeline import label_dataset
+    from diffcut.job.pipeline import label_dataset
 
     output = str(tmp_path / "labels")
     first = label_dataset(str(sample_dir), output, limit=2, **TINY)
@@ -197,7 +197,7 @@ def test_local_folder_resume_overwrite_and_agreement_with_the_library(ray_local,
 def test_decoded_rows_come_grouped_by_model_input_size(tmp_path):
     """decode_stage orders each batch by model input size (stable: ties keep their input order), so
     the feature stage's fixed-size model calls are full; model_calls counts what it runs."""
-    from diffcut.pipeline import decode_stage, model_calls
+    from diffcut.job.stages import decode_stage, model_calls
 
     aspects = [(96, 64), (64, 96), (96, 64), (80, 80), (64, 96), (96, 64), (80, 80), (64, 96)]
     paths = []
@@ -235,10 +235,10 @@ def _check_against_library(row: dict, path: Path) -> None:
         """The output row of one image from plain library calls (no pipeline, no Ray Data)."""
         import torch
 
-        from diffcut import io as dio
-        from diffcut import schema
-        from diffcut.features import FeatureExtractor
-        from diffcut.segmenter import segment_features
+        from diffcut.job import io as dio
+        from diffcut.job import schema
+        from diffcut.method.features import FeatureExtractor
+        from diffcut.method.segmenter import segment_features
 
         torch.set_num_threads(1)
         extractor = FeatureExtractor.from_pretrained("tiny-random", device="cpu")
@@ -314,7 +314,7 @@ def test_s3_image_prefix_to_parquet_on_s3(ray_local, s3_bucket, sample_dir, tiny
     """Credentials only from the environment (AWS_ENDPOINT_URL + keys); none of them in any output."""
     import boto3
 
-    from diffcut.pipeline import label_dataset
+    from diffcut.job.pipeline import label_dataset
 
     client = boto3.client("s3")
     for name in SAMPLE_NAMES:
@@ -340,7 +340,7 @@ def test_s3_image_prefix_to_parquet_on_s3(ray_local, s3_bucket, sample_dir, tiny
 
 def test_parquet_inputs_plain_bytes_and_hf_image_struct(ray_local, tmp_path, sample_dir, tricky_images,
                                                         tiny_feature_dim):
-    from diffcut.pipeline import label_dataset
+    from diffcut.job.pipeline import label_dataset
 
     dataset = tmp_path / "dataset"
     dataset.mkdir()

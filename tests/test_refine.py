@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy.ndimage import median_filter
 
-from diffcut.refine import local_affinity, pamr, refine_pamr
+from diffcut.method.refine import local_affinity, pamr, refine_pamr
 
 
 def reference_pamr(image: np.ndarray, masks: np.ndarray, iterations: int, dilations) -> np.ndarray:

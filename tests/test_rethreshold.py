@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from diffcut import schema
-from diffcut.assign import segment_embeddings, segment_stats
+from diffcut.job import schema
+from diffcut.method.assign import segment_embeddings, segment_stats
 from diffcut.cli import main as cli_main
-from diffcut.ncut import recursive_ncut
-from diffcut.rethreshold import merge_map, prune_tree, rethreshold_labels, rethreshold_row
-from diffcut.segmenter import segment_features
+from diffcut.method.ncut import recursive_ncut
+from diffcut.tools.rethreshold import merge_map, prune_tree, rethreshold_labels, rethreshold_row
+from diffcut.method.segmenter import segment_features
 
 RUN_TAU = 0.5
 
@@ -86,7 +86,7 @@ def tiny_model_features(sample_dir):
     """
     from PIL import Image
 
-    from diffcut.features import FeatureExtractor
+    from diffcut.method.features import FeatureExtractor
 
     extractor = FeatureExtractor.from_pretrained("tiny-random", device="cpu")
     names = ["landscape.jpg", "tiles.png", "portrait.jpg"]
@@ -221,7 +221,7 @@ def named_shards(tmp_path, tiny_model_features, sample_dir):
 
     import pyarrow as pa
 
-    from diffcut.pipeline import NamingStage
+    from diffcut.job.stages import NamingStage
 
     images = tmp_path / "images"
     images.mkdir()
@@ -248,8 +248,8 @@ def named_shards(tmp_path, tiny_model_features, sample_dir):
 
 def test_a_named_output_is_named_again_from_the_recorded_vocabulary_and_clip(tmp_path, tiny_model_features,
                                                                              sample_dir):
-    from diffcut.io import decode_image
-    from diffcut.naming import SegmentNamer
+    from diffcut.job.io import decode_image
+    from diffcut.method.naming import SegmentNamer
 
     torch.set_num_threads(1)
     named, images = named_shards(tmp_path, tiny_model_features, sample_dir)

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from diffcut import schema
+from diffcut.job import schema
 
 
 def test_mask_codec_is_lossless_and_picks_the_bit_depth():

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from diffcut import schema
+from diffcut.job import schema
 from diffcut.cli import main as cli_main
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
@@ -77,7 +77,7 @@ def test_a_pickle_checkpoint_fails_the_job_once_and_clearly(ray_local, tmp_path,
     from safetensors.torch import load_file
     import torch
 
-    from diffcut.tiny import tiny_random_path
+    from diffcut.method.tiny import tiny_random_path
 
     model = tmp_path / "pickled-model"
     shutil.copytree(tiny_random_path(), model)
@@ -231,7 +231,7 @@ def test_ids_used_as_file_names_stay_inside_the_output(ray_local, tmp_path):
     """Parquet input whose id column holds path traversals, absolute paths, a NUL byte, HTML and a
     300-character id. The job keeps the ids as they are; ``diffcut export --format png`` and
     ``diffcut gallery`` write every file inside their output folder, one distinct file per id."""
-    from diffcut.pipeline import label_dataset
+    from diffcut.job.pipeline import label_dataset
 
     work = tmp_path / "work"
     dataset = work / "dataset"

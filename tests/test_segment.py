@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from diffcut.cli import main
-from diffcut.features import FeatureExtractor
-from diffcut.segmenter import DiffCutSegmenter, segment_features
+from diffcut.method.features import FeatureExtractor
+from diffcut.method.segmenter import DiffCutSegmenter, segment_features
 
 
 def planted_features(height=12, width=16, channels=32, seed=0):

@@ -1,6 +1,6 @@
 """Training on the labels (issue 14): input images joined with their label rows by source, the same
 resize for image and mask, error rows skipped and counted; the example trains and its loss falls.
-The per-batch steps of the Ray Data builder (``diffcut.training.ray_dataset``) are checked here without
+The per-batch steps of the Ray Data builder (``diffcut.tools.training.ray_dataset``) are checked here without
 Ray, the builder itself in tests/test_webdataset.py (Ray Data's join on the labels of S3 shards)."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from diffcut import schema
-from diffcut.training import LabeledImages, collate_instances, image_and_target, resize_labels
+from diffcut.job import schema
+from diffcut.tools.training import LabeledImages, collate_instances, image_and_target, resize_labels
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -108,7 +108,7 @@ def test_ray_dataset_steps_give_the_pairs_of_labeled_images(monkeypatch):
     example runs it, CI does not.)"""
     import pyarrow as pa
 
-    from diffcut.training import _ok_targets, _pairs, _read_sources, input_units, read_targets
+    from diffcut.tools.training import _ok_targets, _pairs, _read_sources, input_units, read_targets
 
     monkeypatch.chdir(REPO)
     images = _read_sources(input_units("samples"), image_column="image")

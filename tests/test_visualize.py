@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffcut import visualize
-from diffcut.visualize import BOUNDARY_COLOR, boundaries, colorize, overlay, palette, save_png
+from diffcut.tools import visualize
+from diffcut.tools.visualize import BOUNDARY_COLOR, boundaries, colorize, overlay, palette, save_png
 
 
 def lab_distances(colors: np.ndarray) -> np.ndarray:

@@ -5,7 +5,7 @@ The shard reader, listing and planning are checked without Ray on hand-built tar
 included); three runs of the job with the tiny model and a local Ray check the whole path: S3 shards
 with ``keep_metadata`` labelled in two resumed runs, and a ``datasets`` Image dataset in, the labels
 loaded back with ``datasets.load_dataset``. The S3 labels also go back into training through
-``diffcut.training`` (one machine and Ray Data) in the Ray session that made them.
+``diffcut.tools.training`` (one machine and Ray Data) in the Ray session that made them.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ import pytest
 import torch
 from PIL import Image
 
-from diffcut import io as dio
-from diffcut import schema
-from diffcut import webdataset as wds
-from diffcut.pipeline import decode_stage
+from diffcut.job import io as dio
+from diffcut.job import schema
+from diffcut.job import webdataset as wds
+from diffcut.job.stages import decode_stage
 
 TINY = dict(model="tiny-random", device="cpu", resolution=64, batch_size=2, decode_cpus=0.5,
             extractor_cpus=0.5, ncut_cpus=0.5, ncut_pool_max=1, mask_size="32")
@@ -204,8 +204,8 @@ def test_img2dataset_parquet_failed_rows_are_error_rows(tmp_path):
 def test_webdataset_on_s3_with_metadata_resumes_per_key(ray_local, s3_bucket, tmp_path):
     import fsspec
 
-    from diffcut.pipeline import label_dataset
-    from diffcut.training import LabeledImages, ray_dataset
+    from diffcut.job.pipeline import label_dataset
+    from diffcut.tools.training import LabeledImages, ray_dataset
 
     fs = fsspec.filesystem("s3")
     keys = {"00000": ["000000000", "000000001", "000000002"], "00001": ["000010000", "000010001"]}
@@ -260,7 +260,7 @@ def test_hugging_face_datasets_round_trip(tmp_path):
     shard, load back with ``datasets.load_dataset`` and their masks decode."""
     import datasets
 
-    from diffcut.pipeline import FeatureStage, SegmentStage
+    from diffcut.job.stages import FeatureStage, SegmentStage
 
     images = [Image.open(io.BytesIO(_jpeg(seed, size))) for seed, size in enumerate([(48, 32), (40, 40), (32, 56)])]
     features = datasets.Features({"image": datasets.Image(), "name": datasets.Value("string")})
@@ -297,8 +297,8 @@ def test_hugging_face_datasets_round_trip(tmp_path):
 def test_metadata_column_survives_reading_and_rethresholding(tmp_path):
     """The optional column: read back with read_labels (nulls for shards without it), and kept by
     diffcut rethreshold."""
-    from diffcut.rethreshold import rethreshold_labels
-    from diffcut.segmenter import segment_features
+    from diffcut.tools.rethreshold import rethreshold_labels
+    from diffcut.method.segmenter import segment_features
 
     grid = np.random.default_rng(0).normal(size=(6, 6, 8)).astype(np.float32)
     result = segment_features(grid, (12, 12), tau=0.9, alpha=10.0)

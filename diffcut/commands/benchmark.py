@@ -1,10 +1,10 @@
 """``diffcut benchmark``: the paper's zero-shot segmentation benchmarks, end to end.
 
-Reads a benchmark in its released layout (:mod:`diffcut.datasets`),
+Reads a benchmark in its released layout (:mod:`diffcut.evaluation.datasets`),
 preprocesses as the paper (centre square crop, image resized to
-``--resolution``), runs the whole method (:class:`diffcut.segmenter.DiffCutSegmenter`:
+``--resolution``), runs the whole method (:class:`diffcut.method.segmenter.DiffCutSegmenter`:
 features, recursive NCut, concept assignment at 128 x 128), scores with the
-per-image protocol (:mod:`diffcut.evaluate`) and prints our mIoU beside the
+per-image protocol (:mod:`diffcut.evaluation.protocol`) and prints our mIoU beside the
 paper's (Couairon et al., NeurIPS 2024, Table 1; DESIGN.md §2.6).
 
 With ``--refine`` the same segmentations are scored twice, without and with
@@ -14,11 +14,11 @@ the background merge, before the final matching, on the image resized to
 
 With ``--vocabulary`` (VOC, Context, COCO-Object: their built-in class names;
 or a FILE with the benchmark's classes in its order) every segment is named by
-the CLIP of :mod:`diffcut.naming` and the class ids are scored as they are, no
-matching (:class:`diffcut.evaluate.SegmentationEvaluator` ``matching="names"``),
+the CLIP of :mod:`diffcut.method.naming` and the class ids are scored as they are, no
+matching (:class:`diffcut.evaluation.protocol.SegmentationEvaluator` ``matching="names"``),
 as the authors' ``eval_diffcut_openvoc.py``: the per-image averaged mIoU it
 reports and the dataset-level mIoU. Vocabulary indices become evaluation ids
-through :func:`diffcut.datasets.vocabulary_eval_ids` (COCO-Object: vocabulary
+through :func:`diffcut.evaluation.datasets.vocabulary_eval_ids` (COCO-Object: vocabulary
 0 "background" is our 80). With ``--refine`` the segments are refined with
 PAMR before naming, as there. Differences from the published script: both maps
 are compared at 128 x 128 (it compares at 1024 x 1024), and COCO-Object images
@@ -35,10 +35,10 @@ from pathlib import Path
 
 import numpy as np
 
-from diffcut.datasets import (BENCHMARK_VOCABULARIES, BENCHMARKS, BenchmarkDataset, BenchmarkSpec, open_benchmark,
+from diffcut.evaluation.datasets import (BENCHMARK_VOCABULARIES, BENCHMARKS, BenchmarkDataset, BenchmarkSpec, open_benchmark,
                               paper_preprocess, resize_bilinear, vocabulary_eval_ids)
-from diffcut.evaluate import COMPARE_SIZE, EvaluationResult, SegmentationEvaluator
-from diffcut.naming import DEFAULT_NAMING_MODEL
+from diffcut.evaluation.protocol import COMPARE_SIZE, EvaluationResult, SegmentationEvaluator
+from diffcut.method.naming import DEFAULT_NAMING_MODEL
 
 DEFAULT_MODEL = "segmind/SSD-1B"
 #: ``--vocabulary`` without a value: the benchmark's own built-in vocabulary.
@@ -86,7 +86,7 @@ def run_benchmark(dataset: BenchmarkDataset, segmenter, *, resolution: int = 102
 
     Returns ``{"none": result}`` and, with ``refine``, ``{"pamr": result}`` as
     well, both from the same segmentations. ``progress(done, total, results)``
-    is called after each batch. With a ``namer`` (:class:`diffcut.naming.SegmentNamer`
+    is called after each batch. With a ``namer`` (:class:`diffcut.method.naming.SegmentNamer`
     whose vocabulary fits the benchmark) the segments are named and scored with
     ``matching="names"`` (refined segments are named after PAMR).
     """
@@ -111,7 +111,7 @@ def run_benchmark(dataset: BenchmarkDataset, segmenter, *, resolution: int = 102
 
     evaluators = {"none": new_evaluator()}
     if refine:
-        from diffcut.refine import refine_pamr
+        from diffcut.method.refine import refine_pamr
 
         evaluators["pamr"] = new_evaluator()
     done = 0
@@ -183,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
     spec = dataset.spec
     vocabulary = None
     if args.vocabulary is not None:
-        from diffcut.naming import load_vocabulary
+        from diffcut.method.naming import load_vocabulary
 
         spec_name = BENCHMARK_VOCABULARIES.get(spec.name) if args.vocabulary == DATASET_VOCABULARY else args.vocabulary
         try:
@@ -196,14 +196,14 @@ def run(args: argparse.Namespace) -> int:
             print(f"diffcut benchmark: error: --vocabulary: {error}", file=sys.stderr)
             return 1
 
-    from diffcut.features import FeatureExtractor
-    from diffcut.segmenter import DiffCutSegmenter
+    from diffcut.method.features import FeatureExtractor
+    from diffcut.method.segmenter import DiffCutSegmenter
 
     extractor = FeatureExtractor.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     segmenter = DiffCutSegmenter(extractor, tau=args.tau, alpha=args.alpha, refine=False)
     namer = None
     if vocabulary is not None:
-        from diffcut.naming import SegmentNamer
+        from diffcut.method.naming import SegmentNamer
 
         namer = SegmentNamer(args.naming_model, vocabulary, device=str(extractor.device), resolution=args.resolution)
 

@@ -20,7 +20,7 @@ from typing import Iterator
 
 import numpy as np
 
-from diffcut.evaluate import (COMPARE_SIZE, IGNORE_INDEX, MATCHING_MODES, EvaluationResult,
+from diffcut.evaluation.protocol import (COMPARE_SIZE, IGNORE_INDEX, MATCHING_MODES, EvaluationResult,
                               SegmentationEvaluator)
 
 _ROW_COLUMNS = ("image_id", "status")
@@ -87,13 +87,13 @@ def iter_parquet_masks(path: Path, wanted: set[str], stats: dict,
     """(stem, label map from ``mask_column``) for the ``ok`` rows of a Parquet output whose stem is wanted.
 
     Reads batch by batch, so a large output never sits in memory whole. As
-    :func:`diffcut.schema.read_labels` does, a file without a readable footer
+    :func:`diffcut.job.schema.read_labels` does, a file without a readable footer
     (left by a killed run) is skipped and a ``source`` seen twice keeps its
     first row; two *different* images with one stem are an error.
     """
     import pyarrow.parquet as pq
 
-    from diffcut.schema import STATUS_OK, decode_mask
+    from diffcut.job.schema import STATUS_OK, decode_mask
 
     owner: dict[str, str] = {}  # stem -> source (or image_id) of the row that claimed it
     for file in _parquet_files(path):
@@ -133,7 +133,7 @@ def iter_parquet_masks(path: Path, wanted: set[str], stats: dict,
 
 
 def iter_png_masks(folder: Path, wanted: set[str], stats: dict) -> Iterator[tuple[str, np.ndarray]]:
-    from diffcut.datasets import read_label_png
+    from diffcut.evaluation.datasets import read_label_png
 
     for stem, path in _png_files_by_stem(folder, "predictions").items():
         if stem not in wanted:
@@ -181,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             raise FileNotFoundError(f"predictions {args.predictions}: not a folder of PNGs nor a Parquet file")
 
-        from diffcut.datasets import read_label_png
+        from diffcut.evaluation.datasets import read_label_png
 
         scored: set[str] = set()
         for stem, prediction in predictions:

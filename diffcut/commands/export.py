@@ -3,7 +3,7 @@
 ``--format coco`` writes one JSON file (``--output`` is the file); ``--format
 png`` writes ``<stem>.png`` per image and ``index.csv`` into the folder
 ``--output``. ``--classes`` takes a ``jobs/discover.py`` output: COCO
-categories become its classes, PNGs hold class ids. See :mod:`diffcut.export`.
+categories become its classes, PNGs hold class ids. See :mod:`diffcut.tools.export`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from diffcut.export import EXPORT_FORMATS
+    from diffcut.tools.export import EXPORT_FORMATS
 
     parser.add_argument("--input", "-i", required=True, help="output of `diffcut label` (directory or s3:// prefix)")
     parser.add_argument("--format", "-f", required=True, choices=EXPORT_FORMATS,
@@ -31,8 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffcut.export import export_coco, export_png
-    from diffcut.io import InputError
+    from diffcut.tools.export import export_coco, export_png
+    from diffcut.job.io import InputError
 
     try:
         if args.format == "coco":

@@ -1,4 +1,4 @@
-"""``diffcut gallery``: a static HTML gallery of labeled images (see :mod:`diffcut.gallery`)."""
+"""``diffcut gallery``: a static HTML gallery of labeled images (see :mod:`diffcut.tools.gallery`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from diffcut.gallery import DEFAULT_PER_PAGE, DEFAULT_THUMB_SIZE
+    from diffcut.tools.gallery import DEFAULT_PER_PAGE, DEFAULT_THUMB_SIZE
 
     parser.add_argument("--input", "-i", required=True, help="output of `diffcut label` (directory or s3:// prefix)")
     parser.add_argument("--out", "--output", "-o", dest="out", required=True,
@@ -25,8 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffcut.gallery import build_gallery
-    from diffcut.io import InputError, join_uri
+    from diffcut.tools.gallery import build_gallery
+    from diffcut.job.io import InputError, join_uri
 
     try:
         summary = build_gallery(args.input, args.out, per_page=args.per_page, thumb_size=args.thumb_size,

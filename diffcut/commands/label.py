@@ -1,6 +1,6 @@
 """``diffcut label`` (and ``jobs/label.py``): label a whole dataset with Ray Data.
 
-Every flag is a parameter of :func:`diffcut.pipeline.label_dataset` of the same
+Every flag is a parameter of :func:`diffcut.job.pipeline.label_dataset` of the same
 name (``--image-column`` -> ``image_column``); defaults come from that
 function's signature, so the two cannot drift apart.
 
@@ -19,12 +19,12 @@ import logging
 import signal
 import sys
 
-from diffcut import io as dio
+from diffcut.job import io as dio
 
 
 def _defaults() -> dict:
     # Reading the signature imports Ray; only the label command pays for it.
-    from diffcut.pipeline import label_dataset
+    from diffcut.job.pipeline import label_dataset
 
     return {name: p.default for name, p in inspect.signature(label_dataset).parameters.items()
             if p.default is not inspect.Parameter.empty}
@@ -46,7 +46,7 @@ def batch_size_arg(text: str) -> int | str:
 
 def add_speed_arguments(group, defaults: dict) -> None:
     """The feature extractor's speed options; shared by ``diffcut label`` and ``diffcut segment``."""
-    from diffcut.features import ATTENTION_KERNELS, VAE_DTYPES
+    from diffcut.method.features import ATTENTION_KERNELS, VAE_DTYPES
 
     group.add_argument("--compile", action="store_true",
                        help="torch.compile the VAE encoder and the truncated UNet (dynamic sizes; the first call "
@@ -170,7 +170,7 @@ def format_summary(summary: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffcut.pipeline import label_dataset
+    from diffcut.job.pipeline import label_dataset
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     names = inspect.signature(label_dataset).parameters

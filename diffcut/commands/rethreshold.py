@@ -2,7 +2,7 @@
 
 No model, no GPU: every row's split tree is pruned at the new threshold
 (DESIGN.md §2.3). Latent labels equal a fresh run at that tau; the full-size
-mask is the union of the merged segments (see :mod:`diffcut.rethreshold`).
+mask is the union of the merged segments (see :mod:`diffcut.tools.rethreshold`).
 
 A named output (made with ``--vocabulary``) is named again: the new segments
 get classes from the CLIP and vocabulary its ``params`` record (or
@@ -38,8 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffcut.io import InputError
-    from diffcut.rethreshold import rethreshold_labels
+    from diffcut.job.io import InputError
+    from diffcut.tools.rethreshold import rethreshold_labels
 
     try:
         summary = rethreshold_labels(args.input, args.output, args.tau, overwrite=args.overwrite,

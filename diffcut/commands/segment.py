@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from diffcut.features import DEFAULT_MODEL
+from diffcut.method.features import DEFAULT_MODEL
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,10 +51,10 @@ def segment_files(images, out, *, model=DEFAULT_MODEL, tau=0.5, alpha=10.0, refi
     import torch
     from PIL import Image
 
-    from diffcut.features import FeatureExtractor
-    from diffcut.io import ImageDecodeError, check_resolution, decode_image, model_size
-    from diffcut.segmenter import segment_features
-    from diffcut.visualize import overlay, save_png
+    from diffcut.method.features import FeatureExtractor
+    from diffcut.job.io import ImageDecodeError, check_resolution, decode_image, model_size
+    from diffcut.method.segmenter import segment_features
+    from diffcut.tools.visualize import overlay, save_png
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

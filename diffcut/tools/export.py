@@ -32,7 +32,7 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from diffcut import schema
+from diffcut.job import schema
 
 __all__ = [
     "safe_stem",
@@ -74,7 +74,7 @@ def safe_stem(image_id: str) -> str:
     separator; longer than :data:`MAX_STEM_LENGTH` characters it is cut and
     suffixed with a hash of the id.
     """
-    from diffcut.io import IMAGE_EXTENSIONS, extension
+    from diffcut.job.io import IMAGE_EXTENSIONS, extension
 
     text = str(image_id)
     base = text.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
@@ -124,12 +124,12 @@ def iter_label_rows(labels: str, columns: Iterable[str] | None = None, *, batch_
     """The rows of a labeling job's output, one dict at a time, never the whole dataset at once.
 
     Reads the complete shards in name order, ``batch_rows`` rows at a time.
-    Like :func:`diffcut.schema.read_labels`, it keeps the first row of every
+    Like :func:`diffcut.job.schema.read_labels`, it keeps the first row of every
     ``source`` (two runs racing on one output can both write an image) and
     skips half-written shards; their URIs are appended to ``skipped``.
     """
 
-    from diffcut.io import open_filesystem
+    from diffcut.job.io import open_filesystem
 
     wanted = list(schema.COLUMNS if columns is None else columns)
     read_columns = wanted if "source" in wanted else [*wanted, "source"]
@@ -150,7 +150,7 @@ def iter_label_rows(labels: str, columns: Iterable[str] | None = None, *, batch_
 
 def read_class_ids(classes: str) -> dict[str, list[int]]:
     """``source`` -> class id per segment, from a ``jobs/discover.py`` output (its ``class_ids`` column)."""
-    from diffcut.discover import read_classes
+    from diffcut.tools.discover import read_classes
 
     table = read_classes(classes, columns=["source", "status", "class_ids"])
     return {
@@ -163,7 +163,7 @@ def read_class_ids(classes: str) -> dict[str, list[int]]:
 
 def _mask_at_image_size(row: Mapping[str, Any]) -> np.ndarray:
     """The row's mask at the image's own size (nearest neighbour when it was stored at another size)."""
-    from diffcut.evaluate import resize_nearest
+    from diffcut.evaluation.protocol import resize_nearest
 
     mask = schema.decode_mask(row["mask"])
     width, height = row.get("width"), row.get("height")
@@ -255,13 +255,13 @@ def export_coco(labels: str, output: str, *, classes: str | None = None,
     """
     import tempfile
 
-    from diffcut.io import check_uri, open_filesystem
+    from diffcut.job.io import check_uri, open_filesystem
 
     output = check_uri(output)
     class_ids = read_class_ids(classes) if classes is not None else None
     num_classes = None
     if classes is not None:
-        from diffcut.discover import read_centroids_info
+        from diffcut.tools.discover import read_centroids_info
 
         num_classes = int(read_centroids_info(classes)["num_classes"])
     summary = ExportSummary(format="coco", output=output)
@@ -309,10 +309,10 @@ def export_coco(labels: str, output: str, *, classes: str | None = None,
 
 # --------------------------------------------------------------------------- PNG
 def _palette_png(labels: np.ndarray) -> bytes:
-    """An 8-bit palette PNG (VOC style): indices are the labels, colours from :func:`diffcut.visualize.palette`."""
+    """An 8-bit palette PNG (VOC style): indices are the labels, colours from :func:`diffcut.tools.visualize.palette`."""
     from PIL import Image
 
-    from diffcut.visualize import palette
+    from diffcut.tools.visualize import palette
 
     if int(labels.max()) > 255:
         raise ValueError("a palette PNG holds at most 256 labels; this map has more (drop --palette)")
@@ -334,7 +334,7 @@ def export_png(labels: str, output: str, *, classes: str | None = None, palette:
     ``SegmentationClass`` (indices read back the same way). ``index.csv``
     lists ``file, image_id, source, status, num_segments, error`` for every row.
     """
-    from diffcut.io import check_uri, join_uri, open_filesystem
+    from diffcut.job.io import check_uri, join_uri, open_filesystem
 
     output = check_uri(output)
     class_ids = read_class_ids(classes) if classes is not None else None

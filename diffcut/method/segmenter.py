@@ -13,8 +13,8 @@ from typing import Sequence
 
 import numpy as np
 
-from diffcut.assign import assign_concepts_and_embeddings
-from diffcut.ncut import SplitTree, recursive_ncut
+from diffcut.method.assign import assign_concepts_and_embeddings
+from diffcut.method.ncut import SplitTree, recursive_ncut
 
 DEFAULT_TAU = 0.5
 DEFAULT_ALPHA = 10.0
@@ -78,7 +78,7 @@ def segment_features(
             raise ValueError("refine=True needs the image at the mask size")
         if tuple(image.shape[:2]) != tuple(size):
             raise ValueError(f"image is {image.shape[:2]}, expected the mask size {size}")
-        from diffcut.refine import refine_pamr
+        from diffcut.method.refine import refine_pamr
 
         mask = refine_pamr(image, mask)
     return SegmentationResult(

@@ -13,9 +13,9 @@ The label mappings (COCO-Stuff fine -> 27, COCO fine -> 80 objects,
 Cityscapes label ids -> 27) and the 2,175-image COCO-Stuff validation list
 are package data (``diffcut/data``), extracted from the published evaluation.
 
-:func:`paper_preprocess` is the paper's input pipeline (centre square crop,
+:func:`paper_preprocess` (in :mod:`diffcut.evaluation.preprocess`, re-exported here) is the paper's input pipeline (centre square crop,
 bilinear resize of the image to 1024; labels resized with nearest-exact); the
-evaluator then compares at 128 x 128 (:mod:`diffcut.evaluate`).
+evaluator then compares at 128 x 128 (:mod:`diffcut.evaluation.protocol`).
 
 This module needs numpy and Pillow only.
 """
@@ -30,6 +30,13 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
+
+from diffcut.evaluation.preprocess import (  # noqa: F401 - re-exported beside the readers
+    centre_square_crop_box,
+    paper_preprocess,
+    resize_bilinear,
+    resize_nearest_exact,
+)
 
 IGNORE = 255
 
@@ -165,7 +172,7 @@ def cityscapes27_table() -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- vocabularies
-#: The built-in vocabulary (``diffcut/data/vocabularies``, :mod:`diffcut.naming`) of each benchmark that has one.
+#: The built-in vocabulary (``diffcut/data/vocabularies``, :mod:`diffcut.method.naming`) of each benchmark that has one.
 BENCHMARK_VOCABULARIES = {"voc": "voc", "context": "context", "coco-object": "coco-object"}
 
 
@@ -388,69 +395,3 @@ def open_benchmark(name: str, root: str | Path, limit: int | None = None) -> Ben
         raise FileNotFoundError(f"{name}: no validation images found under {base} ({layout})")
     _check_exist(items, name)
     return BenchmarkDataset(BENCHMARKS[name], base, items, table, layout)
-
-
-# --------------------------------------------------------------------------- preprocessing
-def centre_square_crop_box(height: int, width: int) -> tuple[int, int, int]:
-    """(top, left, side) of the published centre crop.
-
-    The published loader crops a square of side ``min(H, W) - 1`` with
-    torchvision's ``CenterCrop`` (offsets ``round((H - side) / 2)``, Python's
-    round-half-to-even); we reproduce that exactly.
-    """
-    side = max(min(height, width) - 1, 1)
-    return int(round((height - side) / 2.0)), int(round((width - side) / 2.0)), side
-
-
-def _linear_weights(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Half-pixel bilinear sampling (``align_corners=False``, no antialiasing), as torch computes it."""
-    scale = in_size / out_size
-    source = np.maximum((np.arange(out_size) + 0.5) * scale - 0.5, 0.0)
-    low = np.minimum(np.floor(source).astype(np.int64), in_size - 1)
-    high = np.minimum(low + 1, in_size - 1)
-    weight_high = (source - low).astype(np.float32)
-    return low, high, weight_high
-
-
-def resize_bilinear(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(H, W, C) float image -> (h, w, C) float32, bilinear with half-pixel centres, no antialiasing.
-
-    Matches ``F.interpolate(mode="bilinear", align_corners=False)`` and
-    torchvision's tensor ``Resize(antialias=None)`` that the published
-    loader uses.
-    """
-    image = np.asarray(image, dtype=np.float32)
-    out_h, out_w = int(size[0]), int(size[1])
-    low, high, w = _linear_weights(image.shape[0], out_h)
-    rows = image[low] * (1 - w)[:, None, None] + image[high] * w[:, None, None]
-    low, high, w = _linear_weights(image.shape[1], out_w)
-    return rows[:, low] * (1 - w)[None, :, None] + rows[:, high] * w[None, :, None]
-
-
-def resize_nearest_exact(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Label resize with half-pixel nearest sampling (torchvision ``NEAREST_EXACT``)."""
-    out_h, out_w = int(size[0]), int(size[1])
-    in_h, in_w = labels.shape[:2]
-    rows = np.minimum(np.floor((np.arange(out_h) + 0.5) * in_h / out_h).astype(np.int64), in_h - 1)
-    cols = np.minimum(np.floor((np.arange(out_w) + 0.5) * in_w / out_w).astype(np.int64), in_w - 1)
-    return labels[rows[:, None], cols[None, :]]
-
-
-def paper_preprocess(image: np.ndarray, labels: np.ndarray, resolution: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """The paper's input pipeline for one benchmark image.
-
-    Centre square crop (side ``min(H, W) - 1``, as published), then the image
-    is resized to ``resolution`` x ``resolution`` bilinearly (values in
-    [0, 1]) and the labels with nearest-exact sampling. The evaluator then
-    samples both at 128 x 128 (:func:`diffcut.evaluate.resize_nearest`).
-
-    Returns ``(image (R, R, 3) float32 in [0, 1], labels (R, R) uint8)``.
-    """
-    height, width = image.shape[:2]
-    if labels.shape[:2] != (height, width):
-        raise ValueError(f"image {image.shape[:2]} and labels {labels.shape[:2]} differ in size")
-    top, left, side = centre_square_crop_box(height, width)
-    image = np.asarray(image[top:top + side, left:left + side], dtype=np.float32) / 255.0
-    labels = labels[top:top + side, left:left + side]
-    size = (resolution, resolution)
-    return resize_bilinear(image, size), resize_nearest_exact(labels, size)

@@ -33,7 +33,7 @@ Named outputs (``--vocabulary``): merged segments need new names, and the old
 ones cannot be combined into them (a class is not a mean of classes), so every
 re-thresholded ok row is named again (:class:`Renamer`): the image is read
 again from the row's ``source`` (local path, ``s3://`` URI or
-``file.parquet#row=N``; :class:`diffcut.gallery.SourceReader`), decoded at the
+``file.parquet#row=N``; :class:`diffcut.tools.gallery.SourceReader`), decoded at the
 mask size as the job's naming stage does, and named with the vocabulary and
 CLIP recorded in the row's ``params`` (or the ones passed instead, which then
 go into ``params``). A row whose image cannot be read or named becomes an
@@ -50,8 +50,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from diffcut import schema
-from diffcut.ncut import SplitTree
+from diffcut.job import schema
+from diffcut.method.ncut import SplitTree
 
 __all__ = [
     "prune_tree",
@@ -199,14 +199,14 @@ class Renamer:
     """Names re-thresholded rows again, reading each image from its ``source``.
 
     ``vocabulary`` / ``naming_model``: None takes what the row's ``params``
-    recorded. One :class:`diffcut.naming.SegmentNamer` per (model, vocabulary)
+    recorded. One :class:`diffcut.method.naming.SegmentNamer` per (model, vocabulary)
     met, loaded on first use (the text classifier is computed once for each).
     """
 
     def __init__(self, vocabulary: str | None = None, naming_model: str | None = None, *, device: str = "cpu",
                  images_root: str | None = None, image_column: str = "image", max_image_pixels: int | None = None):
-        from diffcut.gallery import SourceReader
-        from diffcut.io import DEFAULT_MAX_IMAGE_PIXELS
+        from diffcut.tools.gallery import SourceReader
+        from diffcut.job.io import DEFAULT_MAX_IMAGE_PIXELS
 
         self.vocabulary, self.naming_model, self.device = vocabulary, naming_model, device
         self.reader = SourceReader(images_root, image_column=image_column)
@@ -218,13 +218,13 @@ class Renamer:
     def _namer(self, naming_model: str, vocabulary: str):
         key = (naming_model, vocabulary)
         if key not in self._namers:
-            from diffcut.naming import SegmentNamer
+            from diffcut.method.naming import SegmentNamer
 
             self._namers[key] = SegmentNamer(naming_model, vocabulary, device=self.device)
         return self._namers[key]
 
     def _image_bytes(self, source: str) -> bytes:
-        from diffcut.webdataset import split_source
+        from diffcut.job.webdataset import split_source
 
         if split_source(source) is not None:
             raise ValueError("WebDataset sources (shard.tar#key) are not read back one sample at a time")
@@ -232,8 +232,8 @@ class Renamer:
 
     def __call__(self, row: dict) -> dict:
         """The named version of a re-thresholded ok ``row``, or an error row saying why not; never raises."""
-        from diffcut.io import decode_image, redact
-        from diffcut.naming import DEFAULT_NAMING_MODEL
+        from diffcut.job.io import decode_image, redact
+        from diffcut.method.naming import DEFAULT_NAMING_MODEL
 
         params = json.loads(row["params"]) if row.get("params") else {}
         vocabulary = self.vocabulary or params.get("vocabulary")
@@ -324,7 +324,7 @@ def rethreshold_labels(input: str, output: str, tau: float, *, overwrite: bool =
     """
     import pyarrow.parquet as pq
 
-    from diffcut.io import check_uri, join_uri, open_filesystem
+    from diffcut.job.io import check_uri, join_uri, open_filesystem
 
     tau = _check_tau(tau)
     input, output = check_uri(input), check_uri(output)
@@ -349,7 +349,7 @@ def rethreshold_labels(input: str, output: str, tau: float, *, overwrite: bool =
             out_fs.rm(open_filesystem(uri)[1])
 
     if vocabulary is not None:
-        from diffcut.naming import load_vocabulary
+        from diffcut.method.naming import load_vocabulary
 
         load_vocabulary(vocabulary)  # a bad vocabulary fails before anything is written
     summary = RethresholdSummary(input=input, output=output, tau=tau, skipped_incomplete_shards=incomplete)

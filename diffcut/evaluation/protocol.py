@@ -267,7 +267,7 @@ class SegmentationEvaluator:
         matching: ``"per-image"`` (the paper) or ``"dataset"`` (one Hungarian
             matching over the accumulated histogram; ids must be dataset-level),
             or ``"names"``: the prediction is already a class id per pixel (a
-            vocabulary index, e.g. ``diffcut.naming``'s semantic mask), scored
+            vocabulary index, e.g. ``diffcut.method.naming``'s semantic mask), scored
             without any matching; ids outside ``[0, N)`` are wrong classes.
             With a ``background_class``, ignored pixels count as background
             (the published script scores them so), else they are left out.

@@ -4,17 +4,17 @@
 
 * ``index.html``, ``page-2.html``, ...: ``per_page`` images per page, each with
   its picture, the coloured segments blended over it with the boundaries
-  between segments drawn (:func:`diffcut.visualize.overlay`), the coloured
+  between segments drawn (:func:`diffcut.tools.visualize.overlay`), the coloured
   label map alone, the segment count, the sizes and the run's parameters
   (tau, alpha, model);
 * ``errors.html``: every error row with its message;
 * ``thumbs/``: the small pictures (JPEG for the image, PNG for the label
-  pictures), named by :func:`diffcut.export.safe_stem` of the image id.
+  pictures), named by :func:`diffcut.tools.export.safe_stem` of the image id.
 
 The labels do not hold the images: each is read again from the row's
 ``source`` (a local path, an ``s3://`` URI, or ``file.parquet#row=N`` for
-Parquet inputs) through :mod:`diffcut.io` and decoded with
-:func:`diffcut.io.decode_image`. When it cannot be read (moved, deleted, no
+Parquet inputs) through :mod:`diffcut.job.io` and decoded with
+:func:`diffcut.job.io.decode_image`. When it cannot be read (moved, deleted, no
 credentials) the card shows the coloured label map alone with a note saying
 why. Nothing in the pages refers outside the gallery folder; open
 ``index.html`` in any browser, from disk or any static file server.
@@ -34,7 +34,7 @@ from urllib.parse import quote
 
 import numpy as np
 
-from diffcut import schema
+from diffcut.job import schema
 
 __all__ = ["build_gallery", "GallerySummary", "SourceReader", "page_name", "thumbnail_size"]
 
@@ -107,13 +107,13 @@ class SourceReader:
 
     def _resolve(self, uri: str) -> str:
         if self.images_root and "://" not in uri and not os.path.isabs(uri):
-            from diffcut.io import join_uri
+            from diffcut.job.io import join_uri
 
             return join_uri(self.images_root, uri)
         return uri
 
     def read(self, source: str) -> bytes:
-        from diffcut.io import open_filesystem
+        from diffcut.job.io import open_filesystem
 
         match = _PARQUET_ROW.match(source)
         if match and match.group("file").lower().endswith(".parquet"):
@@ -124,7 +124,7 @@ class SourceReader:
     def _parquet_row(self, uri: str, row: int) -> bytes:
         import pyarrow.parquet as pq
 
-        from diffcut.io import open_filesystem
+        from diffcut.job.io import open_filesystem
 
         if self._group_key is None or self._group_key[0] != uri or not (
                 self._group_start <= row < self._group_start + len(self._group_values)):
@@ -181,7 +181,7 @@ def _params_line(params: Mapping[str, Any]) -> str:
 
 
 def _describe_error(error: BaseException) -> str:
-    from diffcut.io import redact
+    from diffcut.job.io import redact
 
     message = str(error) or type(error).__name__
     if isinstance(error, FileNotFoundError):
@@ -273,10 +273,10 @@ def build_gallery(labels: str, output: str, *, per_page: int = DEFAULT_PER_PAGE,
         title: page title (default: the labels' location).
         overlay_alpha: weight of the segment colours in the overlay.
     """
-    from diffcut.evaluate import resize_nearest
-    from diffcut.export import UniqueNames, iter_label_rows
-    from diffcut.io import check_uri, decode_image, join_uri, open_filesystem
-    from diffcut.visualize import BOUNDARY_COLOR, boundaries, colorize, overlay
+    from diffcut.evaluation.protocol import resize_nearest
+    from diffcut.tools.export import UniqueNames, iter_label_rows
+    from diffcut.job.io import check_uri, decode_image, join_uri, open_filesystem
+    from diffcut.tools.visualize import BOUNDARY_COLOR, boundaries, colorize, overlay
 
     if per_page < 1 or thumb_size < 1:
         raise ValueError("--per-page and --thumb-size must be at least 1")

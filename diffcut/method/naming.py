@@ -1,3 +1,5 @@
+# Over 450 lines: kept whole while issue 15 edits it in parallel; to be split after that merge into
+# prompts + vocabulary, the CLIP towers, and SegmentNamer.
 """Open-vocabulary names for DiffCut segments: mask-pooled ConvNeXt-CLIP features vs class-name prompts.
 
 Follows the authors' open-vocabulary extension of DiffCut (``eval_diffcut_openvoc.py``
@@ -169,7 +171,7 @@ def load_vocabulary(spec: str) -> Vocabulary:
 
 # --------------------------------------------------------------------------- the model
 def _modules():
-    """torch building blocks, imported lazily so that ``import diffcut.naming`` stays cheap."""
+    """torch building blocks, imported lazily so that ``import diffcut.method.naming`` stays cheap."""
     import torch
     from torch import nn
 
@@ -332,7 +334,7 @@ def _tiny_config(vocab_size: int) -> dict:
 
 def tiny_naming_path() -> Path:
     """The tiny random ConvNeXt CLIP (safetensors + config + tokenizer), built locally on first use."""
-    from diffcut.tiny import cache_root
+    from diffcut.method.tiny import cache_root
 
     target = cache_root() / f"tiny-random-convnext-clip-v{TINY_NAMING_VERSION}"
     if not (target / "open_clip_config.json").exists():
@@ -345,7 +347,7 @@ def build_tiny_clip(target: str | os.PathLike, seed: int = 0) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from diffcut.tiny import _tiny_clip_tokenizer, publish_directory
+    from diffcut.method.tiny import _tiny_clip_tokenizer, publish_directory
 
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """The output format of the labeling job: one Arrow schema, the mask codec, and a reader.
 
-This module is the one source of the format (DESIGN.md §4). Every row the
+This module is the one source of the format (DESIGN.md §4; the PNG label-map
+codec is in :mod:`diffcut.job.mask_codec` and re-exported here). Every row the
 labeling job writes is built by :func:`ok_row` or :func:`error_row` and
 converted by :func:`rows_to_table`; readers use :func:`read_labels`,
 :func:`decode_mask` and :func:`decode_tree`.
@@ -45,13 +46,13 @@ stay aligned.
 
 from __future__ import annotations
 
-import io
 import json
-import struct
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
+
+from diffcut.job.mask_codec import MAX_LABEL, decode_mask, decode_tree, encode_mask  # noqa: F401 (the format's API)
 
 #: Bumped when a column changes meaning or type; stored in the Parquet metadata.
 SCHEMA_VERSION = "1"
@@ -99,7 +100,7 @@ COLUMNS = tuple(LABELS_SCHEMA.names)
 METADATA_FIELD = pa.field("metadata", pa.string())
 OPTIONAL_FIELDS = (METADATA_FIELD,)
 
-#: Optional naming columns (``--vocabulary``, :mod:`diffcut.naming`): every segment also gets
+#: Optional naming columns (``--vocabulary``, :mod:`diffcut.method.naming`): every segment also gets
 #: ``class_id`` (vocabulary index; -1 for a segment with no pixel), ``class_name`` (the class's
 #: first synonym) and ``class_score`` (softmax probability), and the row a ``semantic_mask``
 #: (PNG of class ids at the mask size). Outputs without naming keep :data:`LABELS_SCHEMA`.
@@ -122,87 +123,6 @@ def labels_schema(keep_metadata: bool = False, named: bool = False) -> pa.Schema
     base = NAMED_LABELS_SCHEMA if named else LABELS_SCHEMA
     return base.append(METADATA_FIELD) if keep_metadata else base
 
-#: The largest label a 16-bit PNG can hold.
-MAX_LABEL = 2**16 - 1
-
-
-# --------------------------------------------------------------------------- mask codec
-# Rows per zlib call of encode_mask (bounds the filtered copy it makes).
-_PNG_STRIP_ROWS = 256
-
-
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    import zlib
-
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def encode_mask(labels: np.ndarray) -> bytes:
-    """PNG bytes of an (H, W) integer label map.
-
-    8-bit grayscale when every label is < 256 (at most 256 labels), 16-bit
-    grayscale otherwise. Lossless: :func:`decode_mask` returns the same array.
-
-    Written directly (PNG 1.2 spec: IHDR, IDAT, IEND) with the "Up" filter on
-    every row and zlib's run-length strategy: rows of a label map mostly repeat
-    the row above, so the filtered bytes are long runs of zeros. On 1024x1024
-    masks of 16 segments that is 4.8x faster than Pillow's default (level 6,
-    adaptive filters) and about 20 % smaller (benchmarks/RESULTS.md).
-    """
-    import zlib
-
-    labels = np.asarray(labels)
-    if labels.ndim != 2 or labels.shape[0] < 1 or labels.shape[1] < 1:
-        raise ValueError(f"a label map must be a non-empty (H, W) array; got shape {labels.shape}")
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise TypeError(f"a label map must hold integers; got {labels.dtype}")
-    low, high = int(labels.min()), int(labels.max())
-    if low < 0 or high > MAX_LABEL:
-        raise ValueError(f"labels must be in 0..{MAX_LABEL} to fit a PNG; got {low}..{high}")
-    height, width = labels.shape
-    depth = 8 if high < 256 else 16
-    compressor = zlib.compressobj(6, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
-    stream = []
-    previous = np.zeros((1, width * depth // 8), dtype=np.uint8)
-    for start in range(0, height, _PNG_STRIP_ROWS):
-        rows = labels[start:start + _PNG_STRIP_ROWS].astype(">u1" if depth == 8 else ">u2")
-        rows = rows.view(np.uint8).reshape(rows.shape[0], -1)
-        filtered = np.empty((rows.shape[0], rows.shape[1] + 1), dtype=np.uint8)
-        filtered[:, 0] = 2  # filter type Up: each byte minus the byte above (mod 256)
-        np.subtract(rows[:1], previous, out=filtered[:1, 1:])
-        np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])
-        previous = rows[-1:]
-        stream.append(compressor.compress(filtered.tobytes()))
-    stream.append(compressor.flush())
-    header = struct.pack(">IIBBBBB", width, height, depth, 0, 0, 0, 0)  # grayscale, no interlace
-    return b"".join((b"\x89PNG\r\n\x1a\n", _png_chunk(b"IHDR", header),
-                     _png_chunk(b"IDAT", b"".join(stream)), _png_chunk(b"IEND", b"")))
-
-
-def decode_mask(png: bytes) -> np.ndarray:
-    """(H, W) int32 label map from :func:`encode_mask`'s PNG bytes."""
-    from PIL import Image
-
-    if not png:
-        raise ValueError("no mask bytes (the row is probably an error row)")
-    with Image.open(io.BytesIO(png)) as image:
-        if image.format != "PNG" or image.mode not in ("L", "I;16", "I;16B", "I;16L", "I"):
-            raise ValueError(f"not a diffcut label map: {image.format} image in mode {image.mode}")
-        return np.asarray(image).astype(np.int32)
-
-
-def decode_tree(tree_json: str, latent_labels: bytes | np.ndarray):
-    """The :class:`diffcut.ncut.SplitTree` of a row, from its ``tree`` and ``latent_labels`` columns.
-
-    The stored tree leaves out the label map (it is the ``latent_labels``
-    column), so both are needed. ``tree.prune(tau')`` then gives the
-    segmentation for any ``tau' <= tau`` without the model.
-    """
-    from diffcut.ncut import SplitTree
-
-    labels = decode_mask(latent_labels) if isinstance(latent_labels, (bytes, bytearray)) else latent_labels
-    return SplitTree.from_dict(json.loads(tree_json), labels=labels)
-
 
 # --------------------------------------------------------------------------- rows
 def params_json(params: Mapping[str, Any]) -> str:
@@ -217,7 +137,7 @@ def segments_column(mask: np.ndarray, descriptors: np.ndarray) -> list[dict]:
         mask: (H, W) labels in 0..K-1 at the output size.
         descriptors: (K, c) float array, row k the descriptor of segment k.
     """
-    from diffcut.assign import segment_stats
+    from diffcut.method.assign import segment_stats
 
     descriptors = np.asarray(descriptors, dtype=np.float32)
     if descriptors.ndim != 2:
@@ -275,7 +195,7 @@ def ok_row(
 
 def named_row(row: dict, names, class_names: Sequence[str]) -> dict:
     """An ok ``row`` with the naming columns filled in (in place): ``names`` is a
-    :class:`diffcut.naming.Names` for its segments, ``class_names`` the vocabulary's."""
+    :class:`diffcut.method.naming.Names` for its segments, ``class_names`` the vocabulary's."""
     for segment, class_id, score in zip(row["segments"], names.class_id, names.class_score):
         segment.update(class_id=int(class_id), class_score=float(score),
                        class_name=class_names[class_id] if class_id >= 0 else None)
@@ -346,7 +266,7 @@ def list_shards(output: str) -> tuple[list[str], list[str]]:
     """
     import pyarrow.parquet as pq
 
-    from diffcut.io import is_remote, join_uri, open_filesystem
+    from diffcut.job.io import is_remote, join_uri, open_filesystem
 
     fs, root = open_filesystem(output)
     fs.invalidate_cache()  # Ray workers wrote the shards; this process may hold an older listing
@@ -434,7 +354,7 @@ def shard_schema(uri: str) -> pa.Schema:
     """The Arrow schema of one shard file (its footer only)."""
     import pyarrow.parquet as pq
 
-    from diffcut.io import open_filesystem
+    from diffcut.job.io import open_filesystem
 
     fs, path = open_filesystem(uri)
     with fs.open(path, "rb") as handle:
@@ -453,7 +373,7 @@ def read_shard(uri: str, columns: Sequence[str] | None = None) -> pa.Table:
     """
     import pyarrow.parquet as pq
 
-    from diffcut.io import open_filesystem
+    from diffcut.job.io import open_filesystem
 
     fs, path = open_filesystem(uri)
     with fs.open(path, "rb") as handle:

@@ -36,8 +36,8 @@ import numpy as np
 import pyarrow as pa
 from torch.utils.data import IterableDataset
 
-from diffcut import io as dio
-from diffcut import schema
+from diffcut.job import io as dio
+from diffcut.job import schema
 
 TARGETS = ("semantic", "instances")
 
@@ -76,12 +76,12 @@ def image_and_target(image_bytes: bytes, mask_png: bytes, size: tuple[int, int],
                      max_image_pixels: int = dio.DEFAULT_MAX_IMAGE_PIXELS) -> tuple[np.ndarray, np.ndarray]:
     """((H, W, 3) uint8 RGB image, (H, W) int64 label map), both at ``size`` = (width, height).
 
-    The image is decoded like the labeling job decodes it (:func:`diffcut.io.decode_image`,
-    bilinear resize), the mask (:func:`diffcut.schema.decode_mask`) resized with
+    The image is decoded like the labeling job decodes it (:func:`diffcut.job.io.decode_image`,
+    bilinear resize), the mask (:func:`diffcut.job.schema.decode_mask`) resized with
     :func:`resize_labels`.
 
     Raises:
-        diffcut.io.ImageDecodeError: the image cannot be used.
+        diffcut.job.io.ImageDecodeError: the image cannot be used.
     """
     pixels = dio.decode_image(image_bytes, size, max_pixels=max_image_pixels).pixels
     return pixels, resize_labels(schema.decode_mask(mask_png), size)
@@ -98,7 +98,7 @@ def read_targets(labels: str | None = None, classes: str | None = None) -> pa.Ta
     ``diffcut label`` output ``labels``) or class row (``"semantic"``: the ``jobs/discover.py``
     output ``classes``), one row per source."""
     if classes is not None:
-        from diffcut.discover import read_classes
+        from diffcut.tools.discover import read_classes
 
         return read_classes(classes, columns=_TARGET_COLUMNS)
     if labels is None:
@@ -257,7 +257,7 @@ def _pairs(batch: pa.Table, *, size: tuple[int, int], max_image_pixels: int) -> 
 
 def _target_files(labels: str | None, classes: str | None) -> list[str]:
     if classes is not None:
-        from diffcut.discover import _class_shards
+        from diffcut.tools.discover import _class_shards
 
         return _class_shards(classes)
     return schema.list_shards(labels)[0]

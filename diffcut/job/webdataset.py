@@ -41,7 +41,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 
 import pyarrow as pa
 
-from diffcut import io as dio
+from diffcut.job import io as dio
 
 #: Shard file extensions (uncompressed tar: members can be streamed and the end of the
 #: archive checked against the file size).

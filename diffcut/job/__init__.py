@@ -1,0 +1,9 @@
+"""The labeling job: a dataset of images in, Parquet label shards out, on Ray Data.
+
+io (URIs, filesystems, listing and decoding inputs), webdataset (tar-shard
+input), schema (the output format, defined once; ``read_labels``), pipeline
+(the Ray Data stages, resume, ``label_dataset``).
+
+Dependency direction: uses ``diffcut.method``; never imports ``diffcut.tools``,
+``diffcut.evaluation`` or the CLI. Ray begins and ends here (``pipeline``).
+"""

@@ -1,0 +1,262 @@
+"""Read units: what a run still has to do, and the bytes of every record in it.
+
+:func:`plan_image_files` and :func:`plan_parquet` turn a listing into *read
+units* (one image file, or one Parquet row group with the rows still to do)
+minus what a previous run already finished (:func:`plan_inputs` picks by input
+kind; WebDataset shards are planned by :mod:`diffcut.job.webdataset`);
+:func:`read_units` yields every record's bytes, or why there are none. Plain
+Python on Arrow tables (no Ray).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterable, Iterator, Mapping, Sequence
+
+import pyarrow as pa
+
+from diffcut.job.storage import InputError, describe_exception, open_filesystem, redact
+
+if TYPE_CHECKING:  # diffcut.job.io re-exports this module's names, so it is imported only for the type
+    from diffcut.job.io import InputListing
+
+# =========================================================================== planning
+#: Arrow schema of a read unit: one image file, or the pending rows of one Parquet row group.
+UNIT_SCHEMA = pa.schema(
+    [
+        pa.field("kind", pa.string()),  # "file" or "parquet"
+        pa.field("path", pa.string()),  # URI of the file
+        pa.field("row_group", pa.int32()),  # Parquet only
+        pa.field("rows", pa.list_(pa.int64())),  # Parquet: row indices within the row group
+        pa.field("image_ids", pa.list_(pa.string())),
+        pa.field("sources", pa.list_(pa.string())),
+        pa.field("errors", pa.list_(pa.string())),  # known before reading (null id, duplicate id)
+    ]
+)
+
+
+@dataclass
+class Plan:
+    """The work of one run: read units plus counts for the summary."""
+
+    units: pa.Table
+    listed: int | None  # input records found (None: only known once read, WebDataset shards)
+    already_done: int  # records with a row in the output already (skipped)
+    planned: int | None  # records this run will process (None: as for ``listed``)
+    skipped_files: int = 0
+
+
+def plan_image_files(files: Sequence[str], done: set[str] | frozenset = frozenset(), limit: int | None = None) -> Plan:
+    """One read unit per image file not yet done; ``image_id`` = ``source`` = the file's URI."""
+    pending = [uri for uri in files if uri not in done]
+    if limit is not None:
+        pending = pending[: max(0, int(limit))]
+    units = pa.Table.from_pydict(
+        {
+            "kind": ["file"] * len(pending),
+            "path": pending,
+            "row_group": [None] * len(pending),
+            "rows": [[0]] * len(pending),
+            "image_ids": [[uri] for uri in pending],
+            "sources": [[uri] for uri in pending],
+            "errors": [[None]] * len(pending),
+        },
+        schema=UNIT_SCHEMA,
+    )
+    return Plan(units=units, listed=len(files), already_done=sum(uri in done for uri in files), planned=len(pending))
+
+
+def parquet_source(file_uri: str, row: int) -> str:
+    """The ``source`` of row ``row`` (0-based, within the file) of a Parquet input file."""
+    return f"{file_uri}#row={row}"
+
+
+def image_column_kind(schema: pa.Schema, column: str, file_uri: str) -> str:
+    """``"bytes"`` (binary column) or ``"struct"`` (HF datasets Image {bytes, path}); else InputError."""
+    if column not in schema.names:
+        raise InputError(
+            f"{file_uri} has no column {column!r} (columns: {', '.join(schema.names)}); choose one with --image-column"
+        )
+    kind = schema.field(column).type
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_binary_view(kind):
+        return "bytes"
+    if pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0:
+        return "struct"
+    raise InputError(
+        f"column {column!r} of {file_uri} has type {kind}; expected image bytes (binary) or the Hugging Face "
+        "datasets Image struct {bytes, path}"
+    )
+
+
+def plan_parquet(
+    files: Sequence[str],
+    *,
+    image_column: str = "image",
+    id_column: str | None = None,
+    done: set[str] | frozenset = frozenset(),
+    limit: int | None = None,
+) -> Plan:
+    """One read unit per Parquet row group that still has rows to do.
+
+    Reads only footers and, with ``id_column``, that one column. Every row
+    gets ``source = file#row=N``; ``image_id`` is the id column's value (as a
+    string) or the source. A null id, an id already used by an earlier row
+    (in file order), or an img2dataset ``status`` other than ``success``
+    (:func:`diffcut.job.webdataset.img2dataset_status_errors`) is recorded as that
+    row's error, so each input row still gives exactly one output row.
+    """
+    import pyarrow.parquet as pq
+
+    from diffcut.job.webdataset import img2dataset_status_errors
+
+    first_use: dict[str, str] = {}
+    columns: dict[str, list] = {name: [] for name in UNIT_SCHEMA.names}
+    listed = already_done = planned = 0
+    remaining = None if limit is None else max(0, int(limit))
+    for file_uri in files:
+        fs, path = open_filesystem(file_uri)
+        try:
+            with fs.open(path, "rb") as handle:
+                # Read in this thread: see diffcut.job.schema.read_shard (Arrow's IO threads vs. interpreter exit).
+                parquet = pq.ParquetFile(handle, pre_buffer=False)
+                image_column_kind(parquet.schema_arrow, image_column, file_uri)
+                if id_column is not None and id_column not in parquet.schema_arrow.names:
+                    raise InputError(
+                        f"{file_uri} has no id column {id_column!r} (columns: {', '.join(parquet.schema_arrow.names)})"
+                    )
+                ids = None
+                if id_column is not None:
+                    ids = parquet.read(columns=[id_column], use_threads=False).column(id_column)
+                    ids = ids.cast(pa.string()).to_pylist()
+                status_errors = img2dataset_status_errors(
+                    parquet.schema_arrow, lambda names: parquet.read(columns=names, use_threads=False))
+                group_sizes = [parquet.metadata.row_group(i).num_rows for i in range(parquet.metadata.num_row_groups)]
+        except InputError:
+            raise
+        except Exception as error:  # noqa: BLE001 - an unreadable input file is a user-facing problem
+            raise InputError(f"cannot read Parquet file {file_uri}: {redact(error)}") from error
+        start = 0
+        for group, size in enumerate(group_sizes):
+            rows, image_ids, sources, errors = [], [], [], []
+            for offset in range(size):
+                row = start + offset
+                source = parquet_source(file_uri, row)
+                listed += 1
+                image_id, error = source, None
+                if ids is not None:
+                    value = ids[row]
+                    if value is None:
+                        error = f"the id column {id_column!r} is null in this row"
+                    elif value in first_use and first_use[value] != source:
+                        image_id = value
+                        error = f"duplicate image_id {value!r}: already used by {first_use[value]}"
+                    else:
+                        image_id = value
+                        first_use.setdefault(value, source)
+                if error is None and status_errors is not None:
+                    error = status_errors[row]
+                if source in done:
+                    already_done += 1
+                    continue
+                if remaining is not None and planned >= remaining:
+                    continue
+                planned += 1
+                rows.append(offset)
+                image_ids.append(image_id)
+                sources.append(source)
+                errors.append(error)
+            start += size
+            if rows:
+                columns["kind"].append("parquet")
+                columns["path"].append(file_uri)
+                columns["row_group"].append(group)
+                columns["rows"].append(rows)
+                columns["image_ids"].append(image_ids)
+                columns["sources"].append(sources)
+                columns["errors"].append(errors)
+    units = pa.Table.from_pydict(columns, schema=UNIT_SCHEMA)
+    return Plan(units=units, listed=listed, already_done=already_done, planned=planned)
+
+
+def plan_inputs(listing: InputListing, *, image_column: str = "image", id_column: str | None = None,
+                done: set[str] | frozenset = frozenset(), limit: int | None = None) -> Plan:
+    """The plan for what :func:`list_inputs` found, by its format (``limit`` does not apply to
+    WebDataset shards: their records are only known once read)."""
+    if listing.format == "parquet":
+        plan = plan_parquet(listing.files, image_column=image_column, id_column=id_column, done=done, limit=limit)
+    elif listing.format == "webdataset":
+        from diffcut.job.webdataset import plan_shards
+
+        plan = plan_shards(listing.files, done=done)
+    else:
+        plan = plan_image_files(listing.files, done=done, limit=limit)
+    plan.skipped_files = listing.skipped
+    return plan
+
+
+@dataclass
+class RawRecord:
+    """One input record as read: its bytes, or why there are none."""
+
+    image_id: str
+    source: str
+    data: bytes | None
+    error: str | None = None
+    metadata: str | None = None  # the sample's JSON (WebDataset), kept with --keep-metadata
+
+
+def _struct_bytes(value) -> bytes | None:
+    return None if value is None else value.get("bytes")
+
+
+def read_units(units: Iterable[Mapping], *, image_column: str = "image",
+               keep_metadata: bool = False) -> Iterator[RawRecord]:
+    """Bytes of every record of some read units (see :data:`UNIT_SCHEMA`), in order.
+
+    Image files of one call are fetched together (s3fs fetches them
+    concurrently); a Parquet unit reads its row group's image column once; a
+    WebDataset shard (:data:`diffcut.job.webdataset.SHARD_UNIT_SCHEMA`) is
+    streamed, its records come as they are read.
+    A record that cannot be read comes back with ``error`` set, never raises.
+    """
+    import pyarrow.parquet as pq
+
+    units = list(units)
+    file_units = [u for u in units if u["kind"] == "file"]
+    fetched: dict[str, object] = {}
+    if file_units:
+        fs, _ = open_filesystem(file_units[0]["path"])
+        paths = {u["path"]: open_filesystem(u["path"])[1] for u in file_units}
+        try:
+            contents = fs.cat(list(paths.values()), on_error="return")
+        except Exception as error:  # noqa: BLE001 - report it on every record of the batch
+            contents = {path: error for path in paths.values()}
+        fetched = {uri: contents.get(path, FileNotFoundError(path)) for uri, path in paths.items()}
+
+    for unit in units:
+        if unit["kind"] == "webdataset":
+            from diffcut.job.webdataset import read_shard_unit
+
+            yield from read_shard_unit(unit, keep_metadata=keep_metadata)
+            continue
+        preset = unit["errors"]
+        if unit["kind"] == "file":
+            value = fetched[unit["path"]]
+            data, error = (value, None) if isinstance(value, bytes) else (None, f"cannot read the file: {describe_exception(value)}")
+            yield RawRecord(unit["image_ids"][0], unit["sources"][0], data, preset[0] or error)
+            continue
+        try:
+            fs, path = open_filesystem(unit["path"])
+            with fs.open(path, "rb") as handle:
+                table = pq.ParquetFile(handle).read_row_group(unit["row_group"], columns=[image_column])
+            column = table.column(image_column).combine_chunks()
+            values = column.take(pa.array(unit["rows"], pa.int64())).to_pylist()
+            failure = None
+        except Exception as error:  # noqa: BLE001
+            values, failure = [None] * len(unit["rows"]), f"cannot read the Parquet row group: {describe_exception(error)}"
+        for image_id, source, error, value in zip(unit["image_ids"], unit["sources"], preset, values):
+            if isinstance(value, dict):
+                value = _struct_bytes(value)
+            if error is None and failure is None and value is None:
+                error = f"the image column {image_column!r} is null in this row (no image bytes)"
+            yield RawRecord(image_id, source, value, error or failure)
