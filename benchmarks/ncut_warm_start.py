@@ -1,7 +1,7 @@
 """Benchmark: what the warm-started Lanczos of diffcut.method.ncut saves, counted in products with W.
 
 Every child region's Fiedler solve starts from its parent's near-1 cluster
-(``diffcut.method.ncut._warm_start``) and cold starts resolve that cluster for their
+(``diffcut.method.fiedler._warm_start``) and cold starts resolve that cluster for their
 children. This script runs the recursion on the same maps with warm starts on
 and off (off: ``_CLUSTER_MIN_RITZ`` above 1, so no Ritz value counts as the
 cluster and every region starts cold, as before issue 11) and reports the work
@@ -36,11 +36,12 @@ sys.path.insert(0, str(_HERE.parent / "infra"))
 import ncut as ncut_benchmark  # noqa: E402  (benchmarks/ncut.py)
 from measure_ncut_time import random_features, structured_features  # noqa: E402
 
-from diffcut.method import ncut  # noqa: E402
+from diffcut.method import fiedler, ncut  # noqa: E402
+from diffcut.method.region_graph import _RegionGraph  # noqa: E402
 
 
 def _counting(products: list[int]):
-    plain = ncut._RegionGraph.product
+    plain = _RegionGraph.product
 
     def product(graph):
         call = plain(graph)
@@ -58,10 +59,10 @@ def _counting(products: list[int]):
 def recursion_work(maps: list[tuple[np.ndarray, float, float]], warm: bool) -> tuple[list[int], list[np.ndarray]]:
     """(work per map, labels per map) of the recursion with warm starts on or off."""
     products = [0]
-    saved = ncut._CLUSTER_MIN_RITZ, ncut._RegionGraph.product
-    ncut._RegionGraph.product = _counting(products)
+    saved = fiedler._CLUSTER_MIN_RITZ, _RegionGraph.product
+    _RegionGraph.product = _counting(products)
     if not warm:
-        ncut._CLUSTER_MIN_RITZ = 2.0
+        fiedler._CLUSTER_MIN_RITZ = 2.0
     work, labels = [], []
     try:
         for features, tau, alpha in maps:
@@ -69,7 +70,7 @@ def recursion_work(maps: list[tuple[np.ndarray, float, float]], warm: bool) -> t
             labels.append(ncut.recursive_ncut(features, tau, alpha))
             work.append(products[0])
     finally:
-        ncut._CLUSTER_MIN_RITZ, ncut._RegionGraph.product = saved
+        fiedler._CLUSTER_MIN_RITZ, _RegionGraph.product = saved
     return work, labels
 
 

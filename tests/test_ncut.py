@@ -218,8 +218,8 @@ def test_agrees_with_plain_definition(seed, shape, tau, alpha):
 
 def test_warm_started_children_agree_with_plain_definition(monkeypatch):
     # Regions above the dense-eigh size start Lanczos from their parent's cluster
-    # vectors (ncut._warm_start); the segments must still be the definition's.
-    from diffcut.method import ncut
+    # vectors (fiedler._warm_start); the segments must still be the definition's.
+    from diffcut.method import fiedler
 
     warm_starts = []
 
@@ -228,8 +228,8 @@ def test_warm_started_children_agree_with_plain_definition(monkeypatch):
         warm_starts.append(start is not None)
         return start, basis
 
-    original = ncut._warm_start
-    monkeypatch.setattr(ncut, "_warm_start", counted)
+    original = fiedler._warm_start
+    monkeypatch.setattr(fiedler, "_warm_start", counted)
     for seed in (21, 22):
         features, _ = planted_map(seed, h=24, w=26, channels=48, segments=12, noise=0.3, shared=0.6)
         expected = plain_recursive_ncut(features, 0.5, 10.0)
