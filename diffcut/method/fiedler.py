@@ -98,10 +98,12 @@ def _fiedler(
     inv_sqrt_d = 1.0 / np.sqrt(degrees)
     v = basis = None
     if graph.size > _DENSE_EIGH_MAX_CELLS:
-        start, inherited = _warm_start(graph, degrees, inv_sqrt_d, cluster)
-        v, basis = _lanczos_fiedler(graph, degrees, inv_sqrt_d, start)
-        if inherited is not None:
-            basis = inherited
+        # D^1/2 1, normalized: the Laplacian's null vector, deflated throughout.
+        trivial = np.sqrt(degrees)
+        trivial /= np.linalg.norm(trivial)
+        start, inherited = _warm_start(graph, trivial, inv_sqrt_d, cluster)
+        v, resolved = _lanczos_fiedler(graph, trivial, inv_sqrt_d, start)
+        basis = resolved if start is None else inherited
     if v is None:
         v = _dense_fiedler(graph.matrix(), inv_sqrt_d)
     y = inv_sqrt_d * v
@@ -125,7 +127,7 @@ def _start_vector(trivial: np.ndarray) -> np.ndarray:
 
 
 def _warm_start(
-    graph: _RegionGraph, d: np.ndarray, inv_sqrt_d: np.ndarray, cluster: np.ndarray | None
+    graph: _RegionGraph, trivial: np.ndarray, inv_sqrt_d: np.ndarray, cluster: np.ndarray | None
 ) -> tuple[np.ndarray | None, np.ndarray | None]:
     """(Lanczos start vector or None for the plain one, cluster basis for the children or None).
 
@@ -154,8 +156,6 @@ def _warm_start(
     """
     if cluster is None or cluster.shape[1] == 0:
         return None, None
-    trivial = np.sqrt(d)
-    trivial /= np.linalg.norm(trivial)
     restricted = cluster - np.outer(trivial, trivial @ cluster)
     left, weights, _ = np.linalg.svd(restricted, full_matrices=False)
     span = left[:, weights > _CLUSTER_MIN_WEIGHT]
@@ -211,13 +211,16 @@ def _top_tridiagonal_eigenvector(diagonal: np.ndarray, offdiagonal: np.ndarray) 
 
 
 def _lanczos_fiedler(
-    graph: _RegionGraph, d: np.ndarray, inv_sqrt_d: np.ndarray, start: np.ndarray | None = None
+    graph: _RegionGraph, trivial: np.ndarray, inv_sqrt_d: np.ndarray, start: np.ndarray | None = None
 ) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """Top eigenvector of ``D^-1/2 W D^-1/2`` on the complement of ``D^1/2 1``, and the cluster basis.
+    """Top eigenvector of ``D^-1/2 W D^-1/2`` on the complement of ``trivial`` (``D^1/2 1``
+    normalized), and the cluster basis.
 
     Returns (None, None) if unconverged. The cluster basis (for the children's
-    :func:`_warm_start`) is the Ritz vectors of value above _CLUSTER_MIN_RITZ
-    whose residual estimate is below _CLUSTER_RESIDUAL (None if there are none).
+    :func:`_warm_start`) is, for a cold start only, the Ritz vectors of value
+    above _CLUSTER_MIN_RITZ whose residual estimate is below _CLUSTER_RESIDUAL
+    (None if there are none); a warm start's children inherit its
+    Rayleigh-Ritz vectors instead (see :func:`_fiedler`), so none is computed.
 
     Plain Lanczos with full reorthogonalization (classical Gram-Schmidt,
     repeated when needed): the Krylov basis stays orthonormal to machine
@@ -240,8 +243,6 @@ def _lanczos_fiedler(
     """
     n = graph.size
     max_steps = min(n - 1, _LANCZOS_MAX_STEPS)
-    trivial = np.sqrt(d)
-    trivial /= np.linalg.norm(trivial)
     # Row 0: the deflated vector; rows 1..: the Lanczos vectors.
     basis = np.empty((max_steps + 2, n))
     basis[0] = trivial
@@ -263,6 +264,7 @@ def _lanczos_fiedler(
     next_check = 2
     last_check = None  # (step, residual estimate)
     resolved_at = None  # the step at which the Fiedler vector converged (cold start)
+    ritz_pairs = None  # (values, vectors) of the last cluster check, for _converged_cluster
     scaled = np.empty(n)
     product = graph.product()
     axpy = blas.daxpy  # in place on z
@@ -291,7 +293,9 @@ def _lanczos_fiedler(
         if resolved_at is not None:
             # Resolving the rest of the cluster for the children (see the docstring).
             if invariant or step == max_steps - 1 or step >= next_check:
-                values, vectors = scipy.linalg.eigh_tridiagonal(diagonal[: step + 1], offdiagonal[:step])
+                values, vectors = ritz_pairs = scipy.linalg.eigh_tridiagonal(
+                    diagonal[: step + 1], offdiagonal[:step]
+                )
                 ritz = vectors[:, -1]
                 inside = values > _CLUSTER_MIN_RITZ
                 if invariant or (beta * np.abs(vectors[-1, inside]) < _CLUSTER_RESIDUAL).all():
@@ -323,9 +327,13 @@ def _lanczos_fiedler(
     steps = ritz.shape[0]
     krylov = basis[1 : steps + 1].T
     v = krylov @ ritz
-    return v / np.linalg.norm(v), _converged_cluster(
-        krylov, diagonal[:steps], offdiagonal[: steps - 1], beta
-    )
+    if start is not None:
+        return v / np.linalg.norm(v), None
+    if ritz_pairs is None or ritz_pairs[0].shape[0] != steps:
+        ritz_pairs = (None, None) if steps < 2 else scipy.linalg.eigh_tridiagonal(
+            diagonal[:steps], offdiagonal[: steps - 1]
+        )
+    return v / np.linalg.norm(v), _converged_cluster(krylov, *ritz_pairs, beta)
 
 
 def _check_interval(
@@ -342,13 +350,13 @@ def _check_interval(
 
 
 def _converged_cluster(
-    krylov: np.ndarray, diagonal: np.ndarray, offdiagonal: np.ndarray, beta: float
+    krylov: np.ndarray, values: np.ndarray | None, vectors: np.ndarray | None, beta: float
 ) -> np.ndarray | None:
     """The Ritz vectors of value above _CLUSTER_MIN_RITZ with residual estimate below
-    _CLUSTER_RESIDUAL, as (n, m) columns; None if there are none."""
-    if diagonal.shape[0] < 2:
+    _CLUSTER_RESIDUAL, as (n, m) columns, from the tridiagonal matrix's eigenpairs
+    (``values``, ``vectors``; None for a one-step Krylov space); None if there are none."""
+    if values is None:
         return None
-    values, vectors = scipy.linalg.eigh_tridiagonal(diagonal, offdiagonal)
     keep = (values > _CLUSTER_MIN_RITZ) & (beta * np.abs(vectors[-1]) < _CLUSTER_RESIDUAL)
     if not keep.any():
         return None
