@@ -59,8 +59,12 @@ class LoopbackCluster:
     """Named nodes of a ``ray.cluster_utils.Cluster`` whose processes this test can kill."""
 
     def __init__(self, workdir: Path):
+        import ray._private.utils
         from ray.cluster_utils import Cluster
 
+        # Cluster() also writes the head's address into Ray's default temp dir (/tmp/ray), which it
+        # does not create: on a fresh machine that no Ray has run on, the head's start failed there.
+        os.makedirs(os.path.dirname(ray._private.utils.get_ray_address_file(None)), exist_ok=True)
         self.cluster = Cluster(initialize_head=True, head_node_args=dict(
             num_cpus=0, include_dashboard=False, temp_dir=str(workdir / "ray"), _system_config=HEALTH_CHECKS,
             **NODE_ARGS))
