@@ -267,7 +267,7 @@ def _score_boundary_blocks(out: np.ndarray, maps: np.ndarray, segment_ids: np.nd
     chunks of at most ``max_tile_elements`` scores. Per pixel the arithmetic is
     that of one block alone: resampled along x, then along y (float32), first
     maximum wins. (Measured on 1024 x 1024 masks of 16 segments, ~245 boundary
-    blocks: 1.5 ms, where a loop over the blocks took 8 ms.)
+    blocks: about 2 ms, where a loop over the blocks took about 8 ms.)
     """
     row_starts, row_stops, ry0, ry1, wy = row_runs
     col_starts, col_stops, cx0, cx1, wx = col_runs
@@ -277,7 +277,7 @@ def _score_boundary_blocks(out: np.ndarray, maps: np.ndarray, segment_ids: np.nd
         return
     heights = (row_stops - row_starts)[block_a]
     widths = (col_stops - col_starts)[block_b]
-    # Candidates of each block in increasing segment order, padded to the largest count.
+    # Each block's segments, its candidates first in increasing segment order (a group takes the first C).
     ranked = np.argsort(~possible[:, block_a, block_b], axis=0, kind="stable").T  # (blocks, K)
     group_keys = np.stack([count[block_a, block_b], heights, widths], axis=1)
     keys, group_of = np.unique(group_keys, axis=0, return_inverse=True)
