@@ -13,8 +13,9 @@ from typing import Any
 import numpy as np
 from scipy.linalg import blas
 
-# Row strips of the affinity computation are about this many bytes (in cache).
-_STRIP_BYTES = 1 << 20
+# Float32 row strips of the affinity computation are about this many bytes (in
+# cache, with the power's scratch copy: 128 rows at 1024 cells measured fastest).
+_STRIP_BYTES = 1 << 19
 
 
 
@@ -88,53 +89,98 @@ def affinity_matrix(features: Any, alpha: float = 10.0) -> np.ndarray:
 def _affinity_from_cells(cells: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
     """The affinity of §2.2 and its row sums, from an (n, c) float32 or float64 array (left unchanged).
 
-    BLAS syrk fills one triangle of the cosine similarities (half the work of
-    a full product); the min-max scaling and the power then run over that
-    triangle in row strips that stay in cache, each strip is mirrored into the
-    other triangle (so the result is exactly symmetric), and the row sums are
-    accumulated on the way, saving the recursion a pass over the matrix.
+    BLAS syrk fills one triangle of the cosine similarities in float32 (half
+    the work of a full product, and 2.9x faster than dsyrk on one core here;
+    the products of unit vectors carry errors of about 1e-7, far below what
+    separates the cells from the candidate thresholds -- checked on every map
+    of benchmarks/ncut.py and benchmarks/segment_step.py). The min-max scaling
+    and the power run in float32 too, in place, over that triangle in row
+    strips that stay in cache (relative errors of a few 1e-7, those of the
+    Gram matrix times alpha being larger); the triangle is mirrored (so the
+    result is exactly symmetric) and widened to float64 once, for the
+    recursion, which runs in float64. Powers that float32 cannot represent
+    (below _TINY_POWER, which it would flush towards zero) are computed in
+    float64 and patched in, so that exactly the same entries are zero as in
+    float64 arithmetic (connectivity depends on them).
     """
     unit32 = _unit_rows32(cells)
     n = cells.shape[0]
-    # The Gram matrix in float32 (BLAS ssyrk: 2.9x faster than dsyrk on one
-    # core here; the products of unit vectors carry errors of about 1e-7, far
-    # below what separates the cells from the candidate thresholds -- checked on
-    # every map of benchmarks/ncut.py and benchmarks/segment_step.py); the
-    # scaling, the power and everything after it in float64.
     # syrk on cells.T (Fortran order, no copy) gives the upper triangle of
     # cells @ cells.T in Fortran order: its transpose is C-ordered with the
     # values in the lower triangle (row >= column).
-    similarity32 = blas.ssyrk(1.0, unit32.T, trans=1, lower=0).T
+    similarity = blas.ssyrk(1.0, unit32.T, trans=1, lower=0).T
     del unit32
-    rows = min(n, max(16, _STRIP_BYTES // (8 * n)))
+    rows = min(n, max(16, _STRIP_BYTES // (4 * n)))
     above_diagonal = np.triu(np.ones((rows, rows), dtype=bool), 1)
-    low, high = np.inf, -np.inf
+    strip_lows = []
+    high = -np.inf
     for start in range(0, n, rows):
         stop = min(n, start + rows)
-        diagonal_block = similarity32[start:stop, start:stop]
+        diagonal_block = similarity[start:stop, start:stop]
         size = stop - start
         np.copyto(diagonal_block, diagonal_block.T, where=above_diagonal[:size, :size])
-        strip = similarity32[start:stop, :stop]
-        low = min(low, float(strip.min()))
-        high = max(high, float(strip.max()))
+        strip = similarity[start:stop, :stop]
+        strip_lows.append(strip.min())
+        high = max(high, strip.max())
+    low = min(strip_lows)
     if high == low:
         return np.ones((n, n)), np.full(n, float(n))
+    # float32 arithmetic: the largest entry becomes exactly (high - low) / span = 1.
     span = high - low
-    similarity = np.empty((n, n))
-    scratch = np.empty(rows * n)
-    degrees = np.zeros(n)
-    for start in range(0, n, rows):
+    # Scaled entries below this have a power under _TINY_POWER.
+    tiny_scaled = _TINY_POWER ** (1.0 / alpha)
+    scratch = np.empty(rows * n, dtype=np.float32)
+    patches = []
+    for index, start in enumerate(range(0, n, rows)):
         stop = min(n, start + rows)
         strip = similarity[start:stop, :stop]
-        np.subtract(similarity32[start:stop, :stop], low, out=strip)
+        np.subtract(strip, low, out=strip)
         np.divide(strip, span, out=strip)
+        if (strip_lows[index] - low) / span < tiny_scaled:
+            # Only the rows that hold such an entry (few) are searched.
+            for row in np.flatnonzero(strip.min(axis=1) < tiny_scaled):
+                columns = np.flatnonzero((strip[row] < tiny_scaled) & (strip[row] > 0))
+                if columns.size:
+                    values = np.power(strip[row, columns].astype(np.float64), alpha)
+                    patches.append((np.full(columns.size, start + row), columns, values))
         _power_in_place(strip, alpha, scratch)
-        below_diagonal = similarity[start:stop, :start]
-        similarity[:start, start:stop] = below_diagonal.T
-        degrees[start:stop] += strip.sum(axis=1)
-        degrees[:start] += below_diagonal.sum(axis=0)
-    del similarity32
-    return similarity, degrees
+    _mirror_lower_triangle(similarity, above_diagonal)
+    affinity = similarity.astype(np.float64)
+    del similarity
+    for tiny_rows, tiny_columns, values in patches:
+        affinity[tiny_rows, tiny_columns] = values
+        affinity[tiny_columns, tiny_rows] = values
+    return affinity, affinity.sum(axis=1)
+
+
+# Powers below this are computed in float64 (float32's smallest normal number is 1.2e-38).
+_TINY_POWER = 1e-30
+
+
+def _mirror_lower_triangle(matrix: np.ndarray, block_mask: np.ndarray) -> None:
+    """Copy the lower triangle of a square C-ordered float32 matrix onto its upper one, in place.
+
+    The diagonal blocks (of ``block_mask``'s size, its strict upper triangle)
+    are symmetrized first; then, in thin row strips, each strip's part left of
+    its diagonal block is written, transposed, above it. The whole upper triangle is
+    overwritten: entries computed from equal inputs at different positions may
+    differ in the last bit (vectorized against scalar code paths). The strip
+    height matters because the columns read are strided: measured on one core
+    here, at 1024 cells (rows of exactly 4 KB) 8-row strips took 0.42 ms and
+    128-row ones 1.3 ms; at 2304 cells 256-row strips were the fastest (2.5 ms
+    against 3.6 with 8 rows).
+    """
+    n = matrix.shape[0]
+    block = block_mask.shape[0]
+    rows = min(block, 8 if n <= 1536 else 256)
+    for block_start in range(0, n, block):
+        block_stop = min(n, block_start + block)
+        diagonal_block = matrix[block_start:block_stop, block_start:block_stop]
+        size = block_stop - block_start
+        np.copyto(diagonal_block, diagonal_block.T, where=block_mask[:size, :size])
+        for start in range(block_start, block_stop, rows):
+            stop = min(block_stop, start + rows)
+            matrix[:block_start, start:stop] = matrix[start:stop, :block_start].T
 
 
 # Float32 sums of squares in this range are exact to float32 rounding: no square
@@ -194,20 +240,25 @@ def _unit_rows64(cells: np.ndarray, out: np.ndarray | None = None) -> np.ndarray
 
 
 def _power_in_place(x: np.ndarray, alpha: float, scratch: np.ndarray) -> None:
-    """``x **= alpha`` for ``x`` in [0, 1]; ``scratch`` has at least ``x.size`` elements.
+    """``x **= alpha`` for float32 ``x`` in [0, 1]; ``scratch`` is float32 with at least ``x.size`` elements.
 
     An integer exponent up to 64 (the paper's is 10) goes by binary
-    exponentiation, a few multiplications (3.4x faster than ``np.power`` on a
-    128 x 1024 strip here; within 6e-16 relative of it at 10); any other
-    exponent by ``np.power``.
+    exponentiation, a few multiplications (relative error a few float32 ulps);
+    any other exponent as ``exp(alpha * log(x))`` (numpy's vectorized float32
+    functions: 8x faster than float64 ``np.power`` here; relative error about
+    ``alpha * |log x|`` float32 ulps, a few 1e-6 at most for the entries above
+    _TINY_POWER, which is what the float32 Gram matrix already carries).
     """
     exponent = int(alpha)
-    if exponent != alpha or not 1 <= exponent <= 64:
-        np.power(x, alpha, out=x)
-        return
-    base = scratch[: x.size].reshape(x.shape)
-    np.copyto(base, x)
-    for bit in bin(exponent)[3:]:
-        np.multiply(x, x, out=x)
-        if bit == "1":
-            np.multiply(x, base, out=x)
+    with np.errstate(divide="ignore", under="ignore"):
+        if exponent != alpha or not 1 <= exponent <= 64:
+            np.log(x, out=x)  # log(0) = -inf, exp(-inf) = 0
+            np.multiply(x, np.float32(alpha), out=x)
+            np.exp(x, out=x)
+            return
+        base = scratch[: x.size].reshape(x.shape)
+        np.copyto(base, x)
+        for bit in bin(exponent)[3:]:
+            np.multiply(x, x, out=x)
+            if bit == "1":
+                np.multiply(x, base, out=x)
