@@ -154,6 +154,21 @@ def test_fiedler_vector_matches_dense_eigendecomposition(cells):
     assert y[np.argmax(np.abs(y))] > 0
 
 
+def test_sturm_count_equals_eigenvalue_count():
+    import scipy.linalg
+
+    from diffcut.method.fiedler import _count_eigenvalues_above
+
+    rng = np.random.default_rng(7)
+    for _ in range(300):
+        k = int(rng.integers(1, 200))
+        diagonal = rng.uniform(-1, 1, k)
+        offdiagonal = rng.uniform(-0.5, 0.5, k - 1) * (rng.random(k - 1) > 0.1)  # some zero couplings
+        values = scipy.linalg.eigvalsh_tridiagonal(diagonal, offdiagonal) if k > 1 else diagonal
+        for bound in (0.5, 0.0, float(rng.uniform(-1, 1))):
+            assert _count_eigenvalues_above(diagonal, offdiagonal, bound) == int((values > bound).sum())
+
+
 def test_candidate_ncuts_equal_direct_evaluation():
     features, _ = planted_map(3, h=9, w=11, noise=0.8)
     w = affinity_matrix(features, 5.0)
@@ -172,6 +187,14 @@ def test_grid_thresholds_are_the_papers():
     y = np.array([-2.0, 0.5, 3.0])
     t = grid_thresholds(y)
     assert len(t) == 100 and t[0] == pytest.approx(-1.98) and t[-1] == pytest.approx(2.97)
+    # bit for bit numpy's linspace, on values of every scale (and degenerate ranges)
+    rng = np.random.default_rng(5)
+    for y in [rng.standard_normal(7) * 10.0 ** rng.integers(-300, 300) for _ in range(2000)] + [
+        np.array([1.0, 1.0]), np.array([0.0, 5e-324]), np.array([-1e308, 1e308])
+    ]:
+        with np.errstate(all="ignore"):  # the range of +-1e308 overflows in both
+            expected = np.linspace(0.99 * y.min(), 0.99 * y.max(), 100)
+            assert np.array_equal(grid_thresholds(y), expected, equal_nan=True)
     assert np.array_equal(sweep_thresholds(np.array([1.0, -1.0, 1.0, 0.0])), [-1.0, 0.0])
 
 

@@ -22,10 +22,27 @@ GRID_SCALE = 0.99
 
 
 
+# 0, 1, ..., GRID_SIZE - 1: the grid's steps.
+_GRID_STEPS = np.arange(GRID_SIZE, dtype=np.float64)
+
+
 def grid_thresholds(y: np.ndarray) -> np.ndarray:
     """The paper's candidate thresholds: GRID_SIZE evenly spaced values from
-    ``0.99 * min(y)`` to ``0.99 * max(y)`` inclusive (§2.3, step 3), ascending."""
-    return np.linspace(GRID_SCALE * float(np.min(y)), GRID_SCALE * float(np.max(y)), GRID_SIZE)
+    ``0.99 * min(y)`` to ``0.99 * max(y)`` inclusive (§2.3, step 3), ascending.
+
+    Bit for bit ``np.linspace(start, stop, GRID_SIZE)`` (the same operations in
+    the same order: ``k * step + start``, the last one ``stop``), without its
+    argument handling, which took 20 of its 28 µs here (called once per region).
+    """
+    start = GRID_SCALE * float(np.min(y))
+    stop = GRID_SCALE * float(np.max(y))
+    step = (stop - start) / (GRID_SIZE - 1)
+    if step == 0 or not np.isfinite(step):
+        return np.linspace(start, stop, GRID_SIZE)  # numpy's own handling of these cases
+    thresholds = _GRID_STEPS * step
+    thresholds += start
+    thresholds[-1] = stop
+    return thresholds
 
 
 def sweep_thresholds(y: np.ndarray) -> np.ndarray:

@@ -210,6 +210,27 @@ def _top_tridiagonal_eigenvector(diagonal: np.ndarray, offdiagonal: np.ndarray) 
     return vectors[:, 0]
 
 
+def _count_eigenvalues_above(diagonal: np.ndarray, offdiagonal: np.ndarray, bound: float) -> int:
+    """Number of eigenvalues above ``bound`` of a symmetric tridiagonal matrix (Sturm count).
+
+    The signs of the pivots of the LDL^T factorization of ``T - bound I``
+    (Sylvester's law of inertia: as many negative pivots as eigenvalues below
+    ``bound``), with LAPACK's guard against a zero pivot (dlaneg, as in the
+    bisection of dstebz): one pass of O(k) instead of all eigenvalues
+    (about 10 µs against 250-700 µs for ``eigvalsh_tridiagonal`` at 120 steps here).
+    """
+    squares = (offdiagonal * offdiagonal).tolist()
+    pivot_min = 2.3e-308 * max(1.0, max(squares, default=1.0))
+    below = 0
+    pivot = 1.0
+    for index, value in enumerate(diagonal.tolist()):
+        pivot = (value - bound) - (squares[index - 1] / pivot if index else 0.0)
+        if abs(pivot) < pivot_min:
+            pivot = -pivot_min
+        below += pivot < 0
+    return diagonal.shape[0] - below
+
+
 def _lanczos_fiedler(
     graph: _RegionGraph, trivial: np.ndarray, inv_sqrt_d: np.ndarray, start: np.ndarray | None = None
 ) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -310,8 +331,8 @@ def _lanczos_fiedler(
                 ritz = vector
                 if invariant or start is not None or step == max_steps - 1:
                     break
-                values = scipy.linalg.eigvalsh_tridiagonal(diagonal[: step + 1], offdiagonal[:step])
-                if (values > _CLUSTER_MIN_RITZ).sum() > _CLUSTER_MAX_FRACTION * (step + 1):
+                above = _count_eigenvalues_above(diagonal[: step + 1], offdiagonal[:step], _CLUSTER_MIN_RITZ)
+                if above > _CLUSTER_MAX_FRACTION * (step + 1):
                     break  # no cluster apart from a bulk (e.g. i.i.d. noise): nothing to resolve
                 resolved_at = step
                 next_check = step + _MAX_CHECK_INTERVAL
