@@ -88,8 +88,10 @@ def _fiedler(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """(``y``, the cluster basis for the children) — see :func:`fiedler_vector` and :func:`_warm_start`.
 
-    ``cluster`` is the parent's cluster basis restricted to this region's cells
-    (rows in the region's order), or None.
+    ``cluster`` is None or, from :func:`_children_clusters`, (vectors, their
+    images under this region's operator ``D^-1/2 W_R D^-1/2``) as (n, m)
+    columns. The cluster basis returned is such a pair on this region's cells
+    (or None), for :func:`_children_clusters`.
     """
     if graph.size < 2:
         raise ValueError("the Fiedler vector needs a graph of at least 2 cells")
@@ -127,8 +129,8 @@ def _start_vector(trivial: np.ndarray) -> np.ndarray:
 
 
 def _warm_start(
-    graph: _RegionGraph, trivial: np.ndarray, inv_sqrt_d: np.ndarray, cluster: np.ndarray | None
-) -> tuple[np.ndarray | None, np.ndarray | None]:
+    graph: _RegionGraph, trivial: np.ndarray, inv_sqrt_d: np.ndarray, cluster: tuple | None
+) -> tuple[np.ndarray | None, tuple | None]:
     """(Lanczos start vector or None for the plain one, cluster basis for the children or None).
 
     Why: a region of k well separated groups has k - 1 eigenvalues of
@@ -137,42 +139,85 @@ def _warm_start(
     Lanczos needs about 100 products to tell the Fiedler vector from the other
     members of such a cluster, on every region again. A child's cluster is, up
     to the small affinities it loses to its sibling, the part of its parent's
-    cluster that lies on its cells; so the parent's cluster vectors, restricted
-    to the child and orthonormalized (their SVD, keeping the directions with
-    at least _CLUSTER_MIN_WEIGHT of their length on the child), span it
-    closely. A Rayleigh-Ritz step with the child's operator on that span gives
-    an approximate Fiedler vector; Lanczos starts from it plus
-    _WARM_START_RANDOM times the fixed random vector (which gives every
+    cluster that lies on its cells; so the parent's cluster vectors on the
+    child (``cluster``, from :func:`_children_clusters`), orthonormalized (their
+    SVD, keeping the directions with at least _CLUSTER_MIN_WEIGHT of their
+    length on the child), span it closely. A Rayleigh-Ritz step with the
+    child's operator on that span (its images come with ``cluster``: no
+    products here) gives an approximate Fiedler vector; Lanczos starts from it
+    plus _WARM_START_RANDOM times the fixed random vector (which gives every
     eigenvector a share, as a random start does) and stops on the same residual
     test as a cold start. Measured (benchmarks/ncut_warm_start.py, products
     with W counted): 2.0x less solver work on 16-region maps, 2.25x on 32,
     1.2x on benchmarks/ncut.py's maps, the same on noise; segments identical on
     every map. On a large child the resulting ``y`` differed from a cold
     start's by about 1e-6 (relative): both are within the cold start's own
-    error (residual / gap: 1e-13 / 1e-8). The Rayleigh-Ritz
-    vectors of Ritz value above _CLUSTER_MIN_RITZ are the children's cluster
-    basis. With no inherited cluster (or none of it above _CLUSTER_MIN_RITZ)
-    the start is the plain one.
+    error (residual / gap: 1e-13 / 1e-8). The Rayleigh-Ritz vectors of Ritz
+    value above _CLUSTER_MIN_RITZ, with their images, are the children's
+    cluster basis. With no inherited cluster (or none of it above
+    _CLUSTER_MIN_RITZ) the start is the plain one.
     """
-    if cluster is None or cluster.shape[1] == 0:
+    if cluster is None or cluster[0].shape[1] == 0:
         return None, None
-    restricted = cluster - np.outer(trivial, trivial @ cluster)
-    left, weights, _ = np.linalg.svd(restricted, full_matrices=False)
-    span = left[:, weights > _CLUSTER_MIN_WEIGHT]
-    if span.shape[1] == 0:
+    vectors, images = cluster
+    # The deflated direction is an exact eigenvector (eigenvalue 1): removing
+    # it from a vector removes it from the vector's image too.
+    overlap = trivial @ vectors
+    restricted = vectors - np.outer(trivial, overlap)
+    restricted_images = images - np.outer(trivial, overlap)
+    left, weights, right = np.linalg.svd(restricted, full_matrices=False)
+    keep = weights > _CLUSTER_MIN_WEIGHT
+    if not keep.any():
         return None, None
-    product = graph.product()
-    image = np.empty_like(span)
-    for column in range(span.shape[1]):
-        image[:, column] = inv_sqrt_d * product(inv_sqrt_d * span[:, column])
+    # span = restricted @ V / weights, and so its image.
+    span = left[:, keep]
+    image = restricted_images @ (right[keep].T / weights[keep])
     projected = span.T @ image
-    values, vectors = np.linalg.eigh(0.5 * (projected + projected.T))
+    values, ritz = np.linalg.eigh(0.5 * (projected + projected.T))
     inside = values > _CLUSTER_MIN_RITZ
     if not inside.any():
         return None, None
-    ritz_vectors = span @ vectors[:, inside]
+    ritz_vectors = span @ ritz[:, inside]
     start = ritz_vectors[:, -1] + _WARM_START_RANDOM * _start_vector(trivial)
-    return start, ritz_vectors
+    return start, (ritz_vectors, image @ ritz[:, inside])
+
+
+def _children_clusters(
+    graph: _RegionGraph, in_s: np.ndarray, side_degrees: np.ndarray, basis: tuple | None
+) -> tuple[tuple | None, tuple | None]:
+    """The warm-start clusters of the two children of a split (S = ``in_s``, then the rest).
+
+    ``basis`` = (C, A = M C) on the parent's cells, ``M = D^-1/2 W D^-1/2``
+    the parent's operator; ``side_degrees`` the cells' degrees within their
+    sides. A child P (sibling Q) gets the parent's y-space vectors
+    ``G = D^-1/2 C`` on its cells in its own normalization, ``X = D_P^1/2 G_P``,
+    with their images under its operator from the parent's:
+    ``W_PP G_P = D^1/2 A_P - W_PQ G_Q``, so
+    ``M_P X = D_P^-1/2 (D^1/2 A_P - W_PQ G_Q)`` -- exact, and only the block
+    between the sides is read (most splits peel a small group off a large
+    region: 152 x 872 cells instead of m products with 872 x 872). Children
+    small enough for the dense solver get None.
+    """
+    if basis is None or side_degrees is None:
+        return None, None
+    vectors, images = basis
+    sides = (np.flatnonzero(in_s), np.flatnonzero(~in_s))
+    needed = [side.shape[0] > _DENSE_EIGH_MAX_CELLS for side in sides]
+    if not any(needed):
+        return None, None
+    parent_sqrt_d = np.sqrt(graph.degrees())
+    y = vectors / parent_sqrt_d[:, None]
+    small = 0 if sides[0].shape[0] <= sides[1].shape[0] else 1
+    between = graph.block(sides[small], sides[1 - small])  # W[small side, large side]
+    clusters = [None, None]
+    for index, (cells, others) in enumerate((sides, sides[::-1])):
+        if not needed[index]:
+            continue
+        coupling = between @ y[others] if index == small else between.T @ y[others]
+        child_sqrt_d = np.sqrt(side_degrees[cells])[:, None]
+        child_images = (parent_sqrt_d[cells, None] * images[cells] - coupling) / child_sqrt_d
+        clusters[index] = (child_sqrt_d * y[cells], child_images)
+    return clusters[0], clusters[1]
 
 
 def _dense_fiedler(affinity: np.ndarray, inv_sqrt_d: np.ndarray) -> np.ndarray:
@@ -233,14 +278,15 @@ def _count_eigenvalues_above(diagonal: np.ndarray, offdiagonal: np.ndarray, boun
 
 def _lanczos_fiedler(
     graph: _RegionGraph, trivial: np.ndarray, inv_sqrt_d: np.ndarray, start: np.ndarray | None = None
-) -> tuple[np.ndarray | None, np.ndarray | None]:
+) -> tuple[np.ndarray | None, tuple | None]:
     """Top eigenvector of ``D^-1/2 W D^-1/2`` on the complement of ``trivial`` (``D^1/2 1``
     normalized), and the cluster basis.
 
     Returns (None, None) if unconverged. The cluster basis (for the children's
     :func:`_warm_start`) is, for a cold start only, the Ritz vectors of value
-    above _CLUSTER_MIN_RITZ whose residual estimate is below _CLUSTER_RESIDUAL
-    (None if there are none); a warm start's children inherit its
+    above _CLUSTER_MIN_RITZ whose residual estimate is below _CLUSTER_RESIDUAL,
+    with their images (:func:`_converged_cluster`; None if there are none);
+    a warm start's children inherit its
     Rayleigh-Ritz vectors instead (see :func:`_fiedler`), so none is computed.
 
     Plain Lanczos with full reorthogonalization (classical Gram-Schmidt,
@@ -354,7 +400,7 @@ def _lanczos_fiedler(
         ritz_pairs = (None, None) if steps < 2 else scipy.linalg.eigh_tridiagonal(
             diagonal[:steps], offdiagonal[: steps - 1]
         )
-    return v / np.linalg.norm(v), _converged_cluster(krylov, *ritz_pairs, beta)
+    return v / np.linalg.norm(v), _converged_cluster(krylov, *ritz_pairs, z)
 
 
 def _check_interval(
@@ -371,14 +417,22 @@ def _check_interval(
 
 
 def _converged_cluster(
-    krylov: np.ndarray, values: np.ndarray | None, vectors: np.ndarray | None, beta: float
-) -> np.ndarray | None:
-    """The Ritz vectors of value above _CLUSTER_MIN_RITZ with residual estimate below
-    _CLUSTER_RESIDUAL, as (n, m) columns, from the tridiagonal matrix's eigenpairs
-    (``values``, ``vectors``; None for a one-step Krylov space); None if there are none."""
+    krylov: np.ndarray, values: np.ndarray | None, vectors: np.ndarray | None, residual: np.ndarray
+) -> tuple | None:
+    """(Ritz vectors, their images) as (n, m) columns for the Ritz values above
+    _CLUSTER_MIN_RITZ with residual estimate below _CLUSTER_RESIDUAL, from the
+    tridiagonal matrix's eigenpairs (``values``, ``vectors``; None for a one-step
+    Krylov space) and the last residual vector ``beta q_{k+1}``; None if there are none.
+
+    The images come from the Lanczos relation ``M K = K T + beta q_{k+1} e_k^T``
+    (full reorthogonalization keeps it to rounding): ``M K s = theta K s +
+    s_k beta q_{k+1}``, no products.
+    """
     if values is None:
         return None
+    beta = math.sqrt(residual @ residual)
     keep = (values > _CLUSTER_MIN_RITZ) & (beta * np.abs(vectors[-1]) < _CLUSTER_RESIDUAL)
     if not keep.any():
         return None
-    return krylov @ vectors[:, keep]
+    cluster = krylov @ vectors[:, keep]
+    return cluster, cluster * values[keep] + np.outer(residual, vectors[-1, keep])

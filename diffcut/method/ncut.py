@@ -83,7 +83,7 @@ from diffcut.method.cut_search import (
     ncut_value,
     sweep_thresholds,
 )
-from diffcut.method.fiedler import _DENSE_EIGH_MAX_CELLS, _fiedler, fiedler_vector
+from diffcut.method.fiedler import _DENSE_EIGH_MAX_CELLS, _children_clusters, _fiedler, fiedler_vector
 from diffcut.method.region_graph import _RegionGraph
 from diffcut.method.split_tree import SplitTree, _first_appearance_labels
 
@@ -134,8 +134,8 @@ def _one_blas_thread():
 
 
 def _split_region(
-    graph: _RegionGraph, exact_search: bool, tau: float, cluster: np.ndarray | None = None
-) -> tuple[np.ndarray | None, float, np.ndarray | None, np.ndarray | None]:
+    graph: _RegionGraph, exact_search: bool, tau: float, cluster: tuple | None = None
+) -> tuple[np.ndarray | None, float, np.ndarray | None, tuple | None]:
     """Best bipartition of one region: (mask of S over its cells, or None; its NCut, or +inf;
     if NCut < ``tau``, every cell's degree within its side, else None; the cluster
     basis for the children's warm starts, or None).
@@ -171,7 +171,7 @@ def _grow_tree(
     parent = [-1]
     ncut = [np.nan]
     leaf_of_cell = np.empty(n, dtype=np.int64)
-    # (node, its cells, its graph, its parent's cluster basis on its cells)
+    # (node, its cells, its graph, its warm-start cluster from the parent's, or None)
     stack = [(0, np.arange(n), _RegionGraph(affinity, degrees=degrees), None)]
     while stack:
         node, cells, graph, cluster = stack.pop()
@@ -184,7 +184,8 @@ def _grow_tree(
         ncut[node] = value
         if in_s is not None and value < tau:
             positions = np.arange(graph.size) if graph.positions is None else graph.positions
-            for part in (in_s, ~in_s):
+            clusters = _children_clusters(graph, in_s, side_degrees, basis)
+            for part, child_cluster in zip((in_s, ~in_s), clusters):
                 parent.append(node)
                 ncut.append(np.nan)
                 child = _RegionGraph(
@@ -192,7 +193,7 @@ def _grow_tree(
                     positions[part],
                     None if side_degrees is None else side_degrees[part],
                 )
-                stack.append((len(parent) - 1, cells[part], child, None if basis is None else basis[part]))
+                stack.append((len(parent) - 1, cells[part], child, child_cluster))
         else:
             leaf_of_cell[cells] = node
         del graph

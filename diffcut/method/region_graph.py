@@ -82,6 +82,16 @@ class _RegionGraph:
                 self._degrees = self.matvec(np.ones(self.size))
         return self._degrees
 
+    def block(self, rows: np.ndarray, columns: np.ndarray) -> np.ndarray:
+        """``W_R[rows][:, columns]`` (indices into the region's cells) as a C-ordered copy.
+
+        The rows are taken first, whole (contiguous reads), then the columns:
+        give the shorter index array as ``rows``.
+        """
+        if self.positions is not None:
+            rows, columns = self.positions[rows], self.positions[columns]
+        return np.take(np.take(self.ambient, rows, axis=0), columns, axis=1)
+
     def row(self, index: int) -> np.ndarray:
         if self.positions is None:
             return self.ambient[index]
