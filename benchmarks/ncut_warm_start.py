@@ -7,7 +7,9 @@ and off (off: ``_CLUSTER_MIN_RITZ`` above 1, so no Ritz value counts as the
 cluster and every region starts cold, as before issue 11) and reports the work
 of the Fiedler solves as the sum, over products with the affinity, of the
 product's matrix size squared (a product on an ancestor's matrix counts the
-ancestor's size): a count, not a time, so a loaded machine does not move it.
+ancestor's size; the block between a split's two sides, from which the
+children's warm starts get their images, counts the entries of the rows it
+reads): a count, not a time, so a loaded machine does not move it.
 The segments of both runs are compared on every map.
 
 Maps: benchmarks/segment_step.py's (SSD-1B-shaped 32x32x1280, 16 and 32
@@ -56,11 +58,22 @@ def _counting(products: list[int]):
     return product
 
 
+def _counting_block(products: list[int]):
+    plain = _RegionGraph.block
+
+    def block(graph, rows, columns):
+        products[0] += rows.shape[0] * graph.ambient.shape[0]  # the whole rows it reads
+        return plain(graph, rows, columns)
+
+    return block
+
+
 def recursion_work(maps: list[tuple[np.ndarray, float, float]], warm: bool) -> tuple[list[int], list[np.ndarray]]:
     """(work per map, labels per map) of the recursion with warm starts on or off."""
     products = [0]
-    saved = fiedler._CLUSTER_MIN_RITZ, _RegionGraph.product
+    saved = fiedler._CLUSTER_MIN_RITZ, _RegionGraph.product, _RegionGraph.block
     _RegionGraph.product = _counting(products)
+    _RegionGraph.block = _counting_block(products)
     if not warm:
         fiedler._CLUSTER_MIN_RITZ = 2.0
     work, labels = [], []
@@ -70,7 +83,7 @@ def recursion_work(maps: list[tuple[np.ndarray, float, float]], warm: bool) -> t
             labels.append(ncut.recursive_ncut(features, tau, alpha))
             work.append(products[0])
     finally:
-        fiedler._CLUSTER_MIN_RITZ, _RegionGraph.product = saved
+        fiedler._CLUSTER_MIN_RITZ, _RegionGraph.product, _RegionGraph.block = saved
     return work, labels
 
 
@@ -84,7 +97,8 @@ def main() -> None:
             (m["features"], m["tau"], m["alpha"]) for m in map(ncut_benchmark.synthetic_map, range(30))
         ],
     }
-    print("work = sum over products with W of (matrix cells)^2, in millions; sum over the maps")
+    print("work = sum over products with W of (matrix cells)^2 + entries of W read for the children's warm starts,"
+          " in millions; sum over the maps")
     print(f"{'maps':30s} {'cold starts':>12s} {'warm starts':>12s} {'ratio':>7s}  segments")
     for name, maps in cases.items():
         cold, cold_labels = recursion_work(maps, warm=False)

@@ -109,7 +109,9 @@ def _candidate_ncuts(
     valid = (below > 0) & (below < n)
     if not valid.any():
         return result, None
-    inner = np.unique(below[valid])
+    # The boundaries in use, without repeats (``below`` ascends with the thresholds).
+    boundaries = below[valid]
+    inner = boundaries[np.concatenate(([True], boundaries[1:] != boundaries[:-1]))]
     edges = np.concatenate(([0], inner, [n]))
     per_bin = graph.bin_sums(order, edges)
     blocks = np.add.reduceat(per_bin, edges[:-1], axis=1)
@@ -121,10 +123,12 @@ def _candidate_ncuts(
     bin_volume = blocks.sum(axis=1)
     vol_below = np.cumsum(bin_volume)[:-1]
     vol_above = np.cumsum(bin_volume[::-1])[::-1][1:]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        boundary_ncut = np.where(cuts > 0, cuts / vol_above + cuts / vol_below, 0.0)
+    # A positive cut has positive volumes on both sides; a zero cut is NCut 0.
+    boundary_ncut = np.zeros_like(cuts)
+    cut = cuts > 0
+    boundary_ncut[cut] = cuts[cut] / vol_above[cut] + cuts[cut] / vol_below[cut]
     # below == inner[k] is boundary k
-    result[valid] = boundary_ncut[np.searchsorted(inner, below[valid])]
+    result[valid] = boundary_ncut[np.searchsorted(inner, boundaries)]
     return result, (order, edges, per_bin)
 
 
