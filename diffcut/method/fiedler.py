@@ -148,9 +148,9 @@ def _warm_start(
     plus _WARM_START_RANDOM times the fixed random vector (which gives every
     eigenvector a share, as a random start does) and stops on the same residual
     test as a cold start. Measured (benchmarks/ncut_warm_start.py, products
-    with W counted): 2.0x less solver work on 16-region maps, 2.25x on 32,
-    1.2x on benchmarks/ncut.py's maps, the same on noise; segments identical on
-    every map. On a large child the resulting ``y`` differed from a cold
+    with W and the rows read for the images counted): 2.35x less solver work
+    on 16-region maps, 2.94x on 32, 1.32x on benchmarks/ncut.py's maps, 1.13x
+    on noise; segments identical on every map. On a large child the resulting ``y`` differed from a cold
     start's by about 1e-6 (relative): both are within the cold start's own
     error (residual / gap: 1e-13 / 1e-8). The Rayleigh-Ritz vectors of Ritz
     value above _CLUSTER_MIN_RITZ, with their images, are the children's

@@ -26,7 +26,10 @@ region, one NCut evaluation per threshold), computed faster:
   cluster is what costs (about 100 products at 16 groups, 200 at 32); so a
   region's solve also resolves its cluster, and each child starts from the
   Rayleigh-Ritz vector of its parent's cluster restricted to its cells (a
-  warm start, see ``_warm_start``), under the same convergence test.
+  warm start, see ``_warm_start``), under the same convergence test; the
+  images of those vectors under the child's operator come from the parent's
+  and the block between the two children (``_children_clusters``), not from
+  products.
   (Shift-invert needs a Cholesky factorization, which alone measured 1/17 to
   1/22 of a full eigendecomposition on one core: too slow.) Products use BLAS symv, which
   reads one triangle of the symmetric matrix;
@@ -40,8 +43,9 @@ region, one NCut evaluation per threshold), computed faster:
 The affinity itself (the Gram matrix of the features, O(n^2 c)) is computed by
 BLAS ssyrk in float32 (2.9x faster than float64 on one core; the cosine
 similarities then carry errors of about 1e-7, which changed no segment on the
-benchmark maps, benchmarks/RESULTS.md); everything after it is float64. On
-benchmarks/ncut.py's maps it is about a third of this module's time.
+benchmark maps, benchmarks/RESULTS.md), scaled and raised to ``alpha`` in
+float32 too (same zero entries as in float64); the recursion is float64. On
+benchmarks/ncut.py's maps the affinity is about a third of this module's time.
 
 The parts live in their own modules, and this one re-exports their public
 names: :mod:`diffcut.method.affinity` (§2.2 and the input checks),
