@@ -116,9 +116,7 @@ def _affinity_from_cells(cells: np.ndarray, alpha: float) -> tuple[np.ndarray, n
     high = -np.inf
     for start in range(0, n, rows):
         stop = min(n, start + rows)
-        diagonal_block = similarity[start:stop, start:stop]
-        size = stop - start
-        np.copyto(diagonal_block, diagonal_block.T, where=above_diagonal[:size, :size])
+        _symmetrize_diagonal_block(similarity, start, stop, above_diagonal)
         strip = similarity[start:stop, :stop]
         strip_lows.append(strip.min())
         high = max(high, strip.max())
@@ -175,12 +173,18 @@ def _mirror_lower_triangle(matrix: np.ndarray, block_mask: np.ndarray) -> None:
     rows = min(block, 8 if n <= 1536 else 256)
     for block_start in range(0, n, block):
         block_stop = min(n, block_start + block)
-        diagonal_block = matrix[block_start:block_stop, block_start:block_stop]
-        size = block_stop - block_start
-        np.copyto(diagonal_block, diagonal_block.T, where=block_mask[:size, :size])
+        _symmetrize_diagonal_block(matrix, block_start, block_stop, block_mask)
         for start in range(block_start, block_stop, rows):
             stop = min(block_stop, start + rows)
             matrix[:block_start, start:stop] = matrix[start:stop, :block_start].T
+
+
+def _symmetrize_diagonal_block(matrix: np.ndarray, start: int, stop: int, block_mask: np.ndarray) -> None:
+    """Copy the lower triangle of ``matrix[start:stop, start:stop]`` onto its upper one
+    (``block_mask``: a square boolean array, at least that large, true strictly above its diagonal)."""
+    diagonal_block = matrix[start:stop, start:stop]
+    size = stop - start
+    np.copyto(diagonal_block, diagonal_block.T, where=block_mask[:size, :size])
 
 
 # Float32 sums of squares in this range are exact to float32 rounding: no square

@@ -210,9 +210,10 @@ def _children_clusters(
     small = 0 if sides[0].shape[0] <= sides[1].shape[0] else 1
     between = graph.block(sides[small], sides[1 - small])  # W[small side, large side]
     clusters = [None, None]
-    for index, (cells, others) in enumerate((sides, sides[::-1])):
+    for index in (0, 1):
         if not needed[index]:
             continue
+        cells, others = sides[index], sides[1 - index]
         coupling = between @ y[others] if index == small else between.T @ y[others]
         child_sqrt_d = np.sqrt(side_degrees[cells])[:, None]
         child_images = (parent_sqrt_d[cells, None] * images[cells] - coupling) / child_sqrt_d

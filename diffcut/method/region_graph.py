@@ -43,7 +43,7 @@ class _RegionGraph:
         """``W_R`` as its own C-ordered array (a copy unless the region is the whole matrix)."""
         if self.positions is None:
             return self.ambient
-        return np.take(np.take(self.ambient, self.positions, axis=0), self.positions, axis=1)
+        return _submatrix(self.ambient, self.positions, self.positions)
 
     def extracted(self) -> "_RegionGraph":
         if self.positions is None:
@@ -83,14 +83,11 @@ class _RegionGraph:
         return self._degrees
 
     def block(self, rows: np.ndarray, columns: np.ndarray) -> np.ndarray:
-        """``W_R[rows][:, columns]`` (indices into the region's cells) as a C-ordered copy.
-
-        The rows are taken first, whole (contiguous reads), then the columns:
-        give the shorter index array as ``rows``.
-        """
+        """``W_R[rows][:, columns]`` (indices into the region's cells) as a C-ordered copy;
+        give the shorter index array as ``rows`` (see :func:`_submatrix`)."""
         if self.positions is not None:
             rows, columns = self.positions[rows], self.positions[columns]
-        return np.take(np.take(self.ambient, rows, axis=0), columns, axis=1)
+        return _submatrix(self.ambient, rows, columns)
 
     def row(self, index: int) -> np.ndarray:
         if self.positions is None:
@@ -109,11 +106,17 @@ class _RegionGraph:
         cells = order if self.positions is None else self.positions[order]
         if bins == self.size:
             # Every bin is one cell (exact sweep, distinct values): the permuted matrix.
-            return np.take(np.take(self.ambient, cells, axis=0), cells, axis=1)
+            return _submatrix(self.ambient, cells, cells)
         indicator = scipy.sparse.csr_matrix(
             (np.ones(self.size), cells, edges), shape=(bins, self.ambient.shape[0])
         )
         return np.take(indicator @ self.ambient, cells, axis=1)
+
+
+def _submatrix(matrix: np.ndarray, rows: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """``matrix[rows][:, columns]`` as a C-ordered copy: the rows first, whole
+    (contiguous reads), then the columns of that smaller array."""
+    return np.take(np.take(matrix, rows, axis=0), columns, axis=1)
 
 
 def _as_graph(affinity: np.ndarray) -> _RegionGraph:
