@@ -352,7 +352,7 @@ def _lanczos_fiedler(
         np.multiply(inv_sqrt_d, q, out=scaled)
         z = product(scaled)
         z *= inv_sqrt_d
-        alpha = q @ z
+        alpha = q.dot(z)
         diagonal[step] = alpha
         # The three-term recurrence, then a full reorthogonalization pass
         # (classical Gram-Schmidt), repeated only if it removed much
@@ -360,13 +360,13 @@ def _lanczos_fiedler(
         axpy(q, z, a=-alpha)
         if step:
             axpy(basis[step], z, a=-offdiagonal[step - 1])
-        before = math.sqrt(z @ z)
+        before = math.sqrt(z.dot(z))
         known = basis[: step + 2]
-        z -= (known @ z) @ known
-        beta = math.sqrt(z @ z)
+        z -= known.dot(z).dot(known)
+        beta = math.sqrt(z.dot(z))
         if beta < 0.7 * before:
-            z -= (known @ z) @ known
-            beta = math.sqrt(z @ z)
+            z -= known.dot(z).dot(known)
+            beta = math.sqrt(z.dot(z))
         # beta ~ 0: the Krylov space is invariant and its Ritz pairs are exact.
         invariant = beta <= 1e-13
         if resolved_at is not None:
