@@ -279,9 +279,13 @@ def _score_boundary_blocks(out: np.ndarray, maps: np.ndarray, segment_ids: np.nd
     widths = (col_stops - col_starts)[block_b]
     # Each block's segments, its candidates first in increasing segment order (a group takes the first C).
     ranked = np.argsort(~possible[:, block_a, block_b], axis=0, kind="stable").T  # (blocks, K)
-    group_keys = np.stack([count[block_a, block_b], heights, widths], axis=1)
-    keys, group_of = np.unique(group_keys, axis=0, return_inverse=True)
-    for key_index, (candidates_per_block, height, width) in enumerate(keys):
+    # One integer per (candidates, height, width), ordered as the triples are
+    # (np.unique over rows of triples took 0.4 ms of the ~2 ms here).
+    height_span, width_span = int(heights.max()) + 1, int(widths.max()) + 1
+    codes = (count[block_a, block_b].astype(np.int64) * height_span + heights) * width_span + widths
+    keys, group_of = np.unique(codes, return_inverse=True)
+    triples = zip(keys // (height_span * width_span), keys // width_span % height_span, keys % width_span)
+    for key_index, (candidates_per_block, height, width) in enumerate(triples):
         members = np.flatnonzero(group_of.reshape(-1) == key_index)
         candidates = ranked[members, :candidates_per_block]  # (G, C)
         a, b = block_a[members], block_b[members]
