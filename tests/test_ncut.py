@@ -157,7 +157,7 @@ def test_fiedler_vector_matches_dense_eigendecomposition(cells):
 def test_sturm_count_equals_eigenvalue_count():
     import scipy.linalg
 
-    from diffcut.method.fiedler import _count_eigenvalues_above
+    from diffcut.method.small_eigen import count_eigenvalues_above
 
     rng = np.random.default_rng(7)
     for _ in range(300):
@@ -166,7 +166,7 @@ def test_sturm_count_equals_eigenvalue_count():
         offdiagonal = rng.uniform(-0.5, 0.5, k - 1) * (rng.random(k - 1) > 0.1)  # some zero couplings
         values = scipy.linalg.eigvalsh_tridiagonal(diagonal, offdiagonal) if k > 1 else diagonal
         for bound in (0.5, 0.0, float(rng.uniform(-1, 1))):
-            assert _count_eigenvalues_above(diagonal, offdiagonal, bound) == int((values > bound).sum())
+            assert count_eigenvalues_above(diagonal, offdiagonal, bound) == int((values > bound).sum())
 
 
 def test_candidate_ncuts_equal_direct_evaluation():
