@@ -58,22 +58,22 @@ def _counting(products: list[int]):
     return product
 
 
-def _counting_block(products: list[int]):
-    plain = _RegionGraph.block
+def _counting_couplings(products: list[int]):
+    plain = _RegionGraph.coupling_products
 
-    def block(graph, rows, columns):
+    def coupling_products(graph, rows, *vectors):
         products[0] += rows.shape[0] * graph.ambient.shape[0]  # the whole rows it reads
-        return plain(graph, rows, columns)
+        return plain(graph, rows, *vectors)
 
-    return block
+    return coupling_products
 
 
 def recursion_work(maps: list[tuple[np.ndarray, float, float]], warm: bool) -> tuple[list[int], list[np.ndarray]]:
     """(work per map, labels per map) of the recursion with warm starts on or off."""
     products = [0]
-    saved = fiedler._CLUSTER_MIN_RITZ, _RegionGraph.product, _RegionGraph.block
+    saved = fiedler._CLUSTER_MIN_RITZ, _RegionGraph.product, _RegionGraph.coupling_products
     _RegionGraph.product = _counting(products)
-    _RegionGraph.block = _counting_block(products)
+    _RegionGraph.coupling_products = _counting_couplings(products)
     if not warm:
         fiedler._CLUSTER_MIN_RITZ = 2.0
     work, labels = [], []
@@ -83,7 +83,7 @@ def recursion_work(maps: list[tuple[np.ndarray, float, float]], warm: bool) -> t
             labels.append(ncut.recursive_ncut(features, tau, alpha))
             work.append(products[0])
     finally:
-        fiedler._CLUSTER_MIN_RITZ, _RegionGraph.product, _RegionGraph.block = saved
+        fiedler._CLUSTER_MIN_RITZ, _RegionGraph.product, _RegionGraph.coupling_products = saved
     return work, labels
 
 

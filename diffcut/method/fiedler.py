@@ -200,9 +200,9 @@ def _children_clusters(
     ``G = D^-1/2 C`` on its cells in its own normalization, ``X = D_P^1/2 G_P``,
     with their images under its operator from the parent's:
     ``W_PP G_P = D^1/2 A_P - W_PQ G_Q``, so
-    ``M_P X = D_P^-1/2 (D^1/2 A_P - W_PQ G_Q)`` -- exact, and only the block
-    between the sides is read (most splits peel a small group off a large
-    region: 152 x 872 cells instead of m products with 872 x 872). Children
+    ``M_P X = D_P^-1/2 (D^1/2 A_P - W_PQ G_Q)`` -- exact, and only the rows of
+    the smaller side are read (most splits peel a small group off a large
+    region: 152 rows instead of m products with 872 x 872). Children
     small enough for the dense solver get None.
     """
     if basis is None or side_degrees is None:
@@ -215,13 +215,15 @@ def _children_clusters(
     parent_sqrt_d = np.sqrt(graph.degrees())
     y = vectors / parent_sqrt_d[:, None]
     small = 0 if sides[0].shape[0] <= sides[1].shape[0] else 1
-    between = graph.block(sides[small], sides[1 - small])  # W[small side, large side]
+    couplings = [None, None]  # W_PQ G_Q of each side P
+    couplings[small], couplings[1 - small] = graph.coupling_products(
+        sides[small], y[sides[small]], sides[1 - small], y[sides[1 - small]]
+    )
     clusters = [None, None]
     for index in (0, 1):
         if not needed[index]:
             continue
-        cells, others = sides[index], sides[1 - index]
-        coupling = between @ y[others] if index == small else between.T @ y[others]
+        cells, coupling = sides[index], couplings[index]
         child_sqrt_d = np.sqrt(side_degrees[cells])[:, None]
         child_images = (parent_sqrt_d[cells, None] * images[cells] - coupling) / child_sqrt_d
         clusters[index] = (child_sqrt_d * y[cells], child_images)

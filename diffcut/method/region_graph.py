@@ -87,12 +87,22 @@ class _RegionGraph:
                 self._degrees = self.matvec(np.ones(self.size))
         return self._degrees
 
-    def block(self, rows: np.ndarray, columns: np.ndarray) -> np.ndarray:
-        """``W_R[rows][:, columns]`` (indices into the region's cells) as a C-ordered copy;
-        give the shorter index array as ``rows`` (see :func:`_submatrix`)."""
-        if self.positions is not None:
-            rows, columns = self.positions[rows], self.positions[columns]
-        return _submatrix(self.ambient, rows, columns)
+    def coupling_products(
+        self, rows: np.ndarray, row_vectors: np.ndarray, columns: np.ndarray, column_vectors: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(B @ column_vectors, B.T @ row_vectors)`` for the block ``B = W_R[rows][:, columns]``
+        (disjoint index arrays into the region's cells; give the shorter one as ``rows``).
+
+        Only the rows are copied out (contiguous reads): the products run on
+        whole rows of the ambient matrix with the column vectors zero outside
+        ``columns``, which costs less than gathering the block's columns.
+        """
+        ambient_rows = rows if self.positions is None else self.positions[rows]
+        ambient_columns = columns if self.positions is None else self.positions[columns]
+        whole_rows = np.take(self.ambient, ambient_rows, axis=0)
+        padded = np.zeros((self.ambient.shape[0], column_vectors.shape[1]))
+        padded[ambient_columns] = column_vectors
+        return whole_rows @ padded, (whole_rows.T @ row_vectors)[ambient_columns]
 
     def row(self, index: int) -> np.ndarray:
         if self.positions is None:
