@@ -236,10 +236,16 @@ def _dense_fiedler(affinity: np.ndarray, inv_sqrt_d: np.ndarray) -> np.ndarray:
     LAPACK syevr for that one eigenpair (the relatively robust representation
     algorithm); a full eigendecomposition if it reports a failure.
     """
-    laplacian = -(inv_sqrt_d[:, None] * affinity * inv_sqrt_d[None, :])
-    laplacian[np.diag_indices_from(laplacian)] += 1.0
-    _, vectors, found, _, info = lapack.dsyevr(laplacian, range="I", il=2, iu=2)
+    laplacian = affinity * inv_sqrt_d[:, None]
+    laplacian *= inv_sqrt_d[None, :]
+    np.negative(laplacian, out=laplacian)
+    laplacian.flat[:: laplacian.shape[0] + 1] += 1.0
+    # syevr reads the upper triangle of this C-ordered array: its transpose, in
+    # Fortran order, with lower=1 (no copy; the same entries).
+    _, vectors, found, _, info = lapack.dsyevr(laplacian.T, range="I", il=2, iu=2, lower=1, overwrite_a=1)
     if info != 0 or found != 1:
+        laplacian = -(inv_sqrt_d[:, None] * affinity * inv_sqrt_d[None, :])
+        laplacian[np.diag_indices_from(laplacian)] += 1.0
         return np.linalg.eigh(laplacian)[1][:, 1]
     return vectors[:, 0]
 
