@@ -98,7 +98,8 @@ def candidate_ncuts(affinity: np.ndarray, y: np.ndarray, thresholds: np.ndarray)
 def _candidate_ncuts(
     graph: _RegionGraph, y: np.ndarray, thresholds: np.ndarray
 ) -> tuple[np.ndarray, tuple | None]:
-    """(NCut of every threshold, (order, edges, per-bin affinity of each cell) or None)."""
+    """(NCut of every threshold, (order, cells at or below each threshold, edges, per-bin
+    affinity of each cell) or None)."""
     n = y.shape[0]
     thresholds = np.asarray(thresholds, dtype=np.float64)
     order = np.argsort(y, kind="stable")
@@ -123,13 +124,14 @@ def _candidate_ncuts(
     bin_volume = blocks.sum(axis=1)
     vol_below = np.cumsum(bin_volume)[:-1]
     vol_above = np.cumsum(bin_volume[::-1])[::-1][1:]
-    # A positive cut has positive volumes on both sides; a zero cut is NCut 0.
-    boundary_ncut = np.zeros_like(cuts)
+    # A positive cut has positive volumes on both sides; a zero cut is NCut 0
+    # (computed only where positive: no 0/0 where a side's volume is 0).
     cut = cuts > 0
-    boundary_ncut[cut] = cuts[cut] / vol_above[cut] + cuts[cut] / vol_below[cut]
+    boundary_ncut = np.divide(cuts, vol_above, out=np.zeros_like(cuts), where=cut)
+    boundary_ncut += np.divide(cuts, vol_below, out=np.zeros_like(cuts), where=cut)
     # below == inner[k] is boundary k
     result[valid] = boundary_ncut[np.searchsorted(inner, boundaries)]
-    return result, (order, edges, per_bin)
+    return result, (order, below, edges, per_bin)
 
 
 def best_cut(
@@ -169,9 +171,9 @@ def _best_cut(
         return None, float("inf"), None
     if not values[best] < tau:
         return y > thresholds[best], float(values[best]), None
-    order, edges, per_bin = sums
+    order, below, edges, per_bin = sums
     # S = the cells past boundary position `split` in ascending-y order
-    split = int(np.searchsorted(y[order], thresholds[best], side="right"))
+    split = int(below[best])
     last_below = int(np.searchsorted(edges, split)) - 1  # bins 0..last_below are R \ S
     side_degrees = np.empty(y.shape[0])
     side_degrees[order[:split]] = per_bin[: last_below + 1, :split].sum(axis=0)
