@@ -215,9 +215,11 @@ def _children_clusters(
     parent_sqrt_d = np.sqrt(graph.degrees())
     y = vectors / parent_sqrt_d[:, None]
     small = 0 if sides[0].shape[0] <= sides[1].shape[0] else 1
-    couplings = [None, None]  # W_PQ G_Q of each side P
-    couplings[small], couplings[1 - small] = graph.coupling_products(
-        sides[small], y[sides[small]], sides[1 - small], y[sides[1 - small]]
+    large = 1 - small
+    couplings = [None, None]  # W_PQ G_Q of each side P that needs it
+    couplings[small], couplings[large] = graph.coupling_products(
+        sides[small], y[sides[small]] if needed[large] else None,
+        sides[large], y[sides[large]] if needed[small] else None,
     )
     clusters = [None, None]
     for index in (0, 1):

@@ -88,10 +88,15 @@ class _RegionGraph:
         return self._degrees
 
     def coupling_products(
-        self, rows: np.ndarray, row_vectors: np.ndarray, columns: np.ndarray, column_vectors: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
+        self,
+        rows: np.ndarray,
+        row_vectors: np.ndarray | None,
+        columns: np.ndarray,
+        column_vectors: np.ndarray | None,
+    ) -> tuple[np.ndarray | None, np.ndarray | None]:
         """``(B @ column_vectors, B.T @ row_vectors)`` for the block ``B = W_R[rows][:, columns]``
-        (disjoint index arrays into the region's cells; give the shorter one as ``rows``).
+        (disjoint index arrays into the region's cells; give the shorter one as
+        ``rows``); a product whose vectors are None is skipped (None).
 
         Only the rows are copied out (contiguous reads): the products run on
         whole rows of the ambient matrix with the column vectors zero outside
@@ -100,9 +105,14 @@ class _RegionGraph:
         ambient_rows = rows if self.positions is None else self.positions[rows]
         ambient_columns = columns if self.positions is None else self.positions[columns]
         whole_rows = np.take(self.ambient, ambient_rows, axis=0)
-        padded = np.zeros((self.ambient.shape[0], column_vectors.shape[1]))
-        padded[ambient_columns] = column_vectors
-        return whole_rows @ padded, (whole_rows.T @ row_vectors)[ambient_columns]
+        by_columns = by_rows = None
+        if column_vectors is not None:
+            padded = np.zeros((self.ambient.shape[0], column_vectors.shape[1]))
+            padded[ambient_columns] = column_vectors
+            by_columns = whole_rows @ padded
+        if row_vectors is not None:
+            by_rows = (whole_rows.T @ row_vectors)[ambient_columns]
+        return by_columns, by_rows
 
     def row(self, index: int) -> np.ndarray:
         if self.positions is None:
