@@ -260,9 +260,12 @@ def _power_in_place(x: np.ndarray, alpha: float, scratch: np.ndarray) -> None:
             np.multiply(x, np.float32(alpha), out=x)
             np.exp(x, out=x)
             return
-        base = scratch[: x.size].reshape(x.shape)
-        np.copyto(base, x)
-        for bit in bin(exponent)[3:]:
-            np.multiply(x, x, out=x)
-            if bit == "1":
-                np.multiply(x, base, out=x)
+        # Left to right, with x itself as the base: the running power lives in
+        # scratch and the last multiplication writes into x (no copy of the base).
+        steps = [kind for bit in bin(exponent)[3:] for kind in ("square", "times base")[: 1 + (bit == "1")]]
+        power = scratch[: x.size].reshape(x.shape)
+        running = x
+        for index, kind in enumerate(steps):
+            target = x if index == len(steps) - 1 else power
+            np.multiply(running, running if kind == "square" else x, out=target)
+            running = target
