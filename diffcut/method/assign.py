@@ -40,7 +40,6 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 __all__ = [
     "segment_embeddings",
@@ -63,13 +62,7 @@ def _as_float_features(features) -> torch.Tensor:
         raise ValueError(f"features must have shape (h, w, c), got {tuple(tensor.shape)}")
     if not tensor.is_floating_point():
         raise TypeError(f"features must be a float array, got {tensor.dtype}")
-    tensor = tensor.to(torch.float32)
-    # A NaN or inf makes its row's sum non-finite; a cheaper first check than
-    # testing every element (a finite sum that overflows is told apart below).
-    if tensor.numel() and not bool(torch.isfinite(tensor.sum(dim=-1)).all()) and not bool(
-            torch.isfinite(tensor).all()):
-        raise ValueError("features contain NaN or inf")
-    return tensor
+    return tensor.to(torch.float32)  # finiteness: checked on the row norms (_normalized_and_embeddings)
 
 
 def _as_label_tensor(latent_labels, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
@@ -91,7 +84,14 @@ def _normalized_and_embeddings(features, latent_labels):
     labels = _as_label_tensor(latent_labels, (h, w), feats.device).reshape(-1)
     if labels.numel() == 0:
         raise ValueError("features must have at least one cell")
-    flat = F.normalize(feats.reshape(h * w, c), p=2, dim=1)
+    flat = feats.reshape(h * w, c)
+    norms = flat.norm(2, 1, keepdim=True)
+    # A NaN or inf makes its row's norm non-finite: a cheaper first check than
+    # testing every element (a finite row whose squares overflow is told apart here).
+    if not bool(torch.isfinite(norms).all()) and not bool(torch.isfinite(flat).all()):
+        raise ValueError("features contain NaN or inf")
+    # F.normalize(flat, dim=1), with the norms computed once for both.
+    flat = flat / norms.clamp_min(1e-12).expand_as(flat)
     num_segments = int(labels.max()) + 1
     sums = torch.zeros(num_segments, c, dtype=torch.float32, device=flat.device).index_add_(0, labels, flat)
     counts = torch.bincount(labels, minlength=num_segments)
