@@ -169,6 +169,25 @@ def test_sturm_count_equals_eigenvalue_count():
             assert count_eigenvalues_above(diagonal, offdiagonal, bound) == int((values > bound).sum())
 
 
+
+def test_small_eigenproblems_equal_scipy_and_numpy():
+    import scipy.linalg
+
+    from diffcut.method.small_eigen import symmetric_eigh, tridiagonal_eigh
+
+    rng = np.random.default_rng(8)
+    for _ in range(50):
+        k = int(rng.integers(2, 150))
+        diagonal, offdiagonal = rng.uniform(-1, 1, k), rng.uniform(-0.5, 0.5, k - 1)
+        values, vectors = tridiagonal_eigh(diagonal, offdiagonal)
+        expected_values, expected_vectors = scipy.linalg.eigh_tridiagonal(diagonal, offdiagonal)
+        assert np.array_equal(values, expected_values) and np.array_equal(vectors, expected_vectors)
+        matrix = rng.normal(size=(k % 30 + 1, k % 30 + 1))
+        matrix += matrix.T
+        values, vectors = symmetric_eigh(matrix)
+        np.testing.assert_allclose(values, np.linalg.eigvalsh(matrix), atol=1e-12)
+        np.testing.assert_allclose(matrix @ vectors, vectors * values, atol=1e-11)
+
 def test_candidate_ncuts_equal_direct_evaluation():
     features, _ = planted_map(3, h=9, w=11, noise=0.8)
     w = affinity_matrix(features, 5.0)

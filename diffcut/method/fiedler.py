@@ -13,11 +13,15 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import scipy.linalg
 from scipy.linalg import blas, lapack
 
 from diffcut.method.region_graph import _as_graph, _RegionGraph
-from diffcut.method.small_eigen import count_eigenvalues_above, symmetric_eigh, top_tridiagonal_eigenvector
+from diffcut.method.small_eigen import (
+    count_eigenvalues_above,
+    symmetric_eigh,
+    top_tridiagonal_eigenvector,
+    tridiagonal_eigh,
+)
 
 # Regions up to this many cells get their Fiedler vector from a dense
 # eigendecomposition: there it costs less than the Python overhead of Lanczos.
@@ -340,7 +344,7 @@ def _lanczos_fiedler(
         if resolved_at is not None:
             # Resolving the rest of the cluster for the children (see the docstring).
             if invariant or step == max_steps - 1 or step >= next_check:
-                values, vectors = ritz_pairs = scipy.linalg.eigh_tridiagonal(
+                values, vectors = ritz_pairs = tridiagonal_eigh(
                     diagonal[: step + 1], offdiagonal[:step]
                 )
                 ritz = vectors[:, -1]
@@ -377,7 +381,7 @@ def _lanczos_fiedler(
     if start is not None:
         return v / np.linalg.norm(v), None
     if ritz_pairs is None or ritz_pairs[0].shape[0] != steps:
-        ritz_pairs = (None, None) if steps < 2 else scipy.linalg.eigh_tridiagonal(
+        ritz_pairs = (None, None) if steps < 2 else tridiagonal_eigh(
             diagonal[:steps], offdiagonal[: steps - 1]
         )
     return v / np.linalg.norm(v), _converged_cluster(krylov, *ritz_pairs, z)
