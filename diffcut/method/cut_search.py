@@ -107,11 +107,12 @@ def _candidate_ncuts(
     # position in the ascending order.
     below = np.searchsorted(y[order], thresholds, side="right")
     result = np.full(thresholds.shape[0], np.inf)
-    valid = (below > 0) & (below < n)
-    if not valid.any():
+    # The proper cuts: 0 < below < n, a contiguous run (``below`` ascends with the thresholds).
+    first, stop = int(np.searchsorted(below, 0, side="right")), int(np.searchsorted(below, n, side="left"))
+    if first >= stop:
         return result, None
-    # The boundaries in use, without repeats (``below`` ascends with the thresholds).
-    boundaries = below[valid]
+    # The boundaries in use, without repeats.
+    boundaries = below[first:stop]
     inner = boundaries[np.concatenate(([True], boundaries[1:] != boundaries[:-1]))]
     edges = np.concatenate(([0], inner, [n]))
     per_bin = graph.bin_sums(order, edges)
@@ -119,8 +120,7 @@ def _candidate_ncuts(
     # cut after bin j: sum over a <= j < b of blocks[a, b]
     upper_rows = np.cumsum(blocks, axis=0)  # [a, b] = sum_{a' <= a} blocks[a', b]
     upper = np.cumsum(upper_rows[:, ::-1], axis=1)[:, ::-1]  # [a, b] = sum_{a'<=a, b'>=b}
-    j = np.arange(blocks.shape[0] - 1)
-    cuts = upper[j, j + 1]
+    cuts = np.diagonal(upper, 1)  # [j, j + 1]
     bin_volume = blocks.sum(axis=1)
     vol_below = np.cumsum(bin_volume)[:-1]
     vol_above = np.cumsum(bin_volume[::-1])[::-1][1:]
@@ -130,7 +130,7 @@ def _candidate_ncuts(
     boundary_ncut = np.divide(cuts, vol_above, out=np.zeros_like(cuts), where=cut)
     boundary_ncut += np.divide(cuts, vol_below, out=np.zeros_like(cuts), where=cut)
     # below == inner[k] is boundary k
-    result[valid] = boundary_ncut[np.searchsorted(inner, boundaries)]
+    result[first:stop] = boundary_ncut[np.searchsorted(inner, boundaries)]
     return result, (order, below, edges, per_bin)
 
 
