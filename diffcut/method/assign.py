@@ -244,11 +244,11 @@ def _assign_from_maps(maps: np.ndarray, segment_ids: np.ndarray, size: tuple[int
     winners = [np.argmax(corner, axis=0) for corner in corners]
     dominators = [[other[(winner, *block_index)] for other in corners] for winner in winners]
     dominators.append([sum(d[i] for d in dominators) / 4 for i in range(4)])
+    stacked = np.stack(corners)  # (4, K, rows, cols)
     possible = np.ones(corners[0].shape, dtype=bool)
     for dominator in dominators:
-        gap = np.full(corners[0].shape, -np.inf, dtype=np.float32)
-        for other, value in zip(corners, dominator):
-            np.maximum(gap, other - value, out=gap)
+        # Each segment's largest excess over the dominator at the four corners.
+        gap = (stacked - np.stack(dominator)[:, None]).max(axis=0)
         possible &= gap >= -_RULE_OUT_MARGIN
     block_labels = segment_ids[np.argmax(possible, axis=0)].astype(np.int32)
     out = np.repeat(np.repeat(block_labels, row_stops - row_starts, axis=0), col_stops - col_starts, axis=1)
