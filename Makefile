@@ -8,9 +8,11 @@ BIN := $(VENV)/bin
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	# The CPU torch wheel first: an unpinned torch would pull a multi-GB CUDA build.
-	$(BIN)/pip install -q torch==2.13.0
+	# --no-compile: modules are byte-compiled when first imported, not all of them at install
+	# (torch and ray bring thousands of files; CI has 20 minutes for install and tests).
+	$(BIN)/pip install -q --no-compile torch==2.13.0
 	# A resolved set of versions: without it pip backtracks for an hour over s3fs/boto3/ray releases.
-	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	$(BIN)/pip install -q --no-compile -c constraints.txt -e '.[test]'
 	touch $@
 
 install: $(VENV)/.installed
