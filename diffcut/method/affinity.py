@@ -262,7 +262,11 @@ def _power_in_place(x: np.ndarray, alpha: float, scratch: np.ndarray) -> None:
             return
         # Left to right, with x itself as the base: the running power lives in
         # scratch and the last multiplication writes into x (no copy of the base).
-        steps = [kind for bit in bin(exponent)[3:] for kind in ("square", "times base")[: 1 + (bit == "1")]]
+        steps = []  # after the leading 1 bit: square for every bit, then times the base for a 1
+        for bit in bin(exponent)[3:]:
+            steps.append("square")
+            if bit == "1":
+                steps.append("times base")
         power = scratch[: x.size].reshape(x.shape)
         running = x
         for index, kind in enumerate(steps):
