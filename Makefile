@@ -28,10 +28,11 @@ demo: $(VENV)/.installed
 # Two worker processes, each test file on one (module-scoped Ray and S3 fixtures stay per file): the
 # Ray tests spend much of their time waiting on process start-ups, so on 2 cores the suite took
 # 9m50s instead of 13m47s (2026-12-03, same machine and hour). TEST_WORKERS=0 runs it in one process.
+# The 15 slowest tests are listed at the end: where CI time goes, in every CI log.
 TEST_WORKERS ?= 2
 
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 clean:
 	rm -rf $(VENV) out
