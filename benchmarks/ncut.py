@@ -1,9 +1,9 @@
 """Benchmark: diffcut.method.ncut.recursive_ncut against a straightforward implementation.
 
-Both implement DESIGN.md §2.2-2.3 (DiffCut's affinity and recursive normalized
-cut). The reference below is written plainly, the way the definition reads: a
-full symmetric eigendecomposition (``numpy.linalg.eigh``) of the normalized
-Laplacian of every region, then a Python loop over the 100 candidate thresholds
+Both implement docs/method.md §2.2-2.3 (DiffCut's affinity and recursive
+normalized cut). The reference below is written plainly, the way the definition
+reads (its affinity is diffcut.method.ncut_reference's): a full symmetric
+eigendecomposition (``numpy.linalg.eigh``) of the normalized Laplacian of every region, then a Python loop over the 100 candidate thresholds
 that evaluates each NCut with dense products, the published DiffCut code's
 ``z'Lz / z'Dz`` with ``L = D - W`` and ``D = diag(d)`` (``--light-reference``:
 ``z'(d * z)`` for the denominator). Every synthetic map goes through both, single-threaded, in one run; the
@@ -39,6 +39,7 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from diffcut.method import ncut_reference  # noqa: E402
 from diffcut.method.ncut import affinity_matrix, recursive_ncut  # noqa: E402
 
 BASE_SEED = 2026
@@ -91,20 +92,8 @@ def synthetic_map(index: int, quick: bool = False) -> dict:
 # ----------------------------------------------------------------------------
 
 
-def reference_affinity(features: np.ndarray, alpha: float) -> np.ndarray:
-    cells = features.reshape(-1, features.shape[-1]).astype(np.float64)
-    norms = np.linalg.norm(cells, axis=1)
-    cells = cells / np.where(norms > 0, norms, 1.0)[:, None]
-    similarity = cells @ cells.T
-    low, high = similarity.min(), similarity.max()
-    if high == low:
-        return np.ones_like(similarity)
-    similarity = (similarity - low) / (high - low)
-    return similarity ** alpha
-
-
 def reference_ncut(features: np.ndarray, tau: float, alpha: float, light: bool = False) -> np.ndarray:
-    """Recursive NCut exactly as DESIGN.md §2.3 reads, with no shortcuts.
+    """Recursive NCut exactly as docs/method.md §2.3 reads, with no shortcuts.
 
     Each candidate's NCut is the published code's Rayleigh quotient
     ``z'Lz / z'Dz`` with dense ``L = D - W`` and ``D = diag(d)``; ``light=True``
@@ -112,7 +101,7 @@ def reference_ncut(features: np.ndarray, tau: float, alpha: float, light: bool =
     candidate instead of two).
     """
     h, w = features.shape[:2]
-    affinity = reference_affinity(features, alpha)
+    affinity = ncut_reference.affinity_matrix(features, alpha)
     labels = np.zeros(h * w, dtype=np.int64)
     next_label = 0
     regions = [np.arange(h * w)]
@@ -210,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         affinity_matrix(features, case["alpha"])
         affinity_ours += time.perf_counter() - start
         start = time.perf_counter()
-        reference_affinity(features, case["alpha"])
+        ncut_reference.affinity_matrix(features, case["alpha"])
         affinity_reference += time.perf_counter() - start
         same = bool(np.array_equal(canonical(expected), canonical(got)))
         identical += same

@@ -39,11 +39,11 @@ import ncut as ncut_benchmark  # noqa: E402  (benchmarks/ncut.py)
 from measure_ncut_time import random_features, structured_features  # noqa: E402
 
 from diffcut.method import fiedler, ncut  # noqa: E402
-from diffcut.method.region_graph import _RegionGraph  # noqa: E402
+from diffcut.method.region_graph import RegionGraph  # noqa: E402
 
 
 def _counting(products: list[int]):
-    plain = _RegionGraph.product
+    plain = RegionGraph.product
 
     def product(graph):
         call = plain(graph)
@@ -59,7 +59,7 @@ def _counting(products: list[int]):
 
 
 def _counting_couplings(products: list[int]):
-    plain = _RegionGraph.coupling_products
+    plain = RegionGraph.coupling_products
 
     def coupling_products(graph, rows, *vectors):
         products[0] += rows.shape[0] * graph.ambient.shape[0]  # the whole rows it reads
@@ -71,9 +71,9 @@ def _counting_couplings(products: list[int]):
 def recursion_work(maps: list[tuple[np.ndarray, float, float]], warm: bool) -> tuple[list[int], list[np.ndarray]]:
     """(work per map, labels per map) of the recursion with warm starts on or off."""
     products = [0]
-    saved = fiedler._CLUSTER_MIN_RITZ, _RegionGraph.product, _RegionGraph.coupling_products
-    _RegionGraph.product = _counting(products)
-    _RegionGraph.coupling_products = _counting_couplings(products)
+    saved = fiedler._CLUSTER_MIN_RITZ, RegionGraph.product, RegionGraph.coupling_products
+    RegionGraph.product = _counting(products)
+    RegionGraph.coupling_products = _counting_couplings(products)
     if not warm:
         fiedler._CLUSTER_MIN_RITZ = 2.0
     work, labels = [], []
@@ -83,7 +83,7 @@ def recursion_work(maps: list[tuple[np.ndarray, float, float]], warm: bool) -> t
             labels.append(ncut.recursive_ncut(features, tau, alpha))
             work.append(products[0])
     finally:
-        fiedler._CLUSTER_MIN_RITZ, _RegionGraph.product, _RegionGraph.coupling_products = saved
+        fiedler._CLUSTER_MIN_RITZ, RegionGraph.product, RegionGraph.coupling_products = saved
     return work, labels
 
 

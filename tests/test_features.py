@@ -1,4 +1,4 @@
-"""Feature extraction (DESIGN.md §2.1) on tiny locally built pipelines.
+"""Feature extraction (docs/method.md §2.1) on tiny locally built pipelines.
 
 The reference below follows the published DiffCut recipe step by step with
 the stock diffusers pipeline (its own prompt encoder and time ids, a full
@@ -167,9 +167,9 @@ def build_tiny_sd1(target: Path) -> Path:
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from diffcut.method.tiny import _tiny_clip_tokenizer
+    from diffcut.method.tiny import tiny_clip_tokenizer
 
-    tokenizer = _tiny_clip_tokenizer()
+    tokenizer = tiny_clip_tokenizer()
     torch.manual_seed(0)
     text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                                                 num_hidden_layers=2, num_attention_heads=4,
@@ -227,4 +227,4 @@ def test_sdxl_flops_early_exit_under_35_percent():
     flops = count_sdxl_flops(1024)
     assert flops["feature_shape"] == (32, 32, 1280)
     assert flops["unet_to_feature"] <= 0.35 * flops["full_unet"]
-    assert 6.5e12 < flops["full_unet"] < 7.0e12  # DESIGN.md §2.1: 6.76 TFLOP
+    assert 6.5e12 < flops["full_unet"] < 7.0e12  # docs/method.md §2.1: 6.76 TFLOP

@@ -1,4 +1,7 @@
-"""Tests of diffcut.method.ncut: the affinity and recursive normalized cut of DESIGN.md §2.2-2.3."""
+"""Tests of diffcut.method.ncut: the affinity and recursive normalized cut of docs/method.md §2.2-2.3.
+
+The oracle is the plain definition, :mod:`diffcut.method.ncut_reference`.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import numpy as np
 import pytest
 from threadpoolctl import threadpool_limits
 
+from diffcut.method import ncut_reference
 from diffcut.method.ncut import (
     SplitTree,
     affinity_matrix,
@@ -25,56 +29,9 @@ from diffcut.method.ncut import (
 
 @pytest.fixture(autouse=True, scope="module")
 def one_blas_thread():
-    # The plain reference below makes many small BLAS calls too; threads only
-    # slow them down on a shared machine.
+    # The plain reference makes many small BLAS calls too, where threads only add synchronization.
     with threadpool_limits(limits=1, user_api="blas"):
         yield
-
-
-# ----------------------------------------------------------------------------
-# A tiny, plain implementation of the definition, to compare against
-# ----------------------------------------------------------------------------
-
-
-def plain_affinity(features, alpha):
-    f = features.reshape(-1, features.shape[-1]).astype(np.float64)
-    norms = np.linalg.norm(f, axis=1, keepdims=True)
-    f = np.where(norms > 0, f / np.where(norms > 0, norms, 1), 0)
-    a = f @ f.T
-    if a.max() == a.min():
-        return np.ones_like(a)
-    return ((a - a.min()) / (a.max() - a.min())) ** alpha
-
-
-def plain_recursive_ncut(features, tau, alpha):
-    """DESIGN.md §2.3 word for word: full eigh per region, loop over 100 thresholds."""
-    w_all = plain_affinity(features, alpha)
-    segments, regions = [], [np.arange(w_all.shape[0])]
-    while regions:
-        region = regions.pop()
-        if len(region) >= 2:
-            w = w_all[np.ix_(region, region)]
-            d = w.sum(axis=1)
-            laplacian = np.eye(len(region)) - w / np.sqrt(np.outer(d, d))
-            y = np.linalg.eigh(laplacian)[1][:, 1] / np.sqrt(d)
-            y = y * np.sign(y[np.argmax(np.abs(y))])
-            best_value, best_s = np.inf, None
-            for t in np.linspace(0.99 * y.min(), 0.99 * y.max(), 100):
-                s = y > t
-                if s.all() or not s.any():
-                    continue
-                cut = w[np.ix_(s, ~s)].sum()
-                value = cut / d[s].sum() + cut / d[~s].sum()
-                if value < best_value:
-                    best_value, best_s = value, s
-            if best_value < tau:
-                regions += [region[best_s], region[~best_s]]
-                continue
-        segments.append(region)
-    labels = np.empty(w_all.shape[0], dtype=np.int64)
-    for k, region in enumerate(segments):
-        labels[region] = k
-    return labels.reshape(features.shape[:-1])
 
 
 def canonical(labels):
@@ -114,7 +71,7 @@ def test_affinity_matches_definition():
         assert w.shape == (63, 63) and w.dtype == np.float64
         # The cosine similarities come from a float32 Gram matrix (errors ~1e-7,
         # times alpha after the power), the rest is float64.
-        np.testing.assert_allclose(w, plain_affinity(features, alpha), rtol=2e-5, atol=1e-12)
+        np.testing.assert_allclose(w, ncut_reference.affinity_matrix(features, alpha), rtol=2e-5, atol=1e-12)
         assert np.array_equal(w, w.T)
         assert w.min() == 0.0 and w.max() == 1.0
     # (n, c) input is the same as (h, w, c)
@@ -252,10 +209,10 @@ def test_planted_regions_recovered_exactly(seed):
 )
 def test_agrees_with_plain_definition(seed, shape, tau, alpha):
     features, _ = planted_map(seed, h=shape[0], w=shape[1], segments=6, noise=0.9, shared=0.7)
-    expected = plain_recursive_ncut(features, tau, alpha)
+    expected = ncut_reference.recursive_ncut(features, tau, alpha)
     labels = recursive_ncut(features, tau, alpha)
     assert labels.max() >= 1  # the maps do split
-    assert np.array_equal(labels, canonical(expected))
+    assert np.array_equal(labels, expected)
 
 
 def test_warm_started_children_agree_with_plain_definition(monkeypatch):
@@ -274,10 +231,10 @@ def test_warm_started_children_agree_with_plain_definition(monkeypatch):
     monkeypatch.setattr(fiedler, "_warm_start", counted)
     for seed in (21, 22):
         features, _ = planted_map(seed, h=24, w=26, channels=48, segments=12, noise=0.3, shared=0.6)
-        expected = plain_recursive_ncut(features, 0.5, 10.0)
+        expected = ncut_reference.recursive_ncut(features, 0.5, 10.0)
         labels = recursive_ncut(features, 0.5, 10.0)
         assert labels.max() >= 8
-        assert np.array_equal(labels, canonical(expected))
+        assert np.array_equal(labels, expected)
     assert sum(warm_starts) >= 2
 
 
@@ -317,12 +274,15 @@ def test_zero_vectors():
     features[1, 2] = features[5, 5] = 0.0
     labels = recursive_ncut(features, tau=0.5, alpha=10.0)
     assert (labels == labels[1, 2]).sum() == 1 and (labels == labels[5, 5]).sum() == 1
+    # The plain definition has no D^-1/2 there: it says so rather than dividing by zero.
+    with pytest.raises(ValueError, match="degree 0"):
+        ncut_reference.recursive_ncut(features, 0.5, 10.0)
     # Signed features: zero vectors get intermediate affinities and just take part.
     signed = rng.standard_normal((8, 8, 6))
     signed[0, :] = 0.0
     labels = recursive_ncut(signed, tau=0.5, alpha=6.0)
     assert labels.max() > 1
-    assert np.array_equal(labels, canonical(plain_recursive_ncut(signed, 0.5, 6.0)))
+    assert np.array_equal(labels, ncut_reference.recursive_ncut(signed, 0.5, 6.0))
 
 
 def test_disconnected_graph_splits_components_at_zero():

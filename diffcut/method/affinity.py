@@ -1,4 +1,4 @@
-"""The affinity of DiffCut (DESIGN.md §2.2), and the input checks of the normalized cut.
+"""The affinity of DiffCut (docs/method.md §2.2), and the input checks of the normalized cut.
 
 Every cell's feature vector is L2-normalized, the cosine similarity of every
 pair is min-max scaled over the whole matrix to [0, 1] and raised to the power
@@ -13,13 +13,13 @@ from typing import Any
 import numpy as np
 from scipy.linalg import blas
 
-# Float32 row strips of the affinity computation are about this many bytes (in
-# cache, with the power's scratch copy: 128 rows at 1024 cells measured fastest).
+# Float32 row strips of the affinity computation are about this many bytes: they
+# stay in cache together with the power's scratch copy.
 _STRIP_BYTES = 1 << 19
 
 
 
-def _to_numpy(values: Any) -> np.ndarray:
+def to_numpy(values: Any) -> np.ndarray:
     """Array view of ``values``; torch tensors (any device, autograd or not) are copied to host."""
     if hasattr(values, "detach") and hasattr(values, "cpu"):
         values = values.detach().cpu()
@@ -29,13 +29,13 @@ def _to_numpy(values: Any) -> np.ndarray:
     return np.asarray(values)
 
 
-def _cell_features(features: Any) -> tuple[np.ndarray, tuple[int, ...]]:
+def cell_features(features: Any) -> tuple[np.ndarray, tuple[int, ...]]:
     """Validate ``features`` ((h, w, c) or (n, c)) and return (float32 or float64 (n, c) array, grid shape).
 
     The array is the input itself when it already is float32 or float64 (no copy); it is
-    checked for NaN/inf by :func:`_affinity_from_cells`, on its row norms.
+    checked for NaN/inf by :func:`affinity_from_cells`, on its row norms.
     """
-    array = _to_numpy(features)
+    array = to_numpy(features)
     if array.ndim not in (2, 3):
         raise ValueError(
             f"features must be an (h, w, c) or (n, c) array, got shape {tuple(array.shape)}"
@@ -52,14 +52,14 @@ def _cell_features(features: Any) -> tuple[np.ndarray, tuple[int, ...]]:
     return cells, tuple(int(s) for s in array.shape[:-1])
 
 
-def _check_alpha(alpha: float) -> float:
+def check_alpha(alpha: float) -> float:
     alpha = float(alpha)
     if not np.isfinite(alpha) or alpha <= 0:
         raise ValueError(f"alpha must be a positive finite number, got {alpha}")
     return alpha
 
 
-def _check_tau(tau: float) -> float:
+def check_tau(tau: float) -> float:
     tau = float(tau)
     if np.isnan(tau):
         raise ValueError("tau must be a number, got NaN")
@@ -67,7 +67,7 @@ def _check_tau(tau: float) -> float:
 
 
 def affinity_matrix(features: Any, alpha: float = 10.0) -> np.ndarray:
-    """Affinity matrix ``W`` of DiffCut (DESIGN.md §2.2; paper Sec. 3.2, Eq. 2).
+    """Affinity matrix ``W`` of DiffCut (docs/method.md §2.2; paper Sec. 3.2, Eq. 2).
 
     Every feature vector is L2-normalized (zero vectors stay zero), ``A`` is the
     (n, n) cosine-similarity matrix of the n cells, min-max scaled over all its
@@ -81,16 +81,16 @@ def affinity_matrix(features: Any, alpha: float = 10.0) -> np.ndarray:
     Returns:
         (n, n) float64 symmetric matrix with entries in [0, 1], n = h * w.
     """
-    alpha = _check_alpha(alpha)
-    cells, _ = _cell_features(features)
-    return _affinity_from_cells(cells, alpha)[0]
+    alpha = check_alpha(alpha)
+    cells, _ = cell_features(features)
+    return affinity_from_cells(cells, alpha)[0]
 
 
-def _affinity_from_cells(cells: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+def affinity_from_cells(cells: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
     """The affinity of §2.2 and its row sums, from an (n, c) float32 or float64 array (left unchanged).
 
     BLAS syrk fills one triangle of the cosine similarities in float32 (half
-    the work of a full product, and 2.9x faster than dsyrk on one core here;
+    the work of a full product, and half the memory traffic of dsyrk;
     the products of unit vectors carry errors of about 1e-7, far below what
     separates the cells from the candidate thresholds -- checked on every map
     of benchmarks/ncut.py and benchmarks/segment_step.py). The min-max scaling
@@ -163,10 +163,8 @@ def _mirror_lower_triangle(matrix: np.ndarray, block_mask: np.ndarray) -> None:
     its diagonal block is written, transposed, above it. The whole upper triangle is
     overwritten: entries computed from equal inputs at different positions may
     differ in the last bit (vectorized against scalar code paths). The strip
-    height matters because the columns read are strided: measured on one core
-    here, at 1024 cells (rows of exactly 4 KB) 8-row strips took 0.42 ms and
-    128-row ones 1.3 ms; at 2304 cells 256-row strips were the fastest (2.5 ms
-    against 3.6 with 8 rows).
+    height matters because the columns read are strided: small matrices (rows
+    of a few KB) want thin strips, large ones tall strips (benchmarks/RESULTS.md).
     """
     n = matrix.shape[0]
     block = block_mask.shape[0]
@@ -196,7 +194,7 @@ def _unit_rows32(cells: np.ndarray) -> np.ndarray:
     """The rows of ``cells`` (float32 or float64) divided by their L2 norms, as float32; zero rows stay zero.
 
     Float32 rows go by float32 arithmetic (sums of squares and a multiplication
-    by the reciprocal norm: 5x faster than float64 here, errors of a few 1e-8
+    by the reciprocal norm: cheaper than float64, with errors of a few 1e-8
     relative, below those of the float32 Gram matrix that follows) unless a
     row's sum of squares is outside _SAFE_SQUARED_NORMS32; those rows, and
     float64 input, are normalized in float64, after scaling rows whose squares
@@ -249,7 +247,7 @@ def _power_in_place(x: np.ndarray, alpha: float, scratch: np.ndarray) -> None:
     An integer exponent up to 64 (the paper's is 10) goes by binary
     exponentiation, a few multiplications (relative error a few float32 ulps);
     any other exponent as ``exp(alpha * log(x))`` (numpy's vectorized float32
-    functions: 8x faster than float64 ``np.power`` here; relative error about
+    functions, much cheaper than float64 ``np.power``; relative error about
     ``alpha * |log x|`` float32 ulps, a few 1e-6 at most for the entries above
     _TINY_POWER, which is what the float32 Gram matrix already carries).
     """

@@ -218,11 +218,11 @@ def build_tiny_clip(target: str | os.PathLike, seed: int = 0) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from diffcut.method.tiny import _tiny_clip_tokenizer, publish_directory
+    from diffcut.method.tiny import publish_directory, tiny_clip_tokenizer
 
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tokenizer = _tiny_clip_tokenizer()
+    tokenizer = tiny_clip_tokenizer()
     config = _tiny_config(len(tokenizer))
     torch.manual_seed(seed)
     model = build_clip(config)

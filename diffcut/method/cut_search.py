@@ -1,4 +1,4 @@
-"""The candidate cuts of a region and the best of them (DESIGN.md §2.3, step 3).
+"""The candidate cuts of a region and the best of them (docs/method.md §2.3, step 3).
 
 The 100 threshold cuts ``S_t = {y > t}`` of the Fiedler vector ``y``, ``t``
 evenly spaced from ``0.99 min(y)`` to ``0.99 max(y)``, scored by
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from diffcut.method.region_graph import _as_graph, _RegionGraph
+from diffcut.method.region_graph import RegionGraph, as_graph
 
 #: Number of evenly spaced thresholds of the candidate grid (§2.3, step 3).
 GRID_SIZE = 100
@@ -32,7 +32,7 @@ def grid_thresholds(y: np.ndarray) -> np.ndarray:
 
     Bit for bit ``np.linspace(start, stop, GRID_SIZE)`` (the same operations in
     the same order: ``k * step + start``, the last one ``stop``), without its
-    argument handling, which took 20 of its 28 µs here (called once per region).
+    argument handling, which costs more than the arithmetic (called once per region).
     """
     start = GRID_SCALE * float(np.min(y))
     stop = GRID_SCALE * float(np.max(y))
@@ -92,11 +92,11 @@ def candidate_ncuts(affinity: np.ndarray, y: np.ndarray, thresholds: np.ndarray)
     Returns:
         (T,) float64 NCut values.
     """
-    return _candidate_ncuts(_as_graph(affinity), np.asarray(y, dtype=np.float64), thresholds)[0]
+    return _candidate_ncuts(as_graph(affinity), np.asarray(y, dtype=np.float64), thresholds)[0]
 
 
 def _candidate_ncuts(
-    graph: _RegionGraph, y: np.ndarray, thresholds: np.ndarray
+    graph: RegionGraph, y: np.ndarray, thresholds: np.ndarray
 ) -> tuple[np.ndarray, tuple | None]:
     """(NCut of every threshold, (order, cells at or below each threshold, edges, per-bin
     affinity of each cell) or None)."""
@@ -150,11 +150,11 @@ def best_cut(
         (mask of S = {y > t*}, NCut) — or (None, +inf) when no candidate is a
         proper nonempty subset.
     """
-    return _best_cut(_as_graph(affinity), np.asarray(y, dtype=np.float64), exact_search)[:2]
+    return best_region_cut(as_graph(affinity), np.asarray(y, dtype=np.float64), exact_search)[:2]
 
 
-def _best_cut(
-    graph: _RegionGraph, y: np.ndarray, exact_search: bool, tau: float = -np.inf
+def best_region_cut(
+    graph: RegionGraph, y: np.ndarray, exact_search: bool, tau: float = -np.inf
 ) -> tuple[np.ndarray | None, float, np.ndarray | None]:
     """(mask of S, its NCut, every cell's degree within its own side) — see :func:`best_cut`.
 

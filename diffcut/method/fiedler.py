@@ -1,4 +1,4 @@
-"""The Fiedler vector of a region (DESIGN.md §2.3, step 2): dense for small regions, Lanczos for large ones.
+"""The Fiedler vector of a region (docs/method.md §2.3, step 2): dense for small regions, Lanczos for large ones.
 
 ``y = D^-1/2 v`` with ``v`` the eigenvector of the second-smallest eigenvalue
 of the normalized Laplacian ``I - D^-1/2 W D^-1/2`` (Shi and Malik, "Normalized
@@ -15,7 +15,7 @@ import math
 import numpy as np
 from scipy.linalg import blas, lapack
 
-from diffcut.method.region_graph import _as_graph, _RegionGraph
+from diffcut.method.region_graph import RegionGraph, as_graph
 from diffcut.method.small_eigen import (
     count_eigenvalues_above,
     symmetric_eigh,
@@ -25,23 +25,20 @@ from diffcut.method.small_eigen import (
 
 # Regions up to this many cells get their Fiedler vector from a dense
 # eigendecomposition: there it costs less than the Python overhead of Lanczos.
-_DENSE_EIGH_MAX_CELLS = 128
-# ... and so do regions up to this many cells that get no warm start (a cold
-# Lanczos takes 35-70 steps there: 1.6-2.8 ms at 130-150 cells, dense 0.6-1 ms;
-# 16-region maps: 4 % less time in Fiedler solves, 32 regions and noise: no change).
+DENSE_EIGH_MAX_CELLS = 128
+# ... and so do regions up to this many cells that get no warm start: there a cold
+# Lanczos needs enough steps to cost more than the dense solver.
 _DENSE_COLD_MAX_CELLS = 192
 # Lanczos stops when the residual norm of the top Ritz pair of the deflated,
 # normalized affinity (spectral norm <= 1) is below this. The eigenvector error
-# is about residual / spectral gap. Measured against a dense eigendecomposition
-# on the benchmark's regions: median 1e-13, worst 1e-10 (a gap of 3e-5), far
-# below the distance of cells to the candidate thresholds.
+# is about residual / spectral gap: on the benchmark's regions far below the
+# distance of cells to the candidate thresholds.
 _LANCZOS_TOL = 1e-13
 _LANCZOS_MAX_STEPS = 400
 # The most Lanczos steps between two convergence checks (see _lanczos_fiedler),
 # and the steps after a check whose residual rose: a new member of a near-1
-# cluster is being resolved, which takes several steps (against checking again
-# after 1-3: 32-region maps 22 % fewer checks, 5 % fewer steps, Lanczos 3.5 %
-# less time at 16 and 32 regions; segments identical).
+# cluster is being resolved, which takes several steps: checking sooner only
+# costs checks (segments identical either way).
 _MAX_CHECK_INTERVAL = 8
 _RISING_CHECK_INTERVAL = 4
 # A cold start resolves the rest of the cluster for at most this fraction more
@@ -91,20 +88,20 @@ def fiedler_vector(affinity: np.ndarray, degrees: np.ndarray | None = None) -> n
     Returns:
         (n,) float64 vector ``y``.
     """
-    graph = _as_graph(affinity)
+    graph = as_graph(affinity)
     degrees = graph.degrees() if degrees is None else np.asarray(degrees, dtype=np.float64)
-    return _fiedler(graph, degrees)[0]
+    return region_fiedler(graph, degrees)[0]
 
 
-def _fiedler(
-    graph: _RegionGraph, degrees: np.ndarray, cluster: np.ndarray | None = None
+def region_fiedler(
+    graph: RegionGraph, degrees: np.ndarray, cluster: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """(``y``, the cluster basis for the children) — see :func:`fiedler_vector` and :func:`_warm_start`.
 
-    ``cluster`` is None or, from :func:`_children_clusters`, (vectors, their
+    ``cluster`` is None or, from :func:`children_clusters`, (vectors, their
     images under this region's operator ``D^-1/2 W_R D^-1/2``) as (n, m)
     columns. The cluster basis returned is such a pair on this region's cells
-    (or None), for :func:`_children_clusters`.
+    (or None), for :func:`children_clusters`.
     """
     if graph.size < 2:
         raise ValueError("the Fiedler vector needs a graph of at least 2 cells")
@@ -112,7 +109,7 @@ def _fiedler(
         raise ValueError("the Fiedler vector needs positive degrees (a connected graph)")
     inv_sqrt_d = 1.0 / np.sqrt(degrees)
     v = basis = None
-    if graph.size > _DENSE_EIGH_MAX_CELLS:
+    if graph.size > DENSE_EIGH_MAX_CELLS:
         # D^1/2 1, normalized: the Laplacian's null vector, deflated throughout.
         trivial = np.sqrt(degrees)
         trivial /= np.linalg.norm(trivial)
@@ -143,30 +140,27 @@ def _start_vector(trivial: np.ndarray) -> np.ndarray:
 
 
 def _warm_start(
-    graph: _RegionGraph, trivial: np.ndarray, inv_sqrt_d: np.ndarray, cluster: tuple | None
+    graph: RegionGraph, trivial: np.ndarray, inv_sqrt_d: np.ndarray, cluster: tuple | None
 ) -> tuple[np.ndarray | None, tuple | None]:
     """(Lanczos start vector or None for the plain one, cluster basis for the children or None).
 
     Why: a region of k well separated groups has k - 1 eigenvalues of
-    ``D^-1/2 W D^-1/2`` within about 1e-7 of 1 (measured on the 16-region maps:
-    1 - 2.5e-8 ... 1 - 4e-7, the rest below 0.37). From one start vector,
-    Lanczos needs about 100 products to tell the Fiedler vector from the other
-    members of such a cluster, on every region again. A child's cluster is, up
+    ``D^-1/2 W D^-1/2`` within about 1e-7 of 1, well apart from the rest. From
+    one start vector, Lanczos needs many products to tell the Fiedler vector
+    from the other members of such a cluster, on every region again. A child's cluster is, up
     to the small affinities it loses to its sibling, the part of its parent's
     cluster that lies on its cells; so the parent's cluster vectors on the
-    child (``cluster``, from :func:`_children_clusters`), orthonormalized (their
+    child (``cluster``, from :func:`children_clusters`), orthonormalized (their
     SVD, from their Gram matrix, keeping the directions with at least
     _CLUSTER_MIN_WEIGHT of their length on the child), span it closely. A Rayleigh-Ritz step with the
     child's operator on that span (its images come with ``cluster``: no
     products here) gives an approximate Fiedler vector; Lanczos starts from it
     plus _WARM_START_RANDOM times the fixed random vector (which gives every
     eigenvector a share, as a random start does) and stops on the same residual
-    test as a cold start. Measured (benchmarks/ncut_warm_start.py, products
-    with W and the rows read for the images counted): 2.35x less solver work
-    on 16-region maps, 2.94x on 32, 1.32x on benchmarks/ncut.py's maps, 1.13x
-    on noise; segments identical on every map. On a large child the resulting ``y`` differed from a cold
-    start's by about 1e-6 (relative): both are within the cold start's own
-    error (residual / gap: 1e-13 / 1e-8). The Rayleigh-Ritz vectors of Ritz
+    test as a cold start. benchmarks/ncut_warm_start.py counts the solver work
+    this saves (benchmarks/RESULTS.md); the segments are the same. The
+    resulting ``y`` differs from a cold start's within the cold start's own
+    error (residual / gap). The Rayleigh-Ritz vectors of Ritz
     value above _CLUSTER_MIN_RITZ, with their images, are the children's
     cluster basis. With no inherited cluster (or none of it above
     _CLUSTER_MIN_RITZ) the start is the plain one.
@@ -179,8 +173,8 @@ def _warm_start(
     overlap = trivial @ vectors
     restricted = vectors - np.outer(trivial, overlap)
     restricted_images = images - np.outer(trivial, overlap)
-    # Singular values and right vectors from the Gram matrix (5x faster than an SVD
-    # here; kept weights are >= _CLUSTER_MIN_WEIGHT, so squaring loses nothing that matters).
+    # Singular values and right vectors from the Gram matrix (cheaper than an SVD;
+    # kept weights are >= _CLUSTER_MIN_WEIGHT, so squaring loses nothing that matters).
     squared, right = symmetric_eigh(restricted.T @ restricted)
     weights = np.sqrt(np.maximum(squared, 0.0))
     keep = weights > _CLUSTER_MIN_WEIGHT
@@ -200,8 +194,8 @@ def _warm_start(
     return start, (ritz_vectors, image @ ritz[:, inside])
 
 
-def _children_clusters(
-    graph: _RegionGraph, in_s: np.ndarray, side_degrees: np.ndarray, basis: tuple | None
+def children_clusters(
+    graph: RegionGraph, in_s: np.ndarray, side_degrees: np.ndarray, basis: tuple | None
 ) -> tuple[tuple | None, tuple | None]:
     """The warm-start clusters of the two children of a split (S = ``in_s``, then the rest).
 
@@ -213,14 +207,14 @@ def _children_clusters(
     ``W_PP G_P = D^1/2 A_P - W_PQ G_Q``, so
     ``M_P X = D_P^-1/2 (D^1/2 A_P - W_PQ G_Q)`` -- exact, and only the rows of
     the smaller side are read (most splits peel a small group off a large
-    region: 152 rows instead of m products with 872 x 872). Children
+    region: a few rows instead of m products with the whole matrix). Children
     small enough for the dense solver get None.
     """
     if basis is None or side_degrees is None:
         return None, None
     vectors, images = basis
     sides = (np.flatnonzero(in_s), np.flatnonzero(~in_s))
-    needed = [side.shape[0] > _DENSE_EIGH_MAX_CELLS for side in sides]
+    needed = [side.shape[0] > DENSE_EIGH_MAX_CELLS for side in sides]
     if not any(needed):
         return None, None
     parent_sqrt_d = np.sqrt(graph.degrees())
@@ -268,7 +262,7 @@ def _normalized_laplacian(affinity: np.ndarray, inv_sqrt_d: np.ndarray) -> np.nd
 
 
 def _lanczos_fiedler(
-    graph: _RegionGraph, trivial: np.ndarray, inv_sqrt_d: np.ndarray, start: np.ndarray | None = None
+    graph: RegionGraph, trivial: np.ndarray, inv_sqrt_d: np.ndarray, start: np.ndarray | None = None
 ) -> tuple[np.ndarray | None, tuple | None]:
     """Top eigenvector of ``D^-1/2 W D^-1/2`` on the complement of ``trivial`` (``D^1/2 1``
     normalized), and the cluster basis.
@@ -278,7 +272,7 @@ def _lanczos_fiedler(
     above _CLUSTER_MIN_RITZ whose residual estimate is below _CLUSTER_RESIDUAL,
     with their images (:func:`_converged_cluster`; None if there are none);
     a warm start's children inherit its
-    Rayleigh-Ritz vectors instead (see :func:`_fiedler`), so none is computed.
+    Rayleigh-Ritz vectors instead (see :func:`region_fiedler`), so none is computed.
 
     Plain Lanczos with full reorthogonalization (classical Gram-Schmidt,
     repeated when needed): the Krylov basis stays orthonormal to machine
@@ -293,9 +287,7 @@ def _lanczos_fiedler(
     at most _CLUSTER_EXTRA_STEPS times the steps taken so far, unless more
     than _CLUSTER_MAX_FRACTION of the Ritz values are above it (no cluster apart
     from the bulk, as on i.i.d. noise): the children's warm starts need the
-    whole cluster (measured on a 32-region map: with only the 24 of its 31
-    cluster vectors that had converged with the Fiedler vector, the
-    warm-started children took 170 steps instead of 180; with all, 70-100).
+    whole cluster (from part of it they save the children almost no steps).
     The Fiedler vector is then the top Ritz vector of the larger Krylov space
     (smaller residual still).
     """
@@ -313,8 +305,8 @@ def _lanczos_fiedler(
     offdiagonal = np.empty(max_steps)
     ritz = None
     # A convergence check (the top eigenpair of the small tridiagonal matrix)
-    # costs about as much as a product with W of 300 cells, a quarter of the
-    # root's time when done every step: the next check comes after half the
+    # costs about as much as a product with a few hundred cells' W, too much
+    # to do every step: the next check comes after half the
     # steps that the residual's decay since the last check predicts are left
     # (at least every 1-3 steps, by size, at most every _MAX_CHECK_INTERVAL).
     # Stopping a few steps late only makes the Ritz pair more accurate.

@@ -1,4 +1,4 @@
-"""Affinity and recursive normalized cut of DiffCut (DESIGN.md §2.2-2.3).
+"""Affinity and recursive normalized cut of DiffCut (docs/method.md §2.2-2.3).
 
 DiffCut (Couairon et al., NeurIPS 2024, arXiv:2406.02842, Sec. 3.2) segments a
 feature map by recursively bipartitioning the graph of its cells with the
@@ -15,24 +15,23 @@ TPAMI 2000):
   ``NCut(S) = cut(S, R\\S) / vol(S) + cut(S, R\\S) / vol(R\\S)``; split R while that
   value is below ``tau``. The segments are the leaves.
 
-The result is the same as the plain definition (one full eigendecomposition per
-region, one NCut evaluation per threshold), computed faster:
+The result is the same as the plain definition, :mod:`diffcut.method.ncut_reference`
+(one full eigendecomposition per region, one NCut evaluation per threshold:
+read it first), computed faster:
 
 * only the Fiedler vector is computed, by Lanczos iteration with full
   reorthogonalization on ``D^-1/2 W_R D^-1/2`` restricted to the complement of
   its known top eigenvector ``D^1/2 1`` (the Laplacian's null vector). Affinity
   graphs have a few eigenvalues near 1 (one per well separated group) and a bulk
   near 0. Telling the Fiedler vector from the other members of that near-1
-  cluster is what costs (about 100 products at 16 groups, 200 at 32); so a
-  region's solve also resolves its cluster, and each child starts from the
+  cluster is what costs most products; so a region's solve also resolves its cluster, and each child starts from the
   Rayleigh-Ritz vector of its parent's cluster restricted to its cells (a
   warm start, see ``_warm_start``), under the same convergence test; the
   images of those vectors under the child's operator come from the parent's
-  and the block between the two children (``_children_clusters``), not from
+  and the block between the two children (``children_clusters``), not from
   products.
-  (Shift-invert needs a Cholesky factorization, which alone measured 1/17 to
-  1/22 of a full eigendecomposition on one core: too slow.) Products use BLAS symv, which
-  reads one triangle of the symmetric matrix;
+  (Shift-invert is not used: its Cholesky factorization alone costs too much.)
+  Products use BLAS symv, which reads one triangle of the symmetric matrix;
 * the candidate cuts are nested sets along sorted ``y``: the cells are binned by
   the candidates' boundaries, ``W_R`` is summed into a (bins x bins) matrix in
   one pass, and every cut value is read from its 2-D prefix sums;
@@ -41,11 +40,10 @@ region, one NCut evaluation per threshold), computed faster:
   copied out, and gets its degrees from the parent's bin sums.
 
 The affinity itself (the Gram matrix of the features, O(n^2 c)) is computed by
-BLAS ssyrk in float32 (2.9x faster than float64 on one core; the cosine
+BLAS ssyrk in float32 (half the memory traffic of float64; the cosine
 similarities then carry errors of about 1e-7, which changed no segment on the
 benchmark maps, benchmarks/RESULTS.md), scaled and raised to ``alpha`` in
-float32 too (same zero entries as in float64); the recursion is float64. On
-benchmarks/ncut.py's maps the affinity is about a third of this module's time.
+float32 too (same zero entries as in float64); the recursion is float64.
 
 The parts live in their own modules, and this one re-exports their public
 names: :mod:`diffcut.method.affinity` (§2.2 and the input checks),
@@ -55,7 +53,7 @@ names: :mod:`diffcut.method.affinity` (§2.2 and the input checks),
 :mod:`diffcut.method.split_tree` (the tree and its pruning); the recursion
 itself (step 4) is here.
 
-Beyond the paper, following DESIGN.md: the recursion is iterative (an explicit
+Beyond the paper, following docs/method.md §2.3: the recursion is iterative (an explicit
 stack, no recursion limit); it terminates on any input (one cell, constant
 features, zero vectors, disconnected graphs); an exact search over all sweep
 cuts of sorted ``y`` is available; and the split tree is returned so that the
@@ -75,21 +73,21 @@ from typing import Any
 
 import numpy as np
 
-from diffcut.method.affinity import _affinity_from_cells, _cell_features, _check_alpha, _check_tau, affinity_matrix
+from diffcut.method.affinity import affinity_from_cells, affinity_matrix, cell_features, check_alpha, check_tau
 from diffcut.method.cut_search import (
     GRID_SCALE,
     GRID_SIZE,
-    _best_cut,
     best_cut,
+    best_region_cut,
     candidate_ncuts,
     connected_component_of,
     grid_thresholds,
     ncut_value,
     sweep_thresholds,
 )
-from diffcut.method.fiedler import _DENSE_EIGH_MAX_CELLS, _children_clusters, _fiedler, fiedler_vector
-from diffcut.method.region_graph import _RegionGraph
-from diffcut.method.split_tree import SplitTree, _first_appearance_labels
+from diffcut.method.fiedler import DENSE_EIGH_MAX_CELLS, children_clusters, fiedler_vector, region_fiedler
+from diffcut.method.region_graph import RegionGraph
+from diffcut.method.split_tree import SplitTree, first_appearance_labels
 
 try:
     from threadpoolctl import ThreadpoolController
@@ -113,7 +111,7 @@ __all__ = [
 
 # A child region is copied out of its ambient matrix once it has at most this
 # fraction of the ambient cells; larger ones work on the ambient matrix (see
-# _RegionGraph). Products with the ambient matrix cost (1/fraction)^2 times
+# RegionGraph). Products with the ambient matrix cost (1/fraction)^2 times
 # more; a copy costs about as much as 6 products.
 _COPY_FRACTION = 0.8
 
@@ -125,9 +123,8 @@ def _one_blas_thread():
     """Context limiting BLAS to one thread (a no-op without threadpoolctl).
 
     The recursion makes many small BLAS calls (products with one vector,
-    small eigendecompositions), where threads only add synchronization: on a
-    busy machine two OpenBLAS threads made it 10 to 50 times slower. One thread
-    also makes the results independent of the caller's thread settings.
+    small eigendecompositions), where threads only add synchronization. One
+    thread also makes the results independent of the caller's thread settings.
     """
     global _THREADPOOLS
     if ThreadpoolController is None:
@@ -138,7 +135,7 @@ def _one_blas_thread():
 
 
 def _split_region(
-    graph: _RegionGraph, exact_search: bool, tau: float, cluster: tuple | None = None
+    graph: RegionGraph, exact_search: bool, tau: float, cluster: tuple | None = None
 ) -> tuple[np.ndarray | None, float, np.ndarray | None, tuple | None]:
     """Best bipartition of one region: (mask of S over its cells, or None; its NCut, or +inf;
     if NCut < ``tau``, every cell's degree within its side, else None; the cluster
@@ -159,8 +156,8 @@ def _split_region(
         component = connected_component_of(graph.matrix(), hub)
         if not component.all():
             return component, 0.0, None, None
-    y, basis = _fiedler(graph, degrees, cluster)
-    return (*_best_cut(graph, y, exact_search, tau), basis)
+    y, basis = region_fiedler(graph, degrees, cluster)
+    return (*best_region_cut(graph, y, exact_search, tau), basis)
 
 
 def _grow_tree(
@@ -176,11 +173,11 @@ def _grow_tree(
     ncut = [np.nan]
     leaf_of_cell = np.empty(n, dtype=np.int64)
     # (node, its cells, its graph, its warm-start cluster from the parent's, or None)
-    stack = [(0, np.arange(n), _RegionGraph(affinity, degrees=degrees), None)]
+    stack = [(0, np.arange(n), RegionGraph(affinity, degrees=degrees), None)]
     while stack:
         node, cells, graph, cluster = stack.pop()
         if graph.positions is not None and (
-            graph.size <= _DENSE_EIGH_MAX_CELLS
+            graph.size <= DENSE_EIGH_MAX_CELLS
             or graph.size <= _COPY_FRACTION * graph.ambient.shape[0]
         ):
             graph = graph.extracted()
@@ -188,11 +185,11 @@ def _grow_tree(
         ncut[node] = value
         if in_s is not None and value < tau:
             positions = np.arange(graph.size) if graph.positions is None else graph.positions
-            clusters = _children_clusters(graph, in_s, side_degrees, basis)
+            clusters = children_clusters(graph, in_s, side_degrees, basis)
             for part, child_cluster in zip((in_s, ~in_s), clusters):
                 parent.append(node)
                 ncut.append(np.nan)
-                child = _RegionGraph(
+                child = RegionGraph(
                     graph.ambient,
                     positions[part],
                     None if side_degrees is None else side_degrees[part],
@@ -212,38 +209,81 @@ def recursive_ncut(
     exact_search: bool = False,
     return_tree: bool = False,
 ):
-    """Segment a feature map by DiffCut's recursive normalized cut (DESIGN.md §2.2-2.3).
+    """Segment a feature map by DiffCut's recursive normalized cut (docs/method.md §2.2-2.3).
 
     Starting from all cells, every region is split along its best candidate
     cut (:func:`best_cut` of its :func:`fiedler_vector`) while that cut's NCut
-    is below ``tau``; the final regions are the segments. Iterative (explicit
-    stack): any depth works. Disconnected regions split one connected
-    component off at NCut 0. During the recursion BLAS is limited to one
-    thread (with threadpoolctl; the affinity keeps the caller's setting).
+    is below ``tau``; the final regions are the segments. The plain definition
+    is :func:`diffcut.method.ncut_reference.recursive_ncut`; this fast path
+    gives the same segments. Iterative (explicit stack): any depth works.
+    Disconnected regions split one connected component off at NCut 0. During
+    the recursion BLAS is limited to one thread (with threadpoolctl; the
+    affinity keeps the caller's setting).
 
-    Args:
-        features: (h, w, c) array or torch tensor (an (n, c) array gives (n,) labels).
-        tau: the NCut threshold (paper: 0.5).
-        alpha: the affinity exponent (paper: 10).
-        exact_search: search all sweep cuts of sorted y instead of the 100-point grid.
-        return_tree: also return the :class:`SplitTree`.
+    Parameters
+    ----------
+    features : array_like or torch.Tensor
+        (h, w, c) feature map of real numbers; an (n, c) array gives (n,) labels.
+    tau : float, default 0.5
+        The NCut threshold (paper: 0.5): a region splits while its best cut's NCut is below it.
+    alpha : float, default 10.0
+        The affinity exponent (paper: 10), > 0.
+    exact_search : bool, default False
+        Search all sweep cuts of sorted ``y`` instead of the 100-point grid.
+    return_tree : bool, default False
+        Also return the :class:`SplitTree`.
 
-    Returns:
-        (h, w) int32 labels 0..K-1 numbered by first appearance in raster order;
-        with ``return_tree``, ``(labels, tree)``.
+    Returns
+    -------
+    labels : numpy.ndarray
+        (h, w) int32 labels 0..K-1, numbered by first appearance in raster order.
+    tree : SplitTree
+        Only with ``return_tree``: every region's parent and best-cut NCut, so that
+        :meth:`SplitTree.prune` gives the segments at any smaller ``tau``.
 
-    Raises:
-        ValueError: NaN/inf features, wrong number of dimensions, empty input,
-            alpha <= 0, or tau NaN.
+    Raises
+    ------
+    ValueError
+        NaN/inf features, wrong number of dimensions, empty input, alpha <= 0, or tau NaN.
+
+    References
+    ----------
+    .. [1] P. Couairon, M. Shukor, J.-E. Haugeard, M. Cord and N. Thome, "DiffCut: Catalyzing
+       Zero-Shot Semantic Segmentation with Diffusion Features and Recursive Normalized Cut",
+       NeurIPS 2024, arXiv:2406.02842, Sec. 3.2.
+    .. [2] J. Shi and J. Malik, "Normalized Cuts and Image Segmentation", IEEE TPAMI 22(8), 2000.
+
+    Examples
+    --------
+    Three groups of cells: the left half, the right half's top rows and its bottom rows.
+
+    >>> import numpy as np
+    >>> from diffcut.method.ncut import recursive_ncut
+    >>> features = np.zeros((4, 6, 3))
+    >>> features[:, :3] = [1, 0, 0]
+    >>> features[:2, 3:] = [0, 1, 0]
+    >>> features[2:, 3:] = [0, 1, 1]
+    >>> labels, tree = recursive_ncut(features, tau=0.5, return_tree=True)
+    >>> print(labels)
+    [[0 0 0 1 1 1]
+     [0 0 0 1 1 1]
+     [0 0 0 2 2 2]
+     [0 0 0 2 2 2]]
+
+    The root split has NCut 0 (no affinity between the halves), the right half's
+    0.061; the leaves' best cuts (1) are rejected:
+
+    >>> print(tree.parent, tree.ncut.round(3))
+    [-1  0  0  2  2] [0.    1.    0.061 1.    1.   ]
     """
-    tau = _check_tau(tau)
-    alpha = _check_alpha(alpha)
-    cells, shape = _cell_features(features)
-    affinity, degrees = _affinity_from_cells(cells, alpha)
+    tau = check_tau(tau)
+    alpha = check_alpha(alpha)
+    cells, shape = cell_features(features)
+    affinity, degrees = affinity_from_cells(cells, alpha)
     del cells
     with _one_blas_thread():
         leaf_of_cell, parent, ncut = _grow_tree(affinity, degrees, tau, exact_search)
-    labels = _first_appearance_labels(leaf_of_cell).reshape(shape)
+    labels = first_appearance_labels(leaf_of_cell).reshape(shape)
     if not return_tree:
         return labels
     count = int(labels.max()) + 1

@@ -2,7 +2,7 @@
 
 A region is a set of cells of the whole affinity (or of an ancestor region's
 copy of it); products, degrees and per-bin sums with ``W_R`` are computed on
-the ambient matrix without copying the region out (see :class:`_RegionGraph`).
+the ambient matrix without copying the region out (see :class:`RegionGraph`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ try:  # the kernel behind a CSR matrix times a dense one, without the matrix obj
 except ImportError:  # pragma: no cover - a SciPy that moved it: the public route
     _csr_matvecs = None
 
-class _RegionGraph:
+class RegionGraph:
     """The induced subgraph ``W_R`` of some cells of a symmetric affinity matrix.
 
     ``ambient`` is a C-ordered symmetric matrix (the whole affinity or an
@@ -50,10 +50,10 @@ class _RegionGraph:
             return self.ambient
         return _submatrix(self.ambient, self.positions, self.positions)
 
-    def extracted(self) -> "_RegionGraph":
+    def extracted(self) -> "RegionGraph":
         if self.positions is None:
             return self
-        return _RegionGraph(self.matrix(), degrees=self._degrees)
+        return RegionGraph(self.matrix(), degrees=self._degrees)
 
     def matvec(self, x: np.ndarray) -> np.ndarray:
         """``W_R @ x``."""
@@ -139,7 +139,7 @@ class _RegionGraph:
         else:
             # The same kernel and summation order as the matrix product above;
             # building and checking the matrix object cost about as much as
-            # the product itself on these regions (50-60 µs per region).
+            # the product itself on these regions.
             sums = np.zeros((bins, ambient_size))
             _csr_matvecs(bins, ambient_size, ambient_size, edges, cells, ones, self.ambient.ravel(), sums.ravel())
         return np.take(sums, cells, axis=1)
@@ -151,8 +151,8 @@ def _submatrix(matrix: np.ndarray, rows: np.ndarray, columns: np.ndarray) -> np.
     return np.take(np.take(matrix, rows, axis=0), columns, axis=1)
 
 
-def _as_graph(affinity: np.ndarray) -> _RegionGraph:
+def as_graph(affinity: np.ndarray) -> RegionGraph:
     affinity = np.ascontiguousarray(affinity, dtype=np.float64)
     if affinity.ndim != 2 or affinity.shape[0] != affinity.shape[1]:
         raise ValueError(f"affinity must be a square matrix, got shape {affinity.shape}")
-    return _RegionGraph(affinity)
+    return RegionGraph(affinity)

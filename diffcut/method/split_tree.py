@@ -2,7 +2,7 @@
 
 The best cut of a region does not depend on ``tau``, so the segmentation for
 any smaller threshold is a pruning of the tree (:meth:`SplitTree.prune`), with
-no new eigenvector computation (DESIGN.md §2.3).
+no new eigenvector computation (docs/method.md §2.3).
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from diffcut.method.affinity import _check_tau, _to_numpy
+from diffcut.method.affinity import check_tau, to_numpy
 
-def _first_appearance_labels(ids: np.ndarray) -> np.ndarray:
+def first_appearance_labels(ids: np.ndarray) -> np.ndarray:
     """Relabel ``ids`` (any integers, flat) to 0..K-1 in order of first appearance."""
     _, first_index, inverse = np.unique(ids, return_index=True, return_inverse=True)
     rank = np.empty(first_index.shape[0], dtype=np.int32)
@@ -105,7 +105,7 @@ class SplitTree:
         ):
             raise ValueError("leaf_of_label must name every leaf node exactly once")
         self.labels = labels.astype(np.int32, copy=False)
-        if not np.array_equal(_first_appearance_labels(self.labels.reshape(-1)), self.labels.reshape(-1)):
+        if not np.array_equal(first_appearance_labels(self.labels.reshape(-1)), self.labels.reshape(-1)):
             raise ValueError("labels must be numbered by first appearance in raster order")
 
     @property
@@ -129,15 +129,51 @@ class SplitTree:
         return float(self.ncut[self.is_leaf()].min())
 
     def prune(self, tau_prime: float) -> np.ndarray:
-        """Label map of the recursion run at ``tau_prime``, without recomputation.
+        """Label map of the recursion run at ``tau_prime``, without recomputation (docs/method.md §2.3).
 
-        Valid for any ``tau_prime <= tau`` (and up to :attr:`max_tau`). A node
-        is split at ``tau'`` iff it was split at ``tau`` and its NCut is below
-        ``tau'``; the segments are the regions of the first unsplit nodes on
-        each root-to-leaf path. Numbered 0..K'-1 by first appearance in raster
-        order, like :func:`recursive_ncut`, and equal to a fresh run at ``tau'``.
+        A node is split at ``tau'`` iff it was split at ``tau`` and its NCut is
+        below ``tau'``; the segments are the regions of the first unsplit nodes
+        on each root-to-leaf path. A region's best cut does not depend on the
+        threshold, so this equals a fresh run at ``tau'``.
+
+        Parameters
+        ----------
+        tau_prime : float
+            The new threshold, at most :attr:`max_tau` (the least NCut among the
+            leaves, >= ``tau``); any ``tau_prime <= tau`` is served.
+
+        Returns
+        -------
+        numpy.ndarray
+            Label map of :attr:`shape`, int32, numbered 0..K'-1 by first
+            appearance in raster order, like :func:`~diffcut.method.ncut.recursive_ncut`.
+
+        Raises
+        ------
+        ValueError
+            ``tau_prime`` is NaN or above :attr:`max_tau`.
+
+        References
+        ----------
+        .. [1] docs/method.md §2.3: the split tree and its pruning, beyond the paper.
+        .. [2] P. Couairon et al., NeurIPS 2024, arXiv:2406.02842, Sec. 3.2: the recursion it prunes.
+
+        Examples
+        --------
+        Eight cells of three kinds, given as an (n, c) array: the first split
+        separates the first kind at NCut 0, the second split the other two at
+        NCut 0.061. Pruned below that, the last two kinds stay together:
+
+        >>> import numpy as np
+        >>> from diffcut.method.ncut import recursive_ncut
+        >>> features = np.array([[1, 0, 0]] * 4 + [[0, 1, 0]] * 2 + [[0, 1, 1]] * 2, dtype=float)
+        >>> labels, tree = recursive_ncut(features, tau=0.5, return_tree=True)
+        >>> print(labels, tree.prune(0.05))
+        [0 0 0 0 1 1 2 2] [0 0 0 0 1 1 1 1]
+        >>> print(recursive_ncut(features, tau=0.05))
+        [0 0 0 0 1 1 1 1]
         """
-        tau_prime = _check_tau(tau_prime)
+        tau_prime = check_tau(tau_prime)
         if tau_prime > self.max_tau:
             raise ValueError(
                 f"a tree built at tau={self.tau} can be pruned only to tau' <= {self.max_tau} "
@@ -151,7 +187,7 @@ class SplitTree:
             if not split[segment_of[parent]]:
                 segment_of[node] = segment_of[parent]
         segment_of_label = segment_of[self.leaf_of_label]
-        return _first_appearance_labels(segment_of_label[self.labels.reshape(-1)]).reshape(
+        return first_appearance_labels(segment_of_label[self.labels.reshape(-1)]).reshape(
             self.shape
         )
 
@@ -201,7 +237,7 @@ class SplitTree:
             if "labels" not in data:
                 raise ValueError("the dict holds no label map: pass labels=")
             labels = data["labels"]
-        labels = _to_numpy(labels)
+        labels = to_numpy(labels)
         if labels.size != int(np.prod(shape)):
             raise ValueError(f"labels have {labels.size} cells, the tree's shape {shape} needs {int(np.prod(shape))}")
         labels = np.asarray(labels).reshape(shape)

@@ -58,7 +58,7 @@ def _byte_alphabet() -> list[str]:
     return symbols
 
 
-def _tiny_clip_tokenizer():
+def tiny_clip_tokenizer():
     """A CLIP tokenizer over a byte alphabet and a handful of merges, built in memory."""
     from transformers import CLIPTokenizer
 
@@ -87,7 +87,7 @@ def build_tiny_random(target: str | os.PathLike) -> Path:
 
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tokenizer = _tiny_clip_tokenizer()
+    tokenizer = tiny_clip_tokenizer()
     text_config = dict(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=77, projection_dim=32, hidden_act="gelu",
@@ -140,7 +140,7 @@ def build_tiny_random(target: str | os.PathLike) -> Path:
     )
     pipeline = StableDiffusionXLPipeline(
         vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-        tokenizer_2=_tiny_clip_tokenizer(), unet=unet, scheduler=scheduler,
+        tokenizer_2=tiny_clip_tokenizer(), unet=unet, scheduler=scheduler,
     )
     def write(staging: Path) -> None:
         pipeline.save_pretrained(staging, safe_serialization=True)
