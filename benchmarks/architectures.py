@@ -49,9 +49,9 @@ SDXL_POOLED_SHAPE = (1, 1280)
 #: [0, 0, 0, 1, 1, 2, 10, 4, 4] consumed from the end, i.e. up blocks (4, 4, 10), (2, 1, 1),
 #: none; ``transformer_depth_middle`` -1, i.e. no transformer in the middle. Everything else
 #: (channels 320/640/1280, 2 layers per block, 64-channel heads, context 2048, added
-#: conditioning 2816, linear projections) is SDXL's. The diffusers ``unet/config.json`` of
-#: segmind/SSD-1B itself was not in the reference corpus searched on 2026-12-02; only the down
-#: blocks up to the feature run, and they follow from these depths. The feature is then
+#: conditioning 2816, linear projections) is SDXL's. These depths, not segmind/SSD-1B's own
+#: diffusers ``unet/config.json``, are the source: only the down blocks up to the feature run,
+#: and they follow from them. The feature is then
 #: down_blocks.2.attentions.1.transformer_blocks.3.attn1 (32x32x1280 at 1024x1024).
 SSD1B_UNET = dict(
     SDXL_UNET,

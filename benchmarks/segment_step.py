@@ -14,7 +14,7 @@ One thread (BLAS, OpenMP, torch). Both implementations run on every map in one
 process, alternating; times are ``time.thread_time`` (CPU seconds of this
 thread), medians per image. The labels are compared on every map: latent
 segments must be identical; the mask must equal the baseline's and the
-definition's (DESIGN.md §2.4, float64) on every pixel that is not a tie (the
+definition's (docs/method.md §2.4, float64) on every pixel that is not a tie (the
 best two float64 scores within ``TIE``).
 
 A per-part profile (same thread CPU clock) follows for both.

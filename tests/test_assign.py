@@ -1,4 +1,4 @@
-"""High-resolution concept assignment (DESIGN.md §2.4) against straightforward versions."""
+"""High-resolution concept assignment (docs/method.md §2.4) against straightforward versions."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The benchmark metric (DESIGN.md §3) and ``diffcut evaluate``.
+"""The benchmark metric (docs/method.md §3) and ``diffcut evaluate``.
 
 Hand-computed cases pin each rule of the protocol; a literal step-by-step
 re-statement of the published procedure (ignored and background labels as
@@ -237,7 +237,7 @@ def test_both_maps_are_compared_at_the_evaluator_size():
 
 # --------------------------------------------------------------------------- against a literal re-statement
 def reference_scores(pairs, n_class, background):
-    """DESIGN.md §3 step by step, in the published convention: ignored = -1, background = -1 then N-1."""
+    """docs/method.md §3 step by step, in the published convention: ignored = -1, background = -1 then N-1."""
     def hist_of(label, pred, n):
         width = max(n, pred.max() + 1)
         keep = (label >= 0) & (label < n)

@@ -240,7 +240,7 @@ def test_gpu_stage_architectures_have_the_published_feature():
     from gpu_stage import flops_per_image
 
     ssd, sdxl = flops_per_image(SSD1B_UNET, SDXL_VAE, 1024, 1024), flops_per_image(SDXL_UNET, SDXL_VAE, 1024, 1024)
-    assert 2.0e12 < sdxl["unet_to_feature"] < 2.2e12  # DESIGN.md §2.1: 2.08 TFLOP
+    assert 2.0e12 < sdxl["unet_to_feature"] < 2.2e12  # docs/method.md §2.1: 2.08 TFLOP
     assert ssd["unet_to_feature"] < sdxl["unet_to_feature"] and ssd["vae_encoder"] == sdxl["vae_encoder"]
 
 

@@ -1,5 +1,5 @@
 """The labeling job end to end with real parts: a local Ray on 127.0.0.1, a moto S3 server on
-loopback, the tiny random SDXL-architecture model, and real files (DESIGN.md §1; issue 3).
+loopback, the tiny random SDXL-architecture model, and real files (docs/method.md §1; issue 3).
 
 One Ray session serves the in-process tests of this module (``ray_local``); the last two tests
 run the job as a user does, ``python jobs/label.py`` (embedded Ray) and ``ray job submit``

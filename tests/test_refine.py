@@ -1,4 +1,4 @@
-"""PAMR refinement (DESIGN.md §2.5)."""
+"""PAMR refinement (docs/method.md §2.5)."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ preprocesses as the paper (centre square crop, image resized to
 ``--resolution``), runs the whole method (:class:`diffcut.method.segmenter.DiffCutSegmenter`:
 features, recursive NCut, concept assignment at 128 x 128), scores with the
 per-image protocol (:mod:`diffcut.evaluation.protocol`) and prints our mIoU beside the
-paper's (Couairon et al., NeurIPS 2024, Table 1; DESIGN.md §2.6).
+paper's (Couairon et al., NeurIPS 2024, Table 1; docs/method.md §2.6).
 
 With ``--refine`` the same segmentations are scored twice, without and with
 PAMR; PAMR runs *inside* the protocol as in the published evaluation: after

@@ -1,4 +1,4 @@
-"""``diffcut evaluate``: score predicted label maps against ground truth (DESIGN.md §3).
+"""``diffcut evaluate``: score predicted label maps against ground truth (docs/method.md §3).
 
 Ground truth: a folder of single-channel PNG label maps (searched
 recursively). Predictions: a folder of PNG label maps with the same file

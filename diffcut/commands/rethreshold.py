@@ -1,7 +1,7 @@
 """``diffcut rethreshold``: re-cut labeled data at a smaller tau from the stored split trees.
 
 No model, no GPU: every row's split tree is pruned at the new threshold
-(DESIGN.md §2.3). Latent labels equal a fresh run at that tau; the full-size
+(docs/method.md §2.3). Latent labels equal a fresh run at that tau; the full-size
 mask is the union of the merged segments (see :mod:`diffcut.tools.rethreshold`).
 
 A named output (made with ``--vocabulary``) is named again: the new segments

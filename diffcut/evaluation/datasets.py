@@ -54,7 +54,7 @@ class BenchmarkSpec:
     ignore_index: int = IGNORE
 
 
-# DESIGN.md §2.6. Background ids are those of *our* label maps (below).
+# docs/method.md §2.6. Background ids are those of *our* label maps (below).
 BENCHMARKS: dict[str, BenchmarkSpec] = {
     spec.name: spec
     for spec in (

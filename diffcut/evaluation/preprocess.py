@@ -1,5 +1,5 @@
 """The paper's input pipeline for the benchmarks: centre square crop, bilinear resize of the image,
-nearest-exact resize of the labels (DESIGN.md §3; the published evaluation scripts).
+nearest-exact resize of the labels (docs/method.md §3; the published evaluation scripts).
 
 Plain functions on arrays; :mod:`diffcut.evaluation.datasets` re-exports them beside the readers.
 """

@@ -1,4 +1,4 @@
-"""Scoring unsupervised segmentations: the DiffSeg / DiffCut benchmark protocol (DESIGN.md §3).
+"""Scoring unsupervised segmentations: the DiffSeg / DiffCut benchmark protocol (docs/method.md §3).
 
 Zero-shot segmenters such as DiffCut (Couairon et al., NeurIPS 2024,
 arXiv:2406.02842) output segments without class names, so a score first has
@@ -121,7 +121,7 @@ def hungarian_counts(hist: np.ndarray) -> MatchCounts:
 
     Columns are padded with zeros to at least the number of rows (the
     protocol's width ``max(N, max pred + 1)``), so every class gets a column,
-    possibly an empty one. Counts follow DESIGN.md §3 / the published
+    possibly an empty one. Counts follow docs/method.md §3 / the published
     ``hungarian_matching``: TP = matched pixels, FN = row sum - TP,
     FP = column sum of the matched column - TP.
     """

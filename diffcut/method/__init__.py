@@ -2,7 +2,8 @@
 
 Image pixels in, float16 features, label maps, split trees, segment embeddings
 and class names out (features, ncut, assign, refine, segmenter, naming; tiny
-builds the randomly initialised test models).
+builds the randomly initialised test models), as docs/method.md defines them;
+ncut_reference is the plain definition of the recursive cut, ncut its fast path.
 
 Dependency direction: this package imports nothing else of diffcut (not
 ``diffcut.job``, ``diffcut.evaluation``, ``diffcut.tools`` nor the CLI), no Ray and

@@ -1,4 +1,4 @@
-"""High-resolution concept assignment and per-segment descriptors (DESIGN.md §2.4).
+"""High-resolution concept assignment and per-segment descriptors (docs/method.md §2.4).
 
 DiffCut (Couairon et al., NeurIPS 2024, arXiv:2406.02842, §3.3 "High-resolution
 concept assignment") turns the low-resolution segments of the recursive
@@ -23,8 +23,8 @@ interpolation weights, so a segment beaten at the block's four corner pixels
 (by another segment, or by a mean of segments) is beaten in the whole block.
 Blocks inside a segment are filled with its label; only blocks along
 boundaries are scored, against the few segments that remain
-(:func:`_assign_from_maps`). At 1024x1024 from 32x32 this is 15x (16 segments)
-to 40x (1024 segments) faster than upsampling all K maps (benchmarks/RESULTS.md).
+(:func:`_assign_from_maps`): far less work than upsampling all K maps
+(benchmarks/RESULTS.md).
 
 Array convention (all public functions here):
     numpy in -> numpy out, torch in -> torch out (on the input's device).
@@ -149,7 +149,7 @@ def bilinear_source_index(out_size: int, in_size: int, device=None):
 
 
 def assign_concepts(features, latent_labels, size, *, max_tile_elements: int = DEFAULT_MAX_TILE_ELEMENTS):
-    """Full-resolution label map by high-resolution concept assignment (DESIGN.md §2.4).
+    """Full-resolution label map by high-resolution concept assignment (docs/method.md §2.4).
 
     Pixel p of the (H, W) output gets ``argmax_k <U(f)(p), e_k>``, U the bilinear
     resampling with ``align_corners=False`` of the L2-normalized feature map f,
@@ -163,14 +163,41 @@ def assign_concepts(features, latent_labels, size, *, max_tile_elements: int = D
     Ties go to the lowest label (first maximum). Labels that have no cell never
     win. Output sizes smaller than the latent map are allowed (no antialiasing).
 
-    Args:
-        features: (h, w, c) float array, numpy or torch (any float dtype).
-        latent_labels: (h, w) integer labels 0..K-1.
-        size: (H, W) of the output.
-        max_tile_elements: bound on the scores held at once (segments x pixels).
+    Parameters
+    ----------
+    features : array_like or torch.Tensor
+        (h, w, c) float feature map, numpy or torch (any float dtype; computed in float32).
+    latent_labels : array_like or torch.Tensor
+        (h, w) integer labels 0..K-1 of the cells, e.g. from
+        :func:`~diffcut.method.ncut.recursive_ncut`.
+    size : tuple of int
+        (H, W) of the output.
+    max_tile_elements : int, optional
+        Bound on the scores held at once (segments x pixels).
 
-    Returns:
-        (H, W) int32 labels, numpy or torch (on features' device) like ``features``.
+    Returns
+    -------
+    numpy.ndarray or torch.Tensor
+        (H, W) int32 labels; a torch tensor on the features' device if ``features`` is one.
+
+    References
+    ----------
+    .. [1] P. Couairon et al., "DiffCut: Catalyzing Zero-Shot Semantic Segmentation with
+       Diffusion Features and Recursive Normalized Cut", NeurIPS 2024, arXiv:2406.02842,
+       Sec. 3.3 (high-resolution concept assignment).
+
+    Examples
+    --------
+    Three cells in a row; the middle one belongs to segment 0 but its feature lies
+    between the two segments' concepts, so at 3x the resolution its right-hand
+    pixel goes to segment 1:
+
+    >>> import numpy as np
+    >>> from diffcut.method.assign import assign_concepts
+    >>> features = np.array([[[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]]], dtype=np.float32)
+    >>> print(assign_concepts(features, np.array([[0, 0, 1]]), (2, 9)))
+    [[0 0 0 0 0 1 1 1 1]
+     [0 0 0 0 0 1 1 1 1]]
     """
     return assign_concepts_and_embeddings(features, latent_labels, size, max_tile_elements=max_tile_elements)[0]
 
@@ -266,8 +293,7 @@ def _score_boundary_blocks(out: np.ndarray, maps: np.ndarray, segment_ids: np.nd
     groups are the boundary blocks of two segments, of a few shapes), in
     chunks of at most ``max_tile_elements`` scores. Per pixel the arithmetic is
     that of one block alone: resampled along x, then along y (float32), first
-    maximum wins. (Measured on 1024 x 1024 masks of 16 segments, ~245 boundary
-    blocks: about 2 ms, where a loop over the blocks took about 8 ms.)
+    maximum wins.
     """
     row_starts, row_stops, ry0, ry1, wy = row_runs
     col_starts, col_stops, cx0, cx1, wx = col_runs
@@ -280,7 +306,7 @@ def _score_boundary_blocks(out: np.ndarray, maps: np.ndarray, segment_ids: np.nd
     # Each block's segments, its candidates first in increasing segment order (a group takes the first C).
     ranked = np.argsort(~possible[:, block_a, block_b], axis=0, kind="stable").T  # (blocks, K)
     # One integer per (candidates, height, width), ordered as the triples are
-    # (np.unique over rows of triples took 0.4 ms of the ~2 ms here).
+    # (cheaper than np.unique over rows of triples).
     height_span, width_span = int(heights.max()) + 1, int(widths.max()) + 1
     codes = (count[block_a, block_b].astype(np.int64) * height_span + heights) * width_span + widths
     keys, group_of = np.unique(codes, return_inverse=True)
@@ -358,8 +384,8 @@ def segment_stats(mask, num_segments: int | None = None) -> SegmentStats:
     Label maps are piecewise constant: the work is one comparison per pixel,
     then everything is computed from the horizontal runs of equal labels
     (a run's length adds to its label's area; only run ends can be a label's
-    extreme pixels), far fewer than pixels: 0.4 ms on a 1024 x 1024 mask of
-    16 segments, where two ``np.nonzero`` passes over the pixels took 10 ms.
+    extreme pixels), far fewer than pixels (benchmarks/RESULTS.md compares it
+    with ``np.nonzero`` passes over the pixels).
 
     Args:
         mask: (H, W) integer labels >= 0 (numpy, or anything np.asarray takes).

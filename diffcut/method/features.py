@@ -1,4 +1,4 @@
-"""Diffusion-UNet features for DiffCut (DESIGN.md §2.1).
+"""Diffusion-UNet features for DiffCut (docs/method.md §2.1).
 
 DiffCut (Couairon et al., NeurIPS 2024, arXiv:2406.02842, §3.1) describes an
 image by the output of one self-attention layer of a latent diffusion UNet,
@@ -19,8 +19,8 @@ run once on the slightly noised latent of the image:
 Nothing after that module is needed, so the UNet is not run as a whole:
 :func:`~diffcut.method.unet.truncated_unet_forward` runs, from the loaded diffusers modules, exactly
 the part of ``UNet2DConditionModel.forward`` that comes before the feature and
-returns the ``attn1`` output. That saves ~70 % of the UNet's FLOPs
-(benchmarks/flops.py), needs no exception to stop, and is one graph that
+returns the ``attn1`` output. That leaves most of the UNet's FLOPs out
+(docs/method.md §2.1, benchmarks/flops.py), needs no exception to stop, and is one graph that
 ``torch.compile(fullgraph=True)`` captures. The modules that would run after it
 (mid block, up blocks, output head) are released from memory at load time.
 
@@ -245,37 +245,74 @@ class FeatureExtractor:
         tf32: bool = False,
         vae_dtype: str | torch.dtype | None = "auto",
     ) -> "FeatureExtractor":
-        """Load a pipeline and prepare it for feature extraction.
+        """Load a pipeline and prepare it for feature extraction (docs/method.md §2.1).
 
-        Args:
-            model: a Hugging Face hub id (default ``segmind/SSD-1B``), a local
-                diffusers pipeline directory, or ``"tiny-random"`` (a tiny
-                random SDXL-architecture pipeline built locally, for tests).
-            device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"auto"``...
-            dtype: weights dtype; float16 / bfloat16 on GPU. A VAE whose
-                config asks for it (``force_upcast``, SDXL's) stays in
-                float32 under float16, as it overflows otherwise.
-            timestep: the noise level t (paper: 50).
-            noise_seed: seed of the shared noise (paper: 42).
-            release_unused: drop the modules that run after the feature (mid
-                block, up blocks, output head) and the text encoders once the
-                empty-prompt conditioning is cached.
-            compile: ``torch.compile`` the VAE encoder and the truncated UNet
-                (``True``/``"on"``: inductor; another string names a backend).
-                Height and width are dynamic, so buckets share one graph; the
-                first call (see :meth:`warm_up`) pays the compilation.
-            channels_last: NHWC memory format for the convolutions (faster
-                cuDNN kernels under float16 / bfloat16 on GPU).
-            attention: ``"sdpa"`` (``scaled_dot_product_attention``: flash /
-                memory-efficient kernels on CUDA; diffusers' default) or
-                ``"eager"`` (explicit matmul + softmax, the reference).
-            tf32: allow TF32 for the float32 matmuls and convolutions on CUDA
-                (the float32 VAE under float16). Process-wide; no effect on CPU.
-            vae_dtype: ``"auto"`` (the VAE config's choice: float32 for SDXL's
-                VAE under float16), ``"float32"``, ``"float16"``,
-                ``"bfloat16"``. bfloat16 is a deviation from the published
-                recipe (which keeps SDXL's VAE in float32): faster, and the
-                latent differs by bfloat16 rounding (~1e-2 relative).
+        Parameters
+        ----------
+        model : str or os.PathLike, default "segmind/SSD-1B"
+            A Hugging Face hub id, a local diffusers pipeline directory, or
+            ``"tiny-random"`` (a tiny random SDXL-architecture pipeline built
+            locally, for tests). Weights are read from safetensors only.
+        device : str or torch.device, default "cpu"
+            ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"auto"``...
+        dtype : str or torch.dtype, default torch.float32
+            Weights dtype; float16 / bfloat16 on GPU. A VAE whose config asks
+            for it (``force_upcast``, SDXL's) stays in float32 under float16, as
+            it overflows otherwise.
+        timestep : int, default 50
+            The noise level t (paper: 50).
+        noise_seed : int, default 42
+            Seed of the shared noise (paper: 42).
+        release_unused : bool, default True
+            Drop the modules that run after the feature (mid block, up blocks,
+            output head) and the text encoders once the empty-prompt
+            conditioning is cached.
+        compile : bool or str, default False
+            ``torch.compile`` the VAE encoder and the truncated UNet
+            (``True``/``"on"``: inductor; another string names a backend).
+            Height and width are dynamic, so buckets share one graph; the first
+            call (see :meth:`warm_up`) pays the compilation.
+        channels_last : bool, default False
+            NHWC memory format for the convolutions (faster cuDNN kernels
+            under float16 / bfloat16 on GPU).
+        attention : {"sdpa", "eager"}, default "sdpa"
+            ``scaled_dot_product_attention`` (flash / memory-efficient kernels
+            on CUDA; diffusers' default) or explicit matmul + softmax (the
+            reference).
+        tf32 : bool, default False
+            Allow TF32 for the float32 matmuls and convolutions on CUDA (the
+            float32 VAE under float16). Process-wide; no effect on CPU.
+        vae_dtype : str or torch.dtype, default "auto"
+            ``"auto"`` (the VAE config's choice: float32 for SDXL's VAE under
+            float16), ``"float32"``, ``"float16"``, ``"bfloat16"``. bfloat16 is
+            a deviation from the published recipe (which keeps SDXL's VAE in
+            float32): faster, and the latent differs by bfloat16 rounding (~1e-2 relative).
+
+        Returns
+        -------
+        FeatureExtractor
+            Ready for :meth:`extract`: pixels (B, 3, H, W) in [0, 1] with H and
+            W multiples of :attr:`stride` -> (B, H / stride, W / stride,
+            :attr:`feature_dim`) float32 features.
+
+        References
+        ----------
+        .. [1] P. Couairon et al., "DiffCut: Catalyzing Zero-Shot Semantic Segmentation with
+           Diffusion Features and Recursive Normalized Cut", NeurIPS 2024, arXiv:2406.02842,
+           Sec. 3.1.
+
+        Examples
+        --------
+        The tiny random model (built locally, no download):
+
+        >>> import torch
+        >>> from diffcut.method.features import FeatureExtractor
+        >>> extractor = FeatureExtractor.from_pretrained("tiny-random")
+        >>> extractor.stride, extractor.feature_dim
+        (32, 64)
+        >>> features = extractor.extract(torch.rand(1, 3, 64, 96))
+        >>> tuple(features.shape), features.dtype
+        ((1, 2, 3, 64), torch.float32)
         """
         from diffusers import DDIMScheduler, DiffusionPipeline
 

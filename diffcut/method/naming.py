@@ -24,21 +24,17 @@ Text embeddings are computed once per vocabulary (:meth:`SegmentNamer.text_class
 
 Why an in-house model and not ``open_clip``
 -------------------------------------------
-Decision (2026-12-02): ``open_clip_torch`` 3.3.0 and ``timm`` 1.0.31 import
-``torchvision`` at import time. With the CPU torch wheel this project installs
-(``torch==2.13.0``), pip resolves ``torchvision`` 0.28.0 (0.29.x when torch is
-not pinned), and ``import open_clip`` then fails with ``RuntimeError: operator
-torchvision::nms does not exist`` (tried in a fresh venv here). A CUDA build of
-torchvision would pull multi-GB wheels, which CI must not. So this module
+``open_clip_torch`` and ``timm`` import ``torchvision`` at import time, and
+with the CPU torch wheel this project installs the torchvision that pip
+resolves does not import (``operator torchvision::nms does not exist``); a
+CUDA build of torchvision would pull multi-GB wheels, which CI must not. So this module
 implements the ConvNeXt CLIP itself, with torch only: :class:`ConvNextCLIP`
 has the module and parameter names of open_clip's ``CLIP`` with a timm
 ConvNeXt visual tower (``visual.trunk.stem.0``, ``visual.trunk.stages.2.blocks.5.conv_dw``,
 ``visual.head.mlp.fc1``, ``transformer.resblocks.0.attn.in_proj_weight``,
 ``text_projection``, ``logit_scale`` ...), so the published open_clip checkpoint
-(safetensors) loads into it with a strict key check (:func:`load_clip`). The
-``naming`` extra pins ``open_clip_torch``/``timm`` for environments where they
-do import (e.g. a GPU node with a matching torchvision); ``diffcut`` itself
-never needs them.
+(safetensors) loads into it with a strict key check (:func:`load_clip`);
+``diffcut`` never needs open_clip or timm.
 
 Choices that differ from the published code
 -------------------------------------------

@@ -1,4 +1,4 @@
-"""PAMR mask refinement (DESIGN.md §2.5).
+"""PAMR mask refinement (docs/method.md §2.5).
 
 Pixel-Adaptive Mask Refinement, Araslanov and Roth, "Single-Stage Semantic
 Segmentation from Image Labels", CVPR 2020, §3.2. DiffCut (Couairon et al.,
@@ -209,7 +209,7 @@ def refine_pamr(
     device=None,
     tile_rows: int | None = None,
 ):
-    """Refine a label map with PAMR as DiffCut does (DESIGN.md §2.5).
+    """Refine a label map with PAMR as DiffCut does (docs/method.md §2.5).
 
     Steps, as the published evaluation: resize the image to the label map's
     size (bilinear, ``align_corners=False``, no antialiasing); one-hot masks of

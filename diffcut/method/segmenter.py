@@ -1,6 +1,6 @@
 """The whole DiffCut method on one machine: features, recursive NCut, assignment, refinement.
 
-:func:`segment_features` is the CPU half (DESIGN.md §2.2-2.5) and is what the
+:func:`segment_features` is the CPU half (docs/method.md §2.2-2.5) and is what the
 labeling job's CPU actors run; :class:`DiffCutSegmenter` adds the feature
 extractor in front of it for ``diffcut segment``, the benchmarks and
 notebooks.
@@ -60,7 +60,7 @@ def segment_features(
         mask_size: (H', W') of the output label map; default the feature grid.
         tau: NCut threshold; a region is split while its best cut is < tau.
         alpha: exponent applied to the min-max scaled cosine affinity.
-        refine: apply PAMR (DESIGN.md §2.5) to the assigned mask; needs ``image``.
+        refine: apply PAMR (docs/method.md §2.5) to the assigned mask; needs ``image``.
         image: (H', W', 3) RGB image at ``mask_size`` (uint8 or float in
             [0, 1]), used only by ``refine``.
         exact_search: search all sweep cuts of the Fiedler vector instead of

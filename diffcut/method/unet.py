@@ -1,7 +1,7 @@
 """The part of the diffusion UNet that DiffCut runs, and the model graph's speed switches.
 
 DiffCut's feature is the output of ``attn1`` of the last transformer block of
-the deepest down block that has attentions (DESIGN.md §2.1; Couairon et al.,
+the deepest down block that has attentions (docs/method.md §2.1; Couairon et al.,
 NeurIPS 2024, arXiv:2406.02842, §3.1). :func:`truncated_unet_forward` runs,
 from the loaded diffusers modules, exactly the part of
 ``UNet2DConditionModel.forward`` that comes before it and returns that output;

@@ -2,7 +2,7 @@
 
 DiffCut's segments are per image: segment 3 of one image has nothing to do
 with segment 3 of the next. Every segment also carries a descriptor, the mean
-of the L2-normalized diffusion features over its cells (DESIGN.md §2.4; the
+of the L2-normalized diffusion features over its cells (docs/method.md §2.4; the
 paper's concept embedding), and segments of one kind of thing have similar
 descriptors across images. Clustering the descriptors of the whole dataset
 gives class ids that mean the same thing in every image, so a per-image label

@@ -5,13 +5,13 @@ region while the NCut of its best cut is below ``tau``. The best cut of a
 region does not depend on ``tau``, so the recursion run at any ``tau' <= tau``
 visits a prefix of the tree built at ``tau``: its segments are that tree pruned
 at the first node on every root-to-leaf path whose NCut is ``>= tau'``
-(DESIGN.md §2.3). The labeling job stores the tree beside the latent labels,
+(docs/method.md §2.3). The labeling job stores the tree beside the latent labels,
 so every output row can be re-cut exactly, on a CPU, in milliseconds.
 
 For one row (:func:`rethreshold_row`):
 
 * ``latent_labels``: ``SplitTree.prune(tau')``, equal to a fresh run at ``tau'``;
-* the ``mask`` (the high-resolution assignment, DESIGN.md §2.4): every old
+* the ``mask`` (the high-resolution assignment, docs/method.md §2.4): every old
   segment id replaced by the id of the merged segment that contains it, i.e.
   the union of the merged segments' pixels. This is *not* a fresh assignment
   (which would take the argmax against the merged descriptors and can move
@@ -129,7 +129,7 @@ def merge_descriptors(descriptors: np.ndarray, cell_counts: np.ndarray, mapping:
     """Descriptors of merged segments from their parts' descriptors.
 
     A descriptor is the mean of the L2-normalized features over the segment's
-    latent cells (DESIGN.md §2.4), so the merged one is the cell-count-weighted
+    latent cells (docs/method.md §2.4), so the merged one is the cell-count-weighted
     mean of the parts' descriptors. Accumulated in float64.
 
     Args:
