@@ -1,6 +1,6 @@
 """The output format of the labeling job: one Arrow schema, the mask codec, and a reader.
 
-This module is the one source of the format (DESIGN.md §4; the PNG label-map
+This module is the one source of the format (docs/architecture.md; the PNG label-map
 codec is in :mod:`diffcut.job.mask_codec` and re-exported here). Every row the
 labeling job writes is built by :func:`ok_row` or :func:`error_row` and
 converted by :func:`rows_to_table`; readers use :func:`read_labels`,
@@ -311,14 +311,46 @@ def read_labels(output: str, columns: Iterable[str] | None = None) -> pa.Table:
     keeps one row per ``source`` (so even two runs racing on one output read
     back without duplicates).
 
-    Args:
-        output: the job's ``--output``.
-        columns: a subset of the columns (optional ones included, see
-            :data:`OPTIONAL_FIELDS`); default all, optional ones when a shard has them.
+    Parameters
+    ----------
+    output : str
+        The job's ``--output``.
+    columns : iterable of str, optional
+        A subset of the columns (optional ones included, see
+        :data:`OPTIONAL_FIELDS`); default all, optional ones when a shard has them.
 
-    Returns:
+    Returns
+    -------
+    pyarrow.Table
         A table with :data:`LABELS_SCHEMA`, or :data:`NAMED_LABELS_SCHEMA` for a
-        job run with ``--vocabulary`` (or the chosen columns).
+        job run with ``--vocabulary`` (or the chosen columns). Decode ``mask``
+        and ``latent_labels`` with :func:`decode_mask`, ``tree`` with :func:`decode_tree`.
+
+    References
+    ----------
+    .. [1] docs/output-format.md, the full reference of the columns.
+
+    Examples
+    --------
+    An output holding one row, written here by hand as the job writes it:
+
+    >>> import tempfile
+    >>> import numpy as np
+    >>> import pyarrow.parquet as pq
+    >>> from diffcut.job.schema import decode_mask, ok_row, read_labels, rows_to_table
+    >>> output = tempfile.mkdtemp()
+    >>> mask = np.array([[0, 0, 1], [0, 1, 1]])
+    >>> row = ok_row(image_id="cat", source="cat.jpg", width=3, height=2, mask=mask, latent_labels=mask,
+    ...              descriptors=np.eye(2, 4, dtype=np.float32), tree={}, params="{}")
+    >>> pq.write_table(rows_to_table([row]), f"{output}/labels-example-0.parquet")
+    >>> table = read_labels(output)
+    >>> table.num_rows, table.column("num_segments").to_pylist()
+    (1, [2])
+    >>> print(decode_mask(table.column("mask")[0].as_py()))
+    [[0 0 1]
+     [0 1 1]]
+    >>> [segment["area"] for segment in table.column("segments")[0].as_py()]
+    [3, 3]
     """
     optional = {field.name: field for field in OPTIONAL_FIELDS}
     complete, _ = list_shards(output)
