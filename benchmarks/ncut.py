@@ -3,8 +3,8 @@
 Both implement docs/method.md §2.2-2.3 (DiffCut's affinity and recursive
 normalized cut). The reference below is written plainly, the way the definition
 reads (its affinity is diffcut.method.ncut_reference's): a full symmetric
-eigendecomposition (``numpy.linalg.eigh``) of the normalized Laplacian of every region, then a Python loop over the 100 candidate thresholds
-that evaluates each NCut with dense products, the published DiffCut code's
+eigendecomposition (``numpy.linalg.eigh``) of the normalized Laplacian of every
+region, then a Python loop over the 100 candidate thresholds that evaluates each NCut with dense products, the published DiffCut code's
 ``z'Lz / z'Dz`` with ``L = D - W`` and ``D = diag(d)`` (``--light-reference``:
 ``z'(d * z)`` for the denominator). Every synthetic map goes through both, single-threaded, in one run; the
 segments must be identical on every map (same partition; numbering is compared

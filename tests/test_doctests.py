@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import doctest
 import importlib
+import tempfile
 
 import pytest
 
@@ -19,7 +20,9 @@ DOCUMENTED = [
 
 
 @pytest.mark.parametrize("module_name, path", DOCUMENTED, ids=[path for _, path in DOCUMENTED])
-def test_docstring_examples_run(module_name, path):
+def test_docstring_examples_run(module_name, path, tmp_path, monkeypatch):
+    # The examples' tempfile.mkdtemp() folders land in pytest's tmp_path, which pytest cleans up.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     obj = importlib.import_module(module_name)
     for part in path.split("."):
         obj = getattr(obj, part)

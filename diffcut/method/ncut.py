@@ -24,14 +24,14 @@ read it first), computed faster:
   its known top eigenvector ``D^1/2 1`` (the Laplacian's null vector). Affinity
   graphs have a few eigenvalues near 1 (one per well separated group) and a bulk
   near 0. Telling the Fiedler vector from the other members of that near-1
-  cluster is what costs most products; so a region's solve also resolves its cluster, and each child starts from the
-  Rayleigh-Ritz vector of its parent's cluster restricted to its cells (a
-  warm start, see ``_warm_start``), under the same convergence test; the
+  cluster is what costs most products; so a region's solve also resolves its
+  cluster, and each child starts from the Rayleigh-Ritz vector of its parent's
+  cluster restricted to its cells (a warm start, see ``fiedler._warm_start``),
+  under the same convergence test; the
   images of those vectors under the child's operator come from the parent's
   and the block between the two children (``children_clusters``), not from
-  products.
-  (Shift-invert is not used: its Cholesky factorization alone costs too much.)
-  Products use BLAS symv, which reads one triangle of the symmetric matrix;
+  products. (Not shift-invert: its Cholesky factorization alone costs too
+  much.) Products use BLAS symv, which reads one triangle of the symmetric matrix;
 * the candidate cuts are nested sets along sorted ``y``: the cells are binned by
   the candidates' boundaries, ``W_R`` is summed into a (bins x bins) matrix in
   one pass, and every cut value is read from its 2-D prefix sums;
@@ -53,8 +53,8 @@ names: :mod:`diffcut.method.affinity` (§2.2 and the input checks),
 :mod:`diffcut.method.split_tree` (the tree and its pruning); the recursion
 itself (step 4) is here.
 
-Beyond the paper, following docs/method.md §2.3: the recursion is iterative (an explicit
-stack, no recursion limit); it terminates on any input (one cell, constant
+Beyond the paper, following docs/method.md §2.3: the recursion is iterative
+(an explicit stack, no recursion limit); it terminates on any input (one cell, constant
 features, zero vectors, disconnected graphs); an exact search over all sweep
 cuts of sorted ``y`` is available; and the split tree is returned so that the
 segmentation for any smaller threshold is a pruning of it, with no new
