@@ -26,8 +26,9 @@ Why an in-house model and not ``open_clip``
 -------------------------------------------
 ``open_clip_torch`` and ``timm`` import ``torchvision`` at import time, and
 with the CPU torch wheel this project installs the torchvision that pip
-resolves does not import (``operator torchvision::nms does not exist``); a
-CUDA build of torchvision would pull multi-GB wheels, which CI must not. So this module
+resolves does not import (``operator torchvision::nms does not exist``;
+docs/naming.md has the versions); a CUDA build of torchvision would pull
+multi-GB wheels, which CI must not. So this module
 implements the ConvNeXt CLIP itself, with torch only: :class:`ConvNextCLIP`
 has the module and parameter names of open_clip's ``CLIP`` with a timm
 ConvNeXt visual tower (``visual.trunk.stem.0``, ``visual.trunk.stages.2.blocks.5.conv_dw``,
