@@ -31,7 +31,7 @@ and ``vae_dtype``; none changes the method, each changes the rounding only
 
 The truncated forward and the speed switches of the model graph are in
 :mod:`diffcut.method.unet`. This module is over 450 lines because
-:class:`FeatureExtractor` (about 310 of them: loading, the speed options, the
+:class:`FeatureExtractor` (most of them: loading, the speed options, the
 automatic batch size and the forward) is one class whose parts share its state.
 """
 
