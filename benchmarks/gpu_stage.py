@@ -267,14 +267,15 @@ def format_row(row: dict) -> str:
 
 
 def job_stage(extractor: FeatureExtractor, seconds: float, batch_size, resolution: int) -> dict:
-    """The labeling job's feature actor (:class:`diffcut.job.stages.FeatureStage`) on synthetic decoded
-    rows, bucket sizes mixed and grouped as decode_stage hands them over, for ``seconds``."""
+    """The labeling job's feature actor's batch work (:class:`diffcut.job.feature_batches.FeatureBatches`,
+    what :class:`diffcut.job.stages.FeatureStage` runs, without Ray) on synthetic decoded rows, bucket
+    sizes mixed and grouped as decode_stage hands them over, for ``seconds``."""
     import numpy as np
     import pyarrow as pa
 
-    from diffcut.job.stages import DECODED_SCHEMA, FeatureStage
+    from diffcut.job.feature_batches import DECODED_SCHEMA, FeatureBatches
 
-    stage = FeatureStage.around(extractor, batch_size)
+    stage = FeatureBatches(extractor, batch_size)
     rng = np.random.default_rng(0)
     rows_per_table = 4 * (8 if batch_size == "auto" else int(batch_size))
     tables = []
