@@ -49,8 +49,11 @@ if [ "${1:-}" = "--rehearse" ]; then
   RPY="${REHEARSAL_PYTHON:-python3}"
   "$RPY" -m venv "$RUN/venv" || { echo "rehearsal: $RPY -m venv failed"; exit 2; }
   "$RUN/venv/bin/python" -m pip install -q --no-index --find-links .whl-rehearse -r .whl-rehearse/requirements.txt \
-    > "$RUN/venv-install.log" 2>&1 || { cat "$RUN/venv-install.log"; echo "rehearsal: the stand-in set did not install"; exit 2; }
-  if "$RUN/venv/bin/python" -c "import ray" 2>/dev/null; then echo "rehearsal: Ray is importable in the venv"; exit 2; fi
+    > "$RUN/venv-install.log" 2>&1 \
+    || { cat "$RUN/venv-install.log"; echo "rehearsal: the stand-in set did not install"; exit 2; }
+  if "$RUN/venv/bin/python" -c "import ray" 2>/dev/null; then
+    echo "rehearsal: Ray is importable in the venv"; exit 2
+  fi
   NET=(unshare -n)
   unshare -n true 2>/dev/null || { NET=(); echo "rehearsal: unshare -n unavailable; offline by settings only"; }
   T0=$(date +%s)
@@ -74,7 +77,10 @@ T0=$(date +%s)
 FAILED=()
 BUDGET="${DEVICE_RUN_BUDGET:-280}"
 # limit CAP RESERVE: CAP seconds, or fewer so that RESERVE seconds of the budget remain after the step (>= 5).
-limit() { local left=$(( T0 + BUDGET - $(date +%s) - $2 )) n=$1; [ "$left" -lt "$n" ] && n=$left; [ "$n" -lt 5 ] && n=5; echo "$n"; }
+limit() {
+  local left=$(( T0 + BUDGET - $(date +%s) - $2 )) n=$1
+  [ "$left" -lt "$n" ] && n=$left; [ "$n" -lt 5 ] && n=5; echo "$n"
+}
 stamp() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a "$LOG"; }
 step() { local name=$1; shift; echo "---- $name: $*" >> "$LOG"; "$@" >> "$LOG" 2>&1; }
 # A benchmark step that fails is recorded and the next one still runs; the exit status says so.
@@ -84,8 +90,8 @@ stamp "start $(date -u +%FT%TZ) $([ -n "$SMOKE" ] && echo '(smoke: CPU, tiny mod
 { nvidia-smi 2>&1 | head -20; echo "cores: $(nproc)"; free -g; "$PY" --version; } >> "$LOG" 2>&1
 
 # 1. The carried wheels, without dependencies and without an index; ahead of the machine's own packages.
-if ! step "install" timeout "$(limit 45 200)" "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target "$SITE" .whl/*.whl; then
+if ! step "install" timeout "$(limit 45 200)" "$PY" -m pip install -q --no-index --no-deps --no-compile \
+    --no-cache-dir --upgrade --target "$SITE" .whl/*.whl; then
   # A wheel of pure Python is a zip of what an install writes: unpacked, it imports and has its metadata.
   stamp "pip install of the carried wheels failed (run.log); unpacking them instead"
   step "unpack" "$PY" -c "import sys, zipfile; [zipfile.ZipFile(w).extractall(sys.argv[1]) for w in sys.argv[2:]]" \
@@ -158,8 +164,8 @@ else
   # buckets mixed), auto batch size, GPU utilization sampled every 0.5 s.
   nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -lms 500 > "$OUT/gpu_util.csv" 2>/dev/null &
   SMI=$!
-  step "job stage" timeout "$(limit 90 5)" "$PY" benchmarks/gpu_stage.py --job-stage 20 --models ssd-1b --dtypes float16 \
-    --compile off --batch-size auto --json "$OUT/job_stage.json"
+  step "job stage" timeout "$(limit 90 5)" "$PY" benchmarks/gpu_stage.py --job-stage 20 --models ssd-1b \
+    --dtypes float16 --compile off --batch-size auto --json "$OUT/job_stage.json"
   ended "job stage" $?
   kill "$SMI" 2>/dev/null; wait "$SMI" 2>/dev/null
   "$PY" - "$OUT/gpu_util.csv" "$OUT/job_stage.json" <<'PYEOF' 2>&1 | tee -a "$LOG"

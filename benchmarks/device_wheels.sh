@@ -42,5 +42,6 @@ if [ "${1:-}" = "--rehearsal" ]; then
   rm -rf .whl-rehearse && mkdir -p .whl-rehearse
   "$RPY" -m pip download -q --only-binary=:all: -d .whl-rehearse "${MACHINE_SET[@]}"
   printf '%s\n' "${MACHINE_SET[@]}" > .whl-rehearse/requirements.txt
-  echo "$(ls .whl-rehearse | wc -l) wheels in .whl-rehearse/ ($(du -sh .whl-rehearse | cut -f1)), for $("$RPY" --version)"
+  echo "$(ls .whl-rehearse/*.whl | wc -l) wheels in .whl-rehearse/ ($(du -sh .whl-rehearse | cut -f1))," \
+    "for $("$RPY" --version)"
 fi

@@ -37,7 +37,8 @@ rng = np.random.default_rng(0)
 images = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in [(64, 96, 3), (96, 64, 3), (64, 96, 3), (64, 96, 3)]]
 rows = [dict(dict.fromkeys(DECODED_SCHEMA.names), image_id=str(i), source=str(i), status="ok", pixels=image.tobytes(),
              pixel_height=image.shape[0], pixel_width=image.shape[1]) for i, image in enumerate(images)]
-rows.insert(1, dict(dict.fromkeys(DECODED_SCHEMA.names), image_id="bad", source="bad", status="error", error="unreadable"))
+rows.insert(1, dict(dict.fromkeys(DECODED_SCHEMA.names), image_id="bad", source="bad", status="error",
+                   error="unreadable"))
 out = batches(pa.Table.from_pylist(rows, schema=DECODED_SCHEMA)).to_pylist()
 extractor.extract = extract
 errors = []

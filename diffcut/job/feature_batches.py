@@ -35,7 +35,8 @@ _CARRIED = [
     pa.field("metadata", pa.string()),  # the sample's JSON (WebDataset), kept with keep_metadata
 ]
 DECODED_SCHEMA = pa.schema(
-    _CARRIED + [pa.field("pixels", pa.binary()), pa.field("pixel_width", pa.int32()), pa.field("pixel_height", pa.int32())]
+    _CARRIED
+    + [pa.field("pixels", pa.binary()), pa.field("pixel_width", pa.int32()), pa.field("pixel_height", pa.int32())]
 )
 FEATURES_SCHEMA = pa.schema(
     _CARRIED
