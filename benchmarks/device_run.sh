@@ -9,9 +9,9 @@
 # The machine (device tool notes, KINDS.md): offline, python3 is CPython 3.12 with torch 2.11 (CUDA
 # 13), transformers, safetensors, huggingface_hub, numpy, pillow, pyarrow...; no diffusers, no Ray.
 # So: the machine's own torch; the project from the tree on PYTHONPATH (no build backend, no
-# dependencies resolved); the carried wheels (.whl/: diffusers) installed with pip --no-index into
-# /tmp/site; every requirement of those wheels and of the project checked against what is there
-# before anything runs. The GPU path imports no Ray (benchmarks/gpu_stage.py runs the feature
+# dependencies resolved); the carried wheels (.whl/: diffusers and what it needs that is not there)
+# installed with pip --no-index into /tmp/site; every requirement of those wheels and of the
+# project checked against what is there before anything runs. The GPU path imports no Ray (benchmarks/gpu_stage.py runs the feature
 # actor's batch work from diffcut.job.feature_batches). Models are random-weight SSD-1B / SDXL
 # architectures built on the GPU (benchmarks/architectures.py): no model hub.
 #
