@@ -11,9 +11,10 @@
 # So: the machine's own torch; the project from the tree on PYTHONPATH (no build backend, no
 # dependencies resolved); the carried wheels (.whl/: diffusers and what it needs that is not there)
 # installed with pip --no-index into /tmp/site; every requirement of those wheels and of the
-# project checked against what is there before anything runs. The GPU path imports no Ray (benchmarks/gpu_stage.py runs the feature
-# actor's batch work from diffcut.job.feature_batches). Models are random-weight SSD-1B / SDXL
-# architectures built on the GPU (benchmarks/architectures.py): no model hub.
+# project checked against what is there before anything runs. The GPU path imports no Ray
+# (benchmarks/gpu_stage.py runs the feature actor's batch work from diffcut.job.feature_batches).
+# Models are random-weight SSD-1B / SDXL architectures built on the GPU (benchmarks/architectures.py):
+# no model hub.
 #
 # Budget: 15 minutes of device time per task, machine starts included, so the call's timeout_s=300
 # leaves room for a second start and run. The script ends within DEVICE_RUN_BUDGET=280 s: each step's
