@@ -21,6 +21,7 @@ are listed), so one command fits a device session.
 
     python benchmarks/gpu_stage.py --json out/gpu_stage.json          # on a GPU, ~7 min
     python benchmarks/gpu_stage.py --smoke --json /tmp/smoke.json     # tiny model on CPU, seconds
+    python benchmarks/gpu_stage.py --meta-check                       # the published architectures, no weights
 
 Timings on CPU (``--smoke``) only prove the script runs; they say nothing
 about a GPU.
@@ -32,6 +33,7 @@ import argparse
 import json
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -194,15 +196,16 @@ def measure(extractor, height: int, width: int, batch: int, *, repeats: int, min
 
 def sweep(settings, *, device, resolution, batches, time_limit, repeats, min_seconds, warmups=2, log=print,
           compile_batches=None, on_row=None):
-    """Run ``settings`` [(architecture, dtype name, compile)] in order; returns (rows, skipped)."""
+    """Run ``settings`` [(architecture, dtype name, compile)] in order; returns (rows, skipped).
+
+    A setting that fails (say, no compiler for ``compile``) is one error row; the next one runs.
+    """
     started = time.perf_counter()
     rows, skipped = [], []
     peak = device_peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     flop_cache: dict = {}
-    for architecture, dtype_name, compile in settings:
-        if time.perf_counter() - started > time_limit:
-            skipped.append({"model": architecture, "dtype": dtype_name, "compile": compile})
-            continue
+
+    def run_setting(architecture, dtype_name, compile):
         dtype = getattr(torch, dtype_name)
         torch._dynamo.reset()
         extractor = build_extractor(architecture, device, dtype, compile) if architecture in ARCHITECTURES \
@@ -242,7 +245,20 @@ def sweep(settings, *, device, resolution, batches, time_limit, repeats, min_sec
                 log(format_row(row))
                 if on_row is not None:
                     on_row(rows, skipped)
-        del extractor
+
+    for architecture, dtype_name, compile in settings:
+        if time.perf_counter() - started > time_limit:
+            skipped.append({"model": architecture, "dtype": dtype_name, "compile": compile})
+            continue
+        try:
+            run_setting(architecture, dtype_name, compile)
+        except Exception as error:  # noqa: BLE001 - one broken setting must not end a one-shot device run
+            traceback.print_exc()
+            rows.append({"model": architecture, "dtype": dtype_name, "compile": compile,
+                         "error": f"{type(error).__name__}: {error}"[:500]})
+            log(f"{architecture} {dtype_name} compile={compile}: failed, {type(error).__name__}: {error}"[:300])
+            if on_row is not None:
+                on_row(rows, skipped)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows, skipped
@@ -267,14 +283,15 @@ def format_row(row: dict) -> str:
 
 
 def job_stage(extractor: FeatureExtractor, seconds: float, batch_size, resolution: int) -> dict:
-    """The labeling job's feature actor (:class:`diffcut.job.stages.FeatureStage`) on synthetic decoded
-    rows, bucket sizes mixed and grouped as decode_stage hands them over, for ``seconds``."""
+    """The labeling job's feature actor's batch work (:class:`diffcut.job.feature_batches.FeatureBatches`,
+    what :class:`diffcut.job.stages.FeatureStage` runs, without Ray) on synthetic decoded rows, bucket
+    sizes mixed and grouped as decode_stage hands them over, for ``seconds``."""
     import numpy as np
     import pyarrow as pa
 
-    from diffcut.job.stages import DECODED_SCHEMA, FeatureStage
+    from diffcut.job.feature_batches import DECODED_SCHEMA, FeatureBatches
 
-    stage = FeatureStage.around(extractor, batch_size)
+    stage = FeatureBatches(extractor, batch_size)
     rng = np.random.default_rng(0)
     rows_per_table = 4 * (8 if batch_size == "auto" else int(batch_size))
     tables = []
@@ -314,9 +331,22 @@ def main(argv=None) -> int:
                         help="instead of the sweep: the job's feature actor on synthetic images for SECONDS "
                              "(first of --models / --dtypes; --compile on/off; --batch-size)")
     parser.add_argument("--batch-size", default="8", help="with --job-stage: an integer or auto")
+    parser.add_argument("--meta-check", action="store_true",
+                        help="build the published architectures of --models as the sweep does, on the meta device "
+                             "(no weights, no GPU), and count their FLOPs at --resolution: checks that the installed "
+                             "diffusers and torch take them (benchmarks/device_run.sh --rehearse)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny-random model on CPU, float32, 64x64 buckets, batch 1-2: checks the script")
     args = parser.parse_args(argv)
+    if args.meta_check:
+        for architecture in args.models.split(","):
+            extractor = build_extractor(architecture, torch.device("meta"), torch.float16, compile=False)
+            flops = flops_per_image(_constructor_args(dict(extractor.unet.config)),
+                                    _constructor_args(dict(extractor.vae.config)), args.resolution, args.resolution)
+            print(json.dumps({"model": architecture, "feature_module": extractor.feature_module_name,
+                              "feature_dim": extractor.feature_dim, "stride": extractor.stride,
+                              "resolution": args.resolution, **flops}), flush=True)
+        return 0
     if args.smoke:
         device = torch.device("cpu")
         settings = [("tiny-random", "float32", False)]

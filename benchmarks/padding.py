@@ -12,7 +12,7 @@ This script runs the real ``decode_stage`` over generated JPEG files at the
 chosen resolution, in read/decode batches of each ``--decode-batch-sizes``
 value, cuts its output into feature batches of ``4 * batch_size`` rows as the
 job does, and counts the images the model runs with
-:func:`diffcut.job.stages.model_calls` -- the function the feature stage runs.
+:func:`diffcut.job.feature_batches.model_calls` -- the function the feature stage runs.
 The baseline is the same rows in input (file) order: what the feature stage
 saw before the ordering. Ray Data may interleave the decoded blocks of
 concurrent decode tasks; they are ``4 * batch_size`` rows long, one feature
@@ -78,7 +78,7 @@ def write_images(folder: Path, sizes: list[tuple[int, int]], seed: int = 0) -> l
 
 def model_images(sizes: list[tuple[int, int]], batch_size: int, feature_batch: int) -> int:
     """Images the model runs for rows arriving in this order (padding included)."""
-    from diffcut.job.stages import model_calls
+    from diffcut.job.feature_batches import model_calls
 
     calls = 0
     for start in range(0, len(sizes), feature_batch):

@@ -192,7 +192,8 @@ def test_feature_stage_auto_batch_and_speed_options_on_cpu():
     import numpy as np
     import pyarrow as pa
 
-    from diffcut.job.stages import DECODED_SCHEMA, FeatureStage, model_calls
+    from diffcut.job.feature_batches import DECODED_SCHEMA, model_calls
+    from diffcut.job.stages import FeatureStage
 
     stage = FeatureStage("tiny-random", "cpu", "float32", 50, "auto", speed={"channels_last": True})
     rng = np.random.default_rng(0)
@@ -242,18 +243,6 @@ def test_gpu_stage_architectures_have_the_published_feature():
     ssd, sdxl = flops_per_image(SSD1B_UNET, SDXL_VAE, 1024, 1024), flops_per_image(SDXL_UNET, SDXL_VAE, 1024, 1024)
     assert 2.0e12 < sdxl["unet_to_feature"] < 2.2e12  # docs/method.md §2.1: 2.08 TFLOP
     assert ssd["unet_to_feature"] < sdxl["unet_to_feature"] and ssd["vae_encoder"] == sdxl["vae_encoder"]
-
-
-def test_gpu_stage_job_stage_smoke(tmp_path):
-    """--job-stage runs the job's FeatureStage on synthetic rows (here: tiny model, CPU, auto batch)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import gpu_stage
-
-    output = tmp_path / "job_stage.json"
-    assert gpu_stage.main(["--smoke", "--job-stage", "0.5", "--batch-size", "auto", "--json", str(output)]) == 0
-    result = json.loads(output.read_text())
-    assert result["images"] > 0 and result["errors"] == 0
-    assert set(result["auto_batch_sizes"].values()) == {1}
 
 
 def test_job_flags_map_to_label_dataset_and_are_checked(tmp_path):

@@ -97,7 +97,8 @@ def check_labels(output: str, feature_dim: int, tau: float = 0.5) -> list[dict]:
 def test_stages_give_one_row_per_record_and_pass_errors_through(tmp_path, sample_dir, tricky_images,
                                                                  tiny_feature_dim):
     """The three stage functions without Ray: per-row failures at every stage, order and ids kept."""
-    from diffcut.job.stages import FEATURES_SCHEMA, FeatureStage, SegmentStage, decode_stage
+    from diffcut.job.feature_batches import FEATURES_SCHEMA
+    from diffcut.job.stages import FeatureStage, SegmentStage, decode_stage
 
     names = ["tiles.png", "zero_bytes.jpg", "landscape.jpg", "bomb.png", "logo_rgba.png"]
     for name in names:
@@ -197,7 +198,8 @@ def test_local_folder_resume_overwrite_and_agreement_with_the_library(ray_local,
 def test_decoded_rows_come_grouped_by_model_input_size(tmp_path):
     """decode_stage orders each batch by model input size (stable: ties keep their input order), so
     the feature stage's fixed-size model calls are full; model_calls counts what it runs."""
-    from diffcut.job.stages import decode_stage, model_calls
+    from diffcut.job.feature_batches import model_calls
+    from diffcut.job.stages import decode_stage
 
     aspects = [(96, 64), (64, 96), (96, 64), (80, 80), (64, 96), (96, 64), (80, 80), (64, 96)]
     paths = []

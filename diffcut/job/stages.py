@@ -15,12 +15,13 @@ Ray Data runs as one streaming operator (the order and the wiring are in
 
 The method itself is imported lazily inside the actors, so the driver does not
 load torch.
+The feature actor's batch work and the schemas between decode and features
+live in :mod:`diffcut.job.feature_batches`, which imports no Ray.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from typing import Iterator
 
 import numpy as np
@@ -29,44 +30,15 @@ from ray.data.datasource import FilenameProvider
 
 from diffcut.job import io as dio
 from diffcut.job import schema
+from diffcut.job.feature_batches import DECODED_SCHEMA, FeatureBatches, error_fields
 
 log = logging.getLogger(__name__)
 
 #: Rows handed to a feature actor at a time with ``batch_size="auto"`` (a few calls' worth).
 AUTO_FEATURE_BATCH_ROWS = 64
 
-# Columns every intermediate stage carries for every row, ok or error.
-_CARRIED = [
-    pa.field("image_id", pa.string()),
-    pa.field("source", pa.string()),
-    pa.field("status", pa.string()),
-    pa.field("error", pa.string()),
-    pa.field("width", pa.int32()),
-    pa.field("height", pa.int32()),
-    pa.field("mask_width", pa.int32()),
-    pa.field("mask_height", pa.int32()),
-    pa.field("image_bytes", pa.binary()),  # only with refine: PAMR needs the image at the mask size
-    pa.field("metadata", pa.string()),  # the sample's JSON (WebDataset), kept with keep_metadata
-]
-DECODED_SCHEMA = pa.schema(
-    _CARRIED + [pa.field("pixels", pa.binary()), pa.field("pixel_width", pa.int32()), pa.field("pixel_height", pa.int32())]
-)
-FEATURES_SCHEMA = pa.schema(
-    _CARRIED
-    + [
-        pa.field("features", pa.binary()),  # float16, (feature_height, feature_width, feature_dim), C order
-        pa.field("feature_height", pa.int32()),
-        pa.field("feature_width", pa.int32()),
-        pa.field("feature_dim", pa.int32()),
-    ]
-)
-
 
 # =========================================================================== stages
-def _error_fields(message: str) -> dict:
-    return {"status": schema.STATUS_ERROR, "error": dio.redact(message)}
-
-
 def _carried(record: dio.RawRecord) -> dict:
     row = dict.fromkeys(DECODED_SCHEMA.names)
     row.update(image_id=record.image_id, source=record.source, status=schema.STATUS_OK, metadata=record.metadata)
@@ -78,7 +50,7 @@ def decode_record(record: dio.RawRecord, *, resolution: int, resize: str, stride
     """One row of :data:`DECODED_SCHEMA` for a raw record; never raises."""
     row = _carried(record)
     if record.error is not None:
-        row.update(_error_fields(record.error))
+        row.update(error_fields(record.error))
         return row
     try:
         decoded = dio.decode_image(
@@ -87,10 +59,10 @@ def decode_record(record: dio.RawRecord, *, resolution: int, resize: str, stride
         height, width = decoded.pixels.shape[:2]
         mask_width, mask_height = mask_size.resolve((decoded.width, decoded.height), (width, height))
     except dio.ImageDecodeError as error:
-        row.update(_error_fields(str(error)))
+        row.update(error_fields(str(error)))
         return row
     except Exception as error:  # noqa: BLE001 - a bug or an exotic file must cost one row, not the job
-        row.update(_error_fields(f"unexpected failure while decoding: {type(error).__name__}: {error}"))
+        row.update(error_fields(f"unexpected failure while decoding: {type(error).__name__}: {error}"))
         return row
     row.update(
         width=decoded.width, height=decoded.height, mask_width=mask_width, mask_height=mask_height,
@@ -162,139 +134,21 @@ def _groups(records: Iterator[dio.RawRecord], size: int | None) -> Iterator[list
         yield group
 
 
-def model_calls(sizes: list[tuple[int, int] | None], batch_size) -> list[list[int]]:
-    """How :class:`FeatureStage` runs one batch: the indices of each model call.
-
-    ``sizes`` are the rows' model input sizes (None: an error row, not run).
-    ``batch_size`` is an int or a function of the size (``batch_size="auto"``).
-    Rows of one size run together in input order, ``batch_size`` per call;
-    each call is padded to ``batch_size`` images, so ``len(calls) *
-    batch_size`` images go through the model for ``sum(map(len, calls))``
-    real ones.
-    """
-    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for index, size in enumerate(sizes):
-        if size is not None:
-            groups[tuple(size)].append(index)
-    per_size = batch_size if callable(batch_size) else (lambda size: batch_size)
-    calls = []
-    for size, indices in groups.items():
-        step = per_size(size)
-        calls += [indices[start:start + step] for start in range(0, len(indices), step)]
-    return calls
-
-
-class FeatureStage:
+class FeatureStage(FeatureBatches):
     """Ray Data UDF of stage 2 (actor): diffusion features of every ok row.
 
-    Loads the model once per actor. Rows of a batch are grouped by input size
-    (the bucket) and run in chunks of ``batch_size``; if a chunk fails (e.g.
-    out of memory) its rows are retried one by one, and a row that still fails
-    becomes an error row.
-
-    Every model call holds exactly ``batch_size`` images: a short chunk (the
-    last of a bucket) is padded with blank images. The model's kernels are
-    chosen by batch shape and round differently for different batch sizes, so
-    without this an image's features -- and, at near-ties, its labels -- would
-    depend on which images happened to share its Ray Data batch, i.e. on pool
-    sizes and scheduling. With it, the output is a function of the inputs,
-    the parameters and ``batch_size`` (docs/output-format.md, "Determinism").
-    Only the one-by-one retry after a failed chunk runs unpadded.
+    Loads the model once per actor; the batch work (grouping by input size,
+    padded calls, one-by-one retries) is :class:`~diffcut.job.feature_batches.FeatureBatches`,
+    which code without Ray runs too.
     """
 
     def __init__(self, model: str, device: str, dtype: str, timestep: int, batch_size: int | str,
                  speed: dict | None = None):
-        import torch
-
         from diffcut.method.features import FeatureExtractor
 
-        self.torch = torch
         extractor = FeatureExtractor.from_pretrained(model, device=device, dtype=dtype, timestep=timestep,
                                                      **(speed or {}))
-        self.__dict__.update(vars(FeatureStage.around(extractor, batch_size)))
-
-    @classmethod
-    def around(cls, extractor, batch_size: int | str) -> "FeatureStage":
-        """The stage around an extractor built elsewhere (benchmarks/gpu_stage.py --job-stage)."""
-        import torch
-
-        stage = cls.__new__(cls)
-        stage.torch = torch
-        stage.extractor = extractor
-        stage.auto_batch = batch_size == "auto"
-        stage.batch_size = 1 if stage.auto_batch else max(1, int(batch_size))
-        stage._on_cuda = extractor.device.type == "cuda"
-        stage._warm = set()
-        return stage
-
-    def _batch_for(self, size: tuple[int, int]) -> int:
-        """Images per call for this input size; with auto, found (and warmed up) once per size."""
-        size = (int(size[0]), int(size[1]))
-        batch = self.extractor.auto_batch_size(*size) if self.auto_batch else self.batch_size
-        if size not in self._warm and self.extractor.compiled:
-            # Compile (or re-specialize) on blank images, not on the first real batch.
-            self.extractor.warm_up([size], batch)
-        self._warm.add(size)
-        return batch
-
-    def _extract(self, pixels: list[np.ndarray], pad: bool = True) -> np.ndarray:
-        """float16 features of same-size images; ``pad``: run them in a call of exactly the size's batch."""
-        torch = self.torch
-        count = len(pixels)
-        target = self._batch_for(pixels[0].shape[:2]) if pad else count
-        stacked = np.stack(pixels + [np.zeros_like(pixels[0])] * max(0, target - count))
-        host = torch.from_numpy(stacked)
-        if self._on_cuda:
-            # uint8 crosses the bus (4x less than float32) from pinned memory, asynchronously; the
-            # conversion to floats runs on the GPU.
-            host = host.pin_memory()
-        batch = host.to(self.extractor.device, non_blocking=True)
-        batch = batch.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
-        features = self.extractor.extract(batch)[:count].to(torch.float16)
-        if self._on_cuda:
-            out = torch.empty(features.shape, dtype=torch.float16, pin_memory=True)
-            out.copy_(features, non_blocking=True)
-            torch.cuda.current_stream(self.extractor.device).synchronize()
-            return out.numpy()
-        return features.cpu().numpy()
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
-        images: dict[int, np.ndarray] = {}
-        failures: dict[int, str] = {}
-        for index, row in enumerate(rows):
-            if row["status"] != schema.STATUS_OK:
-                continue
-            try:
-                shape = (row["pixel_height"], row["pixel_width"], 3)
-                images[index] = np.frombuffer(row["pixels"], np.uint8).reshape(shape)
-            except Exception as error:  # noqa: BLE001
-                failures[index] = f"feature extraction failed: bad decoded pixels: {error}"
-        sizes = [images[i].shape[:2] if i in images else None for i in range(len(rows))]
-        features: dict[int, np.ndarray] = {}
-        for chunk in model_calls(sizes, self._batch_for):
-            try:
-                features.update(zip(chunk, self._extract([images[i] for i in chunk])))
-            except Exception as error:  # noqa: BLE001 - retry alone, then record per row
-                if len(chunk) == 1 and self._batch_for(sizes[chunk[0]]) == 1:
-                    failures[chunk[0]] = f"feature extraction failed: {type(error).__name__}: {error}"
-                    continue
-                for i in chunk:
-                    try:
-                        features[i] = self._extract([images[i]], pad=False)[0]
-                    except Exception as single:  # noqa: BLE001
-                        failures[i] = f"feature extraction failed: {type(single).__name__}: {single}"
-        out = []
-        for index, row in enumerate(rows):
-            result = {name: row.get(name) for name in FEATURES_SCHEMA.names}
-            if index in failures:
-                result.update(_error_fields(failures[index]))
-            elif index in features:
-                grid = features[index]
-                result.update(features=grid.tobytes(), feature_height=grid.shape[0], feature_width=grid.shape[1],
-                              feature_dim=grid.shape[2])
-            out.append(result)
-        return pa.Table.from_pylist(out, schema=FEATURES_SCHEMA)
+        super().__init__(extractor, batch_size)
 
 
 class SegmentStage:
