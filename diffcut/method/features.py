@@ -136,7 +136,8 @@ def refuse_pickle_checkpoints(model_dir: Path) -> None:
     if offending:
         raise ValueError(
             f"refusing to load {model_dir}: weights {', '.join(sorted(offending))} are pickle checkpoints; "
-            "diffcut loads safetensors only (convert them, e.g. with diffusers' save_pretrained(safe_serialization=True))"
+            "diffcut loads safetensors only "
+            "(convert them, e.g. with diffusers' save_pretrained(safe_serialization=True))"
         )
 
 
