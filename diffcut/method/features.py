@@ -60,18 +60,28 @@ DEFAULT_NOISE_SEED = 42
 _PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
 
+def _not_an_image_processor_fallback(record: logging.LogRecord) -> bool:
+    """False for transformers' notice that an image processor falls back to PIL without torchvision:
+    importing a diffusers pipeline imports image processors, and diffcut uses none of them."""
+    return "requires torchvision (not installed); falling back" not in record.getMessage()
+
+
 @contextmanager
 def _quiet_loading():
-    """No per-component progress bars while loading: they flood Ray worker logs."""
+    """No per-component progress bars while loading (they flood Ray worker logs), and no notice about
+    transformers' image processors, which the method does not use."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
     libraries = [lib for lib in (diffusers_logging, transformers_logging) if lib.is_progress_bar_enabled()]
     for lib in libraries:
         lib.disable_progress_bar()
+    import_notices = logging.getLogger("transformers.utils.import_utils")
+    import_notices.addFilter(_not_an_image_processor_fallback)
     try:
         yield
     finally:
+        import_notices.removeFilter(_not_an_image_processor_fallback)
         for lib in libraries:
             lib.enable_progress_bar()
 
@@ -290,7 +300,8 @@ class FeatureExtractor:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         model = str(model)
-        source = str(tiny_random_path()) if model == TINY_RANDOM_NAME else model
+        with _quiet_loading():  # building the tiny model imports a diffusers pipeline too
+            source = str(tiny_random_path()) if model == TINY_RANDOM_NAME else model
         local = Path(source)
         kwargs = {}
         if local.is_dir():
@@ -303,7 +314,10 @@ class FeatureExtractor:
                 # ``torch_dtype`` works on every diffusers we support; newer ones
                 # also accept ``dtype`` and warn about the old name.
                 warnings.simplefilter("ignore", FutureWarning)
-                pipeline = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, use_safetensors=True, **kwargs)
+                # low_cpu_mem_usage=False: diffusers' path without accelerate, stated (else it advises installing
+                # accelerate, which loads safetensors no faster here: benchmarks/RESULTS.md, model loading).
+                pipeline = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, use_safetensors=True,
+                                                             low_cpu_mem_usage=False, **kwargs)
         except (OSError, EnvironmentError) as error:
             if "safetensors" in str(error).lower():
                 raise ValueError(
