@@ -7,7 +7,10 @@ import logging
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow  # a fresh process that imports torch and diffusers: left out of make test-fast
 def test_loading_the_model_prints_nothing():
     # A fresh process: transformers prints its image-processor notice once per process, at the first
     # import of a diffusers pipeline, and diffusers its advice to install accelerate at every load.
