@@ -7,7 +7,6 @@ stopped run writes its summary and the same command resumes.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -15,6 +14,8 @@ import signal
 import threading
 
 import ray
+
+from diffcut.method.logs import records_left_out
 
 
 log = logging.getLogger(__name__)
@@ -102,23 +103,14 @@ def connect_ray(address: str | None, min_cpus: float) -> bool:
     return True
 
 
-@contextlib.contextmanager
 def without_token_auth_default_notice():
     """Ray's notice that a new local cluster uses token authentication (its default, kept) left out.
 
     Ray logs it when ``RAY_AUTH_MODE`` is unset. The setting cannot be stated here instead: Ray reads
     it when imported, and one set later makes the driver and the cluster disagree (the start fails).
     """
-    notices = logging.getLogger("ray._private.authentication.authentication_token_setup")
-    notices.addFilter(_not_the_token_auth_default_notice)
-    try:
-        yield
-    finally:
-        notices.removeFilter(_not_the_token_auth_default_notice)
-
-
-def _not_the_token_auth_default_notice(record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+    return records_left_out("ray._private.authentication.authentication_token_setup",
+                            "Token authentication is enabled for this Ray cluster")
 
 
 def _use_loopback_node_address() -> None:

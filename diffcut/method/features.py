@@ -47,6 +47,7 @@ from pathlib import Path
 
 import torch
 
+from diffcut.method.logs import records_left_out
 from diffcut.method.tiny import TINY_RANDOM_NAME, tiny_random_path
 from diffcut.method.unet import (_distinct_symbolic_sizes, _mark_spatial_dynamic, _UNetToFeature, _VaeToLatentMean,
                                  check_truncatable, feature_module_path, set_attention_kernel)
@@ -60,28 +61,21 @@ DEFAULT_NOISE_SEED = 42
 _PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
 
-def _not_an_image_processor_fallback(record: logging.LogRecord) -> bool:
-    """False for transformers' notice that an image processor falls back to PIL without torchvision:
-    importing a diffusers pipeline imports image processors, and diffcut uses none of them."""
-    return "requires torchvision (not installed); falling back" not in record.getMessage()
-
-
 @contextmanager
 def _quiet_loading():
-    """No per-component progress bars while loading (they flood Ray worker logs), and no notice about
-    transformers' image processors, which the method does not use."""
+    """No per-component progress bars while loading (they flood Ray worker logs), and no notice that
+    transformers' image processors fall back to PIL without torchvision: importing a diffusers pipeline
+    imports them, and the method uses none."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
     libraries = [lib for lib in (diffusers_logging, transformers_logging) if lib.is_progress_bar_enabled()]
     for lib in libraries:
         lib.disable_progress_bar()
-    import_notices = logging.getLogger("transformers.utils.import_utils")
-    import_notices.addFilter(_not_an_image_processor_fallback)
     try:
-        yield
+        with records_left_out("transformers.utils.import_utils", "requires torchvision (not installed); falling back"):
+            yield
     finally:
-        import_notices.removeFilter(_not_an_image_processor_fallback)
         for lib in libraries:
             lib.enable_progress_bar()
 
