@@ -35,8 +35,10 @@ has the module and parameter names of open_clip's ``CLIP`` with a timm
 ConvNeXt visual tower (``visual.trunk.stem.0``, ``visual.trunk.stages.2.blocks.5.conv_dw``,
 ``visual.head.mlp.fc1``, ``transformer.resblocks.0.attn.in_proj_weight``,
 ``text_projection``, ``logit_scale`` ...), so the published open_clip checkpoint
-(safetensors) loads into it with a strict key check (:func:`load_clip`).
-``diffcut`` neither imports nor installs open_clip, timm or torchvision.
+(safetensors) loads into it with a strict key check (:func:`load_clip`). The
+``naming`` extra pins ``open_clip_torch``/``timm`` for environments where they
+do import (e.g. a GPU node with a matching torchvision); ``diffcut`` itself
+never needs them.
 
 Choices that differ from the published code
 -------------------------------------------
