@@ -70,7 +70,8 @@ CURRENT = dict(name="diffcut", step=segmenter.segment_features, ok_row=schema.ok
 
 def baseline_impl(into: Path) -> dict:
     """The step at ``BASELINE_COMMIT``: its ``diffcut/*.py`` written from git into ``into`` as the package
-    ``BASELINE_PACKAGE``, every ``diffcut`` import in them renamed so that none reaches the live package."""
+    ``BASELINE_PACKAGE`` (``into`` is on ``sys.path``), every ``diffcut`` import in them renamed so that none
+    reaches the live package."""
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(_HERE.parent), *args], check=True, capture_output=True,
                               text=True).stdout
@@ -81,7 +82,6 @@ def baseline_impl(into: Path) -> dict:
             target = into / BASELINE_PACKAGE / Path(name).relative_to("diffcut")
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(import_line.sub(rf"\1\2 {BASELINE_PACKAGE}", git("show", f"{BASELINE_COMMIT}:{name}")))
-    sys.path.insert(0, str(into))
     modules = {name: importlib.import_module(f"{BASELINE_PACKAGE}.{name}")
                for name in ("segmenter", "schema", "ncut", "assign")}
     return dict(name="baseline", step=modules["segmenter"].segment_features, ok_row=modules["schema"].ok_row,
@@ -179,7 +179,13 @@ def main(argv: list[str] | None = None) -> int:
         args.regions, args.repeats, args.noise_maps, args.mask = "16", 2, 0, 256
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="segment-step-baseline-") as folder:
-        return run(args, baseline_impl(Path(folder)))
+        sys.path.insert(0, folder)
+        try:
+            return run(args, baseline_impl(Path(folder)))
+        finally:  # the process (a test calls main) keeps no trace of the baseline
+            sys.path.remove(folder)
+            for name in [name for name in sys.modules if name.split(".")[0] == BASELINE_PACKAGE]:
+                del sys.modules[name]
 
 
 def run(args: argparse.Namespace, baseline: dict) -> int:
