@@ -21,7 +21,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 #: Fixtures that start a service: a test using one (directly or through another fixture) gets the marker,
-#: so that ``make test-fast`` (``-m "not ray and not s3 and not slow"``) leaves it out.
+#: so that ``make test-fast`` (``-m "not ray and not s3 and not slow"``) leaves it out. A test that starts
+#: Ray or a server by other means (its own cluster, a job in a subprocess) is marked ``slow``.
 SERVICE_MARKERS = {"ray_local": "ray", "s3_server": "s3"}
 
 
