@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install clean
+.PHONY: demo test test-fast lint install clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -13,9 +13,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install -q --no-compile -c constraints.txt -e '.[test]'
 	# Byte-compile everything once, on all cores (pip would do it on one). It must happen here:
 	# where PYTHONDONTWRITEBYTECODE is set (as on CI machines) nothing is cached at import, and every
-	# Ray worker would compile torch and ray from source again (11 s instead of 4 s per process).
-	# Exit status ignored as pip ignores it: a few packages ship files that are not Python 3.
-	-$(BIN)/python -m compileall -q -j 0 $(VENV)/lib diffcut >/dev/null
+	# Ray worker would compile torch and ray from source again (benchmarks/RESULTS.md, "Test suite and CI time").
+	# -x: torch's test helpers include a file in Python 3.12 syntax, never imported by diffcut.
+	$(BIN)/python -m compileall -q -j 0 -x '/torch/testing/_internal/py3[0-9]+_intrinsics\.py$$' $(VENV)/lib diffcut
 	touch $@
 
 install: $(VENV)/.installed
@@ -26,13 +26,21 @@ demo: $(VENV)/.installed
 		--resolution 256 --ncut-cpus 0.5 --extractor-cpus 0.5 --overwrite
 
 # Two worker processes, each test file on one (module-scoped Ray and S3 fixtures stay per file): the
-# Ray tests spend much of their time waiting on process start-ups, so on 2 cores the suite took
-# 9m50s instead of 13m47s (2026-12-03, same machine and hour). TEST_WORKERS=0 runs it in one process.
+# Ray tests spend much of their time waiting on process start-ups, so two processes finish sooner even
+# on 2 cores (benchmarks/RESULTS.md, "Test suite and CI time"). TEST_WORKERS=0 runs it in one process.
 # The 15 slowest tests are listed at the end: where CI time goes, in every CI log.
 TEST_WORKERS ?= 2
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --durations=15
+
+# The inner loop: every test that needs neither Ray nor the S3 server (markers set in tests/conftest.py).
+test-fast: $(VENV)/.installed
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not ray and not s3 and not slow"
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 clean:
 	rm -rf $(VENV) out

@@ -4,7 +4,12 @@ The step is what ``diffcut.job.stages.SegmentStage`` does for one ok row:
 ``diffcut.method.segmenter.segment_features`` (recursive NCut with its split tree,
 concept assignment at the mask size, descriptors) + ``diffcut.job.schema.ok_row``
 (PNG masks, per-segment areas and boxes, tree JSON). The baseline is the same
-step as it was before issue 11, kept verbatim in ``benchmarks/baseline_segment_step/``.
+step as it was before issue 11, at commit a58cb80, built from git history when
+the benchmark starts: the ``diffcut/*.py`` files of that commit (``git show
+a58cb80:diffcut/...``) are written into a temporary folder as the package
+``diffcut_a58cb80``, their ``diffcut`` imports renamed to match, so the baseline
+imports only its own modules and never the live package.
+The benchmark needs a clone that holds that commit (not a shallow one).
 
 Maps: SSD-1B-shaped 32x32x1280 features rounded through float16 (as they cross
 the pipeline), built by ``infra/measure_ncut_time.py``'s rule: ``--regions``
@@ -31,9 +36,13 @@ for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_name] = "1"
 
 import argparse  # noqa: E402
+import importlib  # noqa: E402
 import json  # noqa: E402
+import re  # noqa: E402
 import statistics  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -41,30 +50,42 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 _HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(_HERE))
 sys.path.insert(0, str(_HERE.parent / "infra"))
 
-import baseline_segment_step as baseline  # noqa: E402
-from baseline_segment_step import assign as baseline_assign  # noqa: E402
-from baseline_segment_step import ncut as baseline_ncut  # noqa: E402
-from baseline_segment_step import schema as baseline_schema  # noqa: E402
 from measure_ncut_time import random_features, structured_features  # noqa: E402
 
-from diffcut.method import assign  # noqa: E402
-
-from diffcut.method import ncut  # noqa: E402
-
 from diffcut.job import schema  # noqa: E402
-
-from diffcut.method import segmenter  # noqa: E402
+from diffcut.method import assign, ncut, segmenter  # noqa: E402
 
 #: Two float64 scores closer than this count as a tie (float32 scores carry ~1e-7 rounding).
 TIE = 1e-5
 
+#: The commit before issue 11 made the step faster: the baseline, imported under its own package name.
+BASELINE_COMMIT = "a58cb80"
+BASELINE_PACKAGE = "diffcut_a58cb80"
+
 CURRENT = dict(name="diffcut", step=segmenter.segment_features, ok_row=schema.ok_row,
                ncut=ncut, assign=assign, schema=schema)
-BASELINE = dict(name="baseline", step=baseline.segment_features, ok_row=baseline.ok_row,
-                ncut=baseline_ncut, assign=baseline_assign, schema=baseline_schema)
+
+
+def baseline_impl(into: Path) -> dict:
+    """The step at ``BASELINE_COMMIT``: its ``diffcut/*.py`` written from git into ``into`` as the package
+    ``BASELINE_PACKAGE`` (``into`` is on ``sys.path``), every ``diffcut`` import in them renamed so that none
+    reaches the live package."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(_HERE.parent), *args], check=True, capture_output=True,
+                              text=True).stdout
+
+    import_line = re.compile(r"^(\s*)(from|import) diffcut\b", re.M)
+    for name in git("ls-tree", "-r", "--name-only", BASELINE_COMMIT, "--", "diffcut").split():
+        if name.endswith(".py"):
+            target = into / BASELINE_PACKAGE / Path(name).relative_to("diffcut")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(import_line.sub(rf"\1\2 {BASELINE_PACKAGE}", git("show", f"{BASELINE_COMMIT}:{name}")))
+    modules = {name: importlib.import_module(f"{BASELINE_PACKAGE}.{name}")
+               for name in ("segmenter", "schema", "ncut", "assign")}
+    return dict(name="baseline", step=modules["segmenter"].segment_features, ok_row=modules["schema"].ok_row,
+                ncut=modules["ncut"], assign=modules["assign"], schema=modules["schema"])
 
 
 def whole_step(impl: dict, features: np.ndarray, mask_size: tuple[int, int]) -> tuple[float, dict, object]:
@@ -157,6 +178,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.regions, args.repeats, args.noise_maps, args.mask = "16", 2, 0, 256
     torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory(prefix="segment-step-baseline-") as folder:
+        sys.path.insert(0, folder)
+        try:
+            return run(args, baseline_impl(Path(folder)))
+        finally:  # the process (a test calls main) keeps no trace of the baseline
+            sys.path.remove(folder)
+            for name in [name for name in sys.modules if name.split(".")[0] == BASELINE_PACKAGE]:
+                del sys.modules[name]
+
+
+def run(args: argparse.Namespace, baseline: dict) -> int:
     rng = np.random.default_rng(args.seed)
     mask_size = (args.mask, args.mask)
     cases = [(f"{r} regions", [structured_features(rng, 32, 1280, int(r), 0.5) for _ in range(args.repeats)])
@@ -165,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         cases.append(("i.i.d. noise", [random_features(rng, 32, 1280) for _ in range(args.noise_maps)]))
     print(f"features 32x32x1280 (float16-rounded), mask {args.mask}x{args.mask}, one thread, "
           f"thread CPU seconds per image; torch {torch.__version__}, numpy {np.__version__}")
-    for impl in (BASELINE, CURRENT):  # warm-up (imports, first-call costs)
+    for impl in (baseline, CURRENT):  # warm-up (imports, first-call costs)
         whole_step(impl, cases[0][1][0], mask_size)
 
     failures = 0
@@ -177,12 +209,12 @@ def main(argv: list[str] | None = None) -> int:
         ref_wrong = ref_not_tie = 0
         for features in maps:
             outputs = {}
-            for impl in (BASELINE, CURRENT):
+            for impl in (baseline, CURRENT):
                 seconds, row, result = whole_step(impl, features, mask_size)
                 times[impl["name"]].append(seconds)
                 outputs[impl["name"]] = (row, result)
                 png_bytes[impl["name"]] += len(row["mask"])
-            for impl in (BASELINE, CURRENT):
+            for impl in (baseline, CURRENT):
                 parts[impl["name"]].append(profile_parts(impl, features, mask_size))
             (_, old), (row, new) = outputs["baseline"], outputs["diffcut"]
             segments.append(new.num_segments)

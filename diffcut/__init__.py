@@ -9,9 +9,8 @@ The package is laid out by the parts of the system (docs/architecture.md):
 ``diffcut.method`` (DiffCut on arrays), ``diffcut.job`` (the Ray Data labeling
 job and its output schema), ``diffcut.evaluation`` (mIoU protocol, benchmark
 datasets), ``diffcut.tools`` (built on the job's output) and the CLI
-(``diffcut.cli``, ``diffcut.commands``). The old flat module paths
-(``diffcut.pipeline``, ``diffcut.io``, ...) still import, deprecated, through
-``diffcut._moved``; ``diffcut.schema`` stays for good (``diffcut.schema.read_labels``).
+(``diffcut.cli``, ``diffcut.commands``). Readers of the job's output use
+``diffcut.schema`` (``read_labels``, ``decode_mask``, ``decode_tree``).
 
 The public names below are imported lazily: ``import diffcut`` stays cheap and
 does not pull torch, diffusers or Ray until a name that needs them is used.
@@ -21,11 +20,7 @@ from __future__ import annotations
 
 import importlib
 
-from diffcut import _moved
-
 __version__ = "0.1.0"
-
-_moved.install()
 
 _LAZY = {
     "FeatureExtractor": "diffcut.method.features",
@@ -42,8 +37,6 @@ __all__ = ["__version__", *_LAZY]
 
 
 def __getattr__(name: str):
-    if f"diffcut.{name}" in _moved.MOVED:  # an old flat module path, e.g. diffcut.schema
-        return importlib.import_module(f"diffcut.{name}")
     module_name = _LAZY.get(name)
     if module_name is None:
         raise AttributeError(f"module 'diffcut' has no attribute {name!r}")

@@ -20,6 +20,19 @@ import zlib  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+#: Fixtures that start a service: a test using one (directly or through another fixture) gets the marker,
+#: so that ``make test-fast`` (``-m "not ray and not s3 and not slow"``) leaves it out. A test that starts
+#: Ray or a server by other means (its own cluster, a job in a subprocess) is marked ``slow``.
+SERVICE_MARKERS = {"ray_local": "ray", "s3_server": "s3"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        for fixture, marker in SERVICE_MARKERS.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(marker)
+
+
 #: A value that must never appear in any output, log or summary (see test_pipeline).
 S3_TEST_SECRET = "dummy-secret-7f3a9c2e1b"
 

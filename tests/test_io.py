@@ -132,7 +132,8 @@ def test_large_jpeg_is_decoded_at_reduced_scale(large_jpeg):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         decoded = dio.decode_image(data, lambda w, h: dio.model_size(w, h, 256))
         after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        print(json.dumps(dict(grown_kib=after - before, shape=decoded.pixels.shape, size=[decoded.width, decoded.height])))
+        size = [decoded.width, decoded.height]
+        print(json.dumps(dict(grown_kib=after - before, shape=decoded.pixels.shape, size=size)))
     """)
     result = json.loads(subprocess.run([sys.executable, "-c", script], check=True, capture_output=True,
                                        text=True, timeout=120).stdout)

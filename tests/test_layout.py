@@ -1,17 +1,19 @@
 """The package layout keeps its promises (docs/architecture.md): the dependency
-direction between the parts, the module size, and the deprecated old paths."""
+direction between the parts, the module size, and every diffcut import naming a module that exists."""
 
 from __future__ import annotations
 
 import ast
 import importlib
 import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "diffcut"
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "diffcut"
+# Everything in the repository that imports diffcut.
+IMPORTERS = ("diffcut", "jobs", "benchmarks", "examples", "infra", "tests")
 
 # What each part must never import (prefix match on the dotted module name).
 FORBIDDEN = {
@@ -43,20 +45,11 @@ def imported_modules(path: Path) -> list[tuple[int, str]]:
     return found
 
 
-def resolve_moved(name: str) -> str:
-    from diffcut._moved import MOVED
-    for old, new in MOVED.items():
-        if name == old or name.startswith(old + "."):
-            return new + name[len(old):]
-    return name
-
-
 @pytest.mark.parametrize("part", sorted(FORBIDDEN))
 def test_each_part_imports_only_in_the_allowed_direction(part):
     offences = []
     for path in sorted((PACKAGE / part).rglob("*.py")):
         for lineno, name in imported_modules(path):
-            name = resolve_moved(name)
             if name == "<relative>" or any(name == bad or name.startswith(bad + ".") for bad in FORBIDDEN[part]):
                 offences.append(f"{path.relative_to(PACKAGE)}:{lineno} imports {name}")
     assert not offences, "\n".join(offences)
@@ -65,8 +58,8 @@ def test_each_part_imports_only_in_the_allowed_direction(part):
 def test_the_direction_check_catches_an_offending_import(tmp_path):
     # The walk sees lazy imports inside functions and ``from diffcut import x`` forms.
     module = tmp_path / "m.py"
-    module.write_text("def f():\n    from diffcut import pipeline\n    import ray.data\n")
-    names = [resolve_moved(name) for _, name in imported_modules(module)]
+    module.write_text("def f():\n    from diffcut.job import pipeline\n    import ray.data\n")
+    names = [name for _, name in imported_modules(module)]
     assert "diffcut.job.pipeline" in names and "ray.data" in names
 
 
@@ -86,33 +79,53 @@ def test_no_module_over_the_size_limit_without_a_stated_reason():
     assert not too_long, "\n".join(too_long)
 
 
-def test_old_flat_paths_still_import_the_new_modules_deprecated(monkeypatch):
-    from diffcut._moved import MOVED
-    for new in MOVED.values():
-        assert importlib.util.find_spec(new) is not None, new
-    import diffcut.job.io
-    import diffcut.method.ncut
-    for old in ("diffcut.io", "diffcut.ncut"):
-        monkeypatch.delitem(sys.modules, old, raising=False)
-    with pytest.warns(DeprecationWarning, match="import diffcut.method.ncut instead"):
-        from diffcut.ncut import SplitTree
-    with pytest.warns(DeprecationWarning, match="diffcut.job.io"):
-        from diffcut import io as old_io
-    assert SplitTree is diffcut.method.ncut.SplitTree
-    # The very module object: private helpers and monkeypatching behave as before.
-    assert old_io is diffcut.job.io and old_io.list_inputs is diffcut.job.io.list_inputs
+def unresolved_diffcut_imports(path: Path) -> list[str]:
+    """The ``diffcut`` imports in ``path`` that name no module (e.g. an old flat path such as
+    ``diffcut.pipeline``), or, for ``from package import name``, neither a submodule nor a name of it."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    unresolved = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            modules = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            modules = [node.module]
+        else:
+            continue
+        for name in modules:
+            if name != "diffcut" and not name.startswith("diffcut."):
+                continue
+            spec = importlib.util.find_spec(name)
+            if spec is None:
+                unresolved.append(f"{node.lineno}: {name}")
+            elif isinstance(node, ast.ImportFrom) and spec.submodule_search_locations is not None:
+                # A package's __init__ is light (docstrings, lazy names): import it to see its names.
+                package = importlib.import_module(name)
+                unresolved += [f"{node.lineno}: {name}.{alias.name}" for alias in node.names
+                               if alias.name not in vars(package) and alias.name not in getattr(package, "__all__", ())
+                               and importlib.util.find_spec(f"{name}.{alias.name}") is None]
+    return unresolved
 
 
-def test_diffcut_schema_stays_public_without_a_warning(monkeypatch):
-    import warnings
+def test_every_diffcut_import_in_the_repository_names_a_module_that_exists():
+    missing = []
+    for folder in IMPORTERS:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            missing += [f"{path.relative_to(ROOT)}:{where}" for where in unresolved_diffcut_imports(path)]
+    assert not missing, "\n".join(missing)
 
+
+def test_an_old_flat_module_path_is_reported(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text("import diffcut.pipeline\nfrom diffcut import io\nfrom diffcut.job import schema, nothing\n"
+                      "from diffcut.schema import read_labels\n")
+    assert unresolved_diffcut_imports(module) == ["1: diffcut.pipeline", "2: diffcut.io", "3: diffcut.job.nothing"]
+
+
+def test_diffcut_schema_is_the_readers_entry_point():
     import diffcut.job.schema
-    monkeypatch.delitem(sys.modules, "diffcut.schema", raising=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", DeprecationWarning)
-        import diffcut.schema
-        from diffcut.schema import read_labels
-    assert diffcut.schema is diffcut.job.schema and read_labels is diffcut.job.schema.read_labels
+    import diffcut.schema
+    for name in diffcut.schema.__all__:
+        assert getattr(diffcut.schema, name) is getattr(diffcut.job.schema, name), name
 
 
 def test_public_names_of_the_package_resolve():

@@ -13,8 +13,8 @@ The label mappings (COCO-Stuff fine -> 27, COCO fine -> 80 objects,
 Cityscapes label ids -> 27) and the 2,175-image COCO-Stuff validation list
 are package data (``diffcut/data``), extracted from the published evaluation.
 
-:func:`paper_preprocess` (in :mod:`diffcut.evaluation.preprocess`, re-exported here) is the paper's input pipeline (centre square crop,
-bilinear resize of the image to 1024; labels resized with nearest-exact); the
+:func:`paper_preprocess` (in :mod:`diffcut.evaluation.preprocess`, re-exported here) is the paper's
+input pipeline (centre square crop, bilinear resize of the image to 1024; labels resized with nearest-exact); the
 evaluator then compares at 128 x 128 (:mod:`diffcut.evaluation.protocol`).
 
 This module needs numpy and Pillow only.

@@ -129,11 +129,13 @@ def plan_parquet(
                     ids = parquet.read(columns=[id_column], use_threads=False).column(id_column)
                     ids = ids.cast(pa.string()).to_pylist()
                 status_errors = img2dataset_status_errors(
-                    parquet.schema_arrow, lambda names: parquet.read(columns=names, use_threads=False))
+                    parquet.schema_arrow,
+                    lambda names: parquet.read(columns=names, use_threads=False),  # noqa: B023 - called here
+                )
                 group_sizes = [parquet.metadata.row_group(i).num_rows for i in range(parquet.metadata.num_row_groups)]
         except InputError:
             raise
-        except Exception as error:  # noqa: BLE001 - an unreadable input file is a user-facing problem
+        except Exception as error:  # an unreadable input file is a user-facing problem (re-raised as one)
             raise InputError(f"cannot read Parquet file {file_uri}: {redact(error)}") from error
         start = 0
         for group, size in enumerate(group_sizes):

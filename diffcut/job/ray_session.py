@@ -15,6 +15,8 @@ import threading
 
 import ray
 
+from diffcut.method.logs import records_left_out
+
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +98,19 @@ def connect_ray(address: str | None, min_cpus: float) -> bool:
     if num_cpus > machine:
         log.warning("embedded Ray: %d CPU slots for %d cores, the minimum the pools reserve", num_cpus, machine)
     _use_loopback_node_address()
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+    with without_token_auth_default_notice():
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
     return True
+
+
+def without_token_auth_default_notice():
+    """Ray's notice that a new local cluster uses token authentication (its default, kept) left out.
+
+    Ray logs it when ``RAY_AUTH_MODE`` is unset. The setting cannot be stated here instead: Ray reads
+    it when imported, and one set later makes the driver and the cluster disagree (the start fails).
+    """
+    return records_left_out("ray._private.authentication.authentication_token_setup",
+                            "Token authentication is enabled for this Ray cluster")
 
 
 def _use_loopback_node_address() -> None:

@@ -318,9 +318,10 @@ def _score_boundary_blocks(out: np.ndarray, maps: np.ndarray, segment_ids: np.nd
         xs = col_starts[b][:, None] + np.arange(width)  # (G, width)
         weight_x = wx[xs][:, None, :]  # (G, 1, width)
 
-        def along_x(source_rows, left, right):  # (G, C, width): a row of every block resampled along x
-            at_left = maps[candidates, source_rows[:, None], left[:, None]][:, :, None]
-            return at_left + weight_x * (maps[candidates, source_rows[:, None], right[:, None]][:, :, None] - at_left)
+        # (G, C, width): a row of every block resampled along x; called in this iteration only (hence the noqa)
+        def along_x(source_rows, left, right):
+            at_left = maps[candidates, source_rows[:, None], left[:, None]][:, :, None]  # noqa: B023
+            return at_left + weight_x * (maps[candidates, source_rows[:, None], right[:, None]][:, :, None] - at_left)  # noqa: B023
 
         top_row = along_x(ry0[a], cx0[b], cx1[b])
         rise = along_x(ry1[a], cx0[b], cx1[b]) - top_row

@@ -1,4 +1,4 @@
-"""The open_clip ConvNeXt CLIP that names segments: configs, the torch model, loading (hub id, local directory, tiny random).
+"""The open_clip ConvNeXt CLIP that names segments: configs, the torch model, loading (hub id, directory, tiny random).
 
 The model is written here with open_clip's state-dict names (so its
 safetensors checkpoints load strictly) because open_clip and timm need

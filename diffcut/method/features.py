@@ -47,6 +47,7 @@ from pathlib import Path
 
 import torch
 
+from diffcut.method.logs import records_left_out
 from diffcut.method.tiny import TINY_RANDOM_NAME, tiny_random_path
 from diffcut.method.unet import (_distinct_symbolic_sizes, _mark_spatial_dynamic, _UNetToFeature, _VaeToLatentMean,
                                  check_truncatable, feature_module_path, set_attention_kernel)
@@ -62,7 +63,9 @@ _PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
 @contextmanager
 def _quiet_loading():
-    """No per-component progress bars while loading: they flood Ray worker logs."""
+    """No per-component progress bars while loading (they flood Ray worker logs), and no notice that
+    transformers' image processors fall back to PIL without torchvision: importing a diffusers pipeline
+    imports them, and the method uses none."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -70,7 +73,8 @@ def _quiet_loading():
     for lib in libraries:
         lib.disable_progress_bar()
     try:
-        yield
+        with records_left_out("transformers.utils.import_utils", "requires torchvision (not installed); falling back"):
+            yield
     finally:
         for lib in libraries:
             lib.enable_progress_bar()
@@ -136,7 +140,8 @@ def refuse_pickle_checkpoints(model_dir: Path) -> None:
     if offending:
         raise ValueError(
             f"refusing to load {model_dir}: weights {', '.join(sorted(offending))} are pickle checkpoints; "
-            "diffcut loads safetensors only (convert them, e.g. with diffusers' save_pretrained(safe_serialization=True))"
+            "diffcut loads safetensors only "
+            "(convert them, e.g. with diffusers' save_pretrained(safe_serialization=True))"
         )
 
 
@@ -326,7 +331,8 @@ class FeatureExtractor:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         model = str(model)
-        source = str(tiny_random_path()) if model == TINY_RANDOM_NAME else model
+        with _quiet_loading():  # building the tiny model imports a diffusers pipeline too
+            source = str(tiny_random_path()) if model == TINY_RANDOM_NAME else model
         local = Path(source)
         kwargs = {}
         if local.is_dir():
@@ -339,7 +345,10 @@ class FeatureExtractor:
                 # ``torch_dtype`` works on every diffusers we support; newer ones
                 # also accept ``dtype`` and warn about the old name.
                 warnings.simplefilter("ignore", FutureWarning)
-                pipeline = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, use_safetensors=True, **kwargs)
+                # low_cpu_mem_usage=False: diffusers' path without accelerate, stated (else it advises installing
+                # accelerate, which loads safetensors no faster here: benchmarks/RESULTS.md, model loading).
+                pipeline = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, use_safetensors=True,
+                                                             low_cpu_mem_usage=False, **kwargs)
         except (OSError, EnvironmentError) as error:
             if "safetensors" in str(error).lower():
                 raise ValueError(

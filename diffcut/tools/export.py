@@ -309,7 +309,7 @@ def export_coco(labels: str, output: str, *, classes: str | None = None,
 
 # --------------------------------------------------------------------------- PNG
 def _palette_png(labels: np.ndarray) -> bytes:
-    """An 8-bit palette PNG (VOC style): indices are the labels, colours from :func:`diffcut.tools.visualize.palette`."""
+    """An 8-bit palette PNG (VOC style): labels as indices, colours from :func:`diffcut.tools.visualize.palette`."""
     from PIL import Image
 
     from diffcut.tools.visualize import palette

@@ -1,0 +1,33 @@
+"""The readers' entry point to the labeling job's output (README, docs/output-format.md).
+
+The format is defined in :mod:`diffcut.job.schema`; this module names what a reader of
+label shards uses, under a short path: ``from diffcut.schema import read_labels``.
+"""
+
+from diffcut.job.schema import (
+    LABELS_SCHEMA,
+    NAMED_LABELS_SCHEMA,
+    SCHEMA_VERSION,
+    STATUS_ERROR,
+    STATUS_OK,
+    decode_mask,
+    decode_tree,
+    iter_shard_batches,
+    list_shards,
+    read_labels,
+    read_shard,
+)
+
+__all__ = [
+    "LABELS_SCHEMA",
+    "NAMED_LABELS_SCHEMA",
+    "SCHEMA_VERSION",
+    "STATUS_ERROR",
+    "STATUS_OK",
+    "decode_mask",
+    "decode_tree",
+    "iter_shard_batches",
+    "list_shards",
+    "read_labels",
+    "read_shard",
+]
