@@ -182,6 +182,9 @@ def test_s3_output_problems_are_one_line_and_exit_2(images, s3_bucket, tmp_path,
     preflight.prepare_output(f"s3://{missing}/labels", create_bucket=True)
     client.head_bucket(Bucket=missing)
 
+    fresh = label(capsys, "--input", images, "--output", f"s3://{s3_bucket}/fresh", "--dry-run", "--json")
+    assert fresh.returncode == 0 and json.loads(fresh.stdout)["units"]["to_do"] == 3, fresh.stderr
+
     client.put_object(Bucket=s3_bucket, Key="labels", Body=b"an object")
     assert_refused(label(capsys, "--input", images, "--output", f"s3://{s3_bucket}/labels"), "is an object")
 

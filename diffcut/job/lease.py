@@ -19,7 +19,6 @@ winner. Docs: docs/reliability.md, "One run per output". Plain Python, no Ray.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -179,6 +178,10 @@ class _LocalStore:
         return self._swap(token, None) is not None
 
 
+#: Tries of reading the lease object whole (body included).
+READ_ATTEMPTS = 4
+
+
 class _S3Store:
     """The lease as an S3 object, written with conditional PUTs; its age on the store's clock."""
 
@@ -196,10 +199,18 @@ class _S3Store:
             response = await self.fs._call_s3("get_object", Bucket=self.bucket, Key=self.key)
             return response, await response["Body"].read()
 
-        try:
-            response, data = sync(self.fs.loop, get)
-        except FileNotFoundError:
-            return None
+        for attempt in range(READ_ATTEMPTS):
+            try:
+                response, data = sync(self.fs.loop, get)
+                break
+            except FileNotFoundError:
+                return None
+            except PermissionError:
+                raise
+            except Exception:  # noqa: BLE001 - a body cut off mid-read: botocore retried the request, not the read
+                if attempt == READ_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.2 * 2**attempt)
         record = _parse(data, f"s3://{self.bucket}/{self.key}")
         served = parsedate_to_datetime(response["ResponseMetadata"]["HTTPHeaders"]["date"])
         return record, response["ETag"], max(0.0, (served - response["LastModified"]).total_seconds())
@@ -282,7 +293,7 @@ class Lease:
         """Take the lease, or a stale one over, and start renewing it; :class:`LeaseHeld` if a live run has it."""
         for _ in range(10):  # each pass either wins, or sees a newer lease than the last one
             record = holder_record(self.run_id, self.ttl)
-            token = self.store.create(record)
+            token = self.store.create(record) or self._landed(record)
             if token is None:
                 current = self.store.read()
                 if current is None:
@@ -291,7 +302,7 @@ class Lease:
                 reason = stale_reason(previous, age)
                 if reason is None:
                     raise LeaseHeld(describe_holder(self.output, previous, age))
-                token = self.store.replace(previous_token, record)
+                token = self.store.replace(previous_token, record) or self._landed(record)
                 if token is None:
                     continue  # another run took it over first
                 log.warning("took over the lease of run %s in %s: %s", previous.get("run_id"), self.output, reason)
@@ -307,8 +318,9 @@ class Lease:
     def _heartbeat(self) -> None:
         renewed = time.monotonic()
         while not self._stop.wait(self.ttl / RENEWALS_PER_PERIOD):
+            record = holder_record(self.run_id, self.ttl)
             try:
-                token = self.store.replace(self.token, holder_record(self.run_id, self.ttl))
+                token = self.store.replace(self.token, record) or self._landed(record)
             except Exception as error:  # noqa: BLE001 - a slow or failing store: try again until the lease runs out
                 if time.monotonic() - renewed <= self.ttl:
                     log.warning("renewing the lease in %s failed (retried): %s", self.output, redact(error))
@@ -319,6 +331,12 @@ class Lease:
                 return self._lose(f"another run took the lease in {self.output} over (this run's renewals "
                                   "stalled past its period); this run stopped")
             self.token, renewed = token, time.monotonic()
+
+    def _landed(self, record: dict) -> str | None:
+        """The token of ``record`` if a write reported as refused did land: a request retried after its
+        first try succeeded (a connection reset) is refused by the condition it had itself satisfied."""
+        current = self.store.read()
+        return current[1] if current is not None and current[0].get("nonce") == record["nonce"] else None
 
     def _lose(self, message: str) -> None:
         self.lost = message
@@ -334,9 +352,8 @@ class Lease:
         if self.token is not None and self.lost is None:
             try:
                 self.store.delete(self.token)
-            except OSError as error:  # the next run takes the stale lease over
-                if error.errno != errno.ENOENT:
-                    log.warning("could not remove the lease in %s: %s", self.output, redact(error))
+            except Exception as error:  # noqa: BLE001 - the next run takes the stale lease over
+                log.warning("could not remove the lease in %s (it expires): %s", self.output, redact(error))
         self.token = None
 
     def __enter__(self) -> "Lease":

@@ -271,6 +271,8 @@ def _label(input: str, output: str, listing: dio.InputListing, params: dict, *, 
                 if started_ray:
                     ray.shutdown()
     except JobInterrupted:  # before the pipeline started
+        if lease.lost is not None:
+            raise OutputError(lease.lost) from None
         raise StoppedBeforeLabeling(stop.received) from None
     finally:
         stop.restore()

@@ -126,7 +126,11 @@ def foreign_files(fs, root: str) -> list[str]:
     fs.invalidate_cache()
     foreign = []
     key = next(iter(schema.LABELS_SCHEMA.metadata))
-    for entry in fs.ls(root, detail=True):
+    try:
+        entries = fs.ls(root, detail=True)
+    except FileNotFoundError:  # an S3 prefix with nothing under it yet
+        return []
+    for entry in entries:
         name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
         if not schema.is_shard_name(name) or (entry["type"] == "file" and JOB_SHARD_NAME.fullmatch(name)):
             continue
