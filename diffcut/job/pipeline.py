@@ -54,7 +54,8 @@ from diffcut.job import io as dio
 from diffcut.job import preflight, schema
 from diffcut.job import webdataset
 from diffcut.job.lease import Lease
-from diffcut.job.resume import _write_summary, existing_output, remove_job_files, run_summary
+from diffcut.job.resume import (RunFailed, StoppedBeforeLabeling, _write_summary, existing_output,
+                                remove_job_files, run_summary)
 from diffcut.job.storage import OutputError, write_failure
 
 log = logging.getLogger(__name__)
@@ -291,23 +292,6 @@ def _label(input: str, output: str, listing: dio.InputListing, params: dict, *, 
     if failure is not None:
         raise RunFailed(failure, summary)
     return summary
-
-
-class RunFailed(OutputError):
-    """The output failed mid-run (full, read-only); ``summary`` is the run's summary, written where possible."""
-
-    def __init__(self, message: str, summary: dict):
-        super().__init__(message)
-        self.summary = summary
-
-
-class StoppedBeforeLabeling(Exception):
-    """A signal (its name in ``signal``) stopped the run while it planned: nothing was labeled."""
-
-    def __init__(self, signal_name: str):
-        super().__init__(f"stopped by {signal_name} before labeling started; nothing was labeled, the same "
-                         "command starts again")
-        self.signal = signal_name
 
 
 def _stop_main_thread(message: str) -> None:

@@ -3,8 +3,9 @@
 A re-run of the same command skips the sources of the rows in complete
 shards; shards a killed run left half-written are deleted first; an output
 made with other label-changing parameters (:data:`RESUME_KEYS`) is refused
-(docs/reliability.md). Also the run's summary (``_summary.json``) and the
-counts it reports. Plain Python on the filesystem (no Ray).
+(docs/reliability.md). Also the run's summary (``_summary.json``), the
+counts it reports, and how a run ends without one of its own (a failed output,
+a signal while planning). Plain Python on the filesystem (no Ray).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pyarrow as pa
 
 from diffcut.job import io as dio
 from diffcut.job import schema
+from diffcut.job.storage import OutputError
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,23 @@ def existing_output(output: str, params: dict, *, remove: bool = True) -> tuple[
                 "pass --overwrite to replace them or choose another --output"
             )
     return schema.shard_sources(complete, threads=16 if dio.is_remote(output) else 2), len(incomplete)
+
+
+class RunFailed(OutputError):
+    """The output failed mid-run (full, read-only); ``summary`` is the run's summary, written where possible."""
+
+    def __init__(self, message: str, summary: dict):
+        super().__init__(message)
+        self.summary = summary
+
+
+class StoppedBeforeLabeling(Exception):
+    """A signal (its name in ``signal``) stopped the run while it planned: nothing was labeled."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(f"stopped by {signal_name} before labeling started; nothing was labeled, the same "
+                         "command starts again")
+        self.signal = signal_name
 
 
 def _write_summary(output: str, summary: dict) -> None:
