@@ -307,6 +307,19 @@ def test_the_heartbeat_renews_the_lease_and_notices_a_takeover(lease_output):
     assert lease.store.read()[0]["run_id"] == "usurper"  # not deleted: no longer this run's
 
 
+def test_a_local_lease_without_hard_links_is_still_exclusive(tmp_path, monkeypatch):
+    """Filesystems without hard links (vfat, some network filesystems): an exclusive create instead."""
+    def no_links(source, target):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    with Lease(str(tmp_path), "first"):
+        with pytest.raises(LeaseHeld, match="run first"):
+            Lease(str(tmp_path), "second").acquire()
+        assert [p.name for p in tmp_path.iterdir()] == [LEASE_NAME]
+    assert not list(tmp_path.iterdir())
+
+
 def test_readers_do_not_mistake_the_lease_for_labels(tmp_path):
     output = tmp_path / "out"
     write_done_shard(output, ["a", "b"])

@@ -134,6 +134,14 @@ class _LocalStore:
             return record["nonce"]
         except FileExistsError:
             return None
+        except OSError:  # no hard links (vfat, some network filesystems): an exclusive create, then the record
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return None
+            with open(fd, "wb") as handle:
+                handle.write(json.dumps(record).encode())
+            return record["nonce"]
         finally:
             os.unlink(temporary)
 
@@ -274,10 +282,12 @@ class Lease:
                  on_lost: Callable[[str], None] | None = None):
         fs, root = open_filesystem(output)
         self.output, self.run_id, self.ttl, self.on_lost = output, run_id, float(ttl), on_lost
-        self.store = _S3Store(fs, root) if is_remote(output) and fs.protocol[0] in ("s3", "s3a") else \
-            _LocalStore(root) if not is_remote(output) else None
-        if self.store is None:
-            raise OutputError(f"--output {output}: only local folders and s3:// can hold the run's lease")
+        if not is_remote(output):
+            self.store = _LocalStore(root)
+        elif output.startswith(("s3://", "s3a://")):
+            self.store = _S3Store(fs, root)
+        else:
+            raise OutputError(f"--output {output}: only local folders and s3:// locations can hold the run's lease")
         self.token: str | None = None
         self.lost: str | None = None
         self._stop = threading.Event()
@@ -306,9 +316,12 @@ class Lease:
                 if token is None:
                     continue  # another run took it over first
                 log.warning("took over the lease of run %s in %s: %s", previous.get("run_id"), self.output, reason)
-            elif isinstance(self.store, _S3Store) and not self.store.honours_conditions(record):
-                log.warning("%s ignores conditional writes (If-None-Match): the lease cannot keep two runs "
-                            "started at the same moment apart", self.output)
+            elif isinstance(self.store, _S3Store):
+                if not self.store.honours_conditions(record):
+                    log.warning("%s ignores conditional writes (If-None-Match): the lease cannot keep two runs "
+                                "started at the same moment apart", self.output)
+                if self._landed(record) is None:
+                    continue  # a store whose conditional writes race let another run's record land last
             self.token = token
             self._thread = threading.Thread(target=self._heartbeat, name="diffcut-lease", daemon=True)
             self._thread.start()
@@ -339,6 +352,8 @@ class Lease:
         return current[1] if current is not None and current[0].get("nonce") == record["nonce"] else None
 
     def _lose(self, message: str) -> None:
+        if self._stop.is_set():  # released meanwhile: a renewal that was still under way says nothing
+            return
         self.lost = message
         log.error("%s", message)
         if self.on_lost is not None:
@@ -348,7 +363,7 @@ class Lease:
         """Stop renewing; delete the lease if this run still holds it."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(timeout=self.ttl)  # a renewal stuck in a store's retries does not hold the exit
         if self.token is not None and self.lost is None:
             try:
                 self.store.delete(self.token)

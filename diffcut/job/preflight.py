@@ -57,6 +57,8 @@ def listing_exclude(input: str, output: str) -> str | None:
 # =========================================================================== the output
 def check_output(output: str, *, create_bucket: bool = False) -> bool:
     """Refuse an output that cannot be the job's, without changing anything. Returns whether it exists."""
+    if is_remote(output) and not output.startswith(("s3://", "s3a://")):
+        raise OutputError(f"--output {output}: only local folders and s3:// locations are supported")
     fs, root = open_filesystem(output)
     if is_remote(output):
         exists = _check_bucket(fs, root, output, create_bucket)
