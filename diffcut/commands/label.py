@@ -224,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"diffcut label: {stopped}", file=sys.stderr)
         return 128 + signal.Signals[stopped.signal].value
     except KeyboardInterrupt:
-        print("diffcut label: interrupted (SIGINT) before labeling started; nothing was written", file=sys.stderr)
+        print("diffcut label: interrupted (SIGINT) before labeling started; nothing was labeled", file=sys.stderr)
         return 128 + signal.SIGINT
     except Exception:  # noqa: BLE001 - unexpected: the traceback is what a bug report needs
         print(dio.redact(traceback.format_exc()), file=sys.stderr, end="")

@@ -201,7 +201,7 @@ def label_dataset(
     listing = dio.list_inputs(input, format, exclude=exclude)
     if dry_run:
         return preflight.dry_run(input, output, listing, params, image_column=image_column, id_column=id_column,
-                        limit=limit, overwrite=overwrite, exists=exists)
+                                 limit=limit, overwrite=overwrite, exists=exists)
     preflight.prepare_output(output, create_bucket=create_bucket)
     with lease:  # what follows deletes and writes shards: only one run at a time
         return _label(input, output, listing, params, lease=lease, run_id=run_id, started=started,
