@@ -139,6 +139,11 @@ def test_local_output_problems_are_one_line_and_exit_2(images, tmp_path, capsys)
     assert_refused(label(capsys, "--input", images, "--output", foreign), "labels-train.parquet", "labels-x.parquet",
                    "did not write")
 
+    squatted = tmp_path / "squatted"
+    squatted.mkdir()
+    (squatted / LEASE_NAME).write_text("my notes")
+    assert_refused(label(capsys, "--input", images, "--output", squatted), LEASE_NAME, "is not a lease this job wrote")
+
 
 def test_a_read_only_output_is_one_line_and_exit_2(images, tmpfs, capsys):
     read_only = tmpfs("size=1m,ro")

@@ -19,6 +19,7 @@ winner. Docs: docs/reliability.md, "One run per output". Plain Python, no Ray.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -37,6 +38,10 @@ LEASE_NAME = "_lease.json"
 LEASE_SECONDS = 120.0
 #: Renewals per lease period: a few renewals may fail (a slow store) before the lease runs out.
 RENEWALS_PER_PERIOD = 6
+
+
+#: Tries of reading a lease whole (an S3 body cut off mid-read, a local record still being written).
+READ_ATTEMPTS = 4
 
 
 class LeaseHeld(OutputError):
@@ -111,12 +116,19 @@ class _LocalStore:
         self.path = os.path.join(root, LEASE_NAME)
 
     def read(self) -> tuple[dict, str, float] | None:
-        try:
-            with open(self.path, "rb") as handle:
-                data, mtime = handle.read(), os.fstat(handle.fileno()).st_mtime
-        except FileNotFoundError:
-            return None
-        record = _parse(data, self.path)
+        for attempt in range(READ_ATTEMPTS):
+            try:
+                with open(self.path, "rb") as handle:
+                    data, mtime = handle.read(), os.fstat(handle.fileno()).st_mtime
+            except FileNotFoundError:
+                return None
+            try:
+                record = _parse(data, self.path)
+                break
+            except OutputError:  # created without a hard link: its record may still be on its way
+                if attempt == READ_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.1)
         return record, record["nonce"], max(0.0, time.time() - mtime)
 
     def _write_new(self, record: dict) -> str:
@@ -152,8 +164,6 @@ class _LocalStore:
                 fd = os.open(self.path, os.O_RDONLY)
             except FileNotFoundError:
                 return None
-            import fcntl
-
             fcntl.flock(fd, fcntl.LOCK_EX)
             try:
                 if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
@@ -184,10 +194,6 @@ class _LocalStore:
 
     def delete(self, token: str) -> bool:
         return self._swap(token, None) is not None
-
-
-#: Tries of reading the lease object whole (body included).
-READ_ATTEMPTS = 4
 
 
 class _S3Store:
