@@ -157,11 +157,12 @@ def test_local_folder_resume_overwrite_and_agreement_with_the_library(ray_local,
     # first run's shard). The next run deletes it, does not count its rows, and adds no duplicates.
     (shard,) = (tmp_path / "labels").glob(f"labels-{first['run_id']}-*.parquet")
     data = shard.read_bytes()
-    (tmp_path / "labels" / "labels-killedrun-0-0.parquet").write_bytes(data[: len(data) // 2])
+    killed = tmp_path / "labels" / shard.name.replace(first["run_id"], "20200101T000000-0badc0de")
+    killed.write_bytes(data[: len(data) // 2])
 
     second = label_dataset(str(sample_dir), output, **TINY)
     assert second["removed_incomplete_shards"] == 1
-    assert not (tmp_path / "labels" / "labels-killedrun-0-0.parquet").exists()
+    assert not killed.exists()
     assert (second["processed"], second["already_done"], second["output_rows"]) == (4, 2, 6)
     rows = check_labels(output, tiny_feature_dim)
     assert sorted(r["source"] for r in rows) == [f"{sample_dir}/{name}" for name in SAMPLE_NAMES]

@@ -215,7 +215,8 @@ def test_a_broken_credential_is_a_clear_error_that_does_not_echo_it(s3_bucket, s
         s3fs.S3FileSystem.clear_instance_cache()
     printed = capsys.readouterr()
     assert code == 2
-    assert printed.err.strip().splitlines()[-1].startswith(f"diffcut label: cannot list s3://{s3_bucket}/raw: ")
+    assert printed.err.strip().splitlines()[-1].startswith(
+        f"diffcut label: --input s3://{s3_bucket}/raw: the environment variable AWS_SESSION_TOKEN holds a control")
     assert "Traceback" not in printed.err
     for secret in (token.strip(), os.environ["AWS_SECRET_ACCESS_KEY"]):
         assert secret not in printed.out + printed.err

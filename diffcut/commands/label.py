@@ -4,10 +4,13 @@ Every flag is a parameter of :func:`diffcut.job.pipeline.label_dataset` of the s
 name (``--image-column`` -> ``image_column``); defaults come from that
 function's signature, so the two cannot drift apart.
 
-Exit status: 0 when the run completes, 1 when the output's error rate is
-above ``--max-error-rate``, 2 for a problem with the inputs or flags, 128 + N
-when signal N (SIGTERM: 143) stopped the run (the summary is written; the same
-command resumes).
+Exit status (README, docs/reliability.md "Exit statuses"): 0 the run completed (error rows
+included) or the dry run found nothing to refuse; 1 the output's error rate is above
+``--max-error-rate``; 2 a problem with the inputs, the output, the flags or the
+credentials -- one line naming what to fix, no traceback; 128 + N signal N
+stopped the run (SIGTERM: 143; the summary is written, the same command
+resumes); 3 an unexpected failure (a bug, or a failure the job does not
+recognise), with its traceback.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import json
 import logging
 import signal
 import sys
+import traceback
 
 from diffcut.job import io as dio
 
@@ -81,6 +85,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="copy each WebDataset sample's {key}.json into the output's metadata column")
     io.add_argument("--overwrite", action="store_true",
                     help="delete the job's previous shards in --output and start over (default: resume)")
+    io.add_argument("--create-bucket", action="store_true",
+                    help="create the --output S3 bucket when it does not exist (default: refuse, a typo in the "
+                         "name would put the labels in a new bucket)")
+    io.add_argument("--dry-run", action="store_true",
+                    help="check the input and output, print the read units and samples in total, done and to "
+                         "do, and exit; nothing is labeled, Ray is not started")
     io.add_argument("--limit", type=_optional_int, default=d["limit"],
                     help="label at most N not-yet-done records this run")
     io.add_argument("--max-image-pixels", type=int, default=d["max_image_pixels"],
@@ -169,17 +179,60 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def format_dry_run(report: dict) -> str:
+    def count(value) -> str:
+        return "?" if value is None else str(value)
+
+    units, samples = report["units"], report["samples"]
+    lines = [
+        f"dry run: {report['input']} ({report['format']}) -> {report['output']}; nothing was labeled",
+        f"read units ({units['kind']}): {units['total']} in total, {count(units['done'])} done, "
+        f"{units['to_do']} to do",
+        f"samples: {count(samples['total'])} in total, {samples['done']} done, {count(samples['to_do'])} to do"
+        + (" (a shard's samples are known once it is read)" if samples["total"] is None else ""),
+        f"skipped {report['skipped_non_input_files']} non-input files",
+    ]
+    if report["limit"] is not None:
+        lines.append(f"--limit: at most {report['limit']} records this run")
+    if report["overwrite"]:
+        lines.append("--overwrite: the job's shards in the output would be deleted first")
+    elif report["incomplete_shards"]:
+        lines.append(f"{report['incomplete_shards']} half-written shard(s) of an interrupted run would be removed")
+    if not report["output_exists"]:
+        lines.append("the output does not exist yet: it would be created")
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> int:
-    from diffcut.job.pipeline import label_dataset
+    from diffcut.job.pipeline import RunFailed, StoppedBeforeLabeling, label_dataset
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("botocore", "aiobotocore"):  # "Found credentials in environment variables." on every S3 run
+        logging.getLogger(name).setLevel(logging.WARNING)
     names = inspect.signature(label_dataset).parameters
     kwargs = {name: getattr(args, name) for name in names}
     try:
         summary = label_dataset(**kwargs)
+    except RunFailed as failed:  # the summary goes to stdout as always (the output may have no room for it)
+        print(json.dumps(failed.summary, indent=2) if args.json else format_summary(failed.summary))
+        print(f"diffcut label: {dio.redact(failed)}", file=sys.stderr)
+        return 2
     except dio.InputError as error:
         print(f"diffcut label: {dio.redact(error)}", file=sys.stderr)
         return 2
+    except StoppedBeforeLabeling as stopped:
+        print(f"diffcut label: {stopped}", file=sys.stderr)
+        return 128 + signal.Signals[stopped.signal].value
+    except KeyboardInterrupt:
+        print("diffcut label: interrupted (SIGINT) before labeling started; nothing was labeled", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except Exception:  # noqa: BLE001 - unexpected: the traceback is what a bug report needs
+        print(dio.redact(traceback.format_exc()), file=sys.stderr, end="")
+        print("diffcut label: unexpected failure (above); the shards already written stay valid", file=sys.stderr)
+        return 3
+    if summary.get("dry_run"):
+        print(json.dumps(summary, indent=2) if args.json else format_dry_run(summary))
+        return 0
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
     if summary.get("interrupted"):
         return 128 + signal.Signals[summary["interrupted_by"]].value  # as a shell reports death by that signal

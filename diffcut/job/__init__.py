@@ -1,7 +1,8 @@
 """The labeling job: a dataset of images in, Parquet label shards out, on Ray Data.
 
 io (URIs, filesystems, listing and decoding inputs), webdataset (tar-shard
-input), schema (the output format, defined once; ``read_labels``), pipeline
+input), schema (the output format, defined once; ``read_labels``), preflight
+(what is checked before a run starts), lease (one run per output), pipeline
 (the Ray Data stages, resume, ``label_dataset``).
 
 Dependency direction: uses ``diffcut.method``; never imports ``diffcut.tools``,

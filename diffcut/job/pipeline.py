@@ -18,43 +18,45 @@ Stages (one Ray Data operator each, streaming):
 4. **write**: ``write_parquet`` shards named ``labels-<run id>-...`` directly
    under the output.
 
+Before anything is listed or written, the locations are checked
+(:mod:`diffcut.job.preflight`); then the run takes the output's lease
+(:mod:`diffcut.job.lease`: one run per output) and holds it to the end.
+``dry_run=True`` stops after the checks and the plan, and reports it.
+
 Every input record gives exactly one row. Re-runs resume: the sources of the
 rows in complete shards are skipped, shards a killed run left half-written are
 deleted first, and readers keep one row per source
 (:func:`diffcut.job.schema.read_labels`). ``overwrite=True`` deletes the job's
 shards and summary and starts over. SIGTERM/SIGINT stop a run cleanly
-(:class:`StopSignals`). What Ray Data retries on lost workers, nodes and
+(:class:`~diffcut.job.ray_session.StopSignals`). What Ray Data retries on lost workers, nodes and
 storage errors, and what this module adds to make every input come out
 exactly once, is in docs/reliability.md.
 
 The stages themselves are in :mod:`diffcut.job.stages`, the Ray session and the
 stop signals in :mod:`diffcut.job.ray_session`, resume (which rows an output
-already has) in :mod:`diffcut.job.resume`; this module wires them into one Ray
-Data dataset and writes the run's summary. Ray is
-imported only by these three modules of the job (and by the tools that run on a
-cluster: discover, training).
+already has) and the summary in :mod:`diffcut.job.resume`; this module wires them into one Ray
+Data dataset. Ray is imported only by these three modules of the job (here inside the
+functions that run the pipeline, so the checks and ``--dry-run`` never load it) and by
+the tools that run on a cluster: discover, training.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
+import signal
 import time
 import uuid
-from collections import defaultdict
-
-import ray
 
 from diffcut import __version__
 from diffcut.job import io as dio
-from diffcut.job import schema
+from diffcut.job import preflight, schema
 from diffcut.job import webdataset
-from diffcut.job.resume import _count, _run_rows, _write_summary, existing_output, remove_job_files
-from diffcut.job.ray_session import JobInterrupted, StopSignals, _actor_device, connect_ray
-from diffcut.job.stages import (AUTO_FEATURE_BATCH_ROWS, FeatureStage, NamingStage, SegmentStage,  # noqa: F401
-                                ShardNames, decode_stage)
+from diffcut.job.lease import Lease
+from diffcut.job.resume import (RunFailed, StoppedBeforeLabeling, _write_summary, existing_output,
+                                remove_job_files, run_summary)
+from diffcut.job.storage import OutputError, write_failure
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +119,8 @@ def label_dataset(
     max_image_pixels: int = dio.DEFAULT_MAX_IMAGE_PIXELS,
     address: str | None = None,
     overwrite: bool = False,
+    create_bucket: bool = False,
+    dry_run: bool = False,
     max_error_rate: float = 1.0,
     limit: int | None = None,
     vocabulary: str | None = None,
@@ -225,116 +229,119 @@ def label_dataset(
     }
     if vocabulary is not None:  # without naming, params (and so resuming) stay as they were
         params.update(vocabulary=vocabulary, naming_model=naming_model)
-    params_text = schema.params_json(params)
+    min_cpus = decode_cpus + extractor_pool_min * extractor_cpus + ncut_pool_min * ncut_cpus
+    if vocabulary is not None:
+        min_cpus += naming_pool_min * naming_cpus
 
-    # Output first: what is done decides what to plan.
-    removed = 0
-    if overwrite:
-        removed = remove_job_files(output)
-        done: set[str] = set()
-        incomplete = 0
-    else:
-        done, incomplete = existing_output(output, params)
-
-    listing = dio.list_inputs(input, format, exclude=output)
-    plan = dio.plan_inputs(listing, image_column=image_column, id_column=id_column, done=done, limit=limit)
-    if plan.planned is None:
-        log.info("%d tar shards, %d samples already done", len(listing.files), plan.already_done)
-    else:
-        log.info("%d input records, %d already done, %d to label", plan.listed, plan.already_done, plan.planned)
-
+    # Checked before anything is listed, read or written: one clear line (exit 2) instead of a failure mid-run.
+    preflight.check_credentials(input, output)
+    exclude = preflight.listing_exclude(input, output)
+    exists = preflight.check_output(output, create_bucket=create_bucket)
     run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
-    pipeline_seconds = 0.0
-    started_ray = False
-    # Signals before this point end the process at once (their default): nothing has been
-    # written yet, and removing incomplete shards is redone by the next run.
-    stop = StopSignals()
-    if plan.planned is None or plan.planned:
-        min_cpus = decode_cpus + extractor_pool_min * extractor_cpus + ncut_pool_min * ncut_cpus
-        if vocabulary is not None:
-            min_cpus += naming_pool_min * naming_cpus
-        started_ray = connect_ray(address, min_cpus)
-        stop.install()  # after ray.init: it installs a SIGTERM handler of its own (sys.exit)
-        pipeline_started = time.time()
-        try:
-            _run_pipeline(
-                plan, output, run_id=run_id, image_column=image_column, model=model, device=device, dtype=dtype,
-                timestep=timestep, tau=tau, alpha=alpha, resolution=resolution, resize=resize, stride=stride,
-                mask_size=str(mask_spec), refine=refine, exact_search=exact_search, batch_size=batch_size,
-                speed=speed, decode_batch_size=decode_batch_size, decode_cpus=decode_cpus,
-                extractor_pool=(extractor_pool_min, extractor_pool_max), extractor_gpus=extractor_gpus,
-                extractor_cpus=extractor_cpus, ncut_pool=(ncut_pool_min, ncut_pool_max), ncut_cpus=ncut_cpus,
-                shard_rows=shard_rows, max_image_pixels=max_image_pixels, params_text=params_text,
-                keep_metadata=keep_metadata, limit=limit, vocabulary=vocabulary, naming_model=naming_model,
-                naming_pool=(naming_pool_min, naming_pool_max), naming_gpus=naming_gpus, naming_cpus=naming_cpus,
-            )
-        except JobInterrupted:
-            log.warning("%s received: the run stops; shards already written stay valid, the same command "
-                        "resumes", stop.received)
-        except ray.exceptions.ActorDiedError as error:
-            # A model that cannot be loaded fails every feature actor the same way: one clear
-            # job-level error (exit status 2), not a Ray traceback or an error row per image.
-            reason = _model_load_failure(error)
-            if reason is None:
-                raise
-            raise dio.InputError(f"the feature actors could not load --model {model!r}: {reason}") from None
-        finally:
-            stop.armed = False  # a second signal no longer interrupts the cleanup
-            pipeline_seconds = time.time() - pipeline_started
-            if started_ray:
-                ray.shutdown()
-            stop.restore()
+    lease = Lease(output, run_id, on_lost=_stop_main_thread)
+    if exists:
+        lease.check()  # a live run writing there: refuse now, before listing the input
+    listing = dio.list_inputs(input, format, exclude=exclude)
+    if dry_run:
+        return preflight.dry_run(input, output, listing, params, image_column=image_column, id_column=id_column,
+                                 limit=limit, overwrite=overwrite, exists=exists)
+    preflight.prepare_output(output, create_bucket=create_bucket)
+    with lease:  # what follows deletes and writes shards: only one run at a time
+        return _label(input, output, listing, params, lease=lease, run_id=run_id, started=started,
+                      overwrite=overwrite, limit=limit, image_column=image_column, id_column=id_column,
+                      max_error_rate=max_error_rate, min_cpus=min_cpus, address=address, model=model,
+                      stages=dict(image_column=image_column, model=model, device=device, dtype=dtype,
+                                  timestep=timestep, tau=tau, alpha=alpha, resolution=resolution, resize=resize,
+                                  stride=stride, mask_size=str(mask_spec), refine=refine, exact_search=exact_search,
+                                  batch_size=batch_size, speed=speed, decode_batch_size=decode_batch_size,
+                                  decode_cpus=decode_cpus, extractor_pool=(extractor_pool_min, extractor_pool_max),
+                                  extractor_gpus=extractor_gpus, extractor_cpus=extractor_cpus,
+                                  ncut_pool=(ncut_pool_min, ncut_pool_max), ncut_cpus=ncut_cpus,
+                                  shard_rows=shard_rows, max_image_pixels=max_image_pixels,
+                                  params_text=schema.params_json(params), keep_metadata=keep_metadata, limit=limit,
+                                  vocabulary=vocabulary, naming_model=naming_model,
+                                  naming_pool=(naming_pool_min, naming_pool_max), naming_gpus=naming_gpus,
+                                  naming_cpus=naming_cpus))
 
-    run_table = _run_rows(output, run_id)
-    run_ok, run_error = _count(run_table)
-    totals = schema.read_labels(output, columns=["source", "status"])
-    total_ok, total_error = _count(totals)
-    error_rate = total_error / max(1, total_ok + total_error)
-    error_counts: dict[str, int] = defaultdict(int)
-    for status, message in zip(run_table.column("status").to_pylist(), run_table.column("error").to_pylist()):
-        if status == schema.STATUS_ERROR:
-            error_counts[message] += 1
-    common_errors = sorted(error_counts.items(), key=lambda item: (-item[1], item[0]))[:10]
-    summary = {
-        "run_id": run_id,
-        "input": input,
-        "output": output,
-        "format": listing.format,
-        # WebDataset shards: counted while reading; every sample is counted when each shard was read to the end.
-        "inputs_listed": plan.listed if plan.listed is not None else (
-            plan.already_done + run_ok + run_error if limit is None and stop.received is None else None),
-        "skipped_non_input_files": plan.skipped_files,
-        # The first dio.SKIPPED_NAMED of them, {"path", "reason"}: a file never labeled is named, not only counted.
-        "skipped_files": listing.skipped_named,
-        "already_done": plan.already_done,
-        "processed": run_ok + run_error,
-        "ok": run_ok,
-        "error": run_error,
-        "seconds": round(pipeline_seconds, 3),
-        "images_per_second": round((run_ok + run_error) / pipeline_seconds, 3) if pipeline_seconds else 0.0,
-        "wall_seconds": round(time.time() - started, 3),
-        "output_rows": total_ok + total_error,
-        "output_ok": total_ok,
-        "output_error": total_error,
-        "error_rate": round(error_rate, 6),
-        "max_error_rate": max_error_rate,
-        "error_rate_exceeded": error_rate > max_error_rate,
-        "removed_incomplete_shards": incomplete,
-        "removed_by_overwrite": removed,
-        "interrupted": stop.received is not None,
-        "interrupted_by": stop.received,
-        "common_errors": [{"error": message, "count": count} for message, count in common_errors],
-        "params": params,
-    }
-    if stop.received:
-        planned = "" if plan.planned is None else f" of {plan.planned} planned"
-        summary["warning"] = (f"interrupted by {stop.received} after {run_ok + run_error}{planned} "
-                              "records; run the same command again to resume")
-    elif plan.planned is not None and run_ok + run_error != plan.planned:
-        summary["warning"] = f"planned {plan.planned} records but this run wrote {run_ok + run_error} rows"
-    summary = json.loads(dio.redact(json.dumps(summary)))
-    _write_summary(output, summary)
+
+def _label(input: str, output: str, listing: dio.InputListing, params: dict, *, lease: Lease, run_id: str,
+           started: float, overwrite: bool, limit: int | None, image_column: str, id_column: str | None,
+           max_error_rate: float, min_cpus: float, address: str | None, model: str, stages: dict) -> dict:
+    """Resume or overwrite, plan, run the pipeline, write the summary; under the output's lease."""
+    import ray
+
+    from diffcut.job.ray_session import JobInterrupted, StopSignals, connect_ray
+
+    removed = incomplete = 0
+    pipeline_seconds = 0.0
+    failure = None
+    stop = StopSignals()
+    stop.install()  # a signal while planning unwinds (the lease is released) instead of killing the process
+    try:
+        if overwrite:
+            removed = remove_job_files(output)
+            done: set[str] = set()
+        else:
+            done, incomplete = existing_output(output, params)
+        plan = dio.plan_inputs(listing, image_column=image_column, id_column=id_column, done=done, limit=limit)
+        if plan.planned is None:
+            log.info("%d tar shards, %d samples already done", len(listing.files), plan.already_done)
+        else:
+            log.info("%d input records, %d already done, %d to label", plan.listed, plan.already_done, plan.planned)
+        if plan.planned is None or plan.planned:
+            started_ray = connect_ray(address, min_cpus)
+            stop.install()  # after ray.init: it installs a SIGTERM handler of its own (sys.exit)
+            pipeline_started = time.time()
+            try:
+                _run_pipeline(plan, output, run_id=run_id, **stages)
+            except JobInterrupted:
+                if lease.lost is None:
+                    log.warning("%s received: the run stops; shards already written stay valid, the same command "
+                                "resumes", stop.received)
+            except ray.exceptions.ActorDiedError as error:
+                # A model that cannot be loaded fails every feature actor the same way: one clear
+                # job-level error (exit status 2), not a Ray traceback or an error row per image.
+                reason = _model_load_failure(error)
+                if reason is None:
+                    raise
+                raise dio.InputError(f"the feature actors could not load --model {model!r}: {reason}") from None
+            except Exception as error:  # noqa: BLE001 - a full or read-only output is the user's to fix
+                failure = write_failure(error, output)
+                if failure is None:
+                    raise
+            finally:
+                stop.armed = False  # a second signal no longer interrupts the cleanup
+                pipeline_seconds = time.time() - pipeline_started
+                if started_ray:
+                    ray.shutdown()
+    except JobInterrupted:  # before the pipeline started
+        if lease.lost is not None:
+            raise OutputError(lease.lost) from None
+        raise StoppedBeforeLabeling(stop.received) from None
+    finally:
+        stop.restore()
+    if lease.lost is not None:  # another run owns the output now: its summary is not this run's to write
+        raise OutputError(lease.lost)
+
+    summary = run_summary(output, run_id, input=input, listing=listing, plan=plan, params=params, limit=limit,
+                          interrupted_by=stop.received, failure=failure, pipeline_seconds=pipeline_seconds,
+                          started=started, removed=removed, incomplete=incomplete, max_error_rate=max_error_rate)
+    try:
+        _write_summary(output, summary)
+    except OSError as error:
+        if failure is None:
+            raise
+        log.warning("the summary could not be written to the output either (%s)", dio.describe_exception(error))
+    if failure is not None:
+        raise RunFailed(failure, summary)
     return summary
+
+
+def _stop_main_thread(message: str) -> None:
+    """The lease was lost (heartbeat thread): stop the pipeline as a SIGTERM would (nothing before it starts)."""
+    import _thread
+
+    _thread.interrupt_main(signal.SIGTERM)
 
 
 def _model_load_failure(error: "ray.exceptions.ActorDiedError") -> str | None:
@@ -357,7 +364,11 @@ def _run_pipeline(plan: dio.Plan, output: str, *, run_id: str, image_column: str
                   naming_pool: tuple[int, int] = (1, 1), naming_gpus: float | None = None,
                   naming_cpus: float = 1.0) -> None:
     """Build the Ray Data pipeline for ``plan`` and run it to the end of the write."""
+    import ray
     from ray.data import ActorPoolStrategy
+
+    from diffcut.job.ray_session import _actor_device
+    from diffcut.job.stages import AUTO_FEATURE_BATCH_ROWS, FeatureStage, NamingStage, SegmentStage, ShardNames, decode_stage
 
     context = ray.data.DataContext.get_current()  # travels with the job to every task
     context.retried_io_errors = list(dict.fromkeys([*context.retried_io_errors, *RETRIED_IO_ERRORS]))
@@ -439,11 +450,24 @@ def _run_pipeline(plan: dio.Plan, output: str, *, run_id: str, image_column: str
             num_gpus=naming_gpus if naming_gpus is not None else (1.0 if on_gpu else 0),
         )
     filesystem, path = dio.arrow_filesystem(output)
-    dataset.write_parquet(
-        path,
-        filesystem=filesystem,
-        filename_provider=ShardNames(run_id),
-        min_rows_per_file=shard_rows,
-        ray_remote_args={"num_cpus": decode_cpus},
-        schema=schema.labels_schema(keep_metadata, named=vocabulary is not None),
-    )
+    # The driver reports a failed run itself, once (one line, or the traceback of an unexpected error):
+    # Ray Data's console error records would print the same traceback three times (its log file keeps them).
+    consoles = [h for h in logging.getLogger("ray.data").handlers if not isinstance(h, logging.FileHandler)]
+    for handler in consoles:
+        handler.addFilter(_below_error)
+    try:
+        dataset.write_parquet(
+            path,
+            filesystem=filesystem,
+            filename_provider=ShardNames(run_id),
+            min_rows_per_file=shard_rows,
+            ray_remote_args={"num_cpus": decode_cpus},
+            schema=schema.labels_schema(keep_metadata, named=vocabulary is not None),
+        )
+    finally:
+        for handler in consoles:
+            handler.removeFilter(_below_error)
+
+
+def _below_error(record: logging.LogRecord) -> bool:
+    return record.levelno < logging.ERROR

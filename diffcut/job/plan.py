@@ -44,6 +44,7 @@ class Plan:
     already_done: int  # records with a row in the output already (skipped)
     planned: int | None  # records this run will process (None: as for ``listed``)
     skipped_files: int = 0
+    units_listed: int | None = None  # read units in the input, done ones included
 
 
 def plan_image_files(files: Sequence[str], done: set[str] | frozenset = frozenset(), limit: int | None = None) -> Plan:
@@ -63,7 +64,8 @@ def plan_image_files(files: Sequence[str], done: set[str] | frozenset = frozense
         },
         schema=UNIT_SCHEMA,
     )
-    return Plan(units=units, listed=len(files), already_done=sum(uri in done for uri in files), planned=len(pending))
+    return Plan(units=units, listed=len(files), already_done=sum(uri in done for uri in files), planned=len(pending),
+                units_listed=len(files))
 
 
 def parquet_source(file_uri: str, row: int) -> str:
@@ -111,7 +113,7 @@ def plan_parquet(
 
     first_use: dict[str, str] = {}
     columns: dict[str, list] = {name: [] for name in UNIT_SCHEMA.names}
-    listed = already_done = planned = 0
+    listed = already_done = planned = groups = 0
     remaining = None if limit is None else max(0, int(limit))
     for file_uri in files:
         fs, path = open_filesystem(file_uri)
@@ -138,6 +140,7 @@ def plan_parquet(
         except Exception as error:  # an unreadable input file is a user-facing problem (re-raised as one)
             raise InputError(f"cannot read Parquet file {file_uri}: {redact(error)}") from error
         start = 0
+        groups += len(group_sizes)
         for group, size in enumerate(group_sizes):
             rows, image_ids, sources, errors = [], [], [], []
             for offset in range(size):
@@ -177,7 +180,7 @@ def plan_parquet(
                 columns["sources"].append(sources)
                 columns["errors"].append(errors)
     units = pa.Table.from_pydict(columns, schema=UNIT_SCHEMA)
-    return Plan(units=units, listed=listed, already_done=already_done, planned=planned)
+    return Plan(units=units, listed=listed, already_done=already_done, planned=planned, units_listed=groups)
 
 
 def plan_inputs(listing: InputListing, *, image_column: str = "image", id_column: str | None = None,
@@ -190,6 +193,7 @@ def plan_inputs(listing: InputListing, *, image_column: str = "image", id_column
         from diffcut.job.webdataset import plan_shards
 
         plan = plan_shards(listing.files, done=done)
+        plan.units_listed = len(listing.files)
     else:
         plan = plan_image_files(listing.files, done=done, limit=limit)
     plan.skipped_files = listing.skipped

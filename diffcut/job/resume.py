@@ -3,19 +3,24 @@
 A re-run of the same command skips the sources of the rows in complete
 shards; shards a killed run left half-written are deleted first; an output
 made with other label-changing parameters (:data:`RESUME_KEYS`) is refused
-(docs/reliability.md). Also the run's summary (``_summary.json``) and the
-counts it reports. Plain Python on the filesystem (no Ray).
+(docs/reliability.md). Also the run's summary (``_summary.json``), the
+counts it reports, and how a run ends without one of its own (a failed output,
+a signal while planning). Plain Python on the filesystem (no Ray).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import time
+from collections import defaultdict
 
 import pyarrow as pa
 
 from diffcut.job import io as dio
 from diffcut.job import schema
+from diffcut.job.storage import OutputError
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +45,12 @@ def remove_job_files(output: str, names: list[str] | None = None) -> int:
     return len(names)
 
 
-def existing_output(output: str, params: dict) -> tuple[set[str], int]:
-    """(sources already done, incomplete shards removed); refuses a mismatching output."""
+def existing_output(output: str, params: dict, *, remove: bool = True) -> tuple[set[str], int]:
+    """(sources already done, incomplete shards removed -- or found, without ``remove``); refuses a
+    mismatching output. Removing is for the lease's holder only (:mod:`diffcut.job.lease`): another
+    run's shards are incomplete while it writes them."""
     complete, incomplete = schema.list_shards(output)
-    if incomplete:
+    if incomplete and remove:
         remove_job_files(output, [uri.rsplit("/", 1)[-1] for uri in incomplete])
         log.warning("removed %d incomplete shard(s) left by an interrupted run", len(incomplete))
     if not complete:
@@ -65,10 +72,98 @@ def existing_output(output: str, params: dict) -> tuple[set[str], int]:
     return schema.shard_sources(complete, threads=16 if dio.is_remote(output) else 2), len(incomplete)
 
 
+class RunFailed(OutputError):
+    """The output failed mid-run (full, read-only); ``summary`` is the run's summary, written where possible."""
+
+    def __init__(self, message: str, summary: dict):
+        super().__init__(message)
+        self.summary = summary
+
+
+class StoppedBeforeLabeling(Exception):
+    """A signal (its name in ``signal``) stopped the run while it planned: nothing was labeled."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(f"stopped by {signal_name} before labeling started; nothing was labeled, the same "
+                         "command starts again")
+        self.signal = signal_name
+
+
 def _write_summary(output: str, summary: dict) -> None:
+    """Replace the output's summary whole; when that fails (a full disk), none stays that describes an older run."""
     fs, root = dio.open_filesystem(output)
     fs.makedirs(root, exist_ok=True)
-    fs.pipe(root.rstrip("/") + "/" + schema.SUMMARY_NAME, (json.dumps(summary, indent=2) + "\n").encode())
+    path, data = root.rstrip("/") + "/" + schema.SUMMARY_NAME, (json.dumps(summary, indent=2) + "\n").encode()
+    if dio.is_remote(output):
+        fs.pipe_file(path, data)  # an object appears whole
+        return
+    temporary = f"{path}.{summary['run_id']}.tmp"
+    try:
+        fs.pipe_file(temporary, data)
+        os.replace(temporary, path)
+    except OSError:
+        for name in (temporary, path):
+            if os.path.lexists(name):
+                os.unlink(name)
+        raise
+
+
+def run_summary(output: str, run_id: str, *, input: str, listing: dio.InputListing, plan: dio.Plan, params: dict,
+                limit: int | None, interrupted_by: str | None, failure: str | None, pipeline_seconds: float,
+                started: float, removed: int, incomplete: int, max_error_rate: float) -> dict:
+    """The run's summary (``_summary.json``): this run's rows and the output's, counted from the shards."""
+    run_table = _run_rows(output, run_id)
+    run_ok, run_error = _count(run_table)
+    totals = schema.read_labels(output, columns=["source", "status"])
+    total_ok, total_error = _count(totals)
+    error_rate = total_error / max(1, total_ok + total_error)
+    error_counts: dict[str, int] = defaultdict(int)
+    for status, message in zip(run_table.column("status").to_pylist(), run_table.column("error").to_pylist()):
+        if status == schema.STATUS_ERROR:
+            error_counts[message] += 1
+    common_errors = sorted(error_counts.items(), key=lambda item: (-item[1], item[0]))[:10]
+    summary = {
+        "run_id": run_id,
+        "input": input,
+        "output": output,
+        "format": listing.format,
+        # WebDataset shards: counted while reading; every sample is counted when each shard was read to the end.
+        "inputs_listed": plan.listed if plan.listed is not None else (
+            plan.already_done + run_ok + run_error if limit is None and interrupted_by is None and failure is None
+            else None),
+        "skipped_non_input_files": plan.skipped_files,
+        # The first dio.SKIPPED_NAMED of them, {"path", "reason"}: a file never labeled is named, not only counted.
+        "skipped_files": listing.skipped_named,
+        "already_done": plan.already_done,
+        "processed": run_ok + run_error,
+        "ok": run_ok,
+        "error": run_error,
+        "seconds": round(pipeline_seconds, 3),
+        "images_per_second": round((run_ok + run_error) / pipeline_seconds, 3) if pipeline_seconds else 0.0,
+        "wall_seconds": round(time.time() - started, 3),
+        "output_rows": total_ok + total_error,
+        "output_ok": total_ok,
+        "output_error": total_error,
+        "error_rate": round(error_rate, 6),
+        "max_error_rate": max_error_rate,
+        "error_rate_exceeded": error_rate > max_error_rate,
+        "removed_incomplete_shards": incomplete,
+        "removed_by_overwrite": removed,
+        "interrupted": interrupted_by is not None,
+        "interrupted_by": interrupted_by,
+        "failed": failure,
+        "common_errors": [{"error": message, "count": count} for message, count in common_errors],
+        "params": params,
+    }
+    planned = "" if plan.planned is None else f" of {plan.planned} planned"
+    if failure:
+        summary["warning"] = f"stopped after {run_ok + run_error}{planned} records: {failure}"
+    elif interrupted_by:
+        summary["warning"] = (f"interrupted by {interrupted_by} after {run_ok + run_error}{planned} "
+                              "records; run the same command again to resume")
+    elif plan.planned is not None and run_ok + run_error != plan.planned:
+        summary["warning"] = f"planned {plan.planned} records but this run wrote {run_ok + run_error} rows"
+    return json.loads(dio.redact(json.dumps(summary)))
 
 
 def _count(table: pa.Table) -> tuple[int, int]:

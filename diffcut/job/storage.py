@@ -10,6 +10,7 @@ written. Plain Python, no Ray.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from typing import Mapping
@@ -19,6 +20,9 @@ from urllib.parse import urlsplit
 class InputError(ValueError):
     """A problem with the job's inputs or flags that a person has to fix (the job exits 2)."""
 
+
+class OutputError(InputError):
+    """A problem with the job's output (missing bucket, not writable, full, in use) that a person has to fix."""
 
 
 # =========================================================================== secrets
@@ -101,19 +105,23 @@ S3_RETRIES = {"mode": "standard", "max_attempts": 10}
 CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 
-def check_credential_variables() -> None:
-    """Refuse credentials in the environment that no request can carry (a newline from a copy-paste).
+def check_credential_variables(uri: str | None = None, flag: str = "location") -> None:
+    """Refuse credentials in the environment that no request can carry (a newline from a copy-paste),
+    for an S3 ``uri`` (given as ``flag``; any location when None).
 
     botocore refuses such a header with an HTTPClientError, which botocore's and
     s3fs's retries treat as a connection error and retry for minutes
     (:data:`S3_RETRIES` x ``S3FileSystem.retries``); failing here says what is wrong at once.
     The value is never echoed.
     """
+    if uri is not None and urlsplit(uri).scheme not in ("s3", "s3a"):
+        return
     for name in CREDENTIAL_VARIABLES:
         value = os.environ.get(name)
         if value is not None and any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
-            raise ValueError(f"the environment variable {name} holds a control character (a newline from "
-                             "a copy-paste?): no S3 request can carry it; set it again without it")
+            where = f"{flag} {uri}: " if uri is not None else ""
+            raise InputError(f"{where}the environment variable {name} holds a control character (a newline "
+                             "from a copy-paste?): no S3 request can carry it; set it again without it")
 
 
 def storage_options(uri: str) -> dict:
@@ -155,3 +163,29 @@ def describe_exception(error: BaseException) -> str:
     if isinstance(error, FileNotFoundError):
         message = f"file not found ({message})"
     return redact(message)
+
+
+#: errno values of a write the output refused: full, over quota, read-only, denied.
+OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def write_failure(error: BaseException, output: str) -> str | None:
+    """One line for a pipeline that failed writing the output (full, read-only, denied); None for other errors."""
+    seen, pending = set(), [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in OUTPUT_ERRNOS:
+            reason = os.strerror(current.errno).lower()
+            break
+        pending += [getattr(current, "cause", None), current.__cause__, current.__context__]
+    else:
+        text = str(error)
+        # A full disk named only in the message (an error that crossed processes as text).
+        reason = next((os.strerror(n).lower() for n in (errno.ENOSPC, errno.EDQUOT) if os.strerror(n) in text), None)
+        if reason is None:
+            return None
+    return (f"writing to --output {output} failed: {reason}; the shards written so far are kept: make room (or "
+            "fix the output) and run the same command to resume")
