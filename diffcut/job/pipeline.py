@@ -244,7 +244,8 @@ def label_dataset(
 
     run_table = _run_rows(output, run_id)
     run_ok, run_error = _count(run_table)
-    totals = schema.read_labels(output, columns=["source", "status"])
+    by_key = listing.format == "webdataset"  # a sample key used in two shards is only known once both are read
+    totals = schema.read_labels(output, columns=["source", "status"] + (["image_id"] if by_key else []))
     total_ok, total_error = _count(totals)
     error_rate = total_error / max(1, total_ok + total_error)
     error_counts: dict[str, int] = defaultdict(int)
@@ -254,7 +255,7 @@ def label_dataset(
     common_errors = sorted(error_counts.items(), key=lambda item: (-item[1], item[0]))[:10]
     summary = {
         "run_id": run_id,
-        "input": input,
+        "input": listing.root,
         "output": output,
         "format": listing.format,
         # WebDataset shards: counted while reading; every sample is counted when each shard was read to the end.
@@ -283,12 +284,21 @@ def label_dataset(
         "common_errors": [{"error": message, "count": count} for message, count in common_errors],
         "params": params,
     }
+    warnings = []
+    if by_key:
+        summary["duplicate_keys"] = webdataset.duplicate_keys(totals.column("image_id").to_pylist(),
+                                                              totals.column("source").to_pylist())
+        if summary["duplicate_keys"]["count"]:
+            warnings.append(f"{summary['duplicate_keys']['count']} sample key(s) occur in more than one shard: "
+                            "their rows share an image_id (see duplicate_keys)")
     if stop.received:
         planned = "" if plan.planned is None else f" of {plan.planned} planned"
-        summary["warning"] = (f"interrupted by {stop.received} after {run_ok + run_error}{planned} "
-                              "records; run the same command again to resume")
+        warnings.insert(0, f"interrupted by {stop.received} after {run_ok + run_error}{planned} "
+                           "records; run the same command again to resume")
     elif plan.planned is not None and run_ok + run_error != plan.planned:
-        summary["warning"] = f"planned {plan.planned} records but this run wrote {run_ok + run_error} rows"
+        warnings.insert(0, f"planned {plan.planned} records but this run wrote {run_ok + run_error} rows")
+    if warnings:
+        summary["warning"] = "; ".join(warnings)
     summary = json.loads(dio.redact(json.dumps(summary)))
     _write_summary(output, summary)
     return summary
