@@ -361,7 +361,7 @@ def test_the_job_labels_every_input_once_reads_nothing_outside_and_reruns_label_
     assert len(rows) == len(by_source) == len(corpus["ok"]) + len(corpus["error"])
     assert {s for s, r in by_source.items() if r["status"] == "ok"} == {_text(data, f) for f in corpus["ok"]}
     assert {s for s, r in by_source.items() if r["status"] == "error"} == {_text(data, f) for f in corpus["error"]}
-    assert "the PNG" in by_source[_text(data, "sub/png-idat-bit-flipped.png")]["error"]
+    assert "corrupt" in by_source[_text(data, "sub/png-idat-bit-flipped.png")]["error"]
     assert "truncated" in by_source[_text(data, "jpeg-cut.jpg")]["error"]
     summary_text = (output / schema.SUMMARY_NAME).read_text()
     assert (first["ok"], first["error"]) == (len(corpus["ok"]), len(corpus["error"]))
@@ -378,3 +378,25 @@ def test_the_job_labels_every_input_once_reads_nothing_outside_and_reruns_label_
         again = label_dataset(spelling, str(output), **TINY)
         assert (again["processed"], again["already_done"], again["input"]) == (0, len(rows), first["input"]), spelling
     assert len(schema.read_labels(str(output), columns=["source"])) == len(rows)
+
+
+def test_gzip_shards_with_odd_members_and_a_key_in_two_shards(ray_local, tmp_path):
+    from diffcut.job.pipeline import label_dataset
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    jpeg = [_encode(_scene(seed=s), "JPEG") for s in range(3)]
+    _tar(folder / "000.tar.gz", [("k0.jpg", jpeg[0]), ("shared.jpg", jpeg[1]), ("caf\udce9.jpg", jpeg[2]),
+                                 _special("link.jpg", tarfile.SYMTYPE, "/etc/passwd")], compress=True)
+    _tar(folder / "001.tgz", [("shared.jpg", jpeg[2]), ("k1.jpg", jpeg[0])], compress=True)
+    summary = label_dataset(str(folder), str(tmp_path / "labels"), **TINY)
+    rows = schema.read_labels(str(tmp_path / "labels"), columns=["image_id", "source", "status", "error"]).to_pylist()
+    real = os.path.realpath(folder)
+    assert sorted((r["source"], r["status"]) for r in rows) == [
+        (f"{real}/000.tar.gz#caf%E9", "ok"), (f"{real}/000.tar.gz#k0", "ok"), (f"{real}/000.tar.gz#link", "error"),
+        (f"{real}/000.tar.gz#shared", "ok"), (f"{real}/001.tgz#k1", "ok"), (f"{real}/001.tgz#shared", "ok")]
+    assert "symbolic link" in next(r["error"] for r in rows if r["image_id"] == "link")
+    assert summary["format"] == "webdataset" and summary["inputs_listed"] == 6
+    assert summary["duplicate_keys"] == {"count": 1, "named": [
+        {"image_id": "shared", "sources": [f"{real}/000.tar.gz#shared", f"{real}/001.tgz#shared"]}]}
+    assert "more than one shard" in summary["warning"]
