@@ -10,15 +10,18 @@ extension (the first of :data:`IMAGE_MEMBER_EXTENSIONS` present); a
 ``.json`` member is the sample's metadata. img2dataset writes a ``.parquet``
 and a ``_stats.json`` file beside every shard; they are not inputs.
 
-A shard is read as a stream (``tarfile`` stream mode over the fsspec file,
-local or ``s3://``): member after member, only image and JSON members read
-into memory, never a whole shard at once. Every sample gives exactly one
-record: ``image_id`` = the key, ``source`` = ``<shard URI>#<key>``. A member
-that cannot be used (corrupt bytes, a sample without an image, a key seen
-twice in one shard, a shard cut off mid-member) is one error record; a shard
-whose tar structure breaks in the middle gives one error record for the part
-that cannot be read (``<shard URI>#@<byte offset>``), so nothing is lost
-silently.
+A shard (``.tar``, or gzip-compressed ``.tar.gz`` / ``.tgz``) is read as a
+stream (``tarfile`` stream mode over the file, local or ``s3://``, gzip
+decompressed as it is read): member after member, only image and JSON members
+read into memory, never a whole shard at once. Every sample gives exactly one
+record: ``image_id`` = the key, ``source`` = ``<shard URI>#<key>`` (bytes of a
+member name that are not UTF-8 as ``%XX``). A member that cannot be used
+(corrupt bytes, a sample without an image, an image member that is a link or a
+special entry -- never followed --, a key seen twice in one shard, a shard cut
+off mid-member) is one error record; a shard whose tar or gzip structure breaks
+in the middle gives one error record for the part that cannot be read
+(``<shard URI>#@<byte offset>``), so nothing is lost silently. A key found in
+two shards is reported by :func:`duplicate_keys` (the job's summary).
 
 Planning is per shard (:func:`plan_shards`): which keys a shard holds is only
 known by reading it, which is the read task's job, so a read unit is a shard
