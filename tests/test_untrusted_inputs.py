@@ -180,6 +180,7 @@ def corpus(tmp_path_factory):
     os.symlink("../good-a.jpg", data / "sub" / "link-inside.jpg")
     os.symlink(data / "sub", data / "link-to-sub")
     os.symlink(data / "missing.jpg", data / "dangling.jpg")
+    os.symlink("loop.jpg", data / "loop.jpg")
     os.mkfifo(data / "fifo.jpg")
     os.mkfifo(data / "fifo-no-extension")
     server = socket.socket(socket.AF_UNIX)
@@ -193,7 +194,7 @@ def corpus(tmp_path_factory):
     expected_ok = ["good-a.jpg", "sub/good-b.png", "caf%E9.jpg", "caf\udce9.jpg", "sub/\udcff\udcfe-broken.png"]
     expected_error = ["sub/png-idat-bit-flipped.png", "jpeg-cut.jpg", "text-named.jpg"]
     refused = ["link-to-secret.jpg", "link-to-outside-photo.jpg", "link-to-outside-folder", "sub/link-inside.jpg",
-               "link-to-sub", "dangling.jpg", "fifo.jpg", "fifo-no-extension", "socket.png"] + (
+               "link-to-sub", "dangling.jpg", "loop.jpg", "fifo.jpg", "fifo-no-extension", "socket.png"] + (
         ["device.jpg"] if device else [])
     yield {"root": root, "input": data, "outside": outside, "ok": expected_ok, "error": expected_error,
            "refused": refused}
@@ -216,7 +217,7 @@ def test_listing_reads_only_regular_files_inside_the_root_and_names_the_rest(cor
     assert "outside the input" in reasons["link-to-secret.jpg"] and "never opened" in reasons["link-to-secret.jpg"]
     assert "outside the input" in reasons["link-to-outside-folder"]
     assert "inside the input" in reasons["link-inside.jpg"] and "good-a.jpg" in reasons["link-inside.jpg"]
-    assert "broken symbolic link" in reasons["dangling.jpg"]
+    assert "broken symbolic link" in reasons["dangling.jpg"] and "broken symbolic link" in reasons["loop.jpg"]
     assert "FIFO" in reasons["fifo.jpg"] and "FIFO" in reasons["fifo-no-extension"]
     assert "socket" in reasons["socket.png"]
     if "device.jpg" in reasons:
@@ -339,6 +340,9 @@ def test_gzip_shards_read_like_tar_shards_and_are_listed(tmp_path):
     (folder / "corrupt.tgz").write_bytes(bytes(corrupt))
     failed = [r.error is not None for r in _read(folder / "corrupt.tgz")]
     assert failed[-1] and failed == sorted(failed)
+    (folder / "not-gzip.tgz").write_bytes(b"\x1f\x8b\x63" + SECRET.encode() * 30)  # gzip magic, then anything
+    (junk,) = _read(folder / "not-gzip.tgz")
+    assert junk.image_id == "@0" and junk.error and "b'" not in junk.error and SECRET not in junk.error
 
 
 def test_a_key_in_two_shards_is_named():

@@ -23,6 +23,7 @@ Plain Python on the local filesystem (no Ray).
 from __future__ import annotations
 
 import os
+import re
 import stat
 from urllib.parse import quote
 
@@ -66,6 +67,16 @@ def local_path(text: str) -> str:
     return check_uri(text)
 
 
+_BYTES_LITERAL = re.compile(r"b'(?:[^'\\]|\\.)*'|b\"(?:[^\"\\]|\\.)*\"")
+
+
+def describe_error(error: BaseException) -> str:
+    """An exception from a decoder or archive reader as one line, with any bytes it quotes from the file
+    left out (``broken PNG file (chunk b'...')``, ``Not a gzipped file (b'..')``): never a file's content."""
+    message = _BYTES_LITERAL.sub("<bytes>", str(error) or type(error).__name__)
+    return name_text(" ".join(message.split())[:300])
+
+
 # =========================================================================== roots and listing
 def canonical_root(path: str) -> str:
     """The real path of a local input (every symbolic link, ``.`` and ``..`` resolved)."""
@@ -81,17 +92,24 @@ def walk(root: str, excluded: str | None = None) -> tuple[list[str], list[tuple[
 
     ``os.scandir`` gives each entry's type from the directory itself: no ``stat`` per
     regular file (a million files list in seconds, benchmarks/resume_plan.py); only the
-    rare link or special file costs one. ``excluded``: a real path never listed (the output).
+    rare link or special file costs one. ``excluded``: a real folder never listed (the
+    output). A folder below ``root`` that cannot be listed is named, not fatal.
     """
     files, refused, pending = [], [], [root]
     while pending:
         directory = pending.pop()
-        with os.scandir(directory) as entries:
+        try:
+            entries = os.scandir(directory)
+        except OSError as error:
+            if directory == root:
+                raise
+            refused.append((directory, f"a folder that cannot be listed ({error.strerror or error})"))
+            continue
+        with entries:
             for entry in entries:
-                if excluded is not None and inside(entry.path, excluded):
-                    continue
                 if entry.is_dir(follow_symlinks=False):
-                    pending.append(entry.path)
+                    if entry.path != excluded:
+                        pending.append(entry.path)
                 elif entry.is_file(follow_symlinks=False):
                     files.append(entry.path)
                 elif entry.is_symlink():
@@ -103,9 +121,9 @@ def walk(root: str, excluded: str | None = None) -> tuple[list[str], list[tuple[
 
 
 def _link_reason(path: str, root: str) -> str:
+    if not os.path.exists(path):  # follows the link: False when it dangles or loops
+        return "a broken symbolic link (its target does not exist, or it loops): not followed"
     target = os.path.realpath(path)
-    if not os.path.lexists(target):
-        return "a broken symbolic link: not followed"
     if not inside(target, root):
         return "a symbolic link to a place outside the input: not followed, never opened"
     relative = os.path.relpath(target, root)

@@ -26,6 +26,7 @@ from typing import Callable
 
 import numpy as np
 
+from diffcut.job.boundary import describe_error
 from diffcut.job.storage import InputError
 
 #: Pixel stride of the feature map of every supported model (SD 1.x/2.x and the
@@ -150,15 +151,6 @@ def _describe_bytes(data: bytes) -> str:
     return f"{len(data):,} bytes"
 
 
-_BYTES_LITERAL = re.compile(r"b'(?:[^'\\]|\\.)*'|b\"(?:[^\"\\]|\\.)*\"")
-
-
-def _decoder_message(error: BaseException) -> str:
-    """A decoder's exception as one line, with any bytes it quotes from the file left out."""
-    message = _BYTES_LITERAL.sub("<bytes>", str(error) or type(error).__name__)
-    return " ".join(message.split())[:300]
-
-
 def _open(data: bytes | None, max_pixels: int):
     """Open ``data`` lazily (header only) after the emptiness and size checks."""
     from PIL import Image, UnidentifiedImageError
@@ -186,7 +178,7 @@ def _open(data: bytes | None, max_pixels: int):
     except UnidentifiedImageError:
         raise ImageDecodeError(f"not an image in a format PIL can read ({_describe_bytes(data)})") from None
     except Exception as error:  # noqa: BLE001 - any header failure is a bad input
-        raise ImageDecodeError(f"cannot read the image header: {_decoder_message(error)}") from None
+        raise ImageDecodeError(f"cannot read the image header: {describe_error(error)}") from None
     width, height = image.size
     if width < 1 or height < 1:
         raise ImageDecodeError(f"the image declares an empty size {width}x{height}")
@@ -356,7 +348,7 @@ def decode_image(data: bytes | None, size: tuple[int, int] | SizeRule | None = N
     except ImageDecodeError:
         raise
     except Exception as error:  # noqa: BLE001
-        raise ImageDecodeError(f"the image data is truncated or corrupt ({_decoder_message(error)})") from None
+        raise ImageDecodeError(f"the image data is truncated or corrupt ({describe_error(error)})") from None
     if image.format == "PNG":
         check_png_complete(data)
     if swapped is None:  # after load(): a PNG's EXIF may follow its image data

@@ -143,6 +143,8 @@ def _local_files(root: str, exclude: str | None) -> tuple[list[str], list[str], 
     excluded = None
     if exclude is not None and not is_remote(exclude):
         excluded = boundary.canonical_root(check_uri(exclude))
+    if excluded is not None and boundary.inside(root, excluded):
+        return [], [], [], False  # the input lies inside the output: nothing in it is an input
     try:
         paths, refused = boundary.walk(root, excluded)
     except OSError as error:

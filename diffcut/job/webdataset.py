@@ -310,7 +310,7 @@ def iter_shard(handle, shard_uri: str, *, done_keys: Iterable[str] = (),
 
 
 def _message(error: BaseException) -> str:
-    return boundary.name_text(dio.redact(error))
+    return dio.redact(boundary.describe_error(error))
 
 
 def read_shard_unit(unit: Mapping, *, keep_metadata: bool = False) -> Iterator[dio.RawRecord]:
