@@ -404,3 +404,15 @@ def test_gzip_shards_with_odd_members_and_a_key_in_two_shards(ray_local, tmp_pat
     assert summary["duplicate_keys"] == {"count": 1, "named": [
         {"image_id": "shared", "sources": [f"{real}/000.tar.gz#shared", f"{real}/001.tgz#shared"]}]}
     assert "more than one shard" in summary["warning"]
+
+
+def test_gzip_shards_stream_from_s3(s3_bucket, tmp_path):
+    import boto3
+
+    members = [(f"{i:04d}.jpg", _encode(_scene(seed=i), "JPEG")) for i in range(3)]
+    local = _read(_tar(tmp_path / "a.tgz", members, compress=True))
+    boto3.client("s3").put_object(Bucket=s3_bucket, Key="wds/a.tgz", Body=(tmp_path / "a.tgz").read_bytes())
+    listing = dio.list_inputs(f"s3://{s3_bucket}/wds/")
+    assert (listing.format, listing.files) == ("webdataset", [f"s3://{s3_bucket}/wds/a.tgz"])
+    remote = list(wds.read_shard_unit({"kind": wds.UNIT_KIND, "path": listing.files[0], "done_keys": ["0001"]}))
+    assert [(r.image_id, r.data) for r in remote] == [(r.image_id, r.data) for r in local if r.image_id != "0001"]
