@@ -84,6 +84,8 @@ def intact_images() -> dict[str, bytes]:
         "plain.png": _encode(scene, "PNG"),
         "interlaced.png": _png(_interlaced_rows(np.asarray(scene)), 80, 64, interlaced=True),
         "palette.png": _encode(scene.convert("P"), "PNG"),
+        "black-last-row.png": _encode(Image.fromarray(np.vstack([np.asarray(scene)[:-1], np.zeros((1, 80, 3), np.uint8)])),
+                                      "PNG"),  # the image data is inflated again: valid, so ok
         "gray16.png": _encode(Image.fromarray(np.arange(80 * 64, dtype=np.uint16).reshape(64, 80) * 12), "PNG"),
         "image.gif": _encode(scene.convert("P"), "GIF"),
         "lossy.webp": _encode(scene, "WEBP", quality=80),

@@ -223,10 +223,20 @@ def _png_data_size(width: int, height: int, bit_depth: int, colour_type: int, in
     return total
 
 
-def check_png_complete(data: bytes) -> None:
+def _may_end_early(image) -> bool:
+    """Whether a loaded PNG's image data may have ended before its last row. PIL starts from a zeroed
+    buffer and decodes rows in order, so a last row holding a non-zero byte proves every row was
+    decoded; only then is inflating the data again (as costly as PIL's own inflate) skipped."""
+    if image.info.get("interlace"):
+        return True  # Adam7 passes write rows out of order
+    width, height = image.size
+    return not any(image.crop((0, height - 1, width, height)).tobytes())
+
+
+def check_png_complete(data: bytes, *, inflate: bool = True) -> None:
     """Refuse a PNG that PIL would decode only in part: a chunk whose CRC does not match, a file
-    that ends before IEND, or image data that inflates to fewer bytes than its header declares
-    (PIL fills the missing rows with zeros and reports nothing).
+    that ends before IEND, or (``inflate``) image data that inflates to fewer bytes than its header
+    declares (PIL leaves the missing rows at zero and reports nothing).
 
     Raises:
         ImageDecodeError: naming what is wrong.
@@ -250,7 +260,7 @@ def check_png_complete(data: bytes) -> None:
         if kind == b"IHDR" and length >= 13:
             header = struct.unpack(">IIBBBBB", body[:13])
             expected = _png_data_size(header[0], header[1], header[2], header[3], bool(header[6]))
-        elif kind == b"IDAT" and expected is not None and not stream_done:
+        elif kind == b"IDAT" and inflate and expected is not None and not stream_done:
             try:  # counts the inflated bytes, at most one more than expected: nothing is kept
                 inflated += len(inflater.decompress(body, expected + 1 - inflated))
             except zlib.error as error:
@@ -259,7 +269,7 @@ def check_png_complete(data: bytes) -> None:
         elif kind == b"IEND":
             break
         position = end
-    if expected is not None and inflated < expected:
+    if inflate and expected is not None and inflated < expected:
         raise ImageDecodeError(f"the PNG image data holds {inflated:,} of the {expected:,} bytes its "
                                f"{header[0]}x{header[1]} header declares: the image is incomplete")
 
@@ -350,7 +360,7 @@ def decode_image(data: bytes | None, size: tuple[int, int] | SizeRule | None = N
     except Exception as error:  # noqa: BLE001
         raise ImageDecodeError(f"the image data is truncated or corrupt ({describe_error(error)})") from None
     if image.format == "PNG":
-        check_png_complete(data)
+        check_png_complete(data, inflate=_may_end_early(image))
     if swapped is None:  # after load(): a PNG's EXIF may follow its image data
         swapped = _orientation(image) in _SWAPS_AXES
         target = _target_size(size, raw_width, raw_height, swapped)
