@@ -236,12 +236,23 @@ def test_every_spelling_of_the_input_is_the_same_dataset(corpus, monkeypatch):
     alias = root / "alias"
     if not alias.exists():
         os.symlink(data, alias)
+    spellings = ("input", "./input/", "input//", str(data) + "/", f"{root}/./outside/../input", "alias", "./alias/",
+                 f"file://{data}")
+    # From the folder above it: the input's real path relative to there (an output made in a repository
+    # copy stays valid where the copy moves).
     monkeypatch.chdir(root)
-    reference = dio.list_inputs(str(data))
-    for spelling in ("input", "./input/", "input//", str(data) + "/", f"{root}/./outside/../input", "alias",
-                     "./alias/", f"file://{data}"):
+    below = dio.list_inputs(str(data))
+    assert below.root == "input" and all(f.startswith(("input/", "file:input/")) for f in below.files)
+    for spelling in spellings:
         listing = dio.list_inputs(spelling)
-        assert (listing.root, listing.files) == (reference.root, reference.files), spelling
+        assert (listing.root, listing.files) == (below.root, below.files), spelling
+    # From anywhere else: its absolute real path, whatever the spelling and the working directory.
+    for cwd in (root / "outside", Path("/")):
+        monkeypatch.chdir(cwd)
+        for spelling in spellings:
+            listing = dio.list_inputs(spelling if spelling.startswith(("/", "file:")) else f"{root}/{spelling}")
+            assert listing.root == os.path.realpath(data) and listing.files == sorted(
+                f"file://{root}/{f[5:]}" if f.startswith("file:") else f"{root}/{f}" for f in below.files), (cwd, spelling)
 
 
 def test_reading_refuses_a_file_swapped_after_the_listing(tmp_path):
@@ -361,6 +372,7 @@ def test_the_job_labels_every_input_once_reads_nothing_outside_and_reruns_label_
     from diffcut.job.pipeline import label_dataset
 
     data, output = corpus["input"], tmp_path / "labels"
+    monkeypatch.chdir(corpus["outside"])  # inputs outside the working directory: absolute real paths
     first = label_dataset(str(data), str(output), **TINY)
     rows = schema.read_labels(str(output), columns=["image_id", "source", "status", "error"]).to_pylist()
     by_source = {r["source"]: r for r in rows}
@@ -379,8 +391,7 @@ def test_the_job_labels_every_input_once_reads_nothing_outside_and_reruns_label_
     # The same dataset spelled otherwise: nothing to do, nothing labeled twice.
     alias = corpus["root"] / "alias-e2e"
     os.symlink(data, alias)
-    monkeypatch.chdir(corpus["root"])
-    for spelling in ("./input/", "alias-e2e", str(data) + "/"):
+    for spelling in ("../input/", "../alias-e2e", str(data) + "/", f"file://{alias}"):
         again = label_dataset(spelling, str(output), **TINY)
         assert (again["processed"], again["already_done"], again["input"]) == (0, len(rows), first["input"]), spelling
     assert len(schema.read_labels(str(output), columns=["source"])) == len(rows)

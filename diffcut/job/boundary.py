@@ -1,8 +1,9 @@
 """The input boundary: which local files the job reads, how it opens them, and how their names are kept.
 
-* **Canonical roots.** A local input is resolved once (``os.path.realpath``): ``data``,
-  ``./data/``, ``/abs/data`` and a symlinked alias of the folder are the same dataset,
-  with the same ``source`` values, so a rerun in any spelling labels nothing twice.
+* **Canonical roots.** A local input is resolved once (``os.path.realpath``, then relative to
+  the working directory when below it, :func:`canonical_root`): ``data``, ``./data/``,
+  ``/abs/data`` and a symlinked alias of the folder are the same dataset, with the same
+  ``source`` values, so a rerun in any spelling labels nothing twice.
 * **What is read.** Only regular files that lie inside the root. The listing
   (:func:`walk`) never follows a symbolic link (one leading outside the root is never
   opened; one inside is not needed: its target is listed under its own path) and
@@ -40,7 +41,8 @@ def file_kind(mode: int) -> str:
 
 # =========================================================================== names
 def path_text(path: str) -> str:
-    """The text of a local path: itself when its name is UTF-8, else ``file://`` + its percent-escaped bytes.
+    """The text of a local path: itself when its name is UTF-8, else ``file://`` (``file:`` for a relative
+    path) + its percent-escaped bytes. No plain path text starts with ``file:`` (:func:`canonical_root`).
 
     ``path`` comes from the OS as ``str`` with undecodable bytes as lone surrogates
     (``surrogateescape``); :func:`diffcut.job.storage.check_uri` turns the ``file://``
@@ -51,8 +53,8 @@ def path_text(path: str) -> str:
     try:
         path.encode("utf-8")
         return path
-    except UnicodeEncodeError:
-        return "file://" + quote(os.fsencode(path), safe="/")
+    except UnicodeEncodeError:  # file:///abs or file:relative (RFC 8089's form, and its relative twin)
+        return ("file://" if path.startswith("/") else "file:") + quote(os.fsencode(path), safe="/")
 
 
 def name_text(name: str) -> str:
@@ -79,8 +81,22 @@ def describe_error(error: BaseException) -> str:
 
 # =========================================================================== roots and listing
 def canonical_root(path: str) -> str:
-    """The real path of a local input (every symbolic link, ``.`` and ``..`` resolved)."""
-    return os.path.realpath(path)
+    """The one spelling of a local input: its real path (every symbolic link, ``.`` and ``..``
+    resolved), relative to the real working directory when it lies below it.
+
+    Relative there, an output made in a repository (the bundled example labels) or in a
+    ``ray job submit --working-dir`` copy keeps naming its files when the folder moves; every
+    spelling of the input from that directory is still the same text.
+    """
+    real = os.path.realpath(path)
+    cwd = os.path.realpath(os.getcwd())
+    relative = os.path.relpath(real, cwd) if cwd != "/" and inside(real, cwd) else real
+    return real if relative.startswith("file:") else relative  # text of that form is an escaped name
+
+
+def shown_path(path: str, real_root: str, root: str) -> str:
+    """``path``, found under the real directory ``real_root``, as seen from the canonical ``root``."""
+    return path[len(real_root) + 1:] if root == "." else root + path[len(real_root):]
 
 
 def inside(path: str, root: str) -> bool:

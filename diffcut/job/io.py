@@ -127,28 +127,33 @@ def _hidden(relative: str) -> bool:
     return relative.startswith(".") or "/." in relative
 
 
-def _local_files(root: str, exclude: str | None) -> tuple[list[str], list[str], list[tuple[str, str]], bool]:
-    """As :func:`_relative_files` for the real local path ``root``."""
-    text = boundary.path_text
+def _local_files(shown: str, exclude: str | None) -> tuple[list[str], list[str], list[tuple[str, str]], bool]:
+    """As :func:`_relative_files` for the canonical local path ``shown`` (:func:`diffcut.job.boundary.canonical_root`)."""
+    root = os.path.realpath(shown)
+
+    def text(path: str) -> str:
+        return boundary.path_text(boundary.shown_path(path, root, shown))
+
     try:
         mode = os.stat(root).st_mode
     except FileNotFoundError:
-        raise InputError(f"input {text(root)!r} does not exist") from None
+        raise InputError(f"input {boundary.path_text(shown)!r} does not exist") from None
     except OSError as error:
-        raise InputError(f"cannot list {text(root)}: {error.strerror or error}") from None
+        raise InputError(f"cannot list {boundary.path_text(shown)}: {error.strerror or error}") from None
     if stat.S_ISREG(mode):
-        return [text(root)], [], [], True
+        return [boundary.path_text(shown)], [], [], True
     if not stat.S_ISDIR(mode):
-        raise InputError(f"input {text(root)!r} is {boundary.file_kind(mode)}: give a folder or a regular file")
+        raise InputError(f"input {boundary.path_text(shown)!r} is {boundary.file_kind(mode)}: give a folder or a "
+                         "regular file")
     excluded = None
     if exclude is not None and not is_remote(exclude):
-        excluded = boundary.canonical_root(check_uri(exclude))
+        excluded = os.path.realpath(check_uri(exclude))
     if excluded is not None and boundary.inside(root, excluded):
         return [], [], [], False  # the input lies inside the output: nothing in it is an input
     try:
         paths, refused = boundary.walk(root, excluded)
     except OSError as error:
-        raise InputError(f"cannot list {text(root)}: {describe_exception(error)}") from None
+        raise InputError(f"cannot list {boundary.path_text(shown)}: {describe_exception(error)}") from None
     prefix = len(root.rstrip("/")) + 1
     visible, hidden = [], []
     for path in paths:
