@@ -51,7 +51,8 @@ def main(argv=None) -> int:
                 images.check_png_complete = checked
         best = {name: min(values) for name, values in times.items()}
         rows.append({"source": f"{width}x{height}", "bytes": len(data), "check_ms": round(best["check"] * 1e3, 1),
-                     "decode_ms": round(best["with"] * 1e3, 1), "decode_without_check_ms": round(best["without"] * 1e3, 1),
+                     "decode_ms": round(best["with"] * 1e3, 1),
+                     "decode_without_check_ms": round(best["without"] * 1e3, 1),
                      "ratio": round(best["with"] / best["without"], 2)})
         print(rows[-1], flush=True)
     print(json.dumps(rows))

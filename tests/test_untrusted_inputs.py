@@ -84,8 +84,9 @@ def intact_images() -> dict[str, bytes]:
         "plain.png": _encode(scene, "PNG"),
         "interlaced.png": _png(_interlaced_rows(np.asarray(scene)), 80, 64, interlaced=True),
         "palette.png": _encode(scene.convert("P"), "PNG"),
-        "black-last-row.png": _encode(Image.fromarray(np.vstack([np.asarray(scene)[:-1], np.zeros((1, 80, 3), np.uint8)])),
-                                      "PNG"),  # the image data is inflated again: valid, so ok
+        # The image data is inflated again (the last row is all zeros): valid, so ok.
+        "black-last-row.png": _encode(Image.fromarray(np.vstack([np.asarray(scene)[:-1], np.zeros((1, 80, 3), "u1")])),
+                                      "PNG"),
         "gray16.png": _encode(Image.fromarray(np.arange(80 * 64, dtype=np.uint16).reshape(64, 80) * 12), "PNG"),
         "image.gif": _encode(scene.convert("P"), "GIF"),
         "lossy.webp": _encode(scene, "WEBP", quality=80),
@@ -111,7 +112,8 @@ def damaged_images() -> dict[str, bytes]:
     flipped[idat + 40] ^= 0x01  # one bit of the image data: the chunk's CRC no longer matches
     recomputed = bytearray(flipped)  # the same damage with a CRC that matches: only zlib can tell
     length = struct.unpack(">I", png[idat - 4: idat])[0]
-    recomputed[idat + 4 + length: idat + 8 + length] = struct.pack(">I", zlib.crc32(bytes(recomputed[idat: idat + 4 + length])))
+    crc = zlib.crc32(bytes(recomputed[idat: idat + 4 + length]))
+    recomputed[idat + 4 + length: idat + 8 + length] = struct.pack(">I", crc)
     gif = _encode(_scene().convert("P"), "GIF")
     jpeg = _encode(_scene(), "JPEG")
     damaged.update({
@@ -251,8 +253,8 @@ def test_every_spelling_of_the_input_is_the_same_dataset(corpus, monkeypatch):
         monkeypatch.chdir(cwd)
         for spelling in spellings:
             listing = dio.list_inputs(spelling if spelling.startswith(("/", "file:")) else f"{root}/{spelling}")
-            assert listing.root == os.path.realpath(data) and listing.files == sorted(
-                f"file://{root}/{f[5:]}" if f.startswith("file:") else f"{root}/{f}" for f in below.files), (cwd, spelling)
+            absolute = sorted(f"file://{root}/{f[5:]}" if f.startswith("file:") else f"{root}/{f}" for f in below.files)
+            assert (listing.root, listing.files) == (os.path.realpath(data), absolute), (cwd, spelling)
 
 
 def test_reading_refuses_a_file_swapped_after_the_listing(tmp_path):

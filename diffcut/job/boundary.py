@@ -143,7 +143,8 @@ def _link_reason(path: str, root: str) -> str:
     if not inside(target, root):
         return "a symbolic link to a place outside the input: not followed, never opened"
     relative = os.path.relpath(target, root)
-    return f"a symbolic link to {path_text(relative)!r} inside the input: not followed (the target is read under its own path)"
+    return (f"a symbolic link to {path_text(relative)!r} inside the input: not followed (the target is read under "
+            "its own path)")
 
 
 # =========================================================================== opening

@@ -256,7 +256,8 @@ def check_png_complete(data: bytes, *, inflate: bool = True) -> None:
         body = data[position + 8:end - 4]
         if zlib.crc32(kind + body) != struct.unpack(">I", data[end - 4:end])[0]:
             name = kind.decode("ascii") if kind.isalpha() else "?"
-            raise ImageDecodeError(f"the PNG chunk {name} at byte {position:,} fails its CRC check: the file is corrupt")
+            raise ImageDecodeError(f"the PNG chunk {name} at byte {position:,} fails its CRC check: "
+                                   "the file is corrupt")
         if kind == b"IHDR" and length >= 13:
             header = struct.unpack(">IIBBBBB", body[:13])
             expected = _png_data_size(header[0], header[1], header[2], header[3], bool(header[6]))
@@ -351,7 +352,8 @@ def decode_image(data: bytes | None, size: tuple[int, int] | SizeRule | None = N
             # least the target size, so a 8000x6000 photo never exists at full size in memory.
             swapped = _orientation(image) in _SWAPS_AXES
             target = _target_size(size, raw_width, raw_height, swapped)
-            if target[0] < (raw_height if swapped else raw_width) and target[1] < (raw_width if swapped else raw_height):
+            upright = (raw_height, raw_width) if swapped else (raw_width, raw_height)
+            if target[0] < upright[0] and target[1] < upright[1]:
                 image.draft(None, (target[1], target[0]) if swapped else target)
         image.seek(0)  # animated GIF/PNG/WebP, multi-page TIFF: the first frame
         image.load()

@@ -128,7 +128,7 @@ def _hidden(relative: str) -> bool:
 
 
 def _local_files(shown: str, exclude: str | None) -> tuple[list[str], list[str], list[tuple[str, str]], bool]:
-    """As :func:`_relative_files` for the canonical local path ``shown`` (:func:`diffcut.job.boundary.canonical_root`)."""
+    """As :func:`_relative_files` for the canonical local path ``shown`` (``boundary.canonical_root``)."""
     root = os.path.realpath(shown)
 
     def text(path: str) -> str:
@@ -206,7 +206,8 @@ def _skip_reason(uri: str, format: str) -> str:
             return "no file extension"
         return "no file extension, and its first bytes are not those of an image"
     if format == "webdataset":
-        return f"not a .tar, .tar.gz or .tgz shard ({ext} file: img2dataset writes .parquet and _stats.json beside its shards)"
+        return (f"not a .tar, .tar.gz or .tgz shard ({ext} file: img2dataset writes .parquet and _stats.json "
+                "beside its shards)")
     if ext in PARQUET_EXTENSIONS and format == "images":
         return "a Parquet file among image files (choose with --format)"
     if ext in IMAGE_EXTENSIONS and format == "parquet":

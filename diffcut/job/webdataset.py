@@ -171,7 +171,8 @@ _MEMBER_KINDS = (("issym", "a symbolic link"), ("islnk", "a hard link"), ("ischr
 
 
 def _member_kind(info: tarfile.TarInfo) -> str:
-    return next((name for test, name in _MEMBER_KINDS if getattr(info, test)()), f"a special entry (type {info.type!r})")
+    found = (name for test, name in _MEMBER_KINDS if getattr(info, test)())
+    return next(found, f"a special entry (type {info.type!r})")
 
 
 class _Recorder:
