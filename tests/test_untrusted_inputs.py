@@ -231,6 +231,8 @@ def test_listing_reads_only_regular_files_inside_the_root_and_names_the_rest(cor
     latin1, literal = _text(data, "caf\udce9.jpg"), _text(data, "caf%E9.jpg")
     assert latin1.startswith("file://") and latin1.endswith("/caf%E9.jpg") and not literal.startswith("file://")
     assert os.fsencode(boundary.local_path(latin1)).endswith(b"/caf\xe9.jpg")
+    with pytest.raises(dio.InputError, match="FIFO"):  # named as the input itself: refused, never opened
+        dio.list_inputs(str(data / "fifo.jpg"))
 
 
 def test_every_spelling_of_the_input_is_the_same_dataset(corpus, monkeypatch):
