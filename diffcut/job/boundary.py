@@ -14,9 +14,9 @@
   file's own path must be the listed one (a folder swapped for a link is refused).
 * **Names.** Arrow strings are UTF-8; a name that is not (Latin-1 bytes from an old
   camera) is kept losslessly: a local path as a ``file://`` URI with RFC 3986
-  percent-escapes of its bytes (:func:`path_text`; local sources are otherwise plain
-  absolute paths, so no real name gives that text), a tar member's key with
-  ``%XX`` for each byte that is not UTF-8 (:func:`name_text`).
+  percent-escapes of its bytes (:func:`path_text`; no other local source starts with
+  ``file:``, so no real name gives that text), a tar member's key with ``%XX`` for
+  each byte that is not UTF-8 (:func:`name_text`).
 
 Plain Python on the local filesystem (no Ray).
 """
@@ -107,8 +107,8 @@ def walk(root: str, excluded: str | None = None) -> tuple[list[str], list[tuple[
     """(regular files under the real directory ``root``, [(path, why not read)]), recursively.
 
     ``os.scandir`` gives each entry's type from the directory itself: no ``stat`` per
-    regular file (a million files list in seconds, benchmarks/resume_plan.py); only the
-    rare link or special file costs one. ``excluded``: a real folder never listed (the
+    regular file (benchmarks/resume_plan.py lists a million); only the rare link or
+    special file costs one. ``excluded``: a real folder never listed (the
     output). A folder below ``root`` that cannot be listed is named, not fatal.
     """
     files, refused, pending = [], [], [root]
