@@ -41,7 +41,7 @@ import gzip
 import posixpath
 import tarfile
 import zlib
-from collections import defaultdict
+from collections import defaultdict, deque
 from typing import Iterable, Iterator, Mapping, Sequence
 
 import pyarrow as pa
@@ -182,27 +182,28 @@ class _Recorder:
     KEEP = 1 << 16
 
     def __init__(self, raw):
-        self.raw, self.tail, self.tail_start, self.position, self.ended = raw, bytearray(), 0, 0, False
+        self.raw, self.chunks, self.kept, self.position, self.ended = raw, deque(), 0, 0, False
 
     def read(self, size: int = -1) -> bytes:
         data = self.raw.read(size)
         if not data and size != 0:
             self.ended = True
-        self.tail += data
+        self.chunks.append((self.position, data))  # whole chunks: no copying per read
         self.position += len(data)
-        if len(self.tail) > self.KEEP:
-            cut = len(self.tail) - self.KEEP
-            del self.tail[:cut]
-            self.tail_start += cut
+        self.kept += len(data)
+        while self.kept - len(self.chunks[0][1]) >= self.KEEP:
+            self.kept -= len(self.chunks.popleft()[1])
         return data
 
     def block_at(self, offset: int) -> bytes | None:
         """The tar block at ``offset`` (shorter at the end of the stream); None when no longer kept."""
         while offset + tarfile.BLOCKSIZE > self.position and not self.ended:
             self.read(tarfile.BLOCKSIZE)
-        if offset < self.tail_start:
+        if not self.chunks or offset < self.chunks[0][0]:
             return None
-        return bytes(self.tail[offset - self.tail_start: offset - self.tail_start + tarfile.BLOCKSIZE])
+        end = offset + tarfile.BLOCKSIZE
+        return b"".join(data[max(0, offset - start): end - start] for start, data in self.chunks
+                        if start < end and start + len(data) > offset)
 
 
 def _is_end_of_archive(stream: _Recorder, position: int) -> bool:
