@@ -89,7 +89,10 @@ def canonical_root(path: str) -> str:
     spelling of the input from that directory is still the same text.
     """
     real = os.path.realpath(path)
-    cwd = os.path.realpath(os.getcwd())
+    try:
+        cwd = os.path.realpath(os.getcwd())
+    except OSError:  # the working directory was deleted: no relative spelling
+        return real
     relative = os.path.relpath(real, cwd) if cwd != "/" and inside(real, cwd) else real
     return real if relative.startswith("file:") else relative  # text of that form is an escaped name
 
