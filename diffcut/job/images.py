@@ -305,7 +305,7 @@ def to_rgb(image):
     try:
         return image.convert("RGB")
     except Exception as error:  # noqa: BLE001
-        raise ImageDecodeError(f"unsupported colour mode {image.mode!r}: {error}") from None
+        raise ImageDecodeError(f"unsupported colour mode {image.mode!r}: {describe_error(error)}") from None
 
 
 def upright_size(data: bytes | None, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[int, int]:
