@@ -108,7 +108,7 @@ def decode_in_batches(paths: list[str], *, resolution: int, decode_batch_size: i
 
 
 def compare(rows: list[tuple[str, tuple[int, int]]], paths: list[str], batch_size: int) -> dict:
-    feature_batch = 4 * batch_size  # as diffcut.job.pipeline._run_pipeline hands rows to a feature actor
+    feature_batch = 4 * batch_size  # as diffcut.job.stages.run_stages hands rows to a feature actor
     position = {path: index for index, path in enumerate(paths)}
     ordered = [size for _, size in rows]
     in_file_order = [size for _, size in sorted(rows, key=lambda item: position[item[0]])]

@@ -165,7 +165,9 @@ def test_local_folder_resume_overwrite_and_agreement_with_the_library(ray_local,
     assert not killed.exists()
     assert (second["processed"], second["already_done"], second["output_rows"]) == (4, 2, 6)
     rows = check_labels(output, tiny_feature_dim)
-    assert sorted(r["source"] for r in rows) == [f"{sample_dir}/{name}" for name in SAMPLE_NAMES]
+    # The input's canonical spelling: relative to the working directory when below it (pytest runs from the repository).
+    root = dio.canonical_input(str(sample_dir))
+    assert sorted(r["source"] for r in rows) == [f"{root}/{name}" for name in SAMPLE_NAMES]
     assert all(r["status"] == "ok" and r["image_id"] == r["source"] for r in rows)
     by_name = {Path(r["source"]).name: r for r in rows}
     # Masks at the image's own (upright) size; the sideways JPEG is stored 180 x 240.

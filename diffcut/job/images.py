@@ -26,6 +26,7 @@ from typing import Callable
 
 import numpy as np
 
+from diffcut.job.boundary import describe_error
 from diffcut.job.storage import InputError
 
 #: Pixel stride of the feature map of every supported model (SD 1.x/2.x and the
@@ -146,9 +147,8 @@ _SWAPS_AXES = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 degrees
 
 
 def _describe_bytes(data: bytes) -> str:
-    head = data[:8]
-    text = head.decode("ascii", "replace") if all(32 <= b < 127 for b in head) else head.hex(" ")
-    return f"{len(data):,} bytes starting with {text!r}"
+    # The size only: a message must never quote a file's content (it may be anything, a secret included).
+    return f"{len(data):,} bytes"
 
 
 def _open(data: bytes | None, max_pixels: int):
@@ -178,7 +178,7 @@ def _open(data: bytes | None, max_pixels: int):
     except UnidentifiedImageError:
         raise ImageDecodeError(f"not an image in a format PIL can read ({_describe_bytes(data)})") from None
     except Exception as error:  # noqa: BLE001 - any header failure is a bad input
-        raise ImageDecodeError(f"cannot read the image header: {error}") from None
+        raise ImageDecodeError(f"cannot read the image header: {describe_error(error)}") from None
     width, height = image.size
     if width < 1 or height < 1:
         raise ImageDecodeError(f"the image declares an empty size {width}x{height}")
@@ -191,10 +191,88 @@ def _open(data: bytes | None, max_pixels: int):
 
 
 def _orientation(image) -> int:
+    """EXIF orientation from what is already read; never decodes pixels.
+
+    PIL's PNG ``getexif()`` decodes the whole image to look for an eXIf chunk after the
+    image data; a decode failure there must reach :func:`decode_image`'s ``load()``, not be
+    swallowed here (PIL marks an image loaded even when its decoding failed, so a second
+    ``load()`` would return the partly filled buffer as if it were whole).
+    """
+    if image.format == "PNG" and image.tile and "exif" not in image.info:
+        return 1  # not decoded yet: an eXIf chunk after the image data is only known once it is
     try:
         return int(image.getexif().get(_ORIENTATION_TAG, 1) or 1)
     except Exception:  # noqa: BLE001 - unreadable EXIF: treat as upright
         return 1
+
+
+# Channels per PNG colour type (grey, RGB, palette, grey + alpha, RGBA) and Adam7's passes (x0, y0, dx, dy).
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+
+
+def _png_data_size(width: int, height: int, bit_depth: int, colour_type: int, interlaced: bool) -> int:
+    """Bytes the PNG's image data inflates to: filter byte + packed samples, per row of each pass."""
+    bits = _PNG_CHANNELS.get(colour_type, 4) * bit_depth
+    passes = _ADAM7 if interlaced else ((0, 0, 1, 1),)
+    total = 0
+    for x0, y0, dx, dy in passes:
+        columns, rows = -(-(width - x0) // dx), -(-(height - y0) // dy)
+        if columns > 0 and rows > 0:
+            total += rows * (1 + -(-columns * bits // 8))
+    return total
+
+
+def _may_end_early(image) -> bool:
+    """Whether a loaded PNG's image data may have ended before its last row. PIL starts from a zeroed
+    buffer and decodes rows in order, so a last row holding a non-zero byte proves every row was
+    decoded; only then is inflating the data again (as costly as PIL's own inflate) skipped."""
+    if image.info.get("interlace"):
+        return True  # Adam7 passes write rows out of order
+    width, height = image.size
+    return not any(image.crop((0, height - 1, width, height)).tobytes())
+
+
+def check_png_complete(data: bytes, *, inflate: bool = True) -> None:
+    """Refuse a PNG that PIL would decode only in part: a chunk whose CRC does not match, a file
+    that ends before IEND, or (``inflate``) image data that inflates to fewer bytes than its header
+    declares (PIL leaves the missing rows at zero and reports nothing).
+
+    Raises:
+        ImageDecodeError: naming what is wrong.
+    """
+    import struct
+    import zlib
+
+    position, header = 8, None
+    inflater, inflated, expected, stream_done = zlib.decompressobj(), 0, None, False
+    while True:
+        if position + 12 > len(data):
+            raise ImageDecodeError(f"the PNG ends at byte {len(data):,} before its IEND chunk: the file is truncated")
+        length, kind = struct.unpack(">I4s", data[position:position + 8])
+        end = position + 12 + length
+        if end > len(data):
+            raise ImageDecodeError(f"the PNG ends at byte {len(data):,} inside a chunk: the file is truncated")
+        body = data[position + 8:end - 4]
+        if zlib.crc32(kind + body) != struct.unpack(">I", data[end - 4:end])[0]:
+            name = kind.decode("ascii") if kind.isalpha() else "?"
+            raise ImageDecodeError(f"the PNG chunk {name} at byte {position:,} fails its CRC check: "
+                                   "the file is corrupt")
+        if kind == b"IHDR" and length >= 13:
+            header = struct.unpack(">IIBBBBB", body[:13])
+            expected = _png_data_size(header[0], header[1], header[2], header[3], bool(header[6]))
+        elif kind == b"IDAT" and inflate and expected is not None and not stream_done:
+            try:  # counts the inflated bytes, at most one more than expected: nothing is kept
+                inflated += len(inflater.decompress(body, expected + 1 - inflated))
+            except zlib.error as error:
+                raise ImageDecodeError(f"the PNG image data is corrupt ({error})") from None
+            stream_done = inflated > expected or inflater.eof
+        elif kind == b"IEND":
+            break
+        position = end
+    if inflate and expected is not None and inflated < expected:
+        raise ImageDecodeError(f"the PNG image data holds {inflated:,} of the {expected:,} bytes its "
+                               f"{header[0]}x{header[1]} header declares: the image is incomplete")
 
 
 def to_rgb(image):
@@ -227,7 +305,7 @@ def to_rgb(image):
     try:
         return image.convert("RGB")
     except Exception as error:  # noqa: BLE001
-        raise ImageDecodeError(f"unsupported colour mode {image.mode!r}: {error}") from None
+        raise ImageDecodeError(f"unsupported colour mode {image.mode!r}: {describe_error(error)}") from None
 
 
 def upright_size(data: bytes | None, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[int, int]:
@@ -267,22 +345,29 @@ def decode_image(data: bytes | None, size: tuple[int, int] | SizeRule | None = N
 
     image = _open(data, max_pixels)
     raw_width, raw_height = image.size
-    swapped = _orientation(image) in _SWAPS_AXES
-    width, height = (raw_height, raw_width) if swapped else (raw_width, raw_height)
-    target = size(width, height) if callable(size) else (tuple(size) if size is not None else (width, height))
-    target = (int(target[0]), int(target[1]))
+    swapped = target = None
     try:
-        if image.format == "JPEG" and target[0] < width and target[1] < height:
-            # Decode at a reduced DCT scale (1/2, 1/4, 1/8) that is still at least
-            # the target size: a 8000x6000 photo never exists at full size in memory.
-            image.draft(None, (target[1], target[0]) if swapped else target)
+        if image.format == "JPEG":
+            # Its EXIF is in the header: decode at a reduced DCT scale (1/2, 1/4, 1/8) that is still at
+            # least the target size, so a 8000x6000 photo never exists at full size in memory.
+            swapped = _orientation(image) in _SWAPS_AXES
+            target = _target_size(size, raw_width, raw_height, swapped)
+            upright = (raw_height, raw_width) if swapped else (raw_width, raw_height)
+            if target[0] < upright[0] and target[1] < upright[1]:
+                image.draft(None, (target[1], target[0]) if swapped else target)
         image.seek(0)  # animated GIF/PNG/WebP, multi-page TIFF: the first frame
         image.load()
     except ImageDecodeError:
         raise
     except Exception as error:  # noqa: BLE001
-        raise ImageDecodeError(f"the image data is truncated or corrupt ({error})") from None
-    try:
+        raise ImageDecodeError(f"the image data is truncated or corrupt ({describe_error(error)})") from None
+    if image.format == "PNG":
+        check_png_complete(data, inflate=_may_end_early(image))
+    if swapped is None:  # after load(): a PNG's EXIF may follow its image data
+        swapped = _orientation(image) in _SWAPS_AXES
+        target = _target_size(size, raw_width, raw_height, swapped)
+    width, height = (raw_height, raw_width) if swapped else (raw_width, raw_height)
+    try:  # the pixels are loaded: nothing here can decode them again
         upright = ImageOps.exif_transpose(image) or image
     except Exception:  # noqa: BLE001 - a malformed EXIF block must not lose the image
         upright = image
@@ -293,3 +378,10 @@ def decode_image(data: bytes | None, size: tuple[int, int] | SizeRule | None = N
     if pixels.shape != (target[1], target[0], 3):
         raise ImageDecodeError(f"decoding gave an array of shape {pixels.shape}, expected {(target[1], target[0], 3)}")
     return DecodedImage(pixels=pixels, width=width, height=height)
+
+
+def _target_size(size: tuple[int, int] | SizeRule | None, raw_width: int, raw_height: int,
+                 swapped: bool) -> tuple[int, int]:
+    width, height = (raw_height, raw_width) if swapped else (raw_width, raw_height)
+    target = size(width, height) if callable(size) else (tuple(size) if size is not None else (width, height))
+    return int(target[0]), int(target[1])

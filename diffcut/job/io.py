@@ -17,9 +17,11 @@ implementation.
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from diffcut.job import boundary
 from diffcut.job.images import (DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_STRIDE, RESIZE_MODES,  # noqa: F401 (re-exported)
                                 DecodedImage, ImageDecodeError, MaskSize, SizeRule, bucket_size, check_resolution,
                                 decode_image, model_size, to_rgb, upright_size)
@@ -33,7 +35,6 @@ PARQUET_EXTENSIONS = frozenset({".parquet"})
 INPUT_FORMATS = ("auto", "images", "parquet", "webdataset")
 
 
-# =========================================================================== listing
 # =========================================================================== listing
 def extension(path: str) -> str:
     """``".jpg"`` for ``a/b.JPG``; ``""`` without one (``a/3f9a``, ``a/.hidden``), as ``posixpath.splitext``."""
@@ -58,7 +59,7 @@ class InputListing:
     format: ``"images"``, ``"parquet"`` or ``"webdataset"``; files: their URIs, sorted;
     skipped: how many files under the input are not inputs (hidden files,
     ``.txt``, files without an extension that are not images, img2dataset's
-    sidecars of the shards...); skipped_named: the first
+    sidecars of the shards, symbolic links, FIFOs...); skipped_named: the first
     :data:`SKIPPED_NAMED` of them (sorted), each ``{"path": uri, "reason": why}``.
     """
 
@@ -66,6 +67,7 @@ class InputListing:
     files: list[str]
     skipped: int = 0
     skipped_named: list[dict] = field(default_factory=list)
+    root: str = ""  # the input's canonical spelling (:func:`canonical_input`)
 
 
 def sniff_image_format(head: bytes) -> str | None:
@@ -87,10 +89,14 @@ def sniff_image_format(head: bytes) -> str | None:
 def sniff_images(uris: Sequence[str]) -> dict[str, str | None]:
     """uri -> image format from the file's first bytes, or None (not an image, unreadable).
 
-    One ranged read per file, fetched concurrently on object stores (fsspec ``cat_ranges``).
+    One ranged read per file, fetched concurrently on object stores (fsspec ``cat_ranges``);
+    local files are opened as the read tasks open them (:func:`diffcut.job.boundary.open_local`).
     """
     if not uris:
         return {}
+    if not is_remote(uris[0]):
+        return {uri: sniff_image_format(head) if isinstance(head, bytes) else None
+                for uri, head in ((uri, _local_head(uri)) for uri in uris)}
     fs, _ = open_filesystem(uris[0])
     paths = [open_filesystem(uri)[1] for uri in uris]
     try:
@@ -98,6 +104,14 @@ def sniff_images(uris: Sequence[str]) -> dict[str, str | None]:
     except Exception:  # noqa: BLE001 - then one by one
         heads = [_head(fs, path) for path in paths]
     return {uri: sniff_image_format(head) if isinstance(head, bytes) else None for uri, head in zip(uris, heads)}
+
+
+def _local_head(uri: str) -> bytes | None:
+    try:
+        with boundary.open_local(uri) as handle:
+            return handle.read(MAGIC_BYTES)
+    except OSError:
+        return None
 
 
 def _head(fs, path: str) -> bytes | Exception:
@@ -108,60 +122,81 @@ def _head(fs, path: str) -> bytes | Exception:
         return error
 
 
-def _walk_local(root: str) -> list[str]:
-    """Every file under a local directory, recursively (symlinks followed as fsspec does).
-
-    ``os.scandir`` reads entry types from the directory itself: no ``stat``
-    per file and no info dict per file as ``fsspec``'s ``find`` builds, which
-    made listing a million files take 22 s and ~1 GB here
-    (benchmarks/resume_plan.py).
-    """
-    files, pending = [], [root]
-    while pending:
-        directory = pending.pop()
-        with os.scandir(directory) as entries:
-            for entry in entries:
-                if entry.is_dir():
-                    pending.append(entry.path)
-                else:
-                    files.append(entry.path)
-    return files
+def _hidden(relative: str) -> bool:
+    # Hidden files and directories (".DS_Store", ".ipynb_checkpoints/") are never inputs.
+    return relative.startswith(".") or "/." in relative
 
 
-def _relative_files(uri: str, exclude: str | None) -> tuple[list[str], list[str], bool]:
-    """(URIs of every file under ``uri``, recursively; of the hidden ones among them; whether
-    ``uri`` is itself a file)."""
+def _local_files(shown: str, exclude: str | None) -> tuple[list[str], list[str], list[tuple[str, str]], bool]:
+    """As :func:`_relative_files` for the canonical local path ``shown`` (``boundary.canonical_root``)."""
+    root = os.path.realpath(shown)
+
+    def text(path: str) -> str:
+        return boundary.path_text(boundary.shown_path(path, root, shown))
+
+    try:
+        mode = os.stat(root).st_mode
+    except FileNotFoundError:
+        raise InputError(f"input {boundary.path_text(shown)!r} does not exist") from None
+    except OSError as error:
+        raise InputError(f"cannot list {boundary.path_text(shown)}: {error.strerror or error}") from None
+    if stat.S_ISREG(mode):
+        return [boundary.path_text(shown)], [], [], True
+    if not stat.S_ISDIR(mode):
+        raise InputError(f"input {boundary.path_text(shown)!r} is {boundary.file_kind(mode)}: give a folder or a "
+                         "regular file")
+    excluded = None
+    if exclude is not None and not is_remote(exclude):
+        excluded = os.path.realpath(check_uri(exclude))
+    if excluded is not None and boundary.inside(root, excluded):
+        return [], [], [], False  # the input lies inside the output: nothing in it is an input
+    try:
+        paths, refused = boundary.walk(root, excluded)
+    except OSError as error:
+        raise InputError(f"cannot list {boundary.path_text(shown)}: {describe_exception(error)}") from None
+    prefix = len(root.rstrip("/")) + 1
+    visible, hidden = [], []
+    for path in paths:
+        (hidden if _hidden(path[prefix:]) else visible).append(text(path))
+    return visible, hidden, [(text(p), reason) for p, reason in refused], False
+
+
+def _relative_files(uri: str, exclude: str | None) -> tuple[list[str], list[str], list[tuple[str, str]], bool]:
+    """(URIs of every file under ``uri``, recursively; of the hidden ones among them; [(URI, why not
+    read)] of links and special files; whether ``uri`` is itself a file). ``uri`` is canonical."""
+    if not is_remote(uri):
+        return _local_files(boundary.local_path(uri), exclude)
     fs, root = open_filesystem(uri)
     fs.invalidate_cache()  # other processes may have written since this process last listed
     try:
-        if is_remote(uri):
-            check_credential_variables()
+        check_credential_variables()
         if fs.isfile(root):
-            return [uri], [], True
+            return [uri], [], [], True
         exists = fs.exists(root)
-        if exists and not is_remote(uri):
-            paths = _walk_local(root.rstrip("/"))
-        else:
-            paths = fs.find(root.rstrip("/"), detail=False) if exists else []
+        paths = fs.find(root.rstrip("/"), detail=False) if exists else []
     except Exception as error:  # noqa: BLE001 - storage errors (credentials, network) are the user's to fix
         raise InputError(f"cannot list {uri}: {describe_exception(error)}") from None
     if not exists:
         raise InputError(f"input {uri!r} does not exist")
     excluded = None
-    if exclude is not None:
+    if exclude is not None and is_remote(exclude):
         exclude_fs, exclude_root = open_filesystem(exclude)
         if type(exclude_fs) is type(fs):
             excluded = exclude_root.rstrip("/") + "/"
     root = root.rstrip("/")
-    found, hidden = [], []
+    visible, hidden = [], []
     for path in paths:
         if excluded is not None and (path + "/").startswith(excluded):
             continue
         relative = path[len(root):].lstrip("/") if path.startswith(root) else path
-        # Hidden files and directories (".DS_Store", ".ipynb_checkpoints/") are never inputs.
-        is_hidden = relative.startswith(".") or "/." in relative
-        (hidden if is_hidden else found).append(join_uri(uri, relative))
-    return found, hidden, False
+        (hidden if _hidden(relative) else visible).append(join_uri(uri, relative))
+    return visible, hidden, [], False
+
+
+def canonical_input(uri: str) -> str:
+    """The one spelling of an input location: a local one's real path (:mod:`diffcut.job.boundary`), a URI as given."""
+    uri = check_uri(uri)
+    return uri if is_remote(uri) else boundary.path_text(boundary.canonical_root(boundary.local_path(uri)))
 
 
 def _skip_reason(uri: str, format: str) -> str:
@@ -171,7 +206,8 @@ def _skip_reason(uri: str, format: str) -> str:
             return "no file extension"
         return "no file extension, and its first bytes are not those of an image"
     if format == "webdataset":
-        return f"not a .tar shard ({ext} file: img2dataset writes .parquet and _stats.json beside its shards)"
+        return (f"not a .tar, .tar.gz or .tgz shard ({ext} file: img2dataset writes .parquet and _stats.json "
+                "beside its shards)")
     if ext in PARQUET_EXTENSIONS and format == "images":
         return "a Parquet file among image files (choose with --format)"
     if ext in IMAGE_EXTENSIONS and format == "parquet":
@@ -183,9 +219,10 @@ def list_inputs(uri: str, format: str = "auto", *, exclude: str | None = None) -
     """Find the inputs under ``uri`` (a file, a directory, or an ``s3://`` prefix; recursive).
 
     Args:
-        uri: where the inputs are.
+        uri: where the inputs are; a local one is resolved to its real path first
+            (:func:`canonical_input`), which prefixes every listed file.
         format: ``"images"`` (files with an image extension), ``"parquet"``,
-            ``"webdataset"`` (``.tar`` shards, :mod:`diffcut.job.webdataset`), or
+            ``"webdataset"`` (``.tar``, ``.tar.gz``, ``.tgz`` shards, :mod:`diffcut.job.webdataset`), or
             ``"auto"``: whichever kind is present (two kinds present is an error;
             img2dataset's ``.parquet`` / ``_stats.json`` files beside the ``.tar``
             shards of the same name are not inputs).
@@ -194,15 +231,15 @@ def list_inputs(uri: str, format: str = "auto", *, exclude: str | None = None) -
     """
     if format not in INPUT_FORMATS:
         raise InputError(f"unknown input format {format!r}; use one of {', '.join(INPUT_FORMATS)}")
-    uri = check_uri(uri)
-    found, hidden, single_file = _relative_files(uri, exclude)
+    uri = canonical_input(uri)
+    found, hidden, refused, single_file = _relative_files(uri, exclude)
     from diffcut.job import webdataset
 
     by_kind: dict[str, list[str]] = {"images": [], "parquet": [], "webdataset": [], "none": [], "other": []}
     for f in found:  # one pass, one extension() per file: a listing can hold millions
         ext = extension(f)
         kind = ("images" if ext in IMAGE_EXTENSIONS else "parquet" if ext in PARQUET_EXTENSIONS
-                else "webdataset" if ext in webdataset.SHARD_EXTENSIONS else "other" if ext else "none")
+                else "webdataset" if webdataset.is_shard(f, ext) else "other" if ext else "none")
         by_kind[kind].append(f)
     images, parquet, shards = by_kind["images"], by_kind["parquet"], by_kind["webdataset"]
     if format == "auto" and shards:
@@ -210,7 +247,7 @@ def list_inputs(uri: str, format: str = "auto", *, exclude: str | None = None) -
         others = images or [f for f in parquet if f not in sidecars]
         if others:
             raise InputError(
-                f"{uri!r} holds both .tar shards ({len(shards)}) and other inputs ({others[0]}...); "
+                f"{uri!r} holds both tar shards ({len(shards)}) and other inputs ({others[0]}...); "
                 "choose one with --format webdataset, --format images or --format parquet"
             )
         format = "webdataset"
@@ -229,17 +266,16 @@ def list_inputs(uri: str, format: str = "auto", *, exclude: str | None = None) -
     if single_file and not files:
         files = list(found)  # an explicitly named file is used whatever its extension
     if not files:
-        kinds = {"parquet": "Parquet files", "webdataset": ".tar shards"}.get(
+        kinds = {"parquet": "Parquet files", "webdataset": ".tar, .tar.gz or .tgz shards"}.get(
             format, f"image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
         raise InputError(f"no {kinds} found under {uri!r}")
-    if len(files) == len(found):
-        skipped = [(f, "hidden file") for f in hidden]
-    else:
+    skipped = [(f, "hidden file") for f in hidden] + refused
+    if len(files) != len(found):
         chosen = set(files)
-        skipped = [(f, None) for f in found if f not in chosen] + [(f, "hidden file") for f in hidden]
+        skipped += [(f, None) for f in found if f not in chosen]
     skipped.sort()
     named = [{"path": f, "reason": reason or _skip_reason(f, format)} for f, reason in skipped[:SKIPPED_NAMED]]
-    return InputListing(format=format, files=sorted(files), skipped=len(skipped), skipped_named=named)
+    return InputListing(format=format, files=sorted(files), skipped=len(skipped), skipped_named=named, root=uri)
 
 
 # Read units: defined in diffcut.job.plan (imported last: plan imports InputListing from here).

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Mapping, Sequence
 
 import pyarrow as pa
 
-from diffcut.job.storage import InputError, describe_exception, open_filesystem, redact
+from diffcut.job import boundary
+from diffcut.job.storage import InputError, describe_exception, is_remote, open_filesystem, redact
 
 if TYPE_CHECKING:  # diffcut.job.io re-exports this module's names, so it is imported only for the type
     from diffcut.job.io import InputListing
@@ -116,9 +117,8 @@ def plan_parquet(
     listed = already_done = planned = groups = 0
     remaining = None if limit is None else max(0, int(limit))
     for file_uri in files:
-        fs, path = open_filesystem(file_uri)
         try:
-            with fs.open(path, "rb") as handle:
+            with boundary.open_input(file_uri) as handle:
                 # Read in this thread: see diffcut.job.schema.read_shard (Arrow's IO threads vs. interpreter exit).
                 parquet = pq.ParquetFile(handle, pre_buffer=False)
                 image_column_kind(parquet.schema_arrow, image_column, file_uri)
@@ -211,6 +211,13 @@ class RawRecord:
     metadata: str | None = None  # the sample's JSON (WebDataset), kept with --keep-metadata
 
 
+def _read_local(uri: str) -> bytes | Exception:
+    try:
+        return boundary.read_local(uri)
+    except OSError as error:
+        return error
+
+
 def _struct_bytes(value) -> bytes | None:
     return None if value is None else value.get("bytes")
 
@@ -230,7 +237,9 @@ def read_units(units: Iterable[Mapping], *, image_column: str = "image",
     units = list(units)
     file_units = [u for u in units if u["kind"] == "file"]
     fetched: dict[str, object] = {}
-    if file_units:
+    if file_units and not is_remote(file_units[0]["path"]):
+        fetched = {u["path"]: _read_local(u["path"]) for u in file_units}
+    elif file_units:
         fs, _ = open_filesystem(file_units[0]["path"])
         paths = {u["path"]: open_filesystem(u["path"])[1] for u in file_units}
         try:
@@ -252,8 +261,7 @@ def read_units(units: Iterable[Mapping], *, image_column: str = "image",
             yield RawRecord(unit["image_ids"][0], unit["sources"][0], data, preset[0] or error)
             continue
         try:
-            fs, path = open_filesystem(unit["path"])
-            with fs.open(path, "rb") as handle:
+            with boundary.open_input(unit["path"]) as handle:
                 table = pq.ParquetFile(handle).read_row_group(unit["row_group"], columns=[image_column])
             column = table.column(image_column).combine_chunks()
             values = column.take(pa.array(unit["rows"], pa.int64())).to_pylist()

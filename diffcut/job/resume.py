@@ -19,7 +19,7 @@ from collections import defaultdict
 import pyarrow as pa
 
 from diffcut.job import io as dio
-from diffcut.job import schema
+from diffcut.job import schema, webdataset
 from diffcut.job.storage import OutputError
 
 log = logging.getLogger(__name__)
@@ -108,13 +108,14 @@ def _write_summary(output: str, summary: dict) -> None:
         raise
 
 
-def run_summary(output: str, run_id: str, *, input: str, listing: dio.InputListing, plan: dio.Plan, params: dict,
+def run_summary(output: str, run_id: str, *, listing: dio.InputListing, plan: dio.Plan, params: dict,
                 limit: int | None, interrupted_by: str | None, failure: str | None, pipeline_seconds: float,
                 started: float, removed: int, incomplete: int, max_error_rate: float) -> dict:
     """The run's summary (``_summary.json``): this run's rows and the output's, counted from the shards."""
     run_table = _run_rows(output, run_id)
     run_ok, run_error = _count(run_table)
-    totals = schema.read_labels(output, columns=["source", "status"])
+    by_key = listing.format == "webdataset"  # a sample key used in two shards is only known once both are read
+    totals = schema.read_labels(output, columns=["source", "status"] + (["image_id"] if by_key else []))
     total_ok, total_error = _count(totals)
     error_rate = total_error / max(1, total_ok + total_error)
     error_counts: dict[str, int] = defaultdict(int)
@@ -124,7 +125,7 @@ def run_summary(output: str, run_id: str, *, input: str, listing: dio.InputListi
     common_errors = sorted(error_counts.items(), key=lambda item: (-item[1], item[0]))[:10]
     summary = {
         "run_id": run_id,
-        "input": input,
+        "input": listing.root,
         "output": output,
         "format": listing.format,
         # WebDataset shards: counted while reading; every sample is counted when each shard was read to the end.
@@ -155,14 +156,23 @@ def run_summary(output: str, run_id: str, *, input: str, listing: dio.InputListi
         "common_errors": [{"error": message, "count": count} for message, count in common_errors],
         "params": params,
     }
+    warnings = []
     planned = "" if plan.planned is None else f" of {plan.planned} planned"
     if failure:
-        summary["warning"] = f"stopped after {run_ok + run_error}{planned} records: {failure}"
+        warnings.append(f"stopped after {run_ok + run_error}{planned} records: {failure}")
     elif interrupted_by:
-        summary["warning"] = (f"interrupted by {interrupted_by} after {run_ok + run_error}{planned} "
-                              "records; run the same command again to resume")
+        warnings.append(f"interrupted by {interrupted_by} after {run_ok + run_error}{planned} "
+                        "records; run the same command again to resume")
     elif plan.planned is not None and run_ok + run_error != plan.planned:
-        summary["warning"] = f"planned {plan.planned} records but this run wrote {run_ok + run_error} rows"
+        warnings.append(f"planned {plan.planned} records but this run wrote {run_ok + run_error} rows")
+    if by_key:
+        summary["duplicate_keys"] = webdataset.duplicate_keys(totals.column("image_id").to_pylist(),
+                                                              totals.column("source").to_pylist())
+        if summary["duplicate_keys"]["count"]:
+            warnings.append(f"{summary['duplicate_keys']['count']} sample key(s) occur in more than one shard: "
+                            "their rows share an image_id (see duplicate_keys)")
+    if warnings:
+        summary["warning"] = "; ".join(warnings)
     return json.loads(dio.redact(json.dumps(summary)))
 
 

@@ -14,7 +14,7 @@ import errno
 import os
 import re
 from typing import Mapping
-from urllib.parse import urlsplit
+from urllib.parse import unquote_to_bytes, urlsplit
 
 
 class InputError(ValueError):
@@ -62,7 +62,8 @@ def check_uri(uri: str) -> str:
     uri = str(uri).strip()
     if uri.startswith("file:"):
         uri = uri[len("file://"):] if uri.startswith("file://") else uri[len("file:"):]
-        return os.path.normpath(uri)
+        # RFC 8089: percent-escapes stand for the path's bytes (how diffcut.job.boundary keeps non-UTF-8 names).
+        return os.path.normpath(os.fsdecode(unquote_to_bytes(uri)))
     if "://" in uri:
         parts = urlsplit(uri)
         if parts.username or parts.password or "@" in parts.netloc:
