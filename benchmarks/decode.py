@@ -1,6 +1,6 @@
 """Decode + resize throughput of one CPU core, as the job's read/decode tasks do it.
 
-``diffcut.job.io.decode_image`` (open, EXIF orientation, RGB, bilinear resize to the model
+``diffcut.job.inputs.decode_image`` (open, EXIF orientation, RGB, bilinear resize to the model
 input size; JPEG decoded at a reduced DCT scale when the target is smaller) on one thread,
 for JPEG (quality 90) and PNG sources: 1024x1024 (the model size itself: decode only),
 2048x1536 (3 MP, resized to its 1024 bucket) and 4032x3024 (12 MP phone photo). The
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from diffcut.job.io import decode_image, model_size  # noqa: E402
+from diffcut.job.inputs import decode_image, model_size
 
 SOURCES = [(1024, 1024), (2048, 1536), (4032, 3024)]
 TARGET_RATES = (40, 60)
@@ -70,17 +70,30 @@ def main(argv=None) -> int:
     parser.add_argument("--resolution", type=int, default=1024)
     args = parser.parse_args(argv)
     rows = []
-    print(f"{'source':<10} {'kind':<5} {'MB':>6} {'img/s/core':>11} " + " ".join(f"{'cores@' + str(r):>9}" for r in TARGET_RATES))
+    print(
+        f"{'source':<10} {'kind':<5} {'MB':>6} {'img/s/core':>11} "
+        + " ".join(f"{'cores@' + str(r):>9}" for r in TARGET_RATES)
+    )
     for width, height in SOURCES:
         pixels = photo_like(width, height)
         for kind in ("jpeg", "png"):
             data = encode(pixels, kind)
             per_core = rate(data, args.resolution, args.seconds)
             cores = {r: round(r / per_core, 1) for r in TARGET_RATES}
-            rows.append({"source": f"{width}x{height}", "kind": kind, "bytes": len(data),
-                         "images_per_s_per_core": round(per_core, 2), "cores_needed": cores})
-            print(f"{width}x{height:<5} {kind:<5} {len(data) / 1e6:>6.2f} {per_core:>11.1f} "
-                  + " ".join(f"{cores[r]:>9}" for r in TARGET_RATES), flush=True)
+            rows.append(
+                {
+                    "source": f"{width}x{height}",
+                    "kind": kind,
+                    "bytes": len(data),
+                    "images_per_s_per_core": round(per_core, 2),
+                    "cores_needed": cores,
+                }
+            )
+            print(
+                f"{width}x{height:<5} {kind:<5} {len(data) / 1e6:>6.2f} {per_core:>11.1f} "
+                + " ".join(f"{cores[r]:>9}" for r in TARGET_RATES),
+                flush=True,
+            )
     print(json.dumps(rows))
     return 0
 

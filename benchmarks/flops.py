@@ -19,9 +19,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from architectures import SDXL_POOLED_SHAPE, SDXL_PROMPT_SHAPE, SDXL_UNET, SDXL_VAE  # noqa: E402
+from architectures import SDXL_POOLED_SHAPE, SDXL_PROMPT_SHAPE, SDXL_UNET, SDXL_VAE
 
-from diffcut.method.features import ExtractorConfig, FeatureExtractor  # noqa: E402
+from diffcut.method.features import ExtractorConfig, FeatureExtractor
 
 
 def count(fn) -> int:
@@ -40,8 +40,9 @@ def count_sdxl_flops(size: int = 1024) -> dict:
         vae = AutoencoderKL(**SDXL_VAE)
         prompt = torch.empty(SDXL_PROMPT_SHAPE)
         pooled = torch.empty(SDXL_POOLED_SHAPE)
-    extractor = FeatureExtractor(vae, unet, None, prompt, pooled, ExtractorConfig(model="sdxl-architecture"),
-                                 meta, torch.float32)
+    extractor = FeatureExtractor(
+        vae, unet, None, prompt, pooled, ExtractorConfig(model="sdxl-architecture"), meta, torch.float32
+    )
     latent = torch.empty(1, 4, size // 8, size // 8, device=meta)
     timesteps = torch.full((1,), 50, dtype=torch.long, device=meta)
     pixels = torch.empty(1, 3, size, size, device=meta)
@@ -72,8 +73,10 @@ def main(argv=None) -> int:
     print(f"UNet up to the feature:   {to_feature / tera:.2f} TFLOP")
     print(f"VAE encoder:              {vae_encoder / tera:.2f} TFLOP")
     print(f"extraction / full UNet:   {to_feature / full:.1%}")
-    print(f"whole extraction (VAE + UNet to feature) / (VAE + full UNet): "
-          f"{(vae_encoder + to_feature) / (vae_encoder + full):.1%}")
+    print(
+        f"whole extraction (VAE + UNet to feature) / (VAE + full UNet): "
+        f"{(vae_encoder + to_feature) / (vae_encoder + full):.1%}"
+    )
     return 0
 
 

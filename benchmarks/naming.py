@@ -31,8 +31,11 @@ def main() -> None:
         return
     rng = np.random.default_rng(0)
     image = torch.randn(1, 3, args.resolution, args.resolution)
-    mask = torch.from_numpy(rng.integers(0, args.segments, (32, 32))).repeat_interleave(
-        args.resolution // 32, 0).repeat_interleave(args.resolution // 32, 1)
+    mask = (
+        torch.from_numpy(rng.integers(0, args.segments, (32, 32)))
+        .repeat_interleave(args.resolution // 32, 0)
+        .repeat_interleave(args.resolution // 32, 1)
+    )
     vocabulary = naming.load_vocabulary("voc")
     synonyms = sum(len(s) for s in vocabulary.synonyms)
     with torch.no_grad():
@@ -52,8 +55,10 @@ def main() -> None:
             times.append(time.perf_counter() - started)
     print(f"threads={torch.get_num_threads()} resolution={args.resolution} segments={args.segments}")
     print(f"per image: {min(times):.2f} s (min of {args.repeats}: {', '.join(f'{t:.2f}' for t in times)})")
-    print(f"text tower, first call on 128 prompts: {text_seconds:.1f} s "
-          f"(the VOC classifier encodes {synonyms} synonyms x 14 = {synonyms * 14} prompts once per vocabulary)")
+    print(
+        f"text tower, first call on 128 prompts: {text_seconds:.1f} s "
+        f"(the VOC classifier encodes {synonyms} synonyms x 14 = {synonyms * 14} prompts once per vocabulary)"
+    )
 
 
 def time_whole_vocabulary(clip, name: str) -> None:
@@ -71,8 +76,10 @@ def time_whole_vocabulary(clip, name: str) -> None:
             chunks.append(time.perf_counter() - tick)
     total = time.perf_counter() - started
     print(f"threads={torch.get_num_threads()} vocabulary={name} prompts={prompts} chunks={len(chunks)}")
-    print(f"text tower, whole vocabulary: {total:.1f} s ({total / prompts * 1000:.1f} ms per prompt); "
-          f"chunks: {', '.join(f'{t:.1f}' for t in chunks)}")
+    print(
+        f"text tower, whole vocabulary: {total:.1f} s ({total / prompts * 1000:.1f} ms per prompt); "
+        f"chunks: {', '.join(f'{t:.1f}' for t in chunks)}"
+    )
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ Both implement docs/method.md §2.2-2.3 (DiffCut's affinity and recursive
 normalized cut). The reference below is written plainly, the way the definition
 reads (its affinity is diffcut.method.ncut_reference's): a full symmetric
 eigendecomposition (``numpy.linalg.eigh``) of the normalized Laplacian of every
-region, then a Python loop over the 100 candidate thresholds that evaluates each NCut with dense products, the published DiffCut code's
-``z'Lz / z'Dz`` with ``L = D - W`` and ``D = diag(d)`` (``--light-reference``:
+region, then a Python loop over the 100 candidate thresholds that evaluates each NCut with dense
+products, the published DiffCut code's ``z'Lz / z'Dz`` with ``L = D - W`` and ``D = diag(d)`` (``--light-reference``:
 ``z'(d * z)`` for the denominator). Every synthetic map goes through both, single-threaded, in one run; the
 segments must be identical on every map (same partition; numbering is compared
 after a canonical relabeling) and the script prints the total time ratio.
@@ -212,10 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{reference_time / our_time:>6.1f} {'yes' if same else 'NO'}",
             flush=True,
         )
-    print(
-        f"cpu time: reference {cpu_reference:.1f} s, diffcut {cpu_ours:.1f} s, "
-        f"ratio {cpu_reference / cpu_ours:.1f}x"
-    )
+    print(f"cpu time: reference {cpu_reference:.1f} s, diffcut {cpu_ours:.1f} s, ratio {cpu_reference / cpu_ours:.1f}x")
     rest_reference = total_reference - affinity_reference
     rest_ours = total_ours - affinity_ours
     print(

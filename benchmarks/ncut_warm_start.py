@@ -97,15 +97,19 @@ def main() -> None:
             (m["features"], m["tau"], m["alpha"]) for m in map(ncut_benchmark.synthetic_map, range(30))
         ],
     }
-    print("work = sum over products with W of (matrix cells)^2 + entries of W read for the children's warm starts,"
-          " in millions; sum over the maps")
+    print(
+        "work = sum over products with W of (matrix cells)^2 + entries of W read for the children's warm starts,"
+        " in millions; sum over the maps"
+    )
     print(f"{'maps':30s} {'cold starts':>12s} {'warm starts':>12s} {'ratio':>7s}  segments")
     for name, maps in cases.items():
         cold, cold_labels = recursion_work(maps, warm=False)
         warm, warm_labels = recursion_work(maps, warm=True)
         same = sum(np.array_equal(a, b) for a, b in zip(cold_labels, warm_labels))
-        print(f"{name:30s} {sum(cold) / 1e6:12.0f} {sum(warm) / 1e6:12.0f} {sum(cold) / sum(warm):6.2f}x"
-              f"  identical on {same}/{len(maps)}")
+        print(
+            f"{name:30s} {sum(cold) / 1e6:12.0f} {sum(warm) / 1e6:12.0f} {sum(cold) / sum(warm):6.2f}x"
+            f"  identical on {same}/{len(maps)}"
+        )
 
 
 if __name__ == "__main__":

@@ -46,8 +46,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-PHOTO_SIZES = [((640, 480), 0.40), ((480, 640), 0.15), ((640, 427), 0.15), ((427, 640), 0.10),
-               ((1280, 720), 0.10), ((500, 500), 0.05), ((1024, 768), 0.05)]
+PHOTO_SIZES = [
+    ((640, 480), 0.40),
+    ((480, 640), 0.15),
+    ((640, 427), 0.15),
+    ((427, 640), 0.10),
+    ((1280, 720), 0.10),
+    ((500, 500), 0.05),
+    ((1024, 768), 0.05),
+]
 
 
 def image_sizes(mix: str, count: int, seed: int = 0) -> list[tuple[int, int]]:
@@ -82,24 +89,31 @@ def model_images(sizes: list[tuple[int, int]], batch_size: int, feature_batch: i
 
     calls = 0
     for start in range(0, len(sizes), feature_batch):
-        calls += len(model_calls(sizes[start:start + feature_batch], batch_size))
+        calls += len(model_calls(sizes[start : start + feature_batch], batch_size))
     return calls * batch_size
 
 
 def decode_in_batches(paths: list[str], *, resolution: int, decode_batch_size: int) -> list[tuple[int, int]]:
     """Input sizes of the rows ``decode_stage`` yields, in the order it yields them (the concatenation of
     its outputs over read/decode batches of ``decode_batch_size`` files)."""
-    from diffcut.job import io as dio
+    from diffcut.job import inputs
     from diffcut.job.stages import decode_stage
 
-    units = dio.plan_image_files(paths).units
+    units = inputs.plan_image_files(paths).units
     rows: list[tuple[str, tuple[int, int]]] = []
     for start in range(0, units.num_rows, decode_batch_size):
         # The block length (chunk_rows) does not change the order of the rows.
-        for block in decode_stage(units.slice(start, decode_batch_size), image_column="image", resolution=resolution,
-                                  resize="bucket", stride=dio.DEFAULT_STRIDE, mask_size="model",
-                                  max_image_pixels=dio.DEFAULT_MAX_IMAGE_PIXELS, keep_image_bytes=False,
-                                  chunk_rows=decode_batch_size):
+        for block in decode_stage(
+            units.slice(start, decode_batch_size),
+            image_column="image",
+            resolution=resolution,
+            resize="bucket",
+            stride=inputs.DEFAULT_STRIDE,
+            mask_size="model",
+            max_image_pixels=inputs.DEFAULT_MAX_IMAGE_PIXELS,
+            keep_image_bytes=False,
+            chunk_rows=decode_batch_size,
+        ):
             for row in block.select(["source", "pixel_width", "pixel_height", "status"]).to_pylist():
                 assert row["status"] == "ok", row
                 rows.append((row["source"], (row["pixel_height"], row["pixel_width"])))
@@ -108,15 +122,21 @@ def decode_in_batches(paths: list[str], *, resolution: int, decode_batch_size: i
 
 
 def compare(rows: list[tuple[str, tuple[int, int]]], paths: list[str], batch_size: int) -> dict:
-    feature_batch = 4 * batch_size  # as diffcut.job.stages.run_stages hands rows to a feature actor
+    feature_batch = 4 * batch_size  # as diffcut.job.dataflow.run_stages hands rows to a feature actor
     position = {path: index for index, path in enumerate(paths)}
     ordered = [size for _, size in rows]
     in_file_order = [size for _, size in sorted(rows, key=lambda item: position[item[0]])]
     baseline = model_images(in_file_order, batch_size, feature_batch) / len(paths)
     now = model_images(ordered, batch_size, feature_batch) / len(paths)
-    return {"images": len(paths), "buckets": len(set(ordered)), "batch_size": batch_size,
-            "feature_batch_rows": feature_batch, "model_images_per_image_file_order": round(baseline, 3),
-            "model_images_per_image_ordered": round(now, 3), "model_work_ratio": round(baseline / now, 2)}
+    return {
+        "images": len(paths),
+        "buckets": len(set(ordered)),
+        "batch_size": batch_size,
+        "feature_batch_rows": feature_batch,
+        "model_images_per_image_file_order": round(baseline, 3),
+        "model_images_per_image_ordered": round(now, 3),
+        "model_work_ratio": round(baseline / now, 2),
+    }
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ Both label the same generated images with the same library calls and write
 the same Parquet rows:
 
 * **loop**: one Python process; for each batch of ``--batch-size`` images:
-  read, :func:`diffcut.job.io.decode_image`, ``FeatureExtractor.extract``,
+  read, :func:`diffcut.job.inputs.decode_image`, ``FeatureExtractor.extract``,
   float16, :func:`diffcut.method.segmenter.segment_features`,
   :func:`diffcut.job.schema.ok_row`; one ``pyarrow.parquet.write_table`` at the
   end. torch may use every core. Model loading is timed separately and not
@@ -68,8 +68,7 @@ def run_loop(paths: list[Path], output: Path, *, model: str, resolution: int, ba
     import pyarrow.parquet as pq
     import torch
 
-    from diffcut.job import io as dio
-    from diffcut.job import schema
+    from diffcut.job import inputs, schema
     from diffcut.method.features import FeatureExtractor
     from diffcut.method.segmenter import segment_features
 
@@ -82,7 +81,7 @@ def run_loop(paths: list[Path], output: Path, *, model: str, resolution: int, ba
     started = time.perf_counter()
     decoded = []
     for path in paths:
-        image = dio.decode_image(path.read_bytes(), lambda w, h: dio.model_size(w, h, resolution))
+        image = inputs.decode_image(path.read_bytes(), lambda w, h: inputs.model_size(w, h, resolution))
         decoded.append((path, image))
     rows = []
     # Same grouping as the feature actors: one model call per bucket chunk.
@@ -91,38 +90,66 @@ def run_loop(paths: list[Path], output: Path, *, model: str, resolution: int, ba
         by_size.setdefault(image.pixels.shape, []).append((path, image))
     for group in by_size.values():
         for start in range(0, len(group), batch_size):
-            chunk = group[start:start + batch_size]
+            chunk = group[start : start + batch_size]
             pixels = torch.from_numpy(np.stack([image.pixels for _, image in chunk])).permute(0, 3, 1, 2)
             features = extractor.extract(pixels.float() / 255).to(torch.float16).numpy()
             for (path, image), grid in zip(chunk, features):
                 result = segment_features(grid, (image.height, image.width))
-                rows.append(schema.ok_row(image_id=str(path), source=str(path), width=image.width,
-                                          height=image.height, mask=result.mask, latent_labels=result.latent_labels,
-                                          descriptors=result.embeddings, tree=result.tree.to_dict(), params=params))
+                rows.append(
+                    schema.ok_row(
+                        image_id=str(path),
+                        source=str(path),
+                        width=image.width,
+                        height=image.height,
+                        mask=result.mask,
+                        latent_labels=result.latent_labels,
+                        descriptors=result.embeddings,
+                        tree=result.tree.to_dict(),
+                        params=params,
+                    )
+                )
     output.mkdir(parents=True, exist_ok=True)
     pq.write_table(schema.rows_to_table(rows), output / "labels-loop.parquet")
     seconds = time.perf_counter() - started
-    return {"images": len(rows), "seconds": round(seconds, 3), "images_per_second": round(len(rows) / seconds, 3),
-            "model_load_seconds": round(load_seconds, 3), "torch_threads": torch.get_num_threads()}
+    return {
+        "images": len(rows),
+        "seconds": round(seconds, 3),
+        "images_per_second": round(len(rows) / seconds, 3),
+        "model_load_seconds": round(load_seconds, 3),
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def run_job(folder: Path, output: Path, *, model: str, resolution: int, batch_size: int, flags: dict) -> dict:
     import ray
 
-    from diffcut.job.ray_session import connect_ray
-
     from diffcut.job.pipeline import label_dataset
+    from diffcut.job.ray_session import connect_ray
 
     started = time.perf_counter()
     connect_ray(None, flags["decode_cpus"] + flags["extractor_cpus"] + flags["ncut_cpus"])
     ray_start = time.perf_counter() - started
     try:
-        summary = label_dataset(str(folder), str(output), model=model, device="cpu", resolution=resolution,
-                                batch_size=batch_size, overwrite=True, **flags)
+        summary = label_dataset(
+            str(folder),
+            str(output),
+            model=model,
+            device="cpu",
+            resolution=resolution,
+            batch_size=batch_size,
+            overwrite=True,
+            **flags,
+        )
     finally:
         ray.shutdown()
-    return {"images": summary["processed"], "ok": summary["ok"], "seconds": summary["seconds"],
-            "images_per_second": summary["images_per_second"], "ray_start_seconds": round(ray_start, 3), **flags}
+    return {
+        "images": summary["processed"],
+        "ok": summary["ok"],
+        "seconds": summary["seconds"],
+        "images_per_second": summary["images_per_second"],
+        "ray_start_seconds": round(ray_start, 3),
+        **flags,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,30 +168,53 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="diffcut-bench-"))
-    flags = dict(decode_cpus=args.decode_cpus, extractor_cpus=args.extractor_cpus, ncut_cpus=args.ncut_cpus,
-                 ncut_pool_max=args.ncut_pool_max, extractor_pool_max=args.extractor_pool_max)
+    flags = dict(
+        decode_cpus=args.decode_cpus,
+        extractor_cpus=args.extractor_cpus,
+        ncut_cpus=args.ncut_cpus,
+        ncut_pool_max=args.ncut_pool_max,
+        extractor_pool_max=args.extractor_pool_max,
+    )
     try:
         paths = make_images(work / "images", args.images)
         pairs = []
         # Alternate loop and job, so that load from other processes on a shared machine hits both
         # alike; the ratio reported is the median of the per-pair ratios.
         for repeat in range(args.repeats):
-            loop = run_loop(paths, work / f"loop{repeat}", model=args.model, resolution=args.resolution,
-                            batch_size=args.batch_size)
-            job = run_job(work / "images", work / f"job{repeat}", model=args.model, resolution=args.resolution,
-                          batch_size=args.batch_size, flags=flags)
-            pairs.append({"loop": loop, "job": job,
-                          "ratio_job_over_loop": round(job["images_per_second"] / loop["images_per_second"], 3)})
+            loop = run_loop(
+                paths, work / f"loop{repeat}", model=args.model, resolution=args.resolution, batch_size=args.batch_size
+            )
+            job = run_job(
+                work / "images",
+                work / f"job{repeat}",
+                model=args.model,
+                resolution=args.resolution,
+                batch_size=args.batch_size,
+                flags=flags,
+            )
+            pairs.append(
+                {
+                    "loop": loop,
+                    "job": job,
+                    "ratio_job_over_loop": round(job["images_per_second"] / loop["images_per_second"], 3),
+                }
+            )
         result = {
             "date": time.strftime("%Y-%m-%d"),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs" + (", CUDA" if _has_cuda() else ", no GPU"),
-            "images": args.images, "resolution": args.resolution, "model": args.model, "batch_size": args.batch_size,
+            "images": args.images,
+            "resolution": args.resolution,
+            "model": args.model,
+            "batch_size": args.batch_size,
             "runs": pairs,
             "ratio_job_over_loop": round(float(np.median([p["ratio_job_over_loop"] for p in pairs])), 3),
         }
         print(json.dumps(result, indent=2))
-        print(f"job / loop images per second: {result['ratio_job_over_loop']} (median of {len(pairs)} pairs: "
-              + ", ".join(f"{p['job']['images_per_second']} / {p['loop']['images_per_second']}" for p in pairs) + ")")
+        print(
+            f"job / loop images per second: {result['ratio_job_over_loop']} (median of {len(pairs)} pairs: "
+            + ", ".join(f"{p['job']['images_per_second']} / {p['loop']['images_per_second']}" for p in pairs)
+            + ")"
+        )
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

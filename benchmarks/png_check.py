@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.decode import SOURCES, encode, photo_like  # noqa: E402
-from diffcut.job import images  # noqa: E402
+from benchmarks.decode import SOURCES, encode, photo_like
+from diffcut.job import images
 
 
 def _seconds(call) -> float:
@@ -42,18 +42,24 @@ def main(argv=None) -> int:
         size = lambda w, h: images.model_size(w, h, args.resolution)  # noqa: E731
         times = {"check": [], "with": [], "without": []}
         for _ in range(args.repeats):
-            times["check"].append(_seconds(lambda: checked(data)))
-            times["with"].append(_seconds(lambda: images.decode_image(data, size)))
+            times["check"].append(_seconds(lambda data=data: checked(data)))
+            times["with"].append(_seconds(lambda data=data, size=size: images.decode_image(data, size)))
             images.check_png_complete = lambda data, **options: None
             try:
-                times["without"].append(_seconds(lambda: images.decode_image(data, size)))
+                times["without"].append(_seconds(lambda data=data, size=size: images.decode_image(data, size)))
             finally:
                 images.check_png_complete = checked
         best = {name: min(values) for name, values in times.items()}
-        rows.append({"source": f"{width}x{height}", "bytes": len(data), "check_ms": round(best["check"] * 1e3, 1),
-                     "decode_ms": round(best["with"] * 1e3, 1),
-                     "decode_without_check_ms": round(best["without"] * 1e3, 1),
-                     "ratio": round(best["with"] / best["without"], 2)})
+        rows.append(
+            {
+                "source": f"{width}x{height}",
+                "bytes": len(data),
+                "check_ms": round(best["check"] * 1e3, 1),
+                "decode_ms": round(best["with"] * 1e3, 1),
+                "decode_without_check_ms": round(best["without"] * 1e3, 1),
+                "ratio": round(best["with"] / best["without"], 2),
+            }
+        )
         print(rows[-1], flush=True)
     print(json.dumps(rows))
     return 0

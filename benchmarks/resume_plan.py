@@ -12,8 +12,8 @@ Builds once (kept under ``--dir``):
 Then, in a fresh Python process (the driver), runs the planning steps of
 :func:`diffcut.job.pipeline.label_dataset` in its order -- the done set from the output
 (:func:`diffcut.job.resume.existing_output`: list the shards, check their footers, read the sources
-and one row's parameters), the listing (:func:`diffcut.job.io.list_inputs`) and the filtering
-(:func:`diffcut.job.io.plan_image_files`) -- and prints the seconds of each step and the driver's peak
+and one row's parameters), the listing (:func:`diffcut.job.inputs.list_inputs`) and the filtering
+(:func:`diffcut.job.inputs.plan_image_files`) -- and prints the seconds of each step and the driver's peak
 RSS. Ends with one JSON object. ``--runs`` repeats the measure (the page cache is warm after the
 first: the numbers of later runs are those of a re-run right after a preempted one).
 
@@ -36,9 +36,20 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-PARAMS = {"model": "segmind/SSD-1B", "tau": 0.5, "alpha": 10.0, "timestep": 50, "noise_seed": 42, "resolution": 1024,
-          "resize": "bucket", "mask_size": "original", "refine": False, "exact_search": False, "dtype": "auto",
-          "stride": 32}
+PARAMS = {
+    "model": "segmind/SSD-1B",
+    "tau": 0.5,
+    "alpha": 10.0,
+    "timestep": 50,
+    "noise_seed": 42,
+    "resolution": 1024,
+    "resize": "bucket",
+    "mask_size": "original",
+    "refine": False,
+    "exact_search": False,
+    "dtype": "auto",
+    "stride": 32,
+}
 
 
 def image_path(root: Path, index: int) -> Path:
@@ -51,7 +62,6 @@ def build(folder: Path, sources: int, pending: int, shard_rows: int) -> None:
     import pyarrow.parquet as pq
 
     from diffcut import __version__
-
     from diffcut.job import schema
 
     marker = folder / f"built-{sources}-{pending}-{shard_rows}"
@@ -68,18 +78,26 @@ def build(folder: Path, sources: int, pending: int, shard_rows: int) -> None:
     params = schema.params_json(dict(PARAMS, diffcut_version=__version__, schema_version=schema.SCHEMA_VERSION))
     done = sorted(str(p) for p in paths[:sources])  # the job's sources: the listed paths
     for task, start in enumerate(range(0, sources, shard_rows)):
-        chunk = done[start:start + shard_rows]
+        chunk = done[start : start + shard_rows]
         rows = len(chunk)
         columns = {name: pa.nulls(rows, schema.LABELS_SCHEMA.field(name).type) for name in schema.COLUMNS}
-        columns.update(image_id=pa.array(chunk), source=pa.array(chunk), status=pa.array(["ok"] * rows),
-                       width=pa.array([640] * rows, pa.int32()), height=pa.array([480] * rows, pa.int32()),
-                       params=pa.array([params] * rows))
+        columns.update(
+            image_id=pa.array(chunk),
+            source=pa.array(chunk),
+            status=pa.array(["ok"] * rows),
+            width=pa.array([640] * rows, pa.int32()),
+            height=pa.array([480] * rows, pa.int32()),
+            params=pa.array([params] * rows),
+        )
         table = pa.Table.from_pydict(columns, schema=schema.LABELS_SCHEMA)
-        pq.write_table(table, labels / f"{schema.SHARD_PREFIX}20261202T120000-0a1b2c3d-{task // 4096:04x}-{task:06d}"
-                                        ".parquet")
+        pq.write_table(
+            table, labels / f"{schema.SHARD_PREFIX}20261202T120000-0a1b2c3d-{task // 4096:04x}-{task:06d}.parquet"
+        )
     marker.touch()
-    print(f"built {sources + pending:,} input files and {sources:,} labeled rows in {time.time() - started:.0f} s",
-          flush=True)
+    print(
+        f"built {sources + pending:,} input files and {sources:,} labeled rows in {time.time() - started:.0f} s",
+        flush=True,
+    )
 
 
 MEASURE = r"""
@@ -87,7 +105,7 @@ import json, resource, sys, time
 sys.path.insert(0, sys.argv[1])
 from diffcut import __version__
 from diffcut.job import schema
-from diffcut.job import io as dio
+from diffcut.job import inputs
 from diffcut.job.resume import existing_output
 images, labels, params = sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 params.update(diffcut_version=__version__, schema_version=schema.SCHEMA_VERSION)
@@ -96,10 +114,10 @@ started = time.perf_counter()
 done, incomplete = existing_output(labels, params)
 times["done_set_s"] = time.perf_counter() - started
 step = time.perf_counter()
-listing = dio.list_inputs(images, "auto", exclude=labels)
+listing = inputs.list_inputs(images, "auto", exclude=labels)
 times["listing_s"] = time.perf_counter() - step
 step = time.perf_counter()
-plan = dio.plan_image_files(listing.files, done=done)
+plan = inputs.plan_image_files(listing.files, done=done)
 times["filtering_s"] = time.perf_counter() - step
 times["total_s"] = time.perf_counter() - started
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -120,13 +138,33 @@ def main() -> None:
     build(args.dir, args.sources, args.pending, args.shard_rows)
     results = []
     for _ in range(args.runs):
-        out = subprocess.run([sys.executable, "-c", MEASURE, str(REPO), str(args.dir / "images"),
-                              str(args.dir / "labels"), json.dumps(PARAMS)],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                MEASURE,
+                str(REPO),
+                str(args.dir / "images"),
+                str(args.dir / "labels"),
+                json.dumps(PARAMS),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(json.dumps(results[-1]), flush=True)
-    print(json.dumps({"sources": args.sources, "pending": args.pending, "shard_rows": args.shard_rows,
-                      "cpus": os.cpu_count(), "runs": results}))
+    print(
+        json.dumps(
+            {
+                "sources": args.sources,
+                "pending": args.pending,
+                "shard_rows": args.shard_rows,
+                "cpus": os.cpu_count(),
+                "runs": results,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -64,17 +64,20 @@ TIE = 1e-5
 BASELINE_COMMIT = "a58cb80"
 BASELINE_PACKAGE = "diffcut_a58cb80"
 
-CURRENT = dict(name="diffcut", step=segmenter.segment_features, ok_row=schema.ok_row,
-               ncut=ncut, assign=assign, schema=schema)
+CURRENT = dict(
+    name="diffcut", step=segmenter.segment_features, ok_row=schema.ok_row, ncut=ncut, assign=assign, schema=schema
+)
 
 
 def baseline_impl(into: Path) -> dict:
     """The step at ``BASELINE_COMMIT``: its ``diffcut/*.py`` written from git into ``into`` as the package
     ``BASELINE_PACKAGE`` (``into`` is on ``sys.path``), every ``diffcut`` import in them renamed so that none
     reaches the live package."""
+
     def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(_HERE.parent), *args], check=True, capture_output=True,
-                              text=True).stdout
+        return subprocess.run(
+            ["git", "-C", str(_HERE.parent), *args], check=True, capture_output=True, text=True
+        ).stdout
 
     import_line = re.compile(r"^(\s*)(from|import) diffcut\b", re.M)
     for name in git("ls-tree", "-r", "--name-only", BASELINE_COMMIT, "--", "diffcut").split():
@@ -82,19 +85,35 @@ def baseline_impl(into: Path) -> dict:
             target = into / BASELINE_PACKAGE / Path(name).relative_to("diffcut")
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(import_line.sub(rf"\1\2 {BASELINE_PACKAGE}", git("show", f"{BASELINE_COMMIT}:{name}")))
-    modules = {name: importlib.import_module(f"{BASELINE_PACKAGE}.{name}")
-               for name in ("segmenter", "schema", "ncut", "assign")}
-    return dict(name="baseline", step=modules["segmenter"].segment_features, ok_row=modules["schema"].ok_row,
-                ncut=modules["ncut"], assign=modules["assign"], schema=modules["schema"])
+    modules = {
+        name: importlib.import_module(f"{BASELINE_PACKAGE}.{name}")
+        for name in ("segmenter", "schema", "ncut", "assign")
+    }
+    return dict(
+        name="baseline",
+        step=modules["segmenter"].segment_features,
+        ok_row=modules["schema"].ok_row,
+        ncut=modules["ncut"],
+        assign=modules["assign"],
+        schema=modules["schema"],
+    )
 
 
 def whole_step(impl: dict, features: np.ndarray, mask_size: tuple[int, int]) -> tuple[float, dict, object]:
     """(thread CPU seconds, the output row, the SegmentationResult) of one step."""
     start = time.thread_time()
     result = impl["step"](features, mask_size, tau=0.5, alpha=10.0)
-    row = impl["ok_row"](image_id="x", source="x", width=mask_size[1], height=mask_size[0], mask=result.mask,
-                         latent_labels=result.latent_labels, descriptors=result.embeddings,
-                         tree=result.tree.to_dict(), params="{}")
+    row = impl["ok_row"](
+        image_id="x",
+        source="x",
+        width=mask_size[1],
+        height=mask_size[0],
+        mask=result.mask,
+        latent_labels=result.latent_labels,
+        descriptors=result.embeddings,
+        tree=result.tree.to_dict(),
+        params="{}",
+    )
     return time.thread_time() - start, row, result
 
 
@@ -110,8 +129,9 @@ def profile_parts(impl: dict, features: np.ndarray, mask_size: tuple[int, int]) 
 
     cells = features.reshape(-1, features.shape[-1])
     timed("affinity", lambda: impl["ncut"].affinity_matrix(cells, 10.0))
-    labels, tree = timed("recursive_ncut (incl. affinity)",
-                         lambda: impl["ncut"].recursive_ncut(features, 0.5, 10.0, return_tree=True))
+    labels, tree = timed(
+        "recursive_ncut (incl. affinity)", lambda: impl["ncut"].recursive_ncut(features, 0.5, 10.0, return_tree=True)
+    )
     mask = timed("assign_concepts", lambda: impl["assign"].assign_concepts(features, labels, mask_size))
     embeddings = timed("descriptors", lambda: impl["assign"].segment_embeddings(features, labels))
     timed("mask PNG", lambda: impl["schema"].encode_mask(mask))
@@ -191,12 +211,17 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace, baseline: dict) -> int:
     rng = np.random.default_rng(args.seed)
     mask_size = (args.mask, args.mask)
-    cases = [(f"{r} regions", [structured_features(rng, 32, 1280, int(r), 0.5) for _ in range(args.repeats)])
-             for r in args.regions.split(",") if r]
+    cases = [
+        (f"{r} regions", [structured_features(rng, 32, 1280, int(r), 0.5) for _ in range(args.repeats)])
+        for r in args.regions.split(",")
+        if r
+    ]
     if args.noise_maps:
         cases.append(("i.i.d. noise", [random_features(rng, 32, 1280) for _ in range(args.noise_maps)]))
-    print(f"features 32x32x1280 (float16-rounded), mask {args.mask}x{args.mask}, one thread, "
-          f"thread CPU seconds per image; torch {torch.__version__}, numpy {np.__version__}")
+    print(
+        f"features 32x32x1280 (float16-rounded), mask {args.mask}x{args.mask}, one thread, "
+        f"thread CPU seconds per image; torch {torch.__version__}, numpy {np.__version__}"
+    )
     for impl in (baseline, CURRENT):  # warm-up (imports, first-call costs)
         whole_step(impl, cases[0][1][0], mask_size)
 
@@ -233,16 +258,27 @@ def run(args: argparse.Namespace, baseline: dict) -> int:
         old_median = statistics.median(times["baseline"])
         new_median = statistics.median(times["diffcut"])
         ratio = sum(times["baseline"]) / sum(times["diffcut"])
-        print(f"\n== {name}: {len(maps)} maps, segments {min(segments)}-{max(segments)} "
-              f"(median {statistics.median(segments):g})")
-        print(f"whole step: baseline {old_median:.4f} s, diffcut {new_median:.4f} s median per image; "
-              f"ratio {ratio:.2f}x (sum over maps)")
-        print(f"labels: latent segments identical on {same_latent}/{len(maps)} maps; mask pixels differing "
-              f"from the baseline: {mask_diff} of {len(maps) * args.mask ** 2}; "
-              + ("" if args.no_reference else
-                 f"not a float64 argmax of §2.4: {ref_wrong} ({ref_not_tie} not ties within {TIE:g})"))
-        print(f"mask PNG bytes per image: baseline {png_bytes['baseline'] / len(maps):.0f}, "
-              f"diffcut {png_bytes['diffcut'] / len(maps):.0f}")
+        print(
+            f"\n== {name}: {len(maps)} maps, segments {min(segments)}-{max(segments)} "
+            f"(median {statistics.median(segments):g})"
+        )
+        print(
+            f"whole step: baseline {old_median:.4f} s, diffcut {new_median:.4f} s median per image; "
+            f"ratio {ratio:.2f}x (sum over maps)"
+        )
+        print(
+            f"labels: latent segments identical on {same_latent}/{len(maps)} maps; mask pixels differing "
+            f"from the baseline: {mask_diff} of {len(maps) * args.mask**2}; "
+            + (
+                ""
+                if args.no_reference
+                else f"not a float64 argmax of §2.4: {ref_wrong} ({ref_not_tie} not ties within {TIE:g})"
+            )
+        )
+        print(
+            f"mask PNG bytes per image: baseline {png_bytes['baseline'] / len(maps):.0f}, "
+            f"diffcut {png_bytes['diffcut'] / len(maps):.0f}"
+        )
         print(f"{'part (median s)':<34}{'baseline':>10}{'diffcut':>10}")
         for part in parts["baseline"][0]:
             old_part = statistics.median(p[part] for p in parts["baseline"])

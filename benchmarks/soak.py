@@ -64,9 +64,14 @@ def process_role(title: str) -> str:
     for name in ("gcs_server", "raylet"):
         if base == name:
             return name
-    for marker, name in (("dashboard/agent.py", "dashboard agent"), ("dashboard.py", "dashboard"),
-                         ("log_monitor.py", "log monitor"), ("monitor.py", "autoscaler monitor"),
-                         ("runtime_env/agent", "runtime env agent"), ("jobs/label.py", "driver (jobs/label.py)")):
+    for marker, name in (
+        ("dashboard/agent.py", "dashboard agent"),
+        ("dashboard.py", "dashboard"),
+        ("log_monitor.py", "log monitor"),
+        ("monitor.py", "autoscaler monitor"),
+        ("runtime_env/agent", "runtime env agent"),
+        ("jobs/label.py", "driver (jobs/label.py)"),
+    ):
         if marker in title:
             return name
     return base
@@ -112,8 +117,9 @@ def sample_tree(driver, table: dict, now: float) -> float:
     return driver_rss
 
 
-def at_progress(progress: list[tuple[float, int]], samples: list[tuple[float, float, float]], total: int,
-                fraction: float) -> float | None:
+def at_progress(
+    progress: list[tuple[float, int]], samples: list[tuple[float, float, float]], total: int, fraction: float
+) -> float | None:
     """RSS of a process at the sample nearest in time to when ``fraction`` of the rows were written
     (None when the process was not sampled within 2 s of that moment)."""
     reached = [t for t, rows in progress if rows >= fraction * total]
@@ -123,8 +129,9 @@ def at_progress(progress: list[tuple[float, int]], samples: list[tuple[float, fl
     return rss if abs(when - reached[0]) <= 2.0 else None
 
 
-def slope_per_1000(progress: list[tuple[float, int]], samples: list[tuple[float, float, float]],
-                   total: int) -> float | None:
+def slope_per_1000(
+    progress: list[tuple[float, int]], samples: list[tuple[float, float, float]], total: int
+) -> float | None:
     """Least-squares slope of RSS (MB) against rows written, per 1,000 rows, over the samples taken
     once 10 % of the rows were written and the process had run 5 s (its start-up left out)."""
     times = np.array([t for t, _ in progress])
@@ -161,10 +168,31 @@ def main() -> int:
     shutil.rmtree(output, ignore_errors=True)
     print(f"{args.images} images in {images} ({time.time() - started:.1f} s to make)", file=sys.stderr)
 
-    command = [sys.executable, "jobs/label.py", "--input", str(images), "--output", str(output), "--json",
-               "--model", "tiny-random", "--device", "cpu", "--resolution", str(args.resolution),
-               "--batch-size", str(args.batch_size), "--shard-rows", str(args.shard_rows),
-               "--decode-cpus", "0.5", "--extractor-cpus", "0.5", "--ncut-cpus", "0.5"]
+    command = [
+        sys.executable,
+        "jobs/label.py",
+        "--input",
+        str(images),
+        "--output",
+        str(output),
+        "--json",
+        "--model",
+        "tiny-random",
+        "--device",
+        "cpu",
+        "--resolution",
+        str(args.resolution),
+        "--batch-size",
+        str(args.batch_size),
+        "--shard-rows",
+        str(args.shard_rows),
+        "--decode-cpus",
+        "0.5",
+        "--extractor-cpus",
+        "0.5",
+        "--ncut-cpus",
+        "0.5",
+    ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     log_path = workdir / "job.log"
     table: dict[int, dict] = {}
@@ -193,30 +221,42 @@ def main() -> int:
         print(log_path.read_text()[-4000:], file=sys.stderr)
         return code
     text = (workdir / "summary.json").read_text()
-    summary = json.loads(text[text.index("{"):])
+    summary = json.loads(text[text.index("{") :])
     total = summary["processed"]
 
     rows = []
     for pid, entry in table.items():
         samples = entry["samples"]
         rss, uss = [s[1] for s in samples], [s[2] for s in samples]
-        rows.append({
-            "pid": pid, "process": " / ".join(entry["roles"]) or "ray::IDLE", "samples": len(samples),
-            "peak_rss_mb": round(max(rss), 1), "peak_uss_mb": round(max(uss), 1),
-            "rss_at_10_50_100_mb": [None if v is None else round(v, 1)
-                                    for v in (at_progress(progress, samples, total, f) for f in (0.1, 0.5, 1.0))],
-            "rss_slope_mb_per_1000_images": (None if (s := slope_per_1000(progress, samples, total)) is None
-                                             else round(s, 2)),
-        })
+        rows.append(
+            {
+                "pid": pid,
+                "process": " / ".join(entry["roles"]) or "ray::IDLE",
+                "samples": len(samples),
+                "peak_rss_mb": round(max(rss), 1),
+                "peak_uss_mb": round(max(uss), 1),
+                "rss_at_10_50_100_mb": [
+                    None if v is None else round(v, 1)
+                    for v in (at_progress(progress, samples, total, f) for f in (0.1, 0.5, 1.0))
+                ],
+                "rss_slope_mb_per_1000_images": (
+                    None if (s := slope_per_1000(progress, samples, total)) is None else round(s, 2)
+                ),
+            }
+        )
     rows.sort(key=lambda r: (r["pid"] != job.pid, -r["peak_rss_mb"]))
     print(f"{'pid':>7}  {'process':58} {'peak RSS':>9} {'peak USS':>9}  {'RSS at 10/50/100 %':>22} {'slope':>8}")
     for r in rows:
         at = "/".join("-" if v is None else f"{v:.0f}" for v in r["rss_at_10_50_100_mb"])
         slope = "-" if r["rss_slope_mb_per_1000_images"] is None else f"{r['rss_slope_mb_per_1000_images']:+.1f}"
-        print(f"{r['pid']:>7}  {r['process'][:58]:58} {r['peak_rss_mb']:>7.0f}MB {r['peak_uss_mb']:>7.0f}MB"
-              f"  {at:>22} {slope:>8}")
-    print("(RSS in MB at the moments 10/50/100 % of the rows were written; slope: MB of RSS per 1,000 images,\n"
-          " least squares from 10 % of the rows on, a process's first 5 s left out; '-': not enough samples)")
+        print(
+            f"{r['pid']:>7}  {r['process'][:58]:58} {r['peak_rss_mb']:>7.0f}MB {r['peak_uss_mb']:>7.0f}MB"
+            f"  {at:>22} {slope:>8}"
+        )
+    print(
+        "(RSS in MB at the moments 10/50/100 % of the rows were written; slope: MB of RSS per 1,000 images,\n"
+        " least squares from 10 % of the rows on, a process's first 5 s left out; '-': not enough samples)"
+    )
 
     by_time = defaultdict(float)
     for entry in table.values():
@@ -226,11 +266,15 @@ def main() -> int:
         "date": time.strftime("%Y-%m-%d"),
         "command": "python benchmarks/soak.py " + " ".join(sys.argv[1:]),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB",
-        "images": args.images, "ok": summary["ok"], "error": summary["error"],
+        "images": args.images,
+        "ok": summary["ok"],
+        "error": summary["error"],
         "output_rows": summary["output_rows"],
-        "job_images_per_second": summary["images_per_second"], "job_seconds": summary["seconds"],
+        "job_images_per_second": summary["images_per_second"],
+        "job_seconds": summary["seconds"],
         "wall_seconds": summary["wall_seconds"],
-        "processes_seen": len(table), "memory_samples": sum(len(e["samples"]) for e in table.values()),
+        "processes_seen": len(table),
+        "memory_samples": sum(len(e["samples"]) for e in table.values()),
         "peak_total_rss_mb": round(max(by_time.values()), 1) if by_time else None,
         "processes": rows,
     }

@@ -23,18 +23,27 @@ from __future__ import annotations
 import argparse
 import ast
 import sys
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 #: What runs on the lent machine: the extractor, its truncated UNet, the feature batches, the benchmark.
-GPU_PATH = ["diffcut/method/features.py", "diffcut/method/unet.py", "diffcut/job/feature_batches.py",
-            "benchmarks/gpu_stage.py"]
+GPU_PATH = [
+    "diffcut/method/features.py",
+    "diffcut/method/unet.py",
+    "diffcut/job/feature_batches.py",
+    "benchmarks/gpu_stage.py",
+]
 #: torch classes whose methods the GPU path calls on instances: (class, file under torch/, class name there).
-INSTANCE_CLASSES = [("Tensor", "_tensor.py", "Tensor"), ("Tensor", "_C/__init__.pyi", "TensorBase"),
-                    ("nn.Module", "nn/modules/module.py", "Module"), ("cuda.Event", "cuda/streams.py", "Event"),
-                    ("cuda.Stream", "cuda/streams.py", "Stream"), ("Generator", "_C/__init__.pyi", "Generator"),
-                    ("utils.flop_counter.FlopCounterMode", "utils/flop_counter.py", "FlopCounterMode")]
+INSTANCE_CLASSES = [
+    ("Tensor", "_tensor.py", "Tensor"),
+    ("Tensor", "_C/__init__.pyi", "TensorBase"),
+    ("nn.Module", "nn/modules/module.py", "Module"),
+    ("cuda.Event", "cuda/streams.py", "Event"),
+    ("cuda.Stream", "cuda/streams.py", "Stream"),
+    ("Generator", "_C/__init__.pyi", "Generator"),
+    ("utils.flop_counter.FlopCounterMode", "utils/flop_counter.py", "FlopCounterMode"),
+]
 #: Where ``torch.<name>`` comes from besides torch/__init__.py (filled from C at import time).
 TOP_LEVEL_STUBS = ["_C/__init__.pyi", "_C/_VariableFunctions.pyi", "functional.py"]
 
@@ -94,10 +103,13 @@ class Tree:
 
     def module_files(self, dotted: str) -> list[Path]:
         base = self.root.joinpath(*dotted.split(".")[1:])
-        return [p for p in (base.with_suffix(".py"), base.with_suffix(".pyi"), base / "__init__.py",
-                            base / "__init__.pyi") if p.is_file()]
+        return [
+            p
+            for p in (base.with_suffix(".py"), base.with_suffix(".pyi"), base / "__init__.py", base / "__init__.pyi")
+            if p.is_file()
+        ]
 
-    @lru_cache(maxsize=None)
+    @cache  # noqa: B019 - one checker per process: its cache lives as long as the script anyway
     def definitions(self, path: Path) -> dict[str, list]:
         """Module-level names of a file (in if/try blocks too): name -> [def/class nodes or None]."""
         found: dict[str, list] = {}
@@ -120,8 +132,9 @@ class Tree:
                         if name.name == "*":
                             stars.append(self._absolute(path, node))
                         else:
-                            found.setdefault(name.asname or name.name, []).append(("from", self._absolute(path, node),
-                                                                                    name.name))
+                            found.setdefault(name.asname or name.name, []).append(
+                                ("from", self._absolute(path, node), name.name)
+                            )
                 for field in ("body", "orelse", "finalbody", "handlers"):
                     if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
                         visit(getattr(node, field, []) or [])
@@ -137,7 +150,7 @@ class Tree:
         if not node.level:
             return node.module or ""
         package = path.relative_to(self.root.parent).parts[:-1]  # a module's package, or __init__'s own
-        package = package[:len(package) - node.level + 1]
+        package = package[: len(package) - node.level + 1]
         return ".".join([*package, *(node.module.split(".") if node.module else [])])
 
     def lookup(self, module: str, name: str, depth: int = 0) -> list:
@@ -195,7 +208,7 @@ def check(tree: Tree, names: dict[str, set], methods: dict[str, set], torch_modu
         if tree.module_files(dotted):
             continue
         split = max(i for i in range(1, len(parts)) if tree.module_files(".".join(parts[:i])))
-        module, name, rest = ".".join(parts[:split]), parts[split], parts[split + 1:]
+        module, name, rest = ".".join(parts[:split]), parts[split], parts[split + 1 :]
         nodes = tree.lookup(module, name)
         if not rest and name == "patch" and tree.config_names(module) is not None:
             missing = keywords - tree.config_names(module)
@@ -208,20 +221,29 @@ def check(tree: Tree, names: dict[str, set], methods: dict[str, set], torch_modu
         elif not rest and not accepts(nodes, keywords):
             problems.append(f"{dotted}: takes none of the keyword(s) {sorted(keywords)}")
     for method, keywords in sorted(methods.items()):
-        owners = [(file, cls) for owner, file, cls in INSTANCE_CLASSES
-                  if hasattr(_resolve(torch_module, owner), method)]
+        owners = [
+            (file, cls) for owner, file, cls in INSTANCE_CLASSES if hasattr(_resolve(torch_module, owner), method)
+        ]
         if not owners:
             continue  # not a method of a torch class (a dict's, a diffusers model's own)
         nodes = []
         for file, cls in owners:
             path = tree.root / file
-            classes = [n for n in tree.definitions(path).get(cls, []) if isinstance(n, ast.ClassDef)] \
-                if path.is_file() else []
+            classes = (
+                [n for n in tree.definitions(path).get(cls, []) if isinstance(n, ast.ClassDef)]
+                if path.is_file()
+                else []
+            )
             for klass in classes:
-                nodes += [n for n in klass.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
-                          and n.name == method]
-                nodes += [None for n in klass.body if isinstance(n, (ast.Assign, ast.AnnAssign)) and method in
-                          {t.id for t in ast.walk(n) if isinstance(t, ast.Name)}]
+                nodes += [
+                    n for n in klass.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == method
+                ]
+                nodes += [
+                    None
+                    for n in klass.body
+                    if isinstance(n, (ast.Assign, ast.AnnAssign))
+                    and method in {t.id for t in ast.walk(n) if isinstance(t, ast.Name)}
+                ]
         if not nodes:
             problems.append(f".{method}(): not defined on {', '.join(c for _, c in owners)}")
         elif not accepts(nodes, keywords):
@@ -233,8 +255,9 @@ def _resolve(module, dotted: str):
     import importlib
 
     for part in dotted.split("."):
-        module = getattr(module, part) if hasattr(module, part) else \
-            importlib.import_module(f"{module.__name__}.{part}")
+        module = (
+            getattr(module, part) if hasattr(module, part) else importlib.import_module(f"{module.__name__}.{part}")
+        )
     return module
 
 
@@ -253,11 +276,15 @@ def main(argv=None) -> int:
                 target.setdefault(key, set()).update(keywords)
     old_version = (args.old_torch / "version.py").read_text().split("__version__ = ")[1].split()[0].strip("'\"")
     status = 0
-    for label, tree in ((f"installed torch {torch.__version__}", Tree(Path(torch.__file__).parent)),
-                        (f"torch {old_version} ({args.old_torch})", Tree(args.old_torch))):
+    for label, tree in (
+        (f"installed torch {torch.__version__}", Tree(Path(torch.__file__).parent)),
+        (f"torch {old_version} ({args.old_torch})", Tree(args.old_torch)),
+    ):
         problems = check(tree, names, methods, torch)
-        print(f"{label}: {len(names)} torch names, {sum(1 for m in methods if _owned(torch, m))} torch-class "
-              f"methods of the GPU path; {len(problems)} problem(s)")
+        print(
+            f"{label}: {len(names)} torch names, {sum(1 for m in methods if _owned(torch, m))} torch-class "
+            f"methods of the GPU path; {len(problems)} problem(s)"
+        )
         for problem in problems:
             print("  " + problem)
         status |= bool(problems)

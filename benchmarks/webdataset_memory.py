@@ -20,8 +20,7 @@ import tempfile
 import tracemalloc
 from pathlib import Path
 
-from diffcut.job import io as dio
-from diffcut.job import webdataset
+from diffcut.job import inputs, webdataset
 from diffcut.job.stages import decode_stage
 
 
@@ -45,15 +44,28 @@ def main() -> None:
         for group in (1, args.group):
             tracemalloc.start()
             count = 0
-            for table in decode_stage(units, image_column="image", resolution=64, resize="bucket", stride=32,
-                                      mask_size="original", max_image_pixels=dio.DEFAULT_MAX_IMAGE_PIXELS,
-                                      keep_image_bytes=False, chunk_rows=8, keep_metadata=True, sort_records=group):
+            for table in decode_stage(
+                units,
+                image_column="image",
+                resolution=64,
+                resize="bucket",
+                stride=32,
+                mask_size="original",
+                max_image_pixels=inputs.DEFAULT_MAX_IMAGE_PIXELS,
+                keep_image_bytes=False,
+                chunk_rows=8,
+                keep_metadata=True,
+                sort_records=group,
+            ):
                 count += table.num_rows
             _, peak = tracemalloc.get_traced_memory()
             tracemalloc.stop()
-            print(f"records {group} at a time: {count} rows from a {size / 2**20:.1f} MiB shard, peak Python memory "
-                  f"{peak / 2**20:.1f} MiB = {peak / size:.3f} of the shard "
-                  f"({peak / (args.member_kb * 1024):.1f} members' worth)")
+            print(
+                f"records {group} at a time: {count} rows from a {size / 2**20:.1f} MiB shard, peak Python memory "
+                f"{peak / 2**20:.1f} MiB = {peak / size:.3f} of the shard "
+                f"({peak / (args.member_kb * 1024):.1f} members' worth)"
+            )
+
 
 if __name__ == "__main__":
     main()

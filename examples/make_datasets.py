@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffcut.job.webdataset import write_shard  # noqa: E402
+from diffcut.job.webdataset import write_shard
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,33 +45,57 @@ def img2dataset_rows(images: list[Path]) -> list[dict]:
     for index, path in enumerate(images):
         with Image.open(path) as image:
             width, height = image.size
-        rows.append({"key": f"{index:09d}", "url": f"https://example.com/{path.name}", "caption": path.stem,
-                     "status": "success", "error_message": None, "width": width, "height": height,
-                     "ext": path.suffix[1:], "data": path.read_bytes()})
+        rows.append(
+            {
+                "key": f"{index:09d}",
+                "url": f"https://example.com/{path.name}",
+                "caption": path.stem,
+                "status": "success",
+                "error_message": None,
+                "width": width,
+                "height": height,
+                "ext": path.suffix[1:],
+                "data": path.read_bytes(),
+            }
+        )
     return rows
 
 
 def make_webdataset(out: Path, rows: list[dict], per_shard: int = 4) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for shard, start in enumerate(range(0, len(rows), per_shard)):
-        chunk = rows[start:start + per_shard]
+        chunk = rows[start : start + per_shard]
         members = []
         for row in chunk:
             meta = {k: row[k] for k in ("key", "url", "caption", "status", "error_message", "width", "height")}
-            members += [(f"{row['key']}.{row['ext']}", row["data"]), (f"{row['key']}.json", json.dumps(meta).encode()),
-                        (f"{row['key']}.txt", row["caption"].encode())]
+            members += [
+                (f"{row['key']}.{row['ext']}", row["data"]),
+                (f"{row['key']}.json", json.dumps(meta).encode()),
+                (f"{row['key']}.txt", row["caption"].encode()),
+            ]
         write_shard(out / f"{shard:05d}.tar", members)
-        pq.write_table(pa.Table.from_pylist([{k: v for k, v in r.items() if k not in ("data", "ext")} for r in chunk]),
-                       out / f"{shard:05d}.parquet")
+        pq.write_table(
+            pa.Table.from_pylist([{k: v for k, v in r.items() if k not in ("data", "ext")} for r in chunk]),
+            out / f"{shard:05d}.parquet",
+        )
         (out / f"{shard:05d}_stats.json").write_text(json.dumps({"count": len(chunk), "successes": len(chunk)}))
 
 
 def make_img2dataset_parquet(out: Path, rows: list[dict]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     table = [{**{k: v for k, v in r.items() if k not in ("data", "ext")}, "jpg": r["data"]} for r in rows]
-    table.append({"key": f"{len(rows):09d}", "url": "https://example.com/gone.jpg", "caption": "gone",
-                  "status": "failed_to_download", "error_message": "HTTP Error 404: Not Found", "width": None,
-                  "height": None, "jpg": None})
+    table.append(
+        {
+            "key": f"{len(rows):09d}",
+            "url": "https://example.com/gone.jpg",
+            "caption": "gone",
+            "status": "failed_to_download",
+            "error_message": "HTTP Error 404: Not Found",
+            "width": None,
+            "height": None,
+            "jpg": None,
+        }
+    )
     pq.write_table(pa.Table.from_pylist(table), out / "00000.parquet")
 
 

@@ -27,8 +27,8 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffcut.tools.discover import read_centroids  # noqa: E402
-from diffcut.tools.training import LabeledImages  # noqa: E402
+from diffcut.tools.discover import read_centroids
+from diffcut.tools.training import LabeledImages
 
 
 class SmallSegmenter(nn.Module):
@@ -37,9 +37,15 @@ class SmallSegmenter(nn.Module):
     def __init__(self, num_classes: int, width: int = 32):
         super().__init__()
         self.encoder = nn.Sequential(
-            nn.Conv2d(3, width, 3, stride=2, padding=1), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
-            nn.Conv2d(width, width, 3, stride=2, padding=1), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
-            nn.Conv2d(width, width, 3, padding=2, dilation=2), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+            nn.Conv2d(3, width, 3, stride=2, padding=1),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(width, width, 3, stride=2, padding=1),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(width, width, 3, padding=2, dilation=2),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
         )
         self.classifier = nn.Conv2d(width, num_classes, 1)
 
@@ -48,8 +54,17 @@ class SmallSegmenter(nn.Module):
         return nn.functional.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
 
 
-def train(input: str, classes: str, *, steps: int = 60, size: int = 64, batch_size: int = 6, lr: float = 1e-2,
-          seed: int = 0, log=print) -> list[float]:
+def train(
+    input: str,
+    classes: str,
+    *,
+    steps: int = 60,
+    size: int = 64,
+    batch_size: int = 6,
+    lr: float = 1e-2,
+    seed: int = 0,
+    log=print,
+) -> list[float]:
     """Train for ``steps`` optimizer steps; returns the loss of every step."""
     torch.manual_seed(seed)
     num_classes = int(read_centroids(classes).shape[0])
@@ -71,16 +86,20 @@ def train(input: str, classes: str, *, steps: int = 60, size: int = 64, batch_si
                 break
         if not pairs.counts["pairs"]:
             raise SystemExit("no (image, target) pairs: check --input and --classes (run from the repository root)")
-    log(f"{pairs.counts['pairs']} (image, target) pairs in {passes} passes over the data; skipped: "
-        + json.dumps({k: v for k, v in pairs.counts.items() if k != "pairs"}))
+    log(
+        f"{pairs.counts['pairs']} (image, target) pairs in {passes} passes over the data; skipped: "
+        + json.dumps({k: v for k, v in pairs.counts.items() if k != "pairs"})
+    )
     return losses
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--input", default="samples",
-                        help="the images the labels were made from (diffcut label --input)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument(
+        "--input", default="samples", help="the images the labels were made from (diffcut label --input)"
+    )
     parser.add_argument("--classes", default="examples/sample-classes", help="output of jobs/discover.py")
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps")
     parser.add_argument("--size", type=int, default=64, help="train at size x size (image and mask resized alike)")
@@ -89,8 +108,15 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     torch.set_num_threads(min(4, torch.get_num_threads()))
-    losses = train(args.input, args.classes, steps=args.steps, size=args.size, batch_size=args.batch_size,
-                   lr=args.lr, seed=args.seed)
+    losses = train(
+        args.input,
+        args.classes,
+        steps=args.steps,
+        size=args.size,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+    )
     window = max(1, min(5, len(losses) // 2))
     first, last = sum(losses[:window]) / window, sum(losses[-window:]) / window
     print(f"mean loss of the first {window} steps {first:.4f}, of the last {window} steps {last:.4f}")

@@ -35,8 +35,7 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from diffcut.job import io as dio  # noqa: E402
-from diffcut.job import schema  # noqa: E402
+from diffcut.job import inputs, schema  # noqa: E402
 from diffcut.method.assign import assign_concepts  # noqa: E402
 from diffcut.method.ncut import recursive_ncut  # noqa: E402
 from diffcut.method.segmenter import segment_features  # noqa: E402
@@ -67,9 +66,17 @@ def time_one(features: np.ndarray, mask_size: tuple[int, int], refine: bool, ima
     # The whole per-image work of the segmentation actor (NCut and assignment again, PAMR if
     # asked, descriptors, encoded output row), as the pipeline calls it.
     result = segment_features(features, mask_size, tau=0.5, alpha=10.0, refine=refine, image=image)
-    schema.ok_row(image_id="x", source="x", width=mask_size[1], height=mask_size[0], mask=result.mask,
-                  latent_labels=result.latent_labels, descriptors=result.embeddings, tree=result.tree.to_dict(),
-                  params="{}")
+    schema.ok_row(
+        image_id="x",
+        source="x",
+        width=mask_size[1],
+        height=mask_size[0],
+        mask=result.mask,
+        latent_labels=result.latent_labels,
+        descriptors=result.embeddings,
+        tree=result.tree.to_dict(),
+        params="{}",
+    )
     t3 = time.perf_counter()
     return {"ncut": t1 - t0, "assign": t2 - t1, "actor": t3 - t2, "segments": int(labels.max()) + 1}
 
@@ -84,16 +91,18 @@ def time_decode(rng: np.random.Generator, repeats: int, resolution: int) -> str:
     buffer = io.BytesIO()
     Image.fromarray(smooth).resize((1280, 960), Image.BICUBIC).save(buffer, format="JPEG", quality=90)
     data = buffer.getvalue()
-    rule = lambda w, h: dio.model_size(w, h, resolution, "bucket")  # noqa: E731
-    dio.decode_image(data, rule)
+    rule = lambda w, h: inputs.model_size(w, h, resolution, "bucket")  # noqa: E731
+    inputs.decode_image(data, rule)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        decoded = dio.decode_image(data, rule)
+        decoded = inputs.decode_image(data, rule)
         times.append(time.perf_counter() - t0)
     height, width = decoded.pixels.shape[:2]
-    return (f"decode + resize of a 1280x960 JPEG ({len(data) // 1024} KiB) to {width}x{height}: "
-            f"{statistics.median(times):.3f} s median / {statistics.mean(times):.3f} s mean")
+    return (
+        f"decode + resize of a 1280x960 JPEG ({len(data) // 1024} KiB) to {width}x{height}: "
+        f"{statistics.median(times):.3f} s median / {statistics.mean(times):.3f} s mean"
+    )
 
 
 def summarize(name: str, runs: list[dict]) -> str:
@@ -102,9 +111,11 @@ def summarize(name: str, runs: list[dict]) -> str:
         return f"{statistics.median(values):.3f} s median / {statistics.mean(values):.3f} s mean"
 
     segments = [r["segments"] for r in runs]
-    return (f"{name}: recursive_ncut {stat('ncut')}; assign_concepts {stat('assign')}; "
-            f"whole actor step {stat('actor')}; segments {min(segments)}-{max(segments)} "
-            f"(median {statistics.median(segments):g})")
+    return (
+        f"{name}: recursive_ncut {stat('ncut')}; assign_concepts {stat('assign')}; "
+        f"whole actor step {stat('actor')}; segments {min(segments)}-{max(segments)} "
+        f"(median {statistics.median(segments):g})"
+    )
 
 
 def main() -> int:
@@ -112,10 +123,15 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--size", type=int, default=32, help="feature grid side (32 for SDXL-type at 1024)")
     parser.add_argument("--dim", type=int, default=1280, help="feature channels (1280 for SSD-1B)")
-    parser.add_argument("--regions", default="4,8,16,32",
-                        help="areas in the structured feature maps (comma-separated: one line each)")
-    parser.add_argument("--unstructured", type=int, default=2,
-                        help="maps of i.i.d. normal features to time (the cut splits them into every cell)")
+    parser.add_argument(
+        "--regions", default="4,8,16,32", help="areas in the structured feature maps (comma-separated: one line each)"
+    )
+    parser.add_argument(
+        "--unstructured",
+        type=int,
+        default=2,
+        help="maps of i.i.d. normal features to time (the cut splits them into every cell)",
+    )
     parser.add_argument("--noise", type=float, default=0.5, help="per-cell noise relative to the region directions")
     parser.add_argument("--mask", type=int, default=1024, help="mask side for assign_concepts (and PAMR)")
     parser.add_argument("--refine", action="store_true", help="include PAMR in the actor step")
@@ -126,19 +142,25 @@ def main() -> int:
     rng = np.random.default_rng(args.seed)
     mask_size = (args.mask, args.mask)
     image = rng.uniform(0, 1, (args.mask, args.mask, 3)).astype(np.float32) if args.refine else None
-    print(f"{platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}, "
-          f"features {args.size}x{args.size}x{args.dim}, mask {args.mask}x{args.mask}, refine {args.refine}")
+    print(
+        f"{platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}, "
+        f"features {args.size}x{args.size}x{args.dim}, mask {args.mask}x{args.mask}, refine {args.refine}"
+    )
 
     print(time_decode(rng, args.repeats, args.mask), flush=True)
     regions = [int(r) for r in args.regions.split(",") if r]
     time_one(structured_features(rng, args.size, args.dim, regions[0], args.noise), mask_size, args.refine, image)
     for count in regions:
-        runs = [time_one(structured_features(rng, args.size, args.dim, count, args.noise), mask_size,
-                         args.refine, image) for _ in range(args.repeats)]
+        runs = [
+            time_one(structured_features(rng, args.size, args.dim, count, args.noise), mask_size, args.refine, image)
+            for _ in range(args.repeats)
+        ]
         print(summarize(f"structured, {count} regions", runs), flush=True)
     if args.unstructured:
-        runs = [time_one(random_features(rng, args.size, args.dim), mask_size, args.refine, image)
-                for _ in range(args.unstructured)]
+        runs = [
+            time_one(random_features(rng, args.size, args.dim), mask_size, args.refine, image)
+            for _ in range(args.unstructured)
+        ]
         print(summarize("unstructured (pathological: i.i.d. normal)", runs))
     return 0
 

@@ -18,13 +18,16 @@ from pathlib import Path
 # repository: import the package from that copy, the code that was submitted.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffcut.commands import discover  # noqa: E402
-from diffcut.tools.discover import __doc__ as DISCOVER_DOC  # noqa: E402
+from diffcut.commands import discover
+from diffcut.tools.discover import __doc__ as DISCOVER_DOC
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="jobs/discover.py", description=DISCOVER_DOC.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="jobs/discover.py",
+        description=DISCOVER_DOC.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     discover.add_arguments(parser)
     return discover.run(parser.parse_args(argv))
 

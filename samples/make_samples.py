@@ -63,8 +63,9 @@ def tiles() -> Image.Image:
     """256 x 256 PNG: four coloured quadrants and a disc across them."""
     image = Image.new("RGB", (256, 256))
     draw = ImageDraw.Draw(image)
-    for (x, y), color in zip([(0, 0), (128, 0), (0, 128), (128, 128)],
-                             [(200, 60, 60), (60, 170, 80), (60, 90, 200), (220, 200, 70)]):
+    for (x, y), color in zip(
+        [(0, 0), (128, 0), (0, 128), (128, 128)], [(200, 60, 60), (60, 170, 80), (60, 90, 200), (220, 200, 70)]
+    ):
         draw.rectangle((x, y, x + 127, y + 127), fill=color)
     draw.ellipse((78, 78, 178, 178), fill=(240, 240, 240))
     return image

@@ -3,7 +3,7 @@ import os
 # Ray must bind and connect on loopback only (see README, "Network").
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-import torch  # noqa: E402
+import torch
 
 # Two cores here: keep torch from oversubscribing them when Ray workers run beside the test.
 torch.set_num_threads(1)
@@ -101,8 +101,13 @@ def ray_local(s3_server):
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
-             object_store_memory=512 * 2**20)
+    ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        object_store_memory=512 * 2**20,
+    )
     try:
         yield ray
     finally:
@@ -137,8 +142,12 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
 def decompression_bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
     """A tiny PNG whose header declares width x height RGB pixels (30 GB for the default)."""
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
-            + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 4096)) + _png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 4096))
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 @pytest.fixture(scope="session")

@@ -28,10 +28,13 @@ from collections import Counter
 
 FAULTS = ("reset_request", "reset_response", "slow_down", "delay")
 
-SLOW_DOWN = (b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nConnection: close\r\n"
-             b"Content-Length: %d\r\n\r\n%s")
-SLOW_DOWN_BODY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
-                  b"<Message>Please reduce your request rate.</Message></Error>")
+SLOW_DOWN = (
+    b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+)
+SLOW_DOWN_BODY = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+    b"<Message>Please reduce your request rate.</Message></Error>"
+)
 
 
 def _reset(sock: socket.socket) -> None:
@@ -55,8 +58,15 @@ class _Closed(Exception):
 class FaultProxy:
     """``FaultProxy(upstream_port, seed=..., rates=...)``; ``.start()``, ``.url``, ``.counts``, ``.stop()``."""
 
-    def __init__(self, upstream: tuple[str, int], *, seed: int = 0, rates: dict[str, float] | None = None,
-                 max_faults: int = 60, max_consecutive: int = 2):
+    def __init__(
+        self,
+        upstream: tuple[str, int],
+        *,
+        seed: int = 0,
+        rates: dict[str, float] | None = None,
+        max_faults: int = 60,
+        max_consecutive: int = 2,
+    ):
         self.upstream = upstream
         self.rates = dict(rates or {"reset_request": 0.06, "reset_response": 0.06, "slow_down": 0.08, "delay": 0.1})
         assert set(self.rates) <= set(FAULTS), self.rates
@@ -73,7 +83,7 @@ class FaultProxy:
     def url(self) -> str:
         return f"http://127.0.0.1:{self._listener.getsockname()[1]}"
 
-    def start(self) -> "FaultProxy":
+    def start(self) -> FaultProxy:
         threading.Thread(target=self._accept, daemon=True).start()
         return self
 
@@ -184,7 +194,7 @@ class FaultProxy:
                     remaining -= len(data)
 
     @staticmethod
-    def _relay_chunked(reader: "_Reader", upstream: socket.socket) -> None:
+    def _relay_chunked(reader: _Reader, upstream: socket.socket) -> None:
         while True:
             size_line = reader.until(b"\r\n")
             upstream.sendall(size_line)

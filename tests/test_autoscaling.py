@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -45,11 +45,19 @@ HEAD_NODE_TYPE = "ray.head.default"
 OBJECT_STORE_BYTES = 160 * MIB
 WORKER_NODE_TYPES = {
     # One fake GPU: the extractor actor (1 CPU + 1 GPU) fills the node.
-    "gpu": {"resources": {"CPU": 1, "GPU": 1, "object_store_memory": OBJECT_STORE_BYTES},
-            "node_config": {}, "min_workers": 0, "max_workers": 1},
+    "gpu": {
+        "resources": {"CPU": 1, "GPU": 1, "object_store_memory": OBJECT_STORE_BYTES},
+        "node_config": {},
+        "min_workers": 0,
+        "max_workers": 1,
+    },
     # The NCut actor and the decode / write tasks.
-    "cpu": {"resources": {"CPU": 2, "object_store_memory": OBJECT_STORE_BYTES},
-            "node_config": {}, "min_workers": 0, "max_workers": 1},
+    "cpu": {
+        "resources": {"CPU": 2, "object_store_memory": OBJECT_STORE_BYTES},
+        "node_config": {},
+        "min_workers": 0,
+        "max_workers": 1,
+    },
 }
 IMAGE_SIZES = [(96, 64), (64, 96), (80, 80), (120, 72)]  # (width, height)
 START_TIMEOUT_S = 90
@@ -86,8 +94,13 @@ class LoopbackAutoscalingCluster:
         self.process: subprocess.Popen | None = None
         # The cluster's own token (Ray 2.60 turns token auth on when ~/.ray/auth_token exists;
         # an explicit mode and token keep this cluster independent of that file).
-        self.env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
-                        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
+        self.env = dict(
+            os.environ,
+            RAY_AUTH_MODE="token",
+            RAY_AUTH_TOKEN=secrets.token_hex(32),
+            RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+            RAY_USAGE_STATS_ENABLED="0",
+        )
         self.config = {
             "cluster_name": "diffcut-fake",
             "max_workers": sum(t["max_workers"] for t in worker_node_types.values()),
@@ -108,10 +121,17 @@ class LoopbackAutoscalingCluster:
             "docker": {},
             "upscaling_speed": 1.0,
             "idle_timeout_minutes": idle_timeout_minutes,
-            "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
-            "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": [],
-            "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
-            "rsync_exclude": [], "rsync_filter": [],
+            "initialization_commands": [],
+            "setup_commands": [],
+            "head_setup_commands": [],
+            "worker_setup_commands": [],
+            "head_start_ray_commands": [],
+            "worker_start_ray_commands": [],
+            "file_mounts": {},
+            "cluster_synced_files": [],
+            "file_mounts_sync_continuously": False,
+            "rsync_exclude": [],
+            "rsync_filter": [],
         }
 
     @property
@@ -122,23 +142,39 @@ class LoopbackAutoscalingCluster:
         config_path = self.workdir / "autoscaling.json"
         config_path.write_text(json.dumps(self.config))
         command = [
-            sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
-            f"--port={self.port}", "--node-ip-address=127.0.0.1", f"--temp-dir={self.workdir / 'ray'}",
-            f"--autoscaling-config={config_path}", "--num-cpus=0", "--num-gpus=0",
+            sys.executable,
+            "-m",
+            "ray.scripts.scripts",
+            "start",
+            "--head",
+            "--block",
+            f"--port={self.port}",
+            "--node-ip-address=127.0.0.1",
+            f"--temp-dir={self.workdir / 'ray'}",
+            f"--autoscaling-config={config_path}",
+            "--num-cpus=0",
+            "--num-gpus=0",
             f"--object-store-memory={OBJECT_STORE_BYTES}",
             # Every port on loopback and free, so that other Ray instances on the machine are untouched.
-            "--include-dashboard=false", "--dashboard-host=127.0.0.1", f"--dashboard-port={free_port()}",
-            f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
-            f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-            "--min-worker-port=0", "--max-worker-port=0", "--disable-usage-stats",
+            "--include-dashboard=false",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={free_port()}",
+            f"--ray-client-server-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            "--min-worker-port=0",
+            "--max-worker-port=0",
+            "--disable-usage-stats",
         ]
         env = dict(self.env, RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
         log_path = self.workdir / "ray-start.log"
         with open(log_path, "wb") as log:
             # Its own session: every Ray process of this cluster (GCS, raylets of the fake nodes,
             # autoscaler, workers) descends from it and is found by session id at shutdown.
-            self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
+            self.process = subprocess.Popen(
+                command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         deadline = time.monotonic() + START_TIMEOUT_S
         while b"Ray runtime started" not in log_path.read_bytes():
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -196,7 +232,10 @@ class Observer:
         with open(workdir / "observer.log", "wb") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-c", OBSERVER, cluster.address, str(self.path), str(self.stop_path), str(limit_s)],
-                env=cluster.env, stdout=log, stderr=subprocess.STDOUT)
+                env=cluster.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
 
     def snapshots(self) -> list[dict]:
         if not self.path.exists():
@@ -247,7 +286,7 @@ def write_images(folder: Path) -> list[Path]:
         # Two flat regions with noise: something for the cut to find.
         pixels = np.zeros((height, width, 3), np.float32)
         pixels[:, : width // 2] = rng.uniform(0, 255, 3)
-        pixels[:, width // 2:] = rng.uniform(0, 255, 3)
+        pixels[:, width // 2 :] = rng.uniform(0, 255, 3)
         pixels += rng.normal(0, 8, pixels.shape)
         path = folder / f"image_{i}.png"
         Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path)
@@ -278,15 +317,38 @@ def test_label_job_scales_gpu_and_cpu_nodes_up_from_zero(cluster, tmp_path):
         assert alive_kinds(first) == ["head"], first
 
         command = [
-            sys.executable, str(ROOT / "jobs" / "label.py"),
-            "--address", cluster.address,
-            "--input", str(tmp_path / "images"), "--output", str(output),
-            "--model", "tiny-random", "--device", "cpu", "--resolution", "128",
+            sys.executable,
+            str(ROOT / "jobs" / "label.py"),
+            "--address",
+            cluster.address,
+            "--input",
+            str(tmp_path / "images"),
+            "--output",
+            str(output),
+            "--model",
+            "tiny-random",
+            "--device",
+            "cpu",
+            "--resolution",
+            "128",
             # Request the (fake) GPU although the model runs on CPU: that is what sends the
             # extractor to the "gpu" node type, as on a real cluster.
-            "--extractor-gpus", "1", "--extractor-cpus", "1", "--extractor-pool-min", "1",
-            "--extractor-pool-max", "1", "--ncut-cpus", "1", "--ncut-pool-min", "1", "--ncut-pool-max", "1",
-            "--batch-size", "2",
+            "--extractor-gpus",
+            "1",
+            "--extractor-cpus",
+            "1",
+            "--extractor-pool-min",
+            "1",
+            "--extractor-pool-max",
+            "1",
+            "--ncut-cpus",
+            "1",
+            "--ncut-pool-min",
+            "1",
+            "--ncut-pool-max",
+            "1",
+            "--batch-size",
+            "2",
         ]
         env = dict(cluster.env, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", RAY_DATA_DISABLE_PROGRESS_BARS="1")
         log_path = tmp_path / "job.log"
@@ -299,9 +361,12 @@ def test_label_job_scales_gpu_and_cpu_nodes_up_from_zero(cluster, tmp_path):
                 if elapsed > JOB_TIMEOUT_S:
                     pytest.fail(f"label job did not finish in {JOB_TIMEOUT_S} s:\n{log_path.read_text()[-4000:]}")
                 if elapsed > GPU_NODE_DEADLINE_S and not any(
-                        "gpu" in alive_kinds(snapshot) for snapshot in observer.snapshots()):
-                    pytest.fail(f"no gpu node {GPU_NODE_DEADLINE_S} s into the job: the extractor actors do not "
-                                f"request a GPU with --device cpu --extractor-gpus 1\n{log_path.read_text()[-3000:]}")
+                    "gpu" in alive_kinds(snapshot) for snapshot in observer.snapshots()
+                ):
+                    pytest.fail(
+                        f"no gpu node {GPU_NODE_DEADLINE_S} s into the job: the extractor actors do not "
+                        f"request a GPU with --device cpu --extractor-gpus 1\n{log_path.read_text()[-3000:]}"
+                    )
                 time.sleep(1)
         finally:
             if job.poll() is None:

@@ -18,8 +18,17 @@ import torch.nn.functional as F
 from PIL import Image
 
 from diffcut.cli import main
-from diffcut.evaluation.datasets import (BENCHMARKS, apply_lookup, centre_square_crop_box, coco_stuff27_val_ids, label_maps,
-                              open_benchmark, paper_preprocess, resize_bilinear, resize_nearest_exact)
+from diffcut.evaluation.datasets import (
+    BENCHMARKS,
+    apply_lookup,
+    centre_square_crop_box,
+    coco_stuff27_val_ids,
+    label_maps,
+    open_benchmark,
+    paper_preprocess,
+    resize_bilinear,
+    resize_nearest_exact,
+)
 
 HEIGHT, WIDTH = 48, 64
 
@@ -41,8 +50,9 @@ def image_for(labels: np.ndarray, seed: int) -> np.ndarray:
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
-def write_pair(image_path: Path, label_path: Path, values: tuple[int, int, int], seed: int,
-               palette: bool = False) -> np.ndarray:
+def write_pair(
+    image_path: Path, label_path: Path, values: tuple[int, int, int], seed: int, palette: bool = False
+) -> np.ndarray:
     labels = raw_label_map(values, seed)
     image_path.parent.mkdir(parents=True, exist_ok=True)
     label_path.parent.mkdir(parents=True, exist_ok=True)
@@ -81,8 +91,13 @@ def make_voc(root: Path) -> Path:
     base = root / "VOCdevkit" / "VOC2012"
     ids = ["2007_000033", "2007_000042", "2007_000061"]
     for seed, (image_id, values) in enumerate(zip(ids, RAW["voc"])):
-        write_pair(base / "JPEGImages" / f"{image_id}.jpg", base / "SegmentationClass" / f"{image_id}.png",
-                   values, seed, palette=True)
+        write_pair(
+            base / "JPEGImages" / f"{image_id}.jpg",
+            base / "SegmentationClass" / f"{image_id}.png",
+            values,
+            seed,
+            palette=True,
+        )
     (base / "ImageSets" / "Segmentation").mkdir(parents=True)
     (base / "ImageSets" / "Segmentation" / "val.txt").write_text("\n".join(ids) + "\n")
     return root
@@ -92,8 +107,9 @@ def make_context(root: Path) -> Path:
     base = root / "VOCdevkit" / "VOC2010"
     ids = ["2008_000002", "2008_000003", "2008_000007"]
     for seed, (image_id, values) in enumerate(zip(ids, RAW["context"])):
-        write_pair(base / "JPEGImages" / f"{image_id}.jpg", base / "SegmentationClassContext" / f"{image_id}.png",
-                   values, seed)
+        write_pair(
+            base / "JPEGImages" / f"{image_id}.jpg", base / "SegmentationClassContext" / f"{image_id}.png", values, seed
+        )
     (base / "ImageSets" / "SegmentationContext").mkdir(parents=True)
     (base / "ImageSets" / "SegmentationContext" / "val.txt").write_text("\n".join(ids) + "\n")
     return root
@@ -103,8 +119,12 @@ def make_context_d2(root: Path) -> Path:
     base = root / "pascal_ctx_d2"
     ids = ["2008_000002", "2008_000003", "2008_000007"]
     for seed, (image_id, values) in enumerate(zip(ids, RAW["context-d2"])):
-        write_pair(base / "images" / "validation" / f"{image_id}.jpg",
-                   base / "annotations_ctx59" / "validation" / f"{image_id}.png", values, seed)
+        write_pair(
+            base / "images" / "validation" / f"{image_id}.jpg",
+            base / "annotations_ctx59" / "validation" / f"{image_id}.png",
+            values,
+            seed,
+        )
     return root
 
 
@@ -117,11 +137,18 @@ def make_coco(root: Path, images: str = "images/val2017", labels: str = "annotat
 
 def make_cityscapes(root: Path) -> Path:
     base = root / "cityscapes"
-    names = [("frankfurt", "frankfurt_000000_000294"), ("frankfurt", "frankfurt_000000_000576"),
-             ("lindau", "lindau_000000_000019")]
+    names = [
+        ("frankfurt", "frankfurt_000000_000294"),
+        ("frankfurt", "frankfurt_000000_000576"),
+        ("lindau", "lindau_000000_000019"),
+    ]
     for seed, ((city, prefix), values) in enumerate(zip(names, RAW["cityscapes"])):
-        write_pair(base / "leftImg8bit" / "val" / city / f"{prefix}_leftImg8bit.png",
-                   base / "gtFine" / "val" / city / f"{prefix}_gtFine_labelIds.png", values, seed)
+        write_pair(
+            base / "leftImg8bit" / "val" / city / f"{prefix}_leftImg8bit.png",
+            base / "gtFine" / "val" / city / f"{prefix}_gtFine_labelIds.png",
+            values,
+            seed,
+        )
     return root
 
 
@@ -129,8 +156,12 @@ def make_ade20k(root: Path) -> Path:
     base = root / "ADEChallengeData2016"
     for seed, values in enumerate(RAW["ade20k"]):
         name = f"ADE_val_{seed + 1:08d}"
-        write_pair(base / "images" / "validation" / f"{name}.jpg",
-                   base / "annotations" / "validation" / f"{name}.png", values, seed)
+        write_pair(
+            base / "images" / "validation" / f"{name}.jpg",
+            base / "annotations" / "validation" / f"{name}.png",
+            values,
+            seed,
+        )
     return root
 
 
@@ -165,9 +196,15 @@ def test_each_layout_yields_images_and_mapped_labels(tmp_path, layout):
 
 def test_ids_follow_the_official_lists(tmp_path):
     assert [s.image_id for s in open_benchmark("voc", make_voc(tmp_path / "a"))] == [
-        "2007_000033", "2007_000042", "2007_000061"]
+        "2007_000033",
+        "2007_000042",
+        "2007_000061",
+    ]
     assert [s.image_id for s in open_benchmark("cityscapes", make_cityscapes(tmp_path / "b"))] == [
-        "frankfurt_000000_000294", "frankfurt_000000_000576", "lindau_000000_000019"]
+        "frankfurt_000000_000294",
+        "frankfurt_000000_000576",
+        "lindau_000000_000019",
+    ]
     coco = open_benchmark("coco-stuff", make_coco(tmp_path / "c"), limit=2)
     assert [s.image_id for s in coco] == list(coco_stuff27_val_ids()[:2])
 
@@ -229,8 +266,9 @@ def test_centre_crop_box_as_published():
     assert centre_square_crop_box(480, 640) == (0, 80, 479)  # 80.5 -> 80
 
 
-@pytest.mark.parametrize("shape, size", [((47, 47), (64, 64)), ((374, 374), (1024, 1024)), ((479, 479), (128, 128)),
-                                         ((13, 7), (5, 9))])
+@pytest.mark.parametrize(
+    "shape, size", [((47, 47), (64, 64)), ((374, 374), (1024, 1024)), ((479, 479), (128, 128)), ((13, 7), (5, 9))]
+)
 def test_resizes_match_torch(shape, size):
     rng = np.random.default_rng(0)
     image = rng.random(shape + (3,), dtype=np.float32)
@@ -256,13 +294,28 @@ def test_paper_preprocess_crops_then_resizes():
 # --------------------------------------------------------------------------- diffcut benchmark
 ROW = re.compile(r"^(without|with) PAMR\s+(\S+)\s+(\S+)\s+(\S+)$", re.MULTILINE)
 
+
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", sorted(MAKERS))
 def test_benchmark_command_prints_ours_beside_the_paper(tmp_path, layout, capsys):
     make, name = MAKERS[layout]
     root = make(tmp_path)
-    argv = ["benchmark", "--dataset", name, "--root", str(root), "--model", "tiny-random", "--device", "cpu",
-            "--resolution", "64", "--batch-size", "2", "--quiet"]
+    argv = [
+        "benchmark",
+        "--dataset",
+        name,
+        "--root",
+        str(root),
+        "--model",
+        "tiny-random",
+        "--device",
+        "cpu",
+        "--resolution",
+        "64",
+        "--batch-size",
+        "2",
+        "--quiet",
+    ]
     if name.startswith("coco"):
         argv += ["--limit", "3"]
     if layout in ("voc", "cityscapes"):  # PAMR inside the protocol, with and without a background class
@@ -290,8 +343,26 @@ def test_benchmark_json_scores_match_the_evaluator(tmp_path, capsys):
     from diffcut.method.segmenter import DiffCutSegmenter
 
     root = make_voc(tmp_path)
-    assert main(["benchmark", "--dataset", "voc", "--root", str(root), "--model", "tiny-random", "--device", "cpu",
-                 "--resolution", "64", "--json", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "benchmark",
+                "--dataset",
+                "voc",
+                "--root",
+                str(root),
+                "--model",
+                "tiny-random",
+                "--device",
+                "cpu",
+                "--resolution",
+                "64",
+                "--json",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     assert report["images"] == 3 and report["results"]["none"]["paper_miou"] == pytest.approx(0.62)
 

@@ -10,14 +10,19 @@ import json
 import numpy as np
 import pytest
 import torch
-
-from diffcut.method import naming
-from diffcut.cli import main
-from diffcut.evaluation.datasets import (BENCHMARKS, coco_object_table, context_d2_table, open_benchmark, paper_preprocess,
-                              vocabulary_eval_ids)
-from diffcut.evaluation.protocol import COMPARE_SIZE, resize_nearest
-
 from test_benchmark_datasets import make_coco, make_voc
+
+from diffcut.cli import main
+from diffcut.evaluation.datasets import (
+    BENCHMARKS,
+    coco_object_table,
+    context_d2_table,
+    open_benchmark,
+    paper_preprocess,
+    vocabulary_eval_ids,
+)
+from diffcut.evaluation.protocol import COMPARE_SIZE, resize_nearest
+from diffcut.method import naming
 
 RESOLUTION = 64
 
@@ -31,14 +36,21 @@ def test_vocabulary_indices_map_to_our_evaluation_ids():
     table = coco_object_table()
     # COCO fine ids (stuffthingmaps: category id - 1): 0 person, 12 stop sign, 89 toothbrush, 100 a stuff class.
     assert [by_eval_id[int(table[fine])] for fine in (0, 12, 89, 100)] == [
-        "person", "stop sign", "toothbrush", "background"]
+        "person",
+        "stop sign",
+        "toothbrush",
+        "background",
+    ]
     voc, context = naming.load_vocabulary("voc"), naming.load_vocabulary("context")
     assert vocabulary_eval_ids("voc", 21).tolist() == list(range(21))
     assert [voc.class_names[i] for i in (0, 15, 20)] == ["background", "person", "tvmonitor"]
     assert vocabulary_eval_ids("context", 60).tolist() == list(range(60))
     # Context d2 layout: raw 0 (aeroplane), 58 (wood), 255 (background) -> ours 1, 59, 0 = vocabulary order.
     assert [context.class_names[int(context_d2_table()[raw])] for raw in (0, 58, 255)] == [
-        "aeroplane", "wood piece", "background"]
+        "aeroplane",
+        "wood piece",
+        "background",
+    ]
     with pytest.raises(ValueError, match=r"21 classes but benchmark 'context'.*'context' fits"):
         vocabulary_eval_ids("context", 21)
 
@@ -65,8 +77,23 @@ def test_a_vocabulary_that_does_not_fit_is_refused_before_any_model_loads(tmp_pa
     assert main(argv + ["--vocabulary", str(tmp_path / "five.txt")]) == 1
     assert "5 classes" in capsys.readouterr().err
     coco = make_coco(tmp_path / "coco-root")  # COCO-Stuff-27 has no built-in vocabulary
-    assert main(["benchmark", "--dataset", "coco-stuff", "--root", str(coco), "--limit", "3", "--model",
-                 "no-such-model", "--vocabulary"]) == 1
+    assert (
+        main(
+            [
+                "benchmark",
+                "--dataset",
+                "coco-stuff",
+                "--root",
+                str(coco),
+                "--limit",
+                "3",
+                "--model",
+                "no-such-model",
+                "--vocabulary",
+            ]
+        )
+        == 1
+    )
     assert "'coco-stuff' has no built-in vocabulary" in capsys.readouterr().err
 
 
@@ -138,8 +165,23 @@ def test_planted_names_give_the_scores_counted_from_the_labels(tmp_path, segment
 @pytest.mark.slow
 def test_benchmark_command_with_the_builtin_vocabulary(tmp_path, capsys):
     root = make_voc(tmp_path)
-    argv = ["benchmark", "--dataset", "voc", "--root", str(root), "--model", "tiny-random", "--device", "cpu",
-            "--resolution", str(RESOLUTION), "--vocabulary", "--naming-model", "tiny-random", "--quiet"]
+    argv = [
+        "benchmark",
+        "--dataset",
+        "voc",
+        "--root",
+        str(root),
+        "--model",
+        "tiny-random",
+        "--device",
+        "cpu",
+        "--resolution",
+        str(RESOLUTION),
+        "--vocabulary",
+        "--naming-model",
+        "tiny-random",
+        "--quiet",
+    ]
     assert main(argv + ["--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["vocabulary"] == "voc" and report["naming_model"] == "tiny-random"

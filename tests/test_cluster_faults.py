@@ -35,7 +35,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from test_faults import TINY_FLAGS, assert_each_input_exactly_once, write_images
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
@@ -48,8 +47,12 @@ GPU_NODE = dict(num_cpus=1, num_gpus=1)
 CPU_NODE = dict(num_cpus=2)
 # A raylet that stops answering is marked dead after about period * threshold (1.5 s) instead of
 # Ray's default 3 s * 5 (plus a 5 s initial delay); the GCS checks each raylet over gRPC.
-HEALTH_CHECKS = {"health_check_period_ms": 500, "health_check_failure_threshold": 3,
-                 "health_check_timeout_ms": 500, "health_check_initial_delay_ms": 0}
+HEALTH_CHECKS = {
+    "health_check_period_ms": 500,
+    "health_check_failure_threshold": 3,
+    "health_check_timeout_ms": 500,
+    "health_check_initial_delay_ms": 0,
+}
 FEATURE_ACTOR = "ray::MapWorker(MapBatches(FeatureStage))"
 SEGMENT_ACTOR = "ray::MapWorker(MapBatches(SegmentStage))"
 JOB_TIMEOUT_S = 300
@@ -65,9 +68,16 @@ class LoopbackCluster:
         # Cluster() also writes the head's address into Ray's default temp dir (/tmp/ray), which it
         # does not create: on a fresh machine that no Ray has run on, the head's start failed there.
         os.makedirs(os.path.dirname(ray._private.utils.get_ray_address_file(None)), exist_ok=True)
-        self.cluster = Cluster(initialize_head=True, head_node_args=dict(
-            num_cpus=0, include_dashboard=False, temp_dir=str(workdir / "ray"), _system_config=HEALTH_CHECKS,
-            **NODE_ARGS))
+        self.cluster = Cluster(
+            initialize_head=True,
+            head_node_args=dict(
+                num_cpus=0,
+                include_dashboard=False,
+                temp_dir=str(workdir / "ray"),
+                _system_config=HEALTH_CHECKS,
+                **NODE_ARGS,
+            ),
+        )
         self.nodes: dict = {}
 
     @property
@@ -134,19 +144,37 @@ def wait_until(predicate, job: subprocess.Popen, log_path: Path, deadline: float
         if found:
             return found
         if job.poll() is not None or time.time() > deadline:
-            raise AssertionError(f"{what}: not seen before the job ended or timed out\n"
-                                 f"{log_path.read_text(errors='replace')[-3000:]}")
+            raise AssertionError(
+                f"{what}: not seen before the job ended or timed out\n{log_path.read_text(errors='replace')[-3000:]}"
+            )
         time.sleep(0.1)
 
 
 def test_lost_feature_node_and_lost_segmentation_node_lose_no_image(cluster, tmp_path):
     sources = write_images(tmp_path / "images", 32)
     output = tmp_path / "labels"
-    command = [sys.executable, "jobs/label.py", "--address", cluster.address, "--input", str(tmp_path / "images"),
-               "--output", str(output), "--json", *TINY_FLAGS,
-               # The feature actor needs the GPU node; segmentation actors, decode and write tasks take
-               # half a CPU each, so that the remaining CPU node alone can run all of them.
-               "--extractor-gpus", "1", "--extractor-cpus", "1", "--ncut-pool-min", "1", "--ncut-pool-max", "2"]
+    command = [
+        sys.executable,
+        "jobs/label.py",
+        "--address",
+        cluster.address,
+        "--input",
+        str(tmp_path / "images"),
+        "--output",
+        str(output),
+        "--json",
+        *TINY_FLAGS,
+        # The feature actor needs the GPU node; segmentation actors, decode and write tasks take
+        # half a CPU each, so that the remaining CPU node alone can run all of them.
+        "--extractor-gpus",
+        "1",
+        "--extractor-cpus",
+        "1",
+        "--ncut-pool-min",
+        "1",
+        "--ncut-pool-max",
+        "2",
+    ]
     env = dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1")
     env.pop("RAY_ADDRESS", None)
     log_path = tmp_path / "job.log"
@@ -155,13 +183,23 @@ def test_lost_feature_node_and_lost_segmentation_node_lose_no_image(cluster, tmp
     kills = []
     try:
         deadline = time.time() + JOB_TIMEOUT_S
-        wait_until(lambda: cluster.busy_actor("gpu1", FEATURE_ACTOR), job, log_path, deadline,
-                   "a busy feature actor on the GPU node")
+        wait_until(
+            lambda: cluster.busy_actor("gpu1", FEATURE_ACTOR),
+            job,
+            log_path,
+            deadline,
+            "a busy feature actor on the GPU node",
+        )
         kills.append({"node": "gpu1", "processes": cluster.kill_node("gpu1")})
         # The feature actor cannot restart anywhere until a node with a GPU joins.
         cluster.add_node("gpu2", **GPU_NODE)
-        victim = wait_until(lambda: next((n for n in ("cpu1", "cpu2") if cluster.busy_actor(n, SEGMENT_ACTOR)), None),
-                            job, log_path, deadline, "a busy segmentation actor")
+        victim = wait_until(
+            lambda: next((n for n in ("cpu1", "cpu2") if cluster.busy_actor(n, SEGMENT_ACTOR)), None),
+            job,
+            log_path,
+            deadline,
+            "a busy segmentation actor",
+        )
         kills.append({"node": victim, "processes": cluster.kill_node(victim)})
         job.wait(timeout=max(1.0, deadline - time.time()))
     finally:

@@ -16,18 +16,31 @@ import pytest
 import torch
 from PIL import Image
 
-from diffcut.job import io as dio
-from diffcut.job import schema
+from diffcut.job import inputs, schema
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
 #: Every column whose bytes must not depend on pools or batching.
-COMPARED = ("image_id", "width", "height", "status", "error", "mask", "mask_width", "mask_height", "num_segments",
-            "segments", "latent_labels", "tree", "params")
+COMPARED = (
+    "image_id",
+    "width",
+    "height",
+    "status",
+    "error",
+    "mask",
+    "mask_width",
+    "mask_height",
+    "num_segments",
+    "segments",
+    "latent_labels",
+    "tree",
+    "params",
+)
 
 # 128 px model inputs: 4x4-ish feature grids (real cuts, several aspect-ratio buckets), still fast on CPU.
-BASE = dict(model="tiny-random", device="cpu", resolution=128, decode_cpus=0.5, extractor_cpus=0.5,
-            ncut_cpus=0.5, shard_rows=64)
+BASE = dict(
+    model="tiny-random", device="cpu", resolution=128, decode_cpus=0.5, extractor_cpus=0.5, ncut_cpus=0.5, shard_rows=64
+)
 
 
 def _write_images(folder, count: int) -> list[str]:
@@ -59,7 +72,7 @@ def _by_source(output: str) -> dict[str, dict]:
 def scenes(tmp_path_factory):
     folder = tmp_path_factory.mktemp("determinism") / "images"
     paths = _write_images(folder, 24)
-    buckets = {dio.bucket_size(*Image.open(p).size, 128) for p in paths}
+    buckets = {inputs.bucket_size(*Image.open(p).size, 128) for p in paths}
     assert len(buckets) >= 3, buckets  # the bucket grouping in the feature stage is exercised
     return folder, paths
 
@@ -71,8 +84,17 @@ def reference_run(ray_local, scenes, tmp_path_factory):
 
     folder, paths = scenes
     output = str(tmp_path_factory.mktemp("determinism") / "reference")
-    summary = label_dataset(str(folder), output, batch_size=4, decode_batch_size=16, extractor_pool_min=1,
-                            extractor_pool_max=1, ncut_pool_min=1, ncut_pool_max=1, **BASE)
+    summary = label_dataset(
+        str(folder),
+        output,
+        batch_size=4,
+        decode_batch_size=16,
+        extractor_pool_min=1,
+        extractor_pool_max=1,
+        ncut_pool_min=1,
+        ncut_pool_max=1,
+        **BASE,
+    )
     assert (summary["processed"], summary["ok"]) == (len(paths), len(paths))
     return _by_source(output)
 
@@ -84,8 +106,17 @@ def test_same_bytes_whatever_the_pools_and_the_batching(ray_local, scenes, refer
 
     folder, paths = scenes
     output = str(tmp_path / "labels")
-    label_dataset(str(folder), output, batch_size=4, decode_batch_size=3, extractor_pool_min=2,
-                  extractor_pool_max=2, ncut_pool_min=2, ncut_pool_max=2, **BASE)
+    label_dataset(
+        str(folder),
+        output,
+        batch_size=4,
+        decode_batch_size=3,
+        extractor_pool_min=2,
+        extractor_pool_max=2,
+        ncut_pool_min=2,
+        ncut_pool_max=2,
+        **BASE,
+    )
     rows = _by_source(output)
     assert sorted(rows) == sorted(reference_run) == sorted(paths)
     differing = {source: [c for c in COMPARED if rows[source][c] != reference_run[source][c]] for source in rows}
@@ -103,13 +134,23 @@ def test_a_feature_call_does_not_depend_on_its_batch_neighbours(scenes):
     folder, paths = scenes
     same_bucket: dict[tuple[int, int], list[str]] = {}
     for path in paths:
-        same_bucket.setdefault(dio.bucket_size(*Image.open(path).size, 128), []).append(path)
+        same_bucket.setdefault(inputs.bucket_size(*Image.open(path).size, 128), []).append(path)
     group = max(same_bucket.values(), key=len)
     assert len(group) >= 3
-    plan = dio.plan_image_files(group)
-    decoded = next(decode_stage(plan.units, image_column="image", resolution=128, resize="bucket", stride=32,
-                                mask_size="original", max_image_pixels=dio.DEFAULT_MAX_IMAGE_PIXELS,
-                                keep_image_bytes=False, chunk_rows=64))
+    plan = inputs.plan_image_files(group)
+    decoded = next(
+        decode_stage(
+            plan.units,
+            image_column="image",
+            resolution=128,
+            resize="bucket",
+            stride=32,
+            mask_size="original",
+            max_image_pixels=inputs.DEFAULT_MAX_IMAGE_PIXELS,
+            keep_image_bytes=False,
+            chunk_rows=64,
+        )
+    )
     stage = FeatureStage("tiny-random", "cpu", "auto", 50, batch_size=4)
     together = stage(decoded).column("features").to_pylist()
     alone = [stage(decoded.slice(i, 1)).column("features")[0].as_py() for i in range(decoded.num_rows)]
@@ -126,8 +167,17 @@ def test_batch_size_changes_features_only_at_float_rounding(ray_local, scenes, r
 
     folder, paths = scenes
     output = str(tmp_path / "labels")
-    label_dataset(str(folder), output, batch_size=1, decode_batch_size=16, extractor_pool_min=1,
-                  extractor_pool_max=1, ncut_pool_min=1, ncut_pool_max=1, **BASE)
+    label_dataset(
+        str(folder),
+        output,
+        batch_size=1,
+        decode_batch_size=16,
+        extractor_pool_min=1,
+        extractor_pool_max=1,
+        ncut_pool_min=1,
+        ncut_pool_max=1,
+        **BASE,
+    )
     rows = _by_source(output)
     assert sorted(rows) == sorted(reference_run)
     agreeing_pixels = total_pixels = identical_masks = identical_latents = 0
@@ -147,8 +197,16 @@ def test_batch_size_changes_features_only_at_float_rounding(ray_local, scenes, r
     # pixels; float rounding changes at most a few near-tie pixels.
     assert agreeing_pixels / total_pixels > 0.99, (agreeing_pixels, total_pixels)
     assert identical_masks >= len(rows) // 2
-    print(json.dumps({"images": len(rows), "identical_masks": identical_masks, "identical_latent_labels":
-                      identical_latents, "pixel_agreement": agreeing_pixels / total_pixels}))
+    print(
+        json.dumps(
+            {
+                "images": len(rows),
+                "identical_masks": identical_masks,
+                "identical_latent_labels": identical_latents,
+                "pixel_agreement": agreeing_pixels / total_pixels,
+            }
+        )
+    )
 
 
 def test_features_for_batch_one_and_four_differ_only_in_the_last_bits():
@@ -159,7 +217,7 @@ def test_features_for_batch_one_and_four_differ_only_in_the_last_bits():
     extractor = FeatureExtractor.from_pretrained("tiny-random", device="cpu")
     pixels = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     batched = extractor.extract(pixels)
-    single = torch.cat([extractor.extract(pixels[i:i + 1]) for i in range(4)])
+    single = torch.cat([extractor.extract(pixels[i : i + 1]) for i in range(4)])
     scale = batched.abs().max().item()
     assert (batched - single).abs().max().item() <= 1e-5 * scale
     # Same batch shape, same bits: what the padding in FeatureStage relies on.

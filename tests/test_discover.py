@@ -13,8 +13,14 @@ from PIL import Image
 
 from diffcut.job import schema
 from diffcut.method.kmeans import assign_classes, kmeans_plusplus, normalize_rows, spherical_kmeans
-from diffcut.tools.discover_batches import (classify_batch, draw_sample, merge_samples, sample_arrays, sample_batch,
-                                            sample_key_bound)
+from diffcut.tools.discover_batches import (
+    classify_batch,
+    draw_sample,
+    merge_samples,
+    sample_arrays,
+    sample_batch,
+    sample_key_bound,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -98,10 +104,20 @@ def label_table(num_images: int = 9, dim: int = 6) -> pa.Table:
     for index in range(num_images):
         k = 2 + index % 3
         mask = rng.integers(0, k - 1, size=(6, 8)) if index == 4 else rng.integers(0, k, size=(6, 8))
-        mask[0, :k - (index == 4)] = np.arange(k - (index == 4))
-        rows.append(schema.ok_row(image_id=f"im{index}.png", source=f"src/im{index}.png", width=8, height=6,
-                                  mask=mask, latent_labels=np.arange(k).reshape(1, k),
-                                  descriptors=rng.normal(size=(k, dim)), tree={}, params="{}"))
+        mask[0, : k - (index == 4)] = np.arange(k - (index == 4))
+        rows.append(
+            schema.ok_row(
+                image_id=f"im{index}.png",
+                source=f"src/im{index}.png",
+                width=8,
+                height=6,
+                mask=mask,
+                latent_labels=np.arange(k).reshape(1, k),
+                descriptors=rng.normal(size=(k, dim)),
+                tree={},
+                params="{}",
+            )
+        )
     rows.insert(3, schema.error_row("bad.png", "src/bad.png", "cannot read the file"))
     return schema.rows_to_table(rows)
 
@@ -110,8 +126,10 @@ def test_sample_does_not_depend_on_batching():
     table = label_table()
     whole = sample_batch(table, sample_size=10, seed=3, weighting="pixels")
     for size in (1, 2, 4):
-        parts = [sample_batch(table.slice(i, size), sample_size=10, seed=3, weighting="pixels")
-                 for i in range(0, table.num_rows, size)]
+        parts = [
+            sample_batch(table.slice(i, size), sample_size=10, seed=3, weighting="pixels")
+            for i in range(0, table.num_rows, size)
+        ]
         assert merge_samples(reversed(parts), 10).equals(merge_samples([whole], 10))
     other_seed = sample_batch(table, sample_size=10, seed=4, weighting="pixels")
     assert not other_seed.column("key").equals(whole.column("key"))
@@ -139,8 +157,10 @@ def test_draw_sample_bounds_the_keys_and_stays_exact(claimed_segments):
 
     def local_pass(max_key):
         bounds.append(max_key)
-        return [sample_batch(table.slice(i, 4), sample_size=5, seed=1, weighting="pixels", max_key=max_key)
-                for i in range(0, table.num_rows, 4)]
+        return [
+            sample_batch(table.slice(i, 4), sample_size=5, seed=1, weighting="pixels", max_key=max_key)
+            for i in range(0, table.num_rows, 4)
+        ]
 
     exact = merge_samples([sample_batch(table, sample_size=5, seed=1, weighting="pixels")], 5)
     sample = draw_sample(local_pass, 5, claimed_segments or segments)
@@ -177,8 +197,12 @@ def scene(index: int, rng) -> tuple[np.ndarray, np.ndarray]:
     """A 128 x 96 picture of three flat colour regions in one of several layouts, and its class map."""
     height, width = 96, 128
     yy, xx = np.mgrid[0:height, 0:width]
-    layouts = [xx * 3 // width, yy * 3 // height, (xx > width // 2) + (yy > height // 2),
-               np.where((xx - 64) ** 2 + (yy - 48) ** 2 < 900, 2, (xx > 64).astype(int))]
+    layouts = [
+        xx * 3 // width,
+        yy * 3 // height,
+        (xx > width // 2) + (yy > height // 2),
+        np.where((xx - 64) ** 2 + (yy - 48) ** 2 < 900, 2, (xx > 64).astype(int)),
+    ]
     classes = np.asarray(layouts[index % len(layouts)], dtype=np.int64) % 3
     classes = (classes + index) % 3
     pixels = COLORS[classes] + rng.normal(0, 6, size=(height, width, 3))
@@ -200,8 +224,18 @@ def labeled_dataset(ray_local, tmp_path_factory):
         Image.fromarray(pixels).save(images / f"scene{index}.png")
         Image.fromarray(classes).save(truth / f"scene{index}.png")
     (images / "broken.jpg").write_bytes(b"not an image")
-    summary = label_dataset(str(images), str(root / "labels"), model="tiny-random", device="cpu", resolution=128,
-                            batch_size=4, decode_cpus=0.5, extractor_cpus=0.5, ncut_cpus=0.5, ncut_pool_max=2)
+    summary = label_dataset(
+        str(images),
+        str(root / "labels"),
+        model="tiny-random",
+        device="cpu",
+        resolution=128,
+        batch_size=4,
+        decode_cpus=0.5,
+        extractor_cpus=0.5,
+        ncut_cpus=0.5,
+        ncut_pool_max=2,
+    )
     assert (summary["ok"], summary["error"]) == (8, 1)
     return root
 
@@ -212,8 +246,7 @@ def test_discover_job_writes_classes_that_evaluate_scores(labeled_dataset, capsy
     from diffcut.tools.discover import discover_classes, read_centroids, read_centroids_info, read_classes
 
     labels, output = labeled_dataset / "labels", labeled_dataset / "classes"
-    info = discover_classes(str(labels), str(output), 3, sample_size=1000, seed=0, batch_rows=2,
-                            cpus_per_task=0.5)
+    info = discover_classes(str(labels), str(output), 3, sample_size=1000, seed=0, batch_rows=2, cpus_per_task=0.5)
     assert (info["rows"], info["ok"], info["error"]) == (9, 8, 1)
     centroids = read_centroids(str(output))
     assert centroids.shape == (3, info["feature_dim"]) and centroids.dtype == np.float32
@@ -240,8 +273,23 @@ def test_discover_job_writes_classes_that_evaluate_scores(labeled_dataset, capsy
     assert info["sampled_segments"] == sum(a > 0 for a in areas) <= total_segments
 
     # `diffcut evaluate --matching dataset` reads the output as Parquet predictions and scores every image.
-    assert cli_main(["evaluate", "-p", str(output), "-g", str(labeled_dataset / "truth"), "-n", "3",
-                     "--matching", "dataset", "--json"]) == 0
+    assert (
+        cli_main(
+            [
+                "evaluate",
+                "-p",
+                str(output),
+                "-g",
+                str(labeled_dataset / "truth"),
+                "-n",
+                "3",
+                "--matching",
+                "dataset",
+                "--json",
+            ]
+        )
+        == 0
+    )
     result = json.loads(capsys.readouterr().out)
     assert result["num_images"] == 8 and result["matching"] == "dataset"
     assert 0.0 <= result["miou"] <= 1.0
@@ -249,8 +297,20 @@ def test_discover_job_writes_classes_that_evaluate_scores(labeled_dataset, capsy
     # The same fit whatever the batching (the sample is a function of the data and the seed), through the
     # job's entry point; an existing output needs --overwrite.
     job = runpy.run_path(str(REPO / "jobs" / "discover.py"), run_name="discover_job")
-    flags = ["--input", str(labels), "--output", str(output), "-k", "3", "--sample-size", "1000",
-             "--batch-rows", "3", "--cpus-per-task", "0.5"]
+    flags = [
+        "--input",
+        str(labels),
+        "--output",
+        str(output),
+        "-k",
+        "3",
+        "--sample-size",
+        "1000",
+        "--batch-rows",
+        "3",
+        "--cpus-per-task",
+        "0.5",
+    ]
     assert job["main"](flags) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert job["main"]([*flags, "--overwrite"]) == 0

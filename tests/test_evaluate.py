@@ -20,8 +20,14 @@ from PIL import Image
 from scipy.optimize import linear_sum_assignment
 
 from diffcut.cli import main
-from diffcut.evaluation.protocol import (SegmentationEvaluator, confusion_histogram, evaluate_pairs, hungarian_counts,
-                              merge_background_histogram, resize_nearest)
+from diffcut.evaluation.protocol import (
+    SegmentationEvaluator,
+    confusion_histogram,
+    evaluate_pairs,
+    hungarian_counts,
+    merge_background_histogram,
+    resize_nearest,
+)
 from diffcut.job.schema import encode_mask
 
 
@@ -198,11 +204,14 @@ def test_empty_evaluator_gives_nan_not_warnings():
     assert result.to_dict()["miou"] is None
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"ignore_index": 1}, "ignore_index"),
-    ({"background_class": 3}, "background_class"),
-    ({"matching": "global"}, "matching"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"ignore_index": 1}, "ignore_index"),
+        ({"background_class": 3}, "background_class"),
+        ({"matching": "global"}, "matching"),
+    ],
+)
 def test_bad_options_are_refused(options, message):
     with pytest.raises(ValueError, match=message):
         SegmentationEvaluator(3, **options)
@@ -217,8 +226,9 @@ def test_negative_or_fractional_predictions_are_refused():
 
 
 # --------------------------------------------------------------------------- resizing
-@pytest.mark.parametrize("shape, size", [((1024, 1024), (128, 128)), ((375, 500), (128, 128)),
-                                         ((64, 64), (128, 128)), ((7, 13), (5, 4))])
+@pytest.mark.parametrize(
+    "shape, size", [((1024, 1024), (128, 128)), ((375, 500), (128, 128)), ((64, 64), (128, 128)), ((7, 13), (5, 4))]
+)
 def test_resize_nearest_matches_torch_default_nearest(shape, size):
     labels = np.random.default_rng(0).integers(0, 200, size=shape)
     expected = F.interpolate(torch.from_numpy(labels)[None, None].double(), size=size)[0, 0].long().numpy()
@@ -238,6 +248,7 @@ def test_both_maps_are_compared_at_the_evaluator_size():
 # --------------------------------------------------------------------------- against a literal re-statement
 def reference_scores(pairs, n_class, background):
     """docs/method.md §3 step by step, in the published convention: ignored = -1, background = -1 then N-1."""
+
     def hist_of(label, pred, n):
         width = max(n, pred.max() + 1)
         keep = (label >= 0) & (label < n)
@@ -284,8 +295,9 @@ def test_matches_a_literal_restatement_of_the_published_procedure(background):
     pairs = [random_pair(rng, n_class, 16)[::-1] for _ in range(60)]  # (prediction, labels)
     # ours: background is class N-1 (as COCO-Object), ignored is 255
     ours = score(pairs, n_class, background_class=n_class - 1 if background else None)
-    ignored_in_reference = [(pred, np.where((labels == 255) | ((labels == n_class - 1) & background), -1, labels))
-                            for pred, labels in pairs]
+    ignored_in_reference = [
+        (pred, np.where((labels == 255) | ((labels == n_class - 1) & background), -1, labels)) for pred, labels in pairs
+    ]
     tp, fp, fn, total = reference_scores(ignored_in_reference, n_class, background)
     np.testing.assert_array_equal(ours.true_positives, tp)
     np.testing.assert_array_equal(ours.false_positives, fp)
@@ -331,8 +343,12 @@ def test_cli_on_png_folders_prints_scores(folders, capsys):
 
 def test_cli_background_class_and_native_size(folders, capsys):
     gt, pred = folders
-    assert main(["evaluate", "-p", str(pred), "-g", str(gt), "-n", "3", "--background-class", "0",
-                 "--size", "0", "--json"]) == 0
+    assert (
+        main(
+            ["evaluate", "-p", str(pred), "-g", str(gt), "-n", "3", "--background-class", "0", "--size", "0", "--json"]
+        )
+        == 0
+    )
     data = json.loads(capsys.readouterr().out)
     # img1 (40 x 40): perfect. img2 (40 x 60): the one segment survives the first matching (class 2
     # took it); the ignored quarter becomes background, so background (1,800 px) now wins the segment.
@@ -357,12 +373,14 @@ def test_cli_on_labeling_parquet_output(folders, tmp_path, capsys):
     png_json = json.loads(capsys.readouterr().out)
 
     masks = {p.stem: np.asarray(Image.open(p)) for p in pred.rglob("*.png")}
-    table = pa.table({
-        "image_id": ["s3://bucket/images/img1.jpg", "img2.jpeg", "broken.jpg", "unlabeled_extra.jpg"],
-        "source": ["s3://bucket/images/img1.jpg", "/data/img2.jpeg", "/data/broken.jpg", "/data/x.jpg"],
-        "status": ["ok", "ok", "error", "ok"],
-        "mask": [encode_mask(masks["img1"]), encode_mask(masks["img2"]), None, encode_mask(np.zeros((4, 4), int))],
-    })
+    table = pa.table(
+        {
+            "image_id": ["s3://bucket/images/img1.jpg", "img2.jpeg", "broken.jpg", "unlabeled_extra.jpg"],
+            "source": ["s3://bucket/images/img1.jpg", "/data/img2.jpeg", "/data/broken.jpg", "/data/x.jpg"],
+            "status": ["ok", "ok", "error", "ok"],
+            "mask": [encode_mask(masks["img1"]), encode_mask(masks["img2"]), None, encode_mask(np.zeros((4, 4), int))],
+        }
+    )
     out = tmp_path / "labels"
     out.mkdir()
     pq.write_table(table.slice(0, 2), out / "labels-00000.parquet")

@@ -10,15 +10,15 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from diffcut.cli import main as cli_main
+from diffcut.evaluation.protocol import resize_nearest
 from diffcut.job import schema
 from diffcut.method.assign import segment_stats
-from diffcut.cli import main as cli_main
+from diffcut.method.kmeans import spherical_kmeans
+from diffcut.method.segmenter import segment_features
 from diffcut.tools.discover import CLASSES_PREFIX, write_centroids
 from diffcut.tools.discover_batches import classify_batch
-from diffcut.method.kmeans import spherical_kmeans
-from diffcut.evaluation.protocol import resize_nearest
 from diffcut.tools.export import UniqueNames, export_coco, export_png, safe_stem
-from diffcut.method.segmenter import segment_features
 
 pycocotools = pytest.importorskip("pycocotools", reason="pycocotools (the `export` extra) is not installed")
 
@@ -26,9 +26,23 @@ pycocotools = pytest.importorskip("pycocotools", reason="pycocotools (the `expor
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 HOSTILE_IDS = [
-    "../../etc/passwd", "..", ".", "/", "", "a/../../b.jpg", "..\\..\\windows\\x.png", "/abs/path/img.JPG",
-    "s3://bucket/key/2007_000032.jpg", "x.parquet#row=5", ".hidden", "a/b c?*<>|:.jpg", "nul\x00byte.png",
-    "ñandú/ñandú.jpg", "very" * 40 + ".png", "con", "trailing/",
+    "../../etc/passwd",
+    "..",
+    ".",
+    "/",
+    "",
+    "a/../../b.jpg",
+    "..\\..\\windows\\x.png",
+    "/abs/path/img.JPG",
+    "s3://bucket/key/2007_000032.jpg",
+    "x.parquet#row=5",
+    ".hidden",
+    "a/b c?*<>|:.jpg",
+    "nul\x00byte.png",
+    "ñandú/ñandú.jpg",
+    "very" * 40 + ".png",
+    "con",
+    "trailing/",
 ]
 
 
@@ -67,9 +81,17 @@ def planted_features(seed, size=12, channels=16):
 
 
 def _row(image_id, result, width, height):
-    return schema.ok_row(image_id=image_id, source=f"src/{image_id}", width=width, height=height, mask=result.mask,
-                         latent_labels=result.latent_labels, descriptors=result.embeddings,
-                         tree=result.tree.to_dict(), params=schema.params_json({"tau": 0.5}))
+    return schema.ok_row(
+        image_id=image_id,
+        source=f"src/{image_id}",
+        width=width,
+        height=height,
+        mask=result.mask,
+        latent_labels=result.latent_labels,
+        descriptors=result.embeddings,
+        tree=result.tree.to_dict(),
+        params=schema.params_json({"tau": 0.5}),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +103,12 @@ def labels_dir(tmp_path_factory):
         _row("dir/b/cat.jpg", segment_features(planted_features(1), (30, 40), tau=0.5), 80, 60),  # resized
         _row("../../etc/passwd", segment_features(planted_features(2), (40, 40), tau=0.5), 40, 40),
         # 300 singleton segments: the mask needs 16 bits.
-        _row("many.png", segment_features(np.random.default_rng(3).normal(size=(15, 20, 16)).astype(np.float32),
-                                          (15, 20), tau=1e9), 20, 15),
+        _row(
+            "many.png",
+            segment_features(np.random.default_rng(3).normal(size=(15, 20, 16)).astype(np.float32), (15, 20), tau=1e9),
+            20,
+            15,
+        ),
         schema.error_row("broken.jpg", "src/broken.jpg", "not an image (12 bytes)", params="{}"),
     ]
     assert int(schema.decode_mask(rows[3]["mask"]).max()) == 299
@@ -96,8 +122,9 @@ def labels_dir(tmp_path_factory):
 def classes_dir(labels_dir, tmp_path_factory):
     """A discover output made with the discover job's own functions (fit + pass 2), without Ray."""
     table = schema.read_labels(str(labels_dir))
-    descriptors = np.array([s["descriptor"] for segments in table.column("segments").to_pylist() if segments
-                            for s in segments])
+    descriptors = np.array(
+        [s["descriptor"] for segments in table.column("segments").to_pylist() if segments for s in segments]
+    )
     fit = spherical_kmeans(descriptors, 3, seed=0)
     directory = tmp_path_factory.mktemp("classes")
     pq.write_table(classify_batch(table, centroids=fit.centroids), directory / f"{CLASSES_PREFIX}t-0.parquet")
@@ -152,8 +179,24 @@ def test_coco_categories_from_discovered_classes(labels_dir, classes_dir, tmp_pa
     from pycocotools.coco import COCO
 
     out = tmp_path / "classes.json"
-    assert cli_main(["export", "-i", str(labels_dir), "-f", "coco", "-o", str(out), "--classes",
-                     str(classes_dir), "--relative-to", "dir/"]) == 0
+    assert (
+        cli_main(
+            [
+                "export",
+                "-i",
+                str(labels_dir),
+                "-f",
+                "coco",
+                "-o",
+                str(out),
+                "--classes",
+                str(classes_dir),
+                "--relative-to",
+                "dir/",
+            ]
+        )
+        == 0
+    )
     coco = COCO(str(out))
     file_names = sorted(image["file_name"] for image in coco.loadImgs(coco.getImgIds()))
     assert file_names == ["../../etc/passwd", "a/cat.jpg", "b/cat.jpg", "many.png"]
@@ -191,8 +234,12 @@ def test_png_folders_decode_to_the_masks(labels_dir, tmp_path):
 
 def test_png_with_classes_and_palette(labels_dir, classes_dir, tmp_path):
     out = tmp_path / "semantic"
-    assert cli_main(["export", "-i", str(labels_dir), "-f", "png", "-o", str(out), "--classes", str(classes_dir),
-                     "--palette"]) == 0
+    assert (
+        cli_main(
+            ["export", "-i", str(labels_dir), "-f", "png", "-o", str(out), "--classes", str(classes_dir), "--palette"]
+        )
+        == 0
+    )
     classes = {r["source"]: r["class_ids"] for r in pq.read_table(next(classes_dir.glob("*.parquet"))).to_pylist()}
     files = {e["image_id"]: e["file"] for e in csv.DictReader(open(out / "index.csv", newline="", encoding="utf-8"))}
     for row in ok_rows(labels_dir):
@@ -209,8 +256,10 @@ def test_export_reads_and_writes_s3(labels_dir, s3_bucket, tmp_path, capsys):
     client = boto3.client("s3")
     for shard in labels_dir.glob("*.parquet"):
         client.upload_file(str(shard), s3_bucket, f"labels/{shard.name}")
-    assert cli_main(["export", "-i", f"s3://{s3_bucket}/labels", "-f", "png", "-o", f"s3://{s3_bucket}/png",
-                     "--json"]) == 0
+    assert (
+        cli_main(["export", "-i", f"s3://{s3_bucket}/labels", "-f", "png", "-o", f"s3://{s3_bucket}/png", "--json"])
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     assert summary["images"] == 4
     keys = {o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket, Prefix="png/")["Contents"]}
@@ -218,16 +267,31 @@ def test_export_reads_and_writes_s3(labels_dir, s3_bucket, tmp_path, capsys):
     body = client.get_object(Bucket=s3_bucket, Key="png/many.png")["Body"].read()
     many = next(r for r in ok_rows(labels_dir) if r["image_id"] == "many.png")
     np.testing.assert_array_equal(schema.decode_mask(body), schema.decode_mask(many["mask"]))
-    assert cli_main(["export", "-i", f"s3://{s3_bucket}/labels", "-f", "coco", "-o",
-                     f"s3://{s3_bucket}/coco/labels.json"]) == 0
+    assert (
+        cli_main(["export", "-i", f"s3://{s3_bucket}/labels", "-f", "coco", "-o", f"s3://{s3_bucket}/coco/labels.json"])
+        == 0
+    )
     document = json.loads(client.get_object(Bucket=s3_bucket, Key="coco/labels.json")["Body"].read())
     assert len(document["images"]) == 4 and document["annotations"]
 
 
 def test_command_line_errors(labels_dir, tmp_path, capsys):
-    assert cli_main(["export", "-i", str(labels_dir), "-f", "coco", "-o", str(tmp_path / "a.json"),
-                     "--palette"]) == 2
+    assert cli_main(["export", "-i", str(labels_dir), "-f", "coco", "-o", str(tmp_path / "a.json"), "--palette"]) == 2
     assert "--palette" in capsys.readouterr().err
-    assert cli_main(["export", "-i", str(labels_dir), "-f", "png", "-o", str(tmp_path / "p"),
-                     "--classes", str(tmp_path / "missing")]) == 2
+    assert (
+        cli_main(
+            [
+                "export",
+                "-i",
+                str(labels_dir),
+                "-f",
+                "png",
+                "-o",
+                str(tmp_path / "p"),
+                "--classes",
+                str(tmp_path / "missing"),
+            ]
+        )
+        == 2
+    )
     assert "discover output" in capsys.readouterr().err

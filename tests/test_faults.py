@@ -36,11 +36,37 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(480)]
 REPO = Path(__file__).resolve().parents[1]
 # Small images, 64 px model inputs, fractional CPUs so every pool fits 2 cores; small decode batches
 # and shards so the work streams through many tasks.
-TINY = dict(model="tiny-random", device="cpu", resolution=64, batch_size=2, decode_batch_size=4, decode_cpus=0.5,
-            extractor_cpus=0.5, ncut_cpus=0.5, shard_rows=6)
-TINY_FLAGS = ["--model", "tiny-random", "--device", "cpu", "--resolution", "64", "--batch-size", "2",
-              "--decode-batch-size", "4", "--decode-cpus", "0.5", "--extractor-cpus", "0.5", "--ncut-cpus", "0.5",
-              "--shard-rows", "4"]
+TINY = dict(
+    model="tiny-random",
+    device="cpu",
+    resolution=64,
+    batch_size=2,
+    decode_batch_size=4,
+    decode_cpus=0.5,
+    extractor_cpus=0.5,
+    ncut_cpus=0.5,
+    shard_rows=6,
+)
+TINY_FLAGS = [
+    "--model",
+    "tiny-random",
+    "--device",
+    "cpu",
+    "--resolution",
+    "64",
+    "--batch-size",
+    "2",
+    "--decode-batch-size",
+    "4",
+    "--decode-cpus",
+    "0.5",
+    "--extractor-cpus",
+    "0.5",
+    "--ncut-cpus",
+    "0.5",
+    "--shard-rows",
+    "4",
+]
 
 
 def write_images(folder: Path, count: int) -> list[str]:
@@ -51,7 +77,7 @@ def write_images(folder: Path, count: int) -> list[str]:
         width, height = int(rng.integers(48, 128)), int(rng.integers(48, 128))
         pixels = np.empty((height, width, 3), np.uint8)
         pixels[...] = rng.integers(0, 256, 3, dtype=np.uint8)
-        pixels[height // 3:, : width // 2] = rng.integers(0, 256, 3, dtype=np.uint8)
+        pixels[height // 3 :, : width // 2] = rng.integers(0, 256, 3, dtype=np.uint8)
         path = folder / f"img_{index:03d}.jpg"
         Image.fromarray(pixels).save(path)
         paths.append(str(path))
@@ -98,8 +124,11 @@ def test_bad_parquet_rows_each_give_one_row_with_a_readable_error(ray_local, tmp
     ]
     dataset = tmp_path / "dataset"
     dataset.mkdir()
-    pq.write_table(pa.table({"image": pa.array([c[0] for c in cases], pa.binary()), "key": [c[1] for c in cases]}),
-                   dataset / "part-0.parquet", row_group_size=4)
+    pq.write_table(
+        pa.table({"image": pa.array([c[0] for c in cases], pa.binary()), "key": [c[1] for c in cases]}),
+        dataset / "part-0.parquet",
+        row_group_size=4,
+    )
     output = str(tmp_path / "labels")
     flags = ["--input", str(dataset), "--output", output, "--id-column", "key", *TINY_FLAGS]
     root_handlers = list(logging.getLogger().handlers)
@@ -172,8 +201,15 @@ def test_killed_feature_and_ncut_actors_lose_no_image(ray_local, tmp_path):
 
     def run() -> None:
         try:
-            outcome["summary"] = label_dataset(str(tmp_path / "images"), output, extractor_pool_min=1,
-                                               extractor_pool_max=1, ncut_pool_min=1, ncut_pool_max=2, **TINY)
+            outcome["summary"] = label_dataset(
+                str(tmp_path / "images"),
+                output,
+                extractor_pool_min=1,
+                extractor_pool_max=1,
+                ncut_pool_min=1,
+                ncut_pool_max=2,
+                **TINY,
+            )
         except BaseException as error:  # noqa: BLE001 - reported by the main thread
             outcome["error"] = error
 
@@ -221,11 +257,20 @@ def _kill_tree(driver: subprocess.Popen) -> list[int]:
 def test_killed_driver_then_the_same_command_completes_exactly_once(tmp_path):
     sources = write_images(tmp_path / "images", 40)
     output = tmp_path / "labels"
-    command = [sys.executable, "jobs/label.py", "--input", str(tmp_path / "images"), "--output", str(output),
-               "--json", *TINY_FLAGS]
+    command = [
+        sys.executable,
+        "jobs/label.py",
+        "--input",
+        str(tmp_path / "images"),
+        "--output",
+        str(output),
+        "--json",
+        *TINY_FLAGS,
+    ]
     log = open(tmp_path / "first_run.log", "w")
-    driver = subprocess.Popen(command, cwd=REPO, env=_job_env(), stdout=log, stderr=subprocess.STDOUT,
-                              start_new_session=True)
+    driver = subprocess.Popen(
+        command, cwd=REPO, env=_job_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
         # Kill once the first shards are on disk: the run is then half done.
         deadline = time.time() + 240
@@ -249,12 +294,20 @@ def test_killed_driver_then_the_same_command_completes_exactly_once(tmp_path):
     again = subprocess.run(command, cwd=REPO, env=_job_env(), capture_output=True, text=True, timeout=300)
     (tmp_path / "second_run.log").write_text(again.stdout + again.stderr)
     assert again.returncode == 0, f"{tmp_path / 'second_run.log'}: {again.stderr[-3000:]}"
-    summary = json.loads(again.stdout[again.stdout.index("{"):])
+    summary = json.loads(again.stdout[again.stdout.index("{") :])
     assert summary["already_done"] == done
     assert summary["processed"] == len(sources) - done
     assert summary["removed_incomplete_shards"] == len(incomplete)
     assert (summary["output_rows"], summary["output_ok"]) == (len(sources), len(sources))
     assert not schema.list_shards(str(output))[1]  # half-written shards of the killed run are gone
     assert_each_input_exactly_once(str(output), sources)
-    print(json.dumps({"killed_processes": len(killed), "done_before_kill": done, "complete_shards": len(complete),
-                      "incomplete_shards": len(incomplete)}))
+    print(
+        json.dumps(
+            {
+                "killed_processes": len(killed),
+                "done_before_kill": done,
+                "complete_shards": len(complete),
+                "incomplete_shards": len(incomplete),
+            }
+        )
+    )

@@ -56,8 +56,9 @@ print(json.dumps({"guard": guard, "ray": sys.modules["ray"] is None, "calls": ca
 
 def test_feature_batches_and_the_gpu_benchmark_run_with_ray_unimportable(tmp_path):
     job_json = tmp_path / "job_stage.json"
-    done = subprocess.run([sys.executable, "-c", NO_RAY_SCRIPT, str(ROOT), str(job_json)], capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", NO_RAY_SCRIPT, str(ROOT), str(job_json)], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["guard"] == "ray blocked" and result["ray"]  # the Ray stages cannot import there; this can

@@ -16,9 +16,8 @@ import pytest
 import torch
 
 from diffcut.method.features import FeatureExtractor
-
-from diffcut.method.unet import feature_module_path
 from diffcut.method.tiny import tiny_random_path
+from diffcut.method.unet import feature_module_path
 
 
 @pytest.fixture(scope="module")
@@ -40,12 +39,18 @@ def reference_features(model_dir, pixels, timestep=50, seed=42):
     batch, _, height, width = pixels.shape
     is_xl = getattr(pipe, "text_encoder_2", None) is not None
     with torch.no_grad():
-        encoded = pipe.encode_prompt([""] * batch, device="cpu", num_images_per_prompt=1,
-                                     do_classifier_free_guidance=False)
+        encoded = pipe.encode_prompt(
+            [""] * batch, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
         if is_xl:
             prompt_embeds, _, pooled, _ = encoded
-            time_ids = pipe._get_add_time_ids((height, width), (0, 0), (height, width), dtype=prompt_embeds.dtype,
-                                              text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+            time_ids = pipe._get_add_time_ids(
+                (height, width),
+                (0, 0),
+                (height, width),
+                dtype=prompt_embeds.dtype,
+                text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim,
+            )
             added = {"text_embeds": pooled, "time_ids": time_ids.repeat(batch, 1)}
         else:
             prompt_embeds, added = encoded[0], None
@@ -99,7 +104,7 @@ def test_batch_equals_single_images(extractor):
     pixels = torch.rand(3, 3, 64, 96, generator=torch.Generator().manual_seed(1))
     batch = extractor.extract(pixels)
     for i in range(3):
-        single = extractor.extract(pixels[i: i + 1])
+        single = extractor.extract(pixels[i : i + 1])
         torch.testing.assert_close(single[0], batch[i], rtol=1e-5, atol=1e-5)
 
 
@@ -171,23 +176,47 @@ def build_tiny_sd1(target: Path) -> Path:
 
     tokenizer = tiny_clip_tokenizer()
     torch.manual_seed(0)
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                                num_hidden_layers=2, num_attention_heads=4,
-                                                max_position_embeddings=77))
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+        )
+    )
     # SD 1.x layout: attention in the first three blocks, none in the last.
     unet = UNet2DConditionModel(
-        sample_size=32, block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=16,
+        sample_size=32,
+        block_out_channels=(32, 32, 64, 64),
+        layers_per_block=1,
+        norm_num_groups=16,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        attention_head_dim=4, cross_attention_dim=32,
+        attention_head_dim=4,
+        cross_attention_dim=32,
     )
-    vae = AutoencoderKL(block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=8,
-                        layers_per_block=1, scaling_factor=0.18215)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        norm_num_groups=8,
+        layers_per_block=1,
+        scaling_factor=0.18215,
+    )
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.save_pretrained(target, safe_serialization=True)
     return target
 

@@ -29,11 +29,11 @@ from pathlib import Path
 
 import psutil
 import pytest
-
-from diffcut.job import schema
 from s3_fault_proxy import FAULTS, FaultProxy
 from test_autoscaling import session_processes
 from test_faults import TINY_FLAGS, _job_env, assert_each_input_exactly_once, write_images
+
+from diffcut.job import schema
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(480)]
 
@@ -56,8 +56,9 @@ def preempt(command: list[str], env: dict, log_path: Path, output: str) -> tuple
     """Run ``command``, SIGTERM it once 2 shards are visible, SIGKILL its session after GRACE_S;
     (exit status, seconds from SIGTERM to exit, processes left to SIGKILL)."""
     with open(log_path, "wb") as log:
-        driver = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+        driver = subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         deadline = time.time() + 240
         while time.time() < deadline and driver.poll() is None and len(schema.list_shards(output)[0]) < 2:
@@ -97,14 +98,24 @@ def test_preempted_run_on_a_flaky_store_resumes_with_every_image_exactly_once(fl
     jpeg = Path(write_images(tmp_path / "more", 1)[0]).read_bytes()
     client.put_object(Bucket=s3_bucket, Key="raw/cas/3f9a0c7d2b", Body=jpeg)  # a content-addressed image
     sources.append(f"s3://{s3_bucket}/raw/cas/3f9a0c7d2b")
-    not_inputs = {f"s3://{s3_bucket}/raw/cas/77e1b04a": b"{\"not\": \"an image\"}",
-                  f"s3://{s3_bucket}/raw/README.txt": b"about these images"}
+    not_inputs = {
+        f"s3://{s3_bucket}/raw/cas/77e1b04a": b'{"not": "an image"}',
+        f"s3://{s3_bucket}/raw/README.txt": b"about these images",
+    }
     for uri, body in not_inputs.items():
         client.put_object(Bucket=s3_bucket, Key=uri.split("/", 3)[3], Body=body)
 
     output = f"s3://{s3_bucket}/labels"
-    command = [sys.executable, "jobs/label.py", "--input", f"s3://{s3_bucket}/raw", "--output", output, "--json",
-               *TINY_FLAGS]
+    command = [
+        sys.executable,
+        "jobs/label.py",
+        "--input",
+        f"s3://{s3_bucket}/raw",
+        "--output",
+        output,
+        "--json",
+        *TINY_FLAGS,
+    ]
     env = dict(_job_env(), AWS_ENDPOINT_URL=flaky_store.url)
     status, stopped_s, killed = preempt(command, env, tmp_path / "first_run.log", output)
     first_log = (tmp_path / "first_run.log").read_text(errors="replace")
@@ -124,7 +135,7 @@ def test_preempted_run_on_a_flaky_store_resumes_with_every_image_exactly_once(fl
     again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     (tmp_path / "second_run.log").write_text(again.stdout + again.stderr)
     assert again.returncode == 0, f"{tmp_path / 'second_run.log'}: {again.stderr[-3000:]}"
-    resumed = json.loads(again.stdout[again.stdout.index("{"):])
+    resumed = json.loads(again.stdout[again.stdout.index("{") :])
     assert (resumed["already_done"], resumed["processed"]) == (done, len(sources) - done)
     assert resumed["interrupted"] is False and "warning" not in resumed
     assert resumed["skipped_non_input_files"] == len(not_inputs)
@@ -135,5 +146,14 @@ def test_preempted_run_on_a_flaky_store_resumes_with_every_image_exactly_once(fl
     counts = flaky_store.counts
     assert all(counts[fault] > 0 for fault in FAULTS), counts  # every kind of fault happened
     assert sum(counts[f] for f in FAULTS if f != "delay") <= MAX_FAULTS
-    print(json.dumps({"stopped_after_sigterm_s": round(stopped_s, 1), "killed_after_grace": killed,
-                      "done_before": done, "faults_first_run": faults_first, "faults_total": dict(counts)}))
+    print(
+        json.dumps(
+            {
+                "stopped_after_sigterm_s": round(stopped_s, 1),
+                "killed_after_grace": killed,
+                "done_before": done,
+                "faults_first_run": faults_first,
+                "faults_total": dict(counts),
+            }
+        )
+    )

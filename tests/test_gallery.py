@@ -17,10 +17,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from diffcut.job import schema
 from diffcut.cli import main as cli_main
-from diffcut.tools.gallery import SourceReader, build_gallery, thumbnail_size
+from diffcut.job import schema
 from diffcut.method.segmenter import segment_features
+from diffcut.tools.gallery import SourceReader, build_gallery, thumbnail_size
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 
@@ -34,9 +34,20 @@ def render_in_chromium(page: Path, profile: Path) -> str:
     browser = find_browser()
     if browser is None:
         pytest.skip("headless browser test skipped: no chromium on PATH (Debian: apt-get install chromium)")
-    command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-               "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
-               "--virtual-time-budget=10000", "--dump-dom", page.resolve().as_uri()]
+    command = [
+        browser,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=10000",
+        "--dump-dom",
+        page.resolve().as_uri(),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
@@ -61,10 +72,17 @@ def _labels(directory: Path, rows: list[dict]) -> Path:
 def _row(image_id: str, source: str, mask_size=(30, 40), seed=0) -> dict:
     features = np.random.default_rng(seed).normal(size=(4, 5, 8)).astype(np.float32)
     result = segment_features(features, mask_size, tau=0.5)
-    return schema.ok_row(image_id=image_id, source=source, width=mask_size[1], height=mask_size[0],
-                         mask=result.mask, latent_labels=result.latent_labels, descriptors=result.embeddings,
-                         tree=result.tree.to_dict(),
-                         params=schema.params_json({"model": "tiny-random", "tau": 0.5, "alpha": 10.0}))
+    return schema.ok_row(
+        image_id=image_id,
+        source=source,
+        width=mask_size[1],
+        height=mask_size[0],
+        mask=result.mask,
+        latent_labels=result.latent_labels,
+        descriptors=result.embeddings,
+        tree=result.tree.to_dict(),
+        params=schema.params_json({"model": "tiny-random", "tau": 0.5, "alpha": 10.0}),
+    )
 
 
 def test_sources_local_relative_and_parquet_rows(tmp_path):
@@ -86,17 +104,24 @@ def test_sources_local_relative_and_parquet_rows(tmp_path):
     with pytest.raises(FileNotFoundError):
         reader.read("data.parquet#row=5")
 
-    labels = _labels(tmp_path / "labels", [
-        _row("pics/a.png", "pics/a.png", seed=1),
-        _row("second", "data.parquet#row=1", seed=2),
-        _row("gone.png", "pics/gone.png", seed=3),
-        schema.error_row("evil<script>.jpg", "pics/evil.jpg", "<script>alert(1)</script> & not an image"),
-    ])
+    labels = _labels(
+        tmp_path / "labels",
+        [
+            _row("pics/a.png", "pics/a.png", seed=1),
+            _row("second", "data.parquet#row=1", seed=2),
+            _row("gone.png", "pics/gone.png", seed=3),
+            schema.error_row("evil<script>.jpg", "pics/evil.jpg", "<script>alert(1)</script> & not an image"),
+        ],
+    )
     out = tmp_path / "gallery"
-    summary = build_gallery(str(labels), str(out), per_page=2, images_root=str(tmp_path / "root"),
-                            image_column="img")
-    assert (summary.images, summary.with_picture, summary.without_picture, summary.error_rows, summary.pages) == \
-        (3, 2, 1, 1, 2)
+    summary = build_gallery(str(labels), str(out), per_page=2, images_root=str(tmp_path / "root"), image_column="img")
+    assert (summary.images, summary.with_picture, summary.without_picture, summary.error_rows, summary.pages) == (
+        3,
+        2,
+        1,
+        1,
+        2,
+    )
     thumbs = out / "thumbs"
     # The thumbnails are the images themselves (JPEG: within compression error of the flat colour).
     assert abs(int(np.asarray(Image.open(thumbs / "a.jpg")).mean()) - 20) <= 2
@@ -141,9 +166,19 @@ def labeled_on_s3(ray_local, s3_server, sample_dir, tmp_path_factory):
         client.upload_file(str(sample_dir / name), bucket, f"images/{name}")
     client.put_object(Bucket=bucket, Key="images/broken.jpg", Body=b"\xff\xd8 truncated")
     labels = tmp_path_factory.mktemp("gallery") / "labels"
-    summary = label_dataset(f"s3://{bucket}/images", str(labels), model="tiny-random", device="cpu",
-                            resolution=128, mask_size="160", batch_size=4, decode_cpus=0.5, extractor_cpus=0.5,
-                            ncut_cpus=0.5, ncut_pool_max=2)
+    summary = label_dataset(
+        f"s3://{bucket}/images",
+        str(labels),
+        model="tiny-random",
+        device="cpu",
+        resolution=128,
+        mask_size="160",
+        batch_size=4,
+        decode_cpus=0.5,
+        extractor_cpus=0.5,
+        ncut_cpus=0.5,
+        ncut_pool_max=2,
+    )
     assert (summary["ok"], summary["error"]) == (len(names), 1)
     client.delete_object(Bucket=bucket, Key=f"images/{names[0]}")
     return labels, bucket, names

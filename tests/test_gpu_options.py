@@ -19,7 +19,7 @@ import torch
 from diffcut.method.features import ExtractorConfig, FeatureExtractor, largest_batch, resolve_vae_dtype
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_features import build_tiny_sd1  # noqa: E402
+from test_features import build_tiny_sd1
 
 
 class _Stop(Exception):
@@ -53,20 +53,33 @@ def random_sdxl_layout_extractor(transformer_layers, seed=0) -> FeatureExtractor
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=16, block_out_channels=(32, 64, 64), layers_per_block=2,
+        sample_size=16,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=2,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4, 8), transformer_layers_per_block=transformer_layers, cross_attention_dim=64,
-        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=6 * 8 + 32, norm_num_groups=16,
+        attention_head_dim=(2, 4, 8),
+        transformer_layers_per_block=transformer_layers,
+        cross_attention_dim=64,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+        norm_num_groups=16,
     ).eval()
-    vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=8,
-                        layers_per_block=1).eval()
+    vae = AutoencoderKL(
+        block_out_channels=(8, 8, 8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        norm_num_groups=8,
+        layers_per_block=1,
+    ).eval()
     prompt = torch.randn(1, 77, 64)
     pooled = torch.randn(1, 32)
-    return FeatureExtractor(vae, unet, None, prompt, pooled, ExtractorConfig(model="random"), torch.device("cpu"),
-                            torch.float32)
+    return FeatureExtractor(
+        vae, unet, None, prompt, pooled, ExtractorConfig(model="random"), torch.device("cpu"), torch.float32
+    )
 
 
 def _latent(batch, height, width, seed):
@@ -177,13 +190,20 @@ def test_auto_batch_size_on_cpu_is_one_per_size():
 def test_truncated_forward_refuses_unsupported_unets():
     from diffusers import UNet2DConditionModel
 
-    unet = UNet2DConditionModel(sample_size=8, block_out_channels=(32, 32), layers_per_block=1, norm_num_groups=16,
-                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
-                                class_embed_type="timestep")
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(32, 32),
+        layers_per_block=1,
+        norm_num_groups=16,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        class_embed_type="timestep",
+    )
     with pytest.raises(ValueError, match="class-conditioned"):
-        FeatureExtractor(None, unet, None, None, None, ExtractorConfig(model="x", family="sd"), torch.device("cpu"),
-                         torch.float32)
+        FeatureExtractor(
+            None, unet, None, None, None, ExtractorConfig(model="x", family="sd"), torch.device("cpu"), torch.float32
+        )
 
 
 def test_feature_stage_auto_batch_and_speed_options_on_cpu():
@@ -201,8 +221,14 @@ def test_feature_stage_auto_batch_and_speed_options_on_cpu():
     images.append(rng.integers(0, 256, (96, 64, 3), dtype=np.uint8))
     rows = [dict.fromkeys(DECODED_SCHEMA.names) for _ in images]
     for index, (row, image) in enumerate(zip(rows, images)):
-        row.update(image_id=str(index), source=str(index), status="ok", pixels=image.tobytes(),
-                   pixel_height=image.shape[0], pixel_width=image.shape[1])
+        row.update(
+            image_id=str(index),
+            source=str(index),
+            status="ok",
+            pixels=image.tobytes(),
+            pixel_height=image.shape[0],
+            pixel_width=image.shape[1],
+        )
     calls = []
     original = stage.extractor.extract
     stage.extractor.extract = lambda pixels: calls.append(pixels.shape[0]) or original(pixels)
@@ -249,15 +275,36 @@ def test_job_flags_map_to_label_dataset_and_are_checked(tmp_path):
     import argparse
 
     from diffcut.commands.label import add_arguments
-    from diffcut.job.io import InputError
+    from diffcut.job.inputs import InputError
     from diffcut.job.pipeline import label_dataset
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    args = parser.parse_args(["--input", "a", "--output", "b", "--batch-size", "auto", "--compile", "--tf32",
-                              "--channels-last", "--attention", "eager", "--vae-dtype", "bfloat16"])
-    assert (args.batch_size, args.compile, args.tf32, args.channels_last, args.attention, args.vae_dtype) == \
-        ("auto", True, True, True, "eager", "bfloat16")
+    args = parser.parse_args(
+        [
+            "--input",
+            "a",
+            "--output",
+            "b",
+            "--batch-size",
+            "auto",
+            "--compile",
+            "--tf32",
+            "--channels-last",
+            "--attention",
+            "eager",
+            "--vae-dtype",
+            "bfloat16",
+        ]
+    )
+    assert (args.batch_size, args.compile, args.tf32, args.channels_last, args.attention, args.vae_dtype) == (
+        "auto",
+        True,
+        True,
+        True,
+        "eager",
+        "bfloat16",
+    )
     with pytest.raises(SystemExit):
         parser.parse_args(["--input", "a", "--output", "b", "--batch-size", "0"])
     (tmp_path / "in").mkdir()

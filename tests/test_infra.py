@@ -25,12 +25,12 @@ import re
 import shlex
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import jsonschema
 import pytest
 import ray
+import tomllib
 import yaml
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
@@ -58,6 +58,7 @@ def pyproject() -> dict:
 
 
 # --------------------------------------------------------------------------- the pipeline's asks
+
 
 @pytest.fixture(scope="module")
 def pipeline_defaults() -> dict:
@@ -97,6 +98,7 @@ def requested_resources(args, defaults: dict, device: str = "cuda") -> dict:
 
 # --------------------------------------------------------------------------- KubeRay CRD validation
 
+
 def crd_schema(kind: str, api_version: str) -> dict:
     """openAPIV3Schema of the served, non-deprecated CRD version named by ``api_version``."""
     crd = load_yaml(CRDS / {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}[kind])
@@ -125,8 +127,11 @@ def strict_schema(schema: dict) -> dict:
     for key in ("anyOf", "allOf", "oneOf"):
         if key in out:
             out[key] = [strict_schema(sub) for sub in out[key]]
-    if ("properties" in out and "additionalProperties" not in out
-            and not out.get("x-kubernetes-preserve-unknown-fields")):
+    if (
+        "properties" in out
+        and "additionalProperties" not in out
+        and not out.get("x-kubernetes-preserve-unknown-fields")
+    ):
         out["additionalProperties"] = False
     if out.pop("nullable", False):
         out = {"anyOf": [{"type": "null"}, out]}
@@ -142,8 +147,11 @@ def kubernetes_extension_problems(instance, schema: dict, path: str = "$") -> tu
     is returned so that the caller can insist there are none.
     """
     errors: list[str] = []
-    unevaluated = [f"{path}: {rule['rule']}" for rule in schema.get("x-kubernetes-validations", [])
-                   if "oldSelf" not in rule["rule"]]
+    unevaluated = [
+        f"{path}: {rule['rule']}"
+        for rule in schema.get("x-kubernetes-validations", [])
+        if "oldSelf" not in rule["rule"]
+    ]
     if isinstance(instance, dict):
         properties = schema.get("properties", {})
         additional = schema.get("additionalProperties")
@@ -189,6 +197,7 @@ def crd_problems(manifest: dict) -> list[str]:
 
 # --------------------------------------------------------------------------- KubeRay resources
 
+
 def cpu_cores(quantity) -> float:
     """Kubernetes CPU quantity in cores ("14", "500m", 2)."""
     text = str(quantity)
@@ -214,7 +223,7 @@ def kuberay_resource_problems(cluster_spec: dict, asked: dict) -> list[str]:
         problems.append("enableInTreeAutoscaling must be true")
     head = cluster_spec["headGroupSpec"]
     if head.get("rayStartParams", {}).get("num-cpus") != "0":
-        problems.append("head must advertise no CPUs (rayStartParams num-cpus: \"0\")")
+        problems.append('head must advertise no CPUs (rayStartParams num-cpus: "0")')
     head_limits = ray_container(head["template"])["resources"].get("limits", {})
     if "nvidia.com/gpu" in head_limits or "num-gpus" in head.get("rayStartParams", {}):
         problems.append("head must not hold a GPU")
@@ -259,11 +268,15 @@ def pool_size_problems(cluster_spec: dict, args, asked: dict) -> list[str]:
     ncut_capacity = groups["cpu"]["maxReplicas"] * cpu_cores(cpu_limits["cpu"]) // asked["ncut_cpus"]
     problems = []
     if not 1 <= args.extractor_pool_min <= args.extractor_pool_max <= max(1, gpu_capacity):
-        problems.append(f"extractor pool [{args.extractor_pool_min}, {args.extractor_pool_max}] "
-                        f"does not fit {gpu_capacity} actor(s) of the GPU group")
+        problems.append(
+            f"extractor pool [{args.extractor_pool_min}, {args.extractor_pool_max}] "
+            f"does not fit {gpu_capacity} actor(s) of the GPU group"
+        )
     if not 1 <= args.ncut_pool_min <= args.ncut_pool_max <= max(1, ncut_capacity):
-        problems.append(f"NCut pool [{args.ncut_pool_min}, {args.ncut_pool_max}] "
-                        f"does not fit {ncut_capacity} actor(s) of the CPU group")
+        problems.append(
+            f"NCut pool [{args.ncut_pool_min}, {args.ncut_pool_max}] "
+            f"does not fit {ncut_capacity} actor(s) of the CPU group"
+        )
     return problems
 
 
@@ -271,14 +284,17 @@ def image_problems(cluster_spec: dict, pyproject: dict) -> list[str]:
     """Images pinned to the Ray version the tests run (inside pyproject's range), CUDA only on GPU pods."""
     problems = []
     ray_version = ray.__version__
-    ray_requirement = next(Requirement(r) for r in pyproject["project"]["optional-dependencies"]["ray"]
-                           if Requirement(r).name == "ray")
+    ray_requirement = next(
+        Requirement(r) for r in pyproject["project"]["optional-dependencies"]["ray"] if Requirement(r).name == "ray"
+    )
     if not ray_requirement.specifier.contains(ray_version):
         problems.append(f"installed ray {ray_version} is outside pyproject's {ray_requirement}")
     if cluster_spec.get("rayVersion") != ray_version:
         problems.append(f"rayVersion {cluster_spec.get('rayVersion')} != ray {ray_version}")
-    templates = {"head": cluster_spec["headGroupSpec"]["template"],
-                 **{name: g["template"] for name, g in group_by_name(cluster_spec).items()}}
+    templates = {
+        "head": cluster_spec["headGroupSpec"]["template"],
+        **{name: g["template"] for name, g in group_by_name(cluster_spec).items()},
+    }
     for name, template in templates.items():
         image = ray_container(template)["image"]
         match = RAY_IMAGE.match(image)
@@ -312,6 +328,7 @@ def package_requirement_problems(requirement: str, pyproject: dict) -> list[str]
 
 # --------------------------------------------------------------------------- tests: vendored schemas
 
+
 def test_vendored_crds_are_the_published_files():
     """The CRDs are byte-for-byte the files SOURCE.md names (an edited schema would prove nothing)."""
     source = (CRDS / "SOURCE.md").read_text()
@@ -324,9 +341,9 @@ def test_vendored_crds_are_the_published_files():
 
 # --------------------------------------------------------------------------- tests: KubeRay
 
+
 def render(*args: str) -> dict:
-    out = subprocess.run([sys.executable, str(RENDER), *args], capture_output=True, text=True, timeout=60,
-                         check=True)
+    out = subprocess.run([sys.executable, str(RENDER), *args], capture_output=True, text=True, timeout=60, check=True)
     return yaml.safe_load(out.stdout)
 
 
@@ -336,11 +353,25 @@ def manifests() -> dict:
     return {
         "rayjob.yaml": load_yaml(KUBERAY / "rayjob.yaml"),
         "raycluster.yaml": load_yaml(KUBERAY / "raycluster.yaml"),
-        "rendered rayjob": render("rayjob", "--name", "label-coco-2026", "--input", "s3://in-bucket/coco/",
-                                  "--output", "s3://out-bucket/coco-labels/", "--max-gpu-workers", "32",
-                                  "--max-cpu-workers", "10",
-                                  "--source-url", "https://example.org/diffcut-0.1.0-src.zip",
-                                  "--service-account", "diffcut-s3-reader", "--", "--refine"),
+        "rendered rayjob": render(
+            "rayjob",
+            "--name",
+            "label-coco-2026",
+            "--input",
+            "s3://in-bucket/coco/",
+            "--output",
+            "s3://out-bucket/coco-labels/",
+            "--max-gpu-workers",
+            "32",
+            "--max-cpu-workers",
+            "10",
+            "--source-url",
+            "https://example.org/diffcut-0.1.0-src.zip",
+            "--service-account",
+            "diffcut-s3-reader",
+            "--",
+            "--refine",
+        ),
         "rendered raycluster": render("raycluster", "--max-gpu-workers", "2", "--max-cpu-workers", "1"),
     }
 
@@ -364,8 +395,9 @@ def test_crd_validation_rejects_what_the_api_server_rejects(manifests):
     assert any("rayStartParams" in p for p in crd_problems(number_param))
 
     bad_quantity = copy.deepcopy(job)
-    ray_container(bad_quantity["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"])[
-        "resources"]["limits"]["memory"] = "24 GB"
+    ray_container(bad_quantity["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"])["resources"]["limits"][
+        "memory"
+    ] = "24 GB"
     assert any("memory" in p for p in crd_problems(bad_quantity))
 
     same_name = copy.deepcopy(job)
@@ -383,11 +415,13 @@ def test_crd_validation_rejects_what_the_api_server_rejects(manifests):
 
 
 def test_raycluster_yaml_is_generated_from_the_rayjob():
-    out = subprocess.run([sys.executable, str(RENDER), "raycluster"], capture_output=True, text=True,
-                         timeout=60, check=True)
+    out = subprocess.run(
+        [sys.executable, str(RENDER), "raycluster"], capture_output=True, text=True, timeout=60, check=True
+    )
     assert out.stdout == (KUBERAY / "raycluster.yaml").read_text(), (
         "infra/kuberay/raycluster.yaml is stale; regenerate it: "
-        "python infra/kuberay/render.py raycluster > infra/kuberay/raycluster.yaml")
+        "python infra/kuberay/render.py raycluster > infra/kuberay/raycluster.yaml"
+    )
 
 
 @pytest.mark.parametrize("name", ["rayjob.yaml", "rendered rayjob"])
@@ -483,12 +517,14 @@ def test_render_keeps_pools_in_step_with_worker_groups(manifests, pipeline_defau
     small = manifests["rendered raycluster"]["spec"]
     assert (group_by_name(small)["gpu"]["maxReplicas"], group_by_name(small)["cpu"]["maxReplicas"]) == (2, 1)
 
-    refused = subprocess.run([sys.executable, str(RENDER), "rayjob", "--max-gpu-workers", "-1"],
-                             capture_output=True, text=True, timeout=60)
+    refused = subprocess.run(
+        [sys.executable, str(RENDER), "rayjob", "--max-gpu-workers", "-1"], capture_output=True, text=True, timeout=60
+    )
     assert refused.returncode != 0 and "must be >= 0" in refused.stderr
 
 
 # --------------------------------------------------------------------------- tests: AWS launcher
+
 
 @pytest.fixture(scope="module")
 def launcher_config() -> dict:
@@ -528,8 +564,9 @@ def launcher_resource_problems(config: dict, asked: dict) -> list[str]:
             problems.append(f"{name}: CPUs < {asked['extractor_cpus']} per extractor actor")
     for name, t in cpu_types.items():
         if not is_multiple(t["resources"].get("CPU", 0), asked["ncut_cpus"]):
-            problems.append(f"{name}: CPU {t['resources'].get('CPU')} not a multiple of "
-                            f"{asked['ncut_cpus']} per NCut actor")
+            problems.append(
+                f"{name}: CPU {t['resources'].get('CPU')} not a multiple of {asked['ncut_cpus']} per NCut actor"
+            )
     if sum(t.get("max_workers", 0) for t in workers.values()) > config["max_workers"]:
         problems.append("per-type max_workers add up to more than the global max_workers")
     return problems

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import importlib
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,19 @@ IMPORTERS = ("diffcut", "jobs", "benchmarks", "examples", "infra", "tests")
 
 # What each part must never import (prefix match on the dotted module name).
 FORBIDDEN = {
-    "method": ("diffcut.job", "diffcut.evaluation", "diffcut.tools", "diffcut.commands", "diffcut.cli",
-               "ray", "fsspec", "s3fs", "pyarrow.fs", "boto3", "botocore"),
+    "method": (
+        "diffcut.job",
+        "diffcut.evaluation",
+        "diffcut.tools",
+        "diffcut.commands",
+        "diffcut.cli",
+        "ray",
+        "fsspec",
+        "s3fs",
+        "pyarrow.fs",
+        "boto3",
+        "botocore",
+    ),
     "job": ("diffcut.evaluation", "diffcut.tools", "diffcut.commands", "diffcut.cli"),
     "evaluation": ("diffcut.job", "diffcut.tools", "diffcut.commands", "diffcut.cli", "ray"),
     "tools": ("diffcut.commands", "diffcut.cli"),
@@ -100,9 +112,13 @@ def unresolved_diffcut_imports(path: Path) -> list[str]:
             elif isinstance(node, ast.ImportFrom) and spec.submodule_search_locations is not None:
                 # A package's __init__ is light (docstrings, lazy names): import it to see its names.
                 package = importlib.import_module(name)
-                unresolved += [f"{node.lineno}: {name}.{alias.name}" for alias in node.names
-                               if alias.name not in vars(package) and alias.name not in getattr(package, "__all__", ())
-                               and importlib.util.find_spec(f"{name}.{alias.name}") is None]
+                unresolved += [
+                    f"{node.lineno}: {name}.{alias.name}"
+                    for alias in node.names
+                    if alias.name not in vars(package)
+                    and alias.name not in getattr(package, "__all__", ())
+                    and importlib.util.find_spec(f"{name}.{alias.name}") is None
+                ]
     return unresolved
 
 
@@ -116,14 +132,17 @@ def test_every_diffcut_import_in_the_repository_names_a_module_that_exists():
 
 def test_an_old_flat_module_path_is_reported(tmp_path):
     module = tmp_path / "m.py"
-    module.write_text("import diffcut.pipeline\nfrom diffcut import io\nfrom diffcut.job import schema, nothing\n"
-                      "from diffcut.schema import read_labels\n")
+    module.write_text(
+        "import diffcut.pipeline\nfrom diffcut import io\nfrom diffcut.job import schema, nothing\n"
+        "from diffcut.schema import read_labels\n"
+    )
     assert unresolved_diffcut_imports(module) == ["1: diffcut.pipeline", "2: diffcut.io", "3: diffcut.job.nothing"]
 
 
 def test_diffcut_schema_is_the_readers_entry_point():
     import diffcut.job.schema
     import diffcut.schema
+
     for name in diffcut.schema.__all__:
         assert getattr(diffcut.schema, name) is getattr(diffcut.job.schema, name), name
 
@@ -131,7 +150,19 @@ def test_diffcut_schema_is_the_readers_entry_point():
 def test_public_names_of_the_package_resolve():
     import diffcut
     from diffcut.method import assign, features, ncut, segmenter
+
     assert diffcut.FeatureExtractor is features.FeatureExtractor
     assert diffcut.recursive_ncut is ncut.recursive_ncut
     assert diffcut.assign_concepts is assign.assign_concepts
     assert diffcut.DiffCutSegmenter is segmenter.DiffCutSegmenter
+
+
+def test_no_module_is_named_after_a_standard_library_module():
+    # A module named like the standard library's (``io``) shadows it for readers and for relative tools.
+    named = [
+        p.relative_to(ROOT).as_posix()
+        for folder in IMPORTERS
+        for p in sorted((ROOT / folder).rglob("*.py"))
+        if p.stem in sys.stdlib_module_names
+    ]
+    assert not named, named

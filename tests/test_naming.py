@@ -10,9 +10,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from diffcut.method import naming
-
 from diffcut.job import schema
+from diffcut.method import naming
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +24,12 @@ def namer():
 def test_builtin_vocabularies_are_the_published_class_lists():
     voc, context, coco = (naming.load_vocabulary(name) for name in naming.BUILTIN_VOCABULARIES)
     assert (len(voc), len(context), len(coco)) == (21, 60, 81)
-    assert voc.synonyms[0][0] == "background" and voc.synonyms[1] == ("aeroplane", "airplane", "aeroplanes", "airplanes")
+    assert voc.synonyms[0][0] == "background" and voc.synonyms[1] == (
+        "aeroplane",
+        "airplane",
+        "aeroplanes",
+        "airplanes",
+    )
     assert context.class_names[:2] == ["background", "aeroplane"] and context.class_names[-1] == "wood piece"
     assert coco.class_names[1] == "person" and coco.class_names[-1] == "toothbrush"
 
@@ -59,8 +63,9 @@ def test_text_classifier_is_one_normalized_template_average_per_synonym(namer):
 
 def test_classify_takes_the_best_synonym_and_clamps_the_logit_scale():
     text = torch.eye(3)
-    logits = naming.classify(torch.tensor([[0.0, 0.0, 2.0]]), text, torch.tensor([0, 1, 1]), 2,
-                             torch.tensor(10.0))  # exp(10) is clamped to 100
+    logits = naming.classify(
+        torch.tensor([[0.0, 0.0, 2.0]]), text, torch.tensor([0, 1, 1]), 2, torch.tensor(10.0)
+    )  # exp(10) is clamped to 100
     np.testing.assert_allclose(logits.numpy(), [[0.0, 100.0]], atol=1e-4)
 
 
@@ -125,10 +130,19 @@ def test_published_architecture_has_open_clip_parameter_names():
     with torch.device("meta"):
         model = naming.build_clip(naming.CONVNEXT_LARGE_D_320)
     names = set(model.state_dict())
-    for key in ("visual.trunk.stem.0.weight", "visual.trunk.stages.2.blocks.26.gamma",
-                "visual.trunk.stages.3.downsample.1.weight", "visual.trunk.head.norm.bias",
-                "visual.head.mlp.fc1.bias", "visual.head.mlp.fc2.weight", "token_embedding.weight",
-                "transformer.resblocks.15.attn.in_proj_weight", "ln_final.weight", "text_projection", "logit_scale"):
+    for key in (
+        "visual.trunk.stem.0.weight",
+        "visual.trunk.stages.2.blocks.26.gamma",
+        "visual.trunk.stages.3.downsample.1.weight",
+        "visual.trunk.head.norm.bias",
+        "visual.head.mlp.fc1.bias",
+        "visual.head.mlp.fc2.weight",
+        "token_embedding.weight",
+        "transformer.resblocks.15.attn.in_proj_weight",
+        "ln_final.weight",
+        "text_projection",
+        "logit_scale",
+    ):
         assert key in names
     assert "visual.head.mlp.fc2.bias" not in names and "attn_mask" not in names
     assert model.visual.head.mlp.fc2.weight.shape == (768, 1536)
@@ -156,8 +170,17 @@ def test_names_matching_scores_class_ids_without_matching():
 def _segmented_row(tmp_path, image_bytes):
     mask = np.zeros((32, 48), np.int64)
     mask[:, 24:] = 1
-    row = schema.ok_row(image_id="a", source=str(tmp_path / "a.png"), width=48, height=32, mask=mask,
-                        latent_labels=np.array([[0, 1]]), descriptors=np.eye(2, 4), tree={}, params="{}")
+    row = schema.ok_row(
+        image_id="a",
+        source=str(tmp_path / "a.png"),
+        width=48,
+        height=32,
+        mask=mask,
+        latent_labels=np.array([[0, 1]]),
+        descriptors=np.eye(2, 4),
+        tree={},
+        params="{}",
+    )
     row["image_bytes"] = image_bytes
     return row
 
@@ -205,10 +228,23 @@ def test_label_job_with_a_vocabulary_names_every_segment(sample_dir, tmp_path):
     from diffcut.job.pipeline import label_dataset
 
     output = str(tmp_path / "named")
-    summary = label_dataset(str(sample_dir), output, model="tiny-random", device="cpu", resolution=64,
-                            batch_size=2, decode_cpus=0.5, extractor_cpus=0.5, ncut_cpus=0.5, ncut_pool_max=1,
-                            mask_size="48", vocabulary="context", naming_model="tiny-random",
-                            naming_pool_max=1, naming_cpus=0.5)
+    summary = label_dataset(
+        str(sample_dir),
+        output,
+        model="tiny-random",
+        device="cpu",
+        resolution=64,
+        batch_size=2,
+        decode_cpus=0.5,
+        extractor_cpus=0.5,
+        ncut_cpus=0.5,
+        ncut_pool_max=1,
+        mask_size="48",
+        vocabulary="context",
+        naming_model="tiny-random",
+        naming_pool_max=1,
+        naming_cpus=0.5,
+    )
     assert summary["params"]["vocabulary"] == "context" and summary["params"]["naming_model"] == "tiny-random"
     table = schema.read_labels(output)
     assert table.schema.names == list(schema.NAMED_COLUMNS)
@@ -237,13 +273,37 @@ def test_evaluate_names_scores_the_semantic_mask_of_a_named_output(tmp_path, cap
     segments[:, 4:] = 1  # segment 1 is class 2: scoring the segment ids would be wrong
     (tmp_path / "gt").mkdir()
     Image.fromarray(truth).save(tmp_path / "gt" / "a.png")
-    row = schema.ok_row(image_id="a.jpg", source="a.jpg", width=8, height=8, mask=segments,
-                        latent_labels=np.array([[0, 1]]), descriptors=np.eye(2, 4), tree={}, params="{}")
-    schema.named_row(row, naming.Names(np.array([0, 2]), np.array([0.9, 0.8], np.float32),
-                                       np.array([0, 2])[segments]), ["background", "cat", "dog"])
+    row = schema.ok_row(
+        image_id="a.jpg",
+        source="a.jpg",
+        width=8,
+        height=8,
+        mask=segments,
+        latent_labels=np.array([[0, 1]]),
+        descriptors=np.eye(2, 4),
+        tree={},
+        params="{}",
+    )
+    schema.named_row(
+        row,
+        naming.Names(np.array([0, 2]), np.array([0.9, 0.8], np.float32), np.array([0, 2])[segments]),
+        ["background", "cat", "dog"],
+    )
     pq.write_table(schema.rows_to_table([row], schema.NAMED_LABELS_SCHEMA), tmp_path / "labels-x-0.parquet")
-    argv = ["evaluate", "-p", str(tmp_path / "labels-x-0.parquet"), "-g", str(tmp_path / "gt"), "-n", "3",
-            "--matching", "names", "--size", "0", "--json"]
+    argv = [
+        "evaluate",
+        "-p",
+        str(tmp_path / "labels-x-0.parquet"),
+        "-g",
+        str(tmp_path / "gt"),
+        "-n",
+        "3",
+        "--matching",
+        "names",
+        "--size",
+        "0",
+        "--json",
+    ]
     assert main(argv) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["miou"] == 1.0 and result["per_class_iou"] == [1.0, None, 1.0]

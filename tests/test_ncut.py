@@ -48,9 +48,7 @@ def planted_map(seed, h=14, w=16, channels=24, segments=5, noise=0.15, shared=1.
     rng = np.random.default_rng(seed)
     seeds = rng.uniform(0, 1, size=(segments, 2)) * [h, w]
     rows, cols = np.mgrid[0:h, 0:w]
-    planted = np.argmin(
-        (rows[..., None] - seeds[:, 0]) ** 2 + (cols[..., None] - seeds[:, 1]) ** 2, axis=-1
-    )
+    planted = np.argmin((rows[..., None] - seeds[:, 0]) ** 2 + (cols[..., None] - seeds[:, 1]) ** 2, axis=-1)
     common = rng.standard_normal(channels)
     centroids = shared * common / np.linalg.norm(common) + rng.standard_normal((segments, channels)) / np.sqrt(channels)
     features = centroids[planted] + noise * rng.standard_normal((h, w, channels)) / np.sqrt(channels)
@@ -126,7 +124,6 @@ def test_sturm_count_equals_eigenvalue_count():
             assert count_eigenvalues_above(diagonal, offdiagonal, bound) == int((values > bound).sum())
 
 
-
 def test_small_eigenproblems_equal_scipy_and_numpy():
     import scipy.linalg
 
@@ -144,6 +141,7 @@ def test_small_eigenproblems_equal_scipy_and_numpy():
         values, vectors = symmetric_eigh(matrix)
         np.testing.assert_allclose(values, np.linalg.eigvalsh(matrix), atol=1e-12)
         np.testing.assert_allclose(matrix @ vectors, vectors * values, atol=1e-11)
+
 
 def test_candidate_ncuts_equal_direct_evaluation():
     features, _ = planted_map(3, h=9, w=11, noise=0.8)
@@ -166,7 +164,9 @@ def test_grid_thresholds_are_the_papers():
     # bit for bit numpy's linspace, on values of every scale (and degenerate ranges)
     rng = np.random.default_rng(5)
     for y in [rng.standard_normal(7) * 10.0 ** rng.integers(-300, 300) for _ in range(2000)] + [
-        np.array([1.0, 1.0]), np.array([0.0, 5e-324]), np.array([-1e308, 1e308])
+        np.array([1.0, 1.0]),
+        np.array([0.0, 5e-324]),
+        np.array([-1e308, 1e308]),
     ]:
         with np.errstate(all="ignore"):  # the range of +-1e308 overflows in both
             expected = np.linspace(0.99 * y.min(), 0.99 * y.max(), 100)

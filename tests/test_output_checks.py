@@ -32,17 +32,42 @@ from diffcut.job import preflight, schema
 from diffcut.job.lease import LEASE_NAME, Lease, LeaseHeld, holder_record
 
 REPO = Path(__file__).resolve().parents[1]
-RUNNER = ("import sys; from diffcut.cli import main; code = main(sys.argv[1:]); "
-          "assert 'ray' not in sys.modules, 'Ray was imported'; sys.exit(code)")
-TINY_FLAGS = ["--model", "tiny-random", "--device", "cpu", "--resolution", "64", "--batch-size", "2",
-              "--decode-batch-size", "4", "--decode-cpus", "0.5", "--extractor-cpus", "0.5", "--ncut-cpus", "0.5",
-              "--shard-rows", "4"]
+RUNNER = (
+    "import sys; from diffcut.cli import main; code = main(sys.argv[1:]); "
+    "assert 'ray' not in sys.modules, 'Ray was imported'; sys.exit(code)"
+)
+TINY_FLAGS = [
+    "--model",
+    "tiny-random",
+    "--device",
+    "cpu",
+    "--resolution",
+    "64",
+    "--batch-size",
+    "2",
+    "--decode-batch-size",
+    "4",
+    "--decode-cpus",
+    "0.5",
+    "--extractor-cpus",
+    "0.5",
+    "--ncut-cpus",
+    "0.5",
+    "--shard-rows",
+    "4",
+]
 
 
 def cli(*args, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     """``diffcut label ARGS`` in a new process; it fails if Ray was imported."""
-    return subprocess.run([sys.executable, "-c", RUNNER, "label", *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout, env=env if env is not None else dict(os.environ))
+    return subprocess.run(
+        [sys.executable, "-c", RUNNER, "label", *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env if env is not None else dict(os.environ),
+    )
 
 
 def label(capsys, *args) -> subprocess.CompletedProcess:
@@ -105,8 +130,9 @@ def tmpfs(tmp_path):
     def mount(options: str) -> Path:
         folder = tmp_path / f"mnt{len(mounted)}"
         folder.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True,
-                              text=True)
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True, text=True
+        )
         if done.returncode:
             pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
         mounted.append(folder)
@@ -136,8 +162,12 @@ def test_local_output_problems_are_one_line_and_exit_2(images, tmp_path, capsys)
     pq.write_table(pa.table({"class": ["cat"]}), foreign / "labels-train.parquet")  # the user's own table
     (foreign / "labels-x.parquet").mkdir()
     write_done_shard(foreign, ["kept"])  # the job's own shard is not in the way
-    assert_refused(label(capsys, "--input", images, "--output", foreign), "labels-train.parquet", "labels-x.parquet",
-                   "did not write")
+    assert_refused(
+        label(capsys, "--input", images, "--output", foreign),
+        "labels-train.parquet",
+        "labels-x.parquet",
+        "did not write",
+    )
 
     squatted = tmp_path / "squatted"
     squatted.mkdir()
@@ -147,10 +177,15 @@ def test_local_output_problems_are_one_line_and_exit_2(images, tmp_path, capsys)
 
 def test_a_read_only_output_is_one_line_and_exit_2(images, tmpfs, capsys):
     read_only = tmpfs("size=1m,ro")
-    assert_refused(label(capsys, "--input", images, "--output", read_only), str(read_only), "takes no writes",
-                   "Read-only file system")
-    assert_refused(label(capsys, "--input", images, "--output", read_only / "labels"), "cannot create",
-                   "Read-only file system")
+    assert_refused(
+        label(capsys, "--input", images, "--output", read_only),
+        str(read_only),
+        "takes no writes",
+        "Read-only file system",
+    )
+    assert_refused(
+        label(capsys, "--input", images, "--output", read_only / "labels"), "cannot create", "Read-only file system"
+    )
     assert not list(read_only.iterdir())
 
 
@@ -162,9 +197,9 @@ def test_an_output_inside_the_input_through_an_alias_is_never_listed(images, tmp
     assert exclude == str(images / "labels")
     write_done_shard(images / "labels", ["x"])
     try:
-        from diffcut.job import io as dio
+        from diffcut.job import inputs
 
-        listing = dio.list_inputs(str(images), exclude=exclude)
+        listing = inputs.list_inputs(str(images), exclude=exclude)
         assert len(listing.files) == 3 and listing.format == "images"
     finally:
         shutil.rmtree(images / "labels")
@@ -176,11 +211,16 @@ def test_s3_output_problems_are_one_line_and_exit_2(images, s3_bucket, tmp_path,
 
     client = boto3.client("s3")
     missing = f"missing-{uuid.uuid4().hex[:10]}"
-    assert_refused(label(capsys, "--input", images, "--output", f"s3://{missing}/labels"), missing,
-                   "does not exist", "--create-bucket")
+    assert_refused(
+        label(capsys, "--input", images, "--output", f"s3://{missing}/labels"),
+        missing,
+        "does not exist",
+        "--create-bucket",
+    )
     # A dry run with --create-bucket reports, and creates nothing; preparing the output creates it.
-    dry = label(capsys, "--input", images, "--output", f"s3://{missing}/labels", "--create-bucket", "--dry-run",
-                "--json")
+    dry = label(
+        capsys, "--input", images, "--output", f"s3://{missing}/labels", "--create-bucket", "--dry-run", "--json"
+    )
     assert dry.returncode == 0, dry.stderr[-3000:]
     assert json.loads(dry.stdout)["output_exists"] is False
     assert missing not in [b["Name"] for b in client.list_buckets()["Buckets"]]
@@ -201,9 +241,18 @@ def test_s3_output_problems_are_one_line_and_exit_2(images, s3_bucket, tmp_path,
     # A stray newline in a credential: refused at once with a local input too (it used to hang in retries).
     secret = os.environ["AWS_SECRET_ACCESS_KEY"] + "\n"
     started = time.monotonic()
-    line = assert_refused(cli("--input", images, "--output", f"s3://{s3_bucket}/fresh",
-                              env={**os.environ, "AWS_SECRET_ACCESS_KEY": secret}),
-                          f"--output s3://{s3_bucket}/fresh", "AWS_SECRET_ACCESS_KEY", "control character")
+    line = assert_refused(
+        cli(
+            "--input",
+            images,
+            "--output",
+            f"s3://{s3_bucket}/fresh",
+            env={**os.environ, "AWS_SECRET_ACCESS_KEY": secret},
+        ),
+        f"--output s3://{s3_bucket}/fresh",
+        "AWS_SECRET_ACCESS_KEY",
+        "control character",
+    )
     assert time.monotonic() - started < 30 and secret.strip() not in line
 
 
@@ -213,9 +262,12 @@ def s3_with_authentication(tmp_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -230,11 +282,16 @@ def s3_with_authentication(tmp_path):
 
 
 def test_wrong_s3_credentials_on_the_output_are_one_line_and_exit_2(images, s3_with_authentication):
-    env = {**os.environ, "AWS_ENDPOINT_URL": s3_with_authentication, "AWS_ACCESS_KEY_ID": "AKIAWRONGWRONGWRONG0",
-           "AWS_SECRET_ACCESS_KEY": "wrong-secret-value-0123456789"}
+    env = {
+        **os.environ,
+        "AWS_ENDPOINT_URL": s3_with_authentication,
+        "AWS_ACCESS_KEY_ID": "AKIAWRONGWRONGWRONG0",
+        "AWS_SECRET_ACCESS_KEY": "wrong-secret-value-0123456789",
+    }
     env.pop("AWS_SESSION_TOKEN", None)
-    line = assert_refused(cli("--input", images, "--output", "s3://labels-bucket/run", env=env), "access denied",
-                          "credentials")
+    line = assert_refused(
+        cli("--input", images, "--output", "s3://labels-bucket/run", env=env), "access denied", "credentials"
+    )
     assert "wrong-secret-value" not in line
 
 
@@ -314,6 +371,7 @@ def test_the_heartbeat_renews_the_lease_and_notices_a_takeover(lease_output):
 
 def test_a_local_lease_without_hard_links_is_still_exclusive(tmp_path, monkeypatch):
     """Filesystems without hard links (vfat, some network filesystems): an exclusive create instead."""
+
     def no_links(source, target):
         raise PermissionError(1, "Operation not permitted")
 
@@ -383,20 +441,24 @@ def test_dry_run_reports_units_and_samples_without_ray(tmp_path):
 
 def test_exit_statuses_of_the_job_script(images, tmp_path, monkeypatch, capsys):
     """2 for bad flags (argparse's and the job's), one line; 3 with the traceback for an unexpected failure."""
-    result = subprocess.run([sys.executable, "jobs/label.py", "--input", str(images), "--output",
-                             str(tmp_path / "out"), "--tau", "-1"], cwd=REPO, capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [sys.executable, "jobs/label.py", "--input", str(images), "--output", str(tmp_path / "out"), "--tau", "-1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert_refused(result, "--tau and --alpha must be positive")
     with pytest.raises(SystemExit) as refused:
         cli_main(["label", "--input", str(images), "--output", str(tmp_path), "--no-such-flag"])
     assert refused.value.code == 2 and "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
 
-    from diffcut.job import io as dio
+    from diffcut.job import inputs
 
     def broken(*args, **kwargs):
         raise RuntimeError("a bug in the listing")
 
-    monkeypatch.setattr(dio, "list_inputs", broken)
+    monkeypatch.setattr(inputs, "list_inputs", broken)
     assert cli_main(["label", "--input", str(images), "--output", str(tmp_path / "out")]) == 3
     err = capsys.readouterr().err
     assert "Traceback" in err and "RuntimeError: a bug in the listing" in err
@@ -415,8 +477,15 @@ def test_a_full_disk_stops_cleanly_and_the_same_command_resumes_exactly_once(tmp
     ballast = disk / "ballast"
     free = shutil.disk_usage(disk).free
     ballast.write_bytes(b"\0" * (free - 44 * 1024))  # room for the lease and one shard of 8 rows (29 KB), not two
-    command = [sys.executable, "jobs/label.py", "--input", str(tmp_path / "images"), "--output", str(output),
-               *TINY_FLAGS]
+    command = [
+        sys.executable,
+        "jobs/label.py",
+        "--input",
+        str(tmp_path / "images"),
+        "--output",
+        str(output),
+        *TINY_FLAGS,
+    ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
 
     full = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -429,22 +498,26 @@ def test_a_full_disk_stops_cleanly_and_the_same_command_resumes_exactly_once(tmp
 
     ballast.unlink()
     log = open(tmp_path / "resume.log", "w")
-    resume = subprocess.Popen(command + ["--json"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=log,
-                              text=True, start_new_session=True)
+    resume = subprocess.Popen(
+        command + ["--json"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 120
         while not (output / LEASE_NAME).exists() and time.monotonic() < deadline and resume.poll() is None:
             time.sleep(0.05)
         holder = json.loads((output / LEASE_NAME).read_text())
-        assert_refused(cli("--input", tmp_path / "images", "--output", output, *TINY_FLAGS),
-                       "another run is writing", f"run {holder['run_id']}, pid {resume.pid} on host")
+        assert_refused(
+            cli("--input", tmp_path / "images", "--output", output, *TINY_FLAGS),
+            "another run is writing",
+            f"run {holder['run_id']}, pid {resume.pid} on host",
+        )
         out, _ = resume.communicate(timeout=300)
     finally:
         if resume.poll() is None:
             os.killpg(resume.pid, signal.SIGKILL)
         log.close()
     assert resume.returncode == 0, (tmp_path / "resume.log").read_text()[-4000:]
-    summary = json.loads(out[out.index("{"):])
+    summary = json.loads(out[out.index("{") :])
     assert summary["processed"] + summary["already_done"] == len(sources) and summary["already_done"] > 0
     counted = {}
     for uri in schema.list_shards(str(output))[0]:

@@ -25,20 +25,42 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from diffcut.job import io as dio
-from diffcut.job import schema
 from diffcut.cli import main as cli_main
+from diffcut.job import inputs, schema
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 # Small and fast on 2 cores: fractional CPUs so every pool fits beside the decode tasks.
-TINY = dict(model="tiny-random", device="cpu", resolution=64, batch_size=2, decode_cpus=0.5,
-            extractor_cpus=0.5, ncut_cpus=0.5, ncut_pool_max=2)
-TINY_FLAGS = ["--model", "tiny-random", "--device", "cpu", "--resolution", "64", "--batch-size", "2",
-              "--decode-cpus", "0.5", "--extractor-cpus", "0.5", "--ncut-cpus", "0.5"]
-SAMPLE_NAMES = sorted(["landscape.jpg", "portrait.jpg", "sideways_exif.jpg", "tiles.png", "panorama.png",
-                       "logo_rgba.png"])
+TINY = dict(
+    model="tiny-random",
+    device="cpu",
+    resolution=64,
+    batch_size=2,
+    decode_cpus=0.5,
+    extractor_cpus=0.5,
+    ncut_cpus=0.5,
+    ncut_pool_max=2,
+)
+TINY_FLAGS = [
+    "--model",
+    "tiny-random",
+    "--device",
+    "cpu",
+    "--resolution",
+    "64",
+    "--batch-size",
+    "2",
+    "--decode-cpus",
+    "0.5",
+    "--extractor-cpus",
+    "0.5",
+    "--ncut-cpus",
+    "0.5",
+]
+SAMPLE_NAMES = sorted(
+    ["landscape.jpg", "portrait.jpg", "sideways_exif.jpg", "tiles.png", "panorama.png", "logo_rgba.png"]
+)
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +80,10 @@ def free_port() -> int:
 
 def shard_rows_total(output: str) -> int:
     """Rows over all complete shard files, as a plain reader would count them (duplicates included)."""
-    fs, _ = dio.open_filesystem(output)
+    fs, _ = inputs.open_filesystem(output)
     total = 0
     for uri in schema.list_shards(output)[0]:
-        with fs.open(dio.open_filesystem(uri)[1], "rb") as handle:
+        with fs.open(inputs.open_filesystem(uri)[1], "rb") as handle:
             total += pq.ParquetFile(handle).metadata.num_rows
     return total
 
@@ -94,8 +116,7 @@ def check_labels(output: str, feature_dim: int, tau: float = 0.5) -> list[dict]:
     return rows
 
 
-def test_stages_give_one_row_per_record_and_pass_errors_through(tmp_path, sample_dir, tricky_images,
-                                                                 tiny_feature_dim):
+def test_stages_give_one_row_per_record_and_pass_errors_through(tmp_path, sample_dir, tricky_images, tiny_feature_dim):
     """The three stage functions without Ray: per-row failures at every stage, order and ids kept."""
     from diffcut.job.feature_batches import FEATURES_SCHEMA
     from diffcut.job.stages import FeatureStage, SegmentStage, decode_stage
@@ -104,21 +125,31 @@ def test_stages_give_one_row_per_record_and_pass_errors_through(tmp_path, sample
     for name in names:
         data = (sample_dir / name).read_bytes() if (sample_dir / name).exists() else tricky_images[name][0]
         (tmp_path / name).write_bytes(data)
-    plan = dio.plan_image_files([str(tmp_path / name) for name in names])
-    chunks = list(decode_stage(plan.units, image_column="image", resolution=64, resize="bucket", stride=32,
-                               mask_size="40", max_image_pixels=dio.DEFAULT_MAX_IMAGE_PIXELS,
-                               keep_image_bytes=False, chunk_rows=2))
+    plan = inputs.plan_image_files([str(tmp_path / name) for name in names])
+    chunks = list(
+        decode_stage(
+            plan.units,
+            image_column="image",
+            resolution=64,
+            resize="bucket",
+            stride=32,
+            mask_size="40",
+            max_image_pixels=inputs.DEFAULT_MAX_IMAGE_PIXELS,
+            keep_image_bytes=False,
+            chunk_rows=2,
+        )
+    )
     assert [chunk.num_rows for chunk in chunks] == [2, 2, 1]
     decoded = pa.concat_tables(chunks)
     # In order of model input size (read from the headers), unreadable records last, in input order.
-    inputs = [str(tmp_path / name) for name in names]
+    paths = [str(tmp_path / name) for name in names]
     sources = decoded.column("source").to_pylist()
-    assert sorted(sources) == sorted(inputs)
+    assert sorted(sources) == sorted(paths)
     assert decoded.column("status").to_pylist() == ["ok", "ok", "ok", "error", "error"]
     sizes = list(zip(decoded.column("pixel_height").to_pylist(), decoded.column("pixel_width").to_pylist()))
     assert sizes[:3] == sorted(sizes[:3])
     assert sources[3:] == [str(tmp_path / "zero_bytes.jpg"), str(tmp_path / "bomb.png")]
-    decoded = decoded.take([sources.index(source) for source in inputs])  # input order for what follows
+    decoded = decoded.take([sources.index(source) for source in paths])  # input order for what follows
     assert decoded.column("status").to_pylist() == ["ok", "error", "ok", "error", "ok"]
 
     # Corrupt two ok rows the way a bug upstream could: pixels of the wrong length, and a size the
@@ -127,7 +158,8 @@ def test_stages_give_one_row_per_record_and_pass_errors_through(tmp_path, sample
     rows[0]["pixels"] = rows[0]["pixels"][:-5]
     rows[2].update(pixels=bytes(48 * 48 * 3), pixel_width=48, pixel_height=48)
     features = FeatureStage("tiny-random", "cpu", "auto", 50, batch_size=2)(
-        pa.Table.from_pylist(rows, schema=decoded.schema))
+        pa.Table.from_pylist(rows, schema=decoded.schema)
+    )
     assert features.schema.equals(FEATURES_SCHEMA)
     statuses = features.column("status").to_pylist()
     assert statuses == ["error", "error", "error", "error", "ok"]
@@ -135,7 +167,7 @@ def test_stages_give_one_row_per_record_and_pass_errors_through(tmp_path, sample
     assert "bad decoded pixels" in errors[0] and "stride" in errors[2]
     assert errors[1] == rows[1]["error"] and errors[3] == rows[3]["error"]  # passed through untouched
 
-    table = SegmentStage(0.5, 10.0, False, False, "{}", dio.DEFAULT_MAX_IMAGE_PIXELS)(features)
+    table = SegmentStage(0.5, 10.0, False, False, "{}", inputs.DEFAULT_MAX_IMAGE_PIXELS)(features)
     assert table.schema.equals(schema.LABELS_SCHEMA)
     out = table.to_pylist()
     assert [r["source"] for r in out] == [str(tmp_path / name) for name in names]
@@ -145,8 +177,9 @@ def test_stages_give_one_row_per_record_and_pass_errors_through(tmp_path, sample
     assert len(last["segments"][0]["descriptor"]) == tiny_feature_dim
 
 
-def test_local_folder_resume_overwrite_and_agreement_with_the_library(ray_local, tmp_path, sample_dir,
-                                                                      tiny_feature_dim):
+def test_local_folder_resume_overwrite_and_agreement_with_the_library(
+    ray_local, tmp_path, sample_dir, tiny_feature_dim
+):
     from diffcut.job.pipeline import label_dataset
 
     output = str(tmp_path / "labels")
@@ -166,7 +199,7 @@ def test_local_folder_resume_overwrite_and_agreement_with_the_library(ray_local,
     assert (second["processed"], second["already_done"], second["output_rows"]) == (4, 2, 6)
     rows = check_labels(output, tiny_feature_dim)
     # The input's canonical spelling: relative to the working directory when below it (pytest runs from the repository).
-    root = dio.canonical_input(str(sample_dir))
+    root = inputs.canonical_input(str(sample_dir))
     assert sorted(r["source"] for r in rows) == [f"{root}/{name}" for name in SAMPLE_NAMES]
     assert all(r["status"] == "ok" and r["image_id"] == r["source"] for r in rows)
     by_name = {Path(r["source"]).name: r for r in rows}
@@ -188,10 +221,11 @@ def test_local_folder_resume_overwrite_and_agreement_with_the_library(ray_local,
     assert (third["processed"], third["already_done"], third["output_rows"]) == (0, 6, 6)
 
     # Other parameters on the same output are refused; --overwrite starts over.
-    with pytest.raises(dio.InputError, match="tau: 0.5 -> 0.3"):
+    with pytest.raises(inputs.InputError, match="tau: 0.5 -> 0.3"):
         label_dataset(str(sample_dir), output, **{**TINY, "tau": 0.3})
-    fourth = label_dataset(str(sample_dir), output, overwrite=True, resize="square", mask_size="model",
-                           **{**TINY, "tau": 0.3})
+    fourth = label_dataset(
+        str(sample_dir), output, overwrite=True, resize="square", mask_size="model", **{**TINY, "tau": 0.3}
+    )
     assert fourth["processed"] == 6 and fourth["removed_by_overwrite"] == 3  # 2 shards and the summary
     rows = check_labels(output, tiny_feature_dim, tau=0.3)
     assert len(rows) == 6 and all((r["mask_width"], r["mask_height"]) == (64, 64) for r in rows)
@@ -210,18 +244,27 @@ def test_decoded_rows_come_grouped_by_model_input_size(tmp_path):
         path = tmp_path / f"img_{index}.png"
         Image.new("RGB", size, (index * 20, 40, 90)).save(path)
         paths.append(str(path))
-    units = dio.plan_image_files(paths).units
+    units = inputs.plan_image_files(paths).units
 
     def run(resize):
-        chunks = decode_stage(units, image_column="image", resolution=128, resize=resize, stride=32,
-                              mask_size="original", max_image_pixels=dio.DEFAULT_MAX_IMAGE_PIXELS,
-                              keep_image_bytes=False, chunk_rows=3)
+        chunks = decode_stage(
+            units,
+            image_column="image",
+            resolution=128,
+            resize=resize,
+            stride=32,
+            mask_size="original",
+            max_image_pixels=inputs.DEFAULT_MAX_IMAGE_PIXELS,
+            keep_image_bytes=False,
+            chunk_rows=3,
+        )
         table = pa.concat_tables(list(chunks))
-        return table.column("source").to_pylist(), list(zip(table.column("pixel_height").to_pylist(),
-                                                             table.column("pixel_width").to_pylist()))
+        return table.column("source").to_pylist(), list(
+            zip(table.column("pixel_height").to_pylist(), table.column("pixel_width").to_pylist())
+        )
 
     sources, sizes = run("bucket")
-    expected_sizes = [dio.model_size(w, h, 128)[::-1] for w, h in aspects]
+    expected_sizes = [inputs.model_size(w, h, 128)[::-1] for w, h in aspects]
     expected = sorted(range(len(paths)), key=lambda i: expected_sizes[i])  # sorted() is stable too
     assert sources == [paths[i] for i in expected]
     assert sizes == [expected_sizes[i] for i in expected] and len(set(sizes)) == 3
@@ -240,23 +283,30 @@ def _check_against_library(row: dict, path: Path) -> None:
         """The output row of one image from plain library calls (no pipeline, no Ray Data)."""
         import torch
 
-        from diffcut.job import io as dio
-        from diffcut.job import schema
+        from diffcut.job import inputs, schema
         from diffcut.method.features import FeatureExtractor
         from diffcut.method.segmenter import segment_features
 
         torch.set_num_threads(1)
         extractor = FeatureExtractor.from_pretrained("tiny-random", device="cpu")
-        decoded = dio.decode_image(image_bytes, lambda w, h: dio.model_size(w, h, 64))
+        decoded = inputs.decode_image(image_bytes, lambda w, h: inputs.model_size(w, h, 64))
         pixels = torch.from_numpy(decoded.pixels[None].copy()).permute(0, 3, 1, 2).float() / 255
         # The job runs every model call at exactly --batch-size images, padding with blank ones
         # (docs/output-format.md, Determinism); the image is alone in its size bucket here.
         padding = torch.zeros((batch_size - 1, *pixels.shape[1:]))
         features = extractor.extract(torch.cat([pixels, padding]))[0].to(torch.float16).numpy()
         result = segment_features(features, (decoded.height, decoded.width))
-        return schema.ok_row(image_id=image_id, source=source, width=decoded.width, height=decoded.height,
-                             mask=result.mask, latent_labels=result.latent_labels, descriptors=result.embeddings,
-                             tree=result.tree.to_dict(), params=params)
+        return schema.ok_row(
+            image_id=image_id,
+            source=source,
+            width=decoded.width,
+            height=decoded.height,
+            mask=result.mask,
+            latent_labels=result.latent_labels,
+            descriptors=result.embeddings,
+            tree=result.tree.to_dict(),
+            params=params,
+        )
 
     # The reference runs in a Ray worker process, as the job's stages do. Computed in the pytest
     # process instead, the same calls rounded differently (the cause was not pinned down: BLAS
@@ -265,8 +315,10 @@ def _check_against_library(row: dict, path: Path) -> None:
     # every label stayed the same. So labels are compared bit for bit, and the tree by what it
     # means: the same segmentation at every tau it can be pruned to, and close NCut values.
     reference = ray.remote(num_cpus=0.5)(_library_row)
-    expected = ray.get(reference.remote(path.read_bytes(), row["image_id"], row["source"], row["params"],
-                                        TINY["batch_size"]), timeout=300)
+    expected = ray.get(
+        reference.remote(path.read_bytes(), row["image_id"], row["source"], row["params"], TINY["batch_size"]),
+        timeout=300,
+    )
     assert row["mask"] == expected["mask"]
     assert row["latent_labels"] == expected["latent_labels"]
     ours = schema.decode_tree(row["tree"], row["latent_labels"])
@@ -277,12 +329,17 @@ def _check_against_library(row: dict, path: Path) -> None:
     finite = lambda tree: np.sort([v for v in tree.ncut if np.isfinite(v)])  # noqa: E731
     np.testing.assert_allclose(finite(ours), finite(theirs), rtol=0.05, atol=1e-9)
     # Descriptors average float16 features, whose last bit the same BLAS rounding can flip.
-    np.testing.assert_allclose([s["descriptor"] for s in row["segments"]],
-                               [s["descriptor"] for s in expected["segments"]], rtol=1e-2, atol=1e-3)
+    np.testing.assert_allclose(
+        [s["descriptor"] for s in row["segments"]],
+        [s["descriptor"] for s in expected["segments"]],
+        rtol=1e-2,
+        atol=1e-3,
+    )
 
 
-def test_bad_files_among_good_ones_give_one_row_each(ray_local, tmp_path, tricky_images, large_jpeg, sample_dir,
-                                                     tiny_feature_dim, capsys):
+def test_bad_files_among_good_ones_give_one_row_each(
+    ray_local, tmp_path, tricky_images, large_jpeg, sample_dir, tiny_feature_dim, capsys
+):
     source = tmp_path / "images"
     (source / "nested").mkdir(parents=True)
     for name, (data, _, _) in tricky_images.items():
@@ -292,8 +349,20 @@ def test_bad_files_among_good_ones_give_one_row_each(ray_local, tmp_path, tricky
     (source / "notes.txt").write_text("not an input")
     output = tmp_path / "labels"
     # 4 of 18 rows fail; --max-error-rate 0.1 turns that into exit status 1.
-    code = cli_main(["label", "--input", str(source), "--output", str(output), "--max-error-rate", "0.1",
-                     "--mask-size", "original", *TINY_FLAGS])
+    code = cli_main(
+        [
+            "label",
+            "--input",
+            str(source),
+            "--output",
+            str(output),
+            "--max-error-rate",
+            "0.1",
+            "--mask-size",
+            "original",
+            *TINY_FLAGS,
+        ]
+    )
     assert code == 1
     printed = capsys.readouterr().out
     assert "18 images" in printed and "14 ok, 4 error" in printed and "1 non-input files" in printed
@@ -309,7 +378,10 @@ def test_bad_files_among_good_ones_give_one_row_each(ray_local, tmp_path, tricky
     assert "decompression-bomb guard" in rows["bomb.png"]["error"]
     # The 8000 x 6000 photo is labeled at its own size.
     assert (rows["large.jpg"]["status"], rows["large.jpg"]["mask_width"], rows["large.jpg"]["mask_height"]) == (
-        "ok", 8000, 6000)
+        "ok",
+        8000,
+        6000,
+    )
     summary = json.loads((output / "_summary.json").read_text())
     assert summary["error_rate_exceeded"] and summary["error"] == 4
     assert sum(entry["count"] for entry in summary["common_errors"]) == 4
@@ -343,8 +415,9 @@ def test_s3_image_prefix_to_parquet_on_s3(ray_local, s3_bucket, sample_dir, tiny
     assert (again["processed"], again["already_done"], again["output_rows"]) == (0, 6, 6)
 
 
-def test_parquet_inputs_plain_bytes_and_hf_image_struct(ray_local, tmp_path, sample_dir, tricky_images,
-                                                        tiny_feature_dim):
+def test_parquet_inputs_plain_bytes_and_hf_image_struct(
+    ray_local, tmp_path, sample_dir, tricky_images, tiny_feature_dim
+):
     from diffcut.job.pipeline import label_dataset
 
     dataset = tmp_path / "dataset"
@@ -353,15 +426,23 @@ def test_parquet_inputs_plain_bytes_and_hf_image_struct(ray_local, tmp_path, sam
     # File 1: plain bytes, an id column with a duplicate and a null, a null and an empty image.
     images = [good[0], good[1], None, b"", good[2], good[3]]
     keys = ["a", "b", "c", "d", "a", None]
-    pq.write_table(pa.table({"image": pa.array(images, pa.binary()), "key": keys}), dataset / "part-0.parquet",
-                   row_group_size=4)
+    pq.write_table(
+        pa.table({"image": pa.array(images, pa.binary()), "key": keys}), dataset / "part-0.parquet", row_group_size=4
+    )
     # File 2: the Hugging Face datasets Image struct {bytes, path}.
-    struct = pa.array([{"bytes": good[4], "path": "x.jpg"}, {"bytes": tricky_images["truncated.jpg"][0], "path": "t"},
-                       {"bytes": good[5], "path": "y.png"}], pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    struct = pa.array(
+        [
+            {"bytes": good[4], "path": "x.jpg"},
+            {"bytes": tricky_images["truncated.jpg"][0], "path": "t"},
+            {"bytes": good[5], "path": "y.png"},
+        ],
+        pa.struct([("bytes", pa.binary()), ("path", pa.string())]),
+    )
     pq.write_table(pa.table({"image": struct, "key": ["e", "f", "g"]}), dataset / "part-1.parquet")
 
-    summary = label_dataset(str(dataset), str(tmp_path / "labels"), id_column="key", resize="square",
-                            mask_size="48", refine=True, **TINY)
+    summary = label_dataset(
+        str(dataset), str(tmp_path / "labels"), id_column="key", resize="square", mask_size="48", refine=True, **TINY
+    )
     assert summary["format"] == "parquet"
     assert (summary["processed"], summary["ok"], summary["error"]) == (9, 4, 5)
     rows = {r["source"].rsplit("/", 1)[-1]: r for r in check_labels(str(tmp_path / "labels"), tiny_feature_dim)}
@@ -402,12 +483,26 @@ def console_script(name: str) -> str:
 def test_python_entry_point_runs_an_embedded_ray(tmp_path, sample_dir, tiny_feature_dim):
     output = tmp_path / "labels"
     result = subprocess.run(
-        [sys.executable, "jobs/label.py", "--input", str(sample_dir), "--output", str(output), "--limit", "3",
-         "--json", *TINY_FLAGS],
-        cwd=REPO, env=_without_ray_address(), capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "jobs/label.py",
+            "--input",
+            str(sample_dir),
+            "--output",
+            str(output),
+            "--limit",
+            "3",
+            "--json",
+            *TINY_FLAGS,
+        ],
+        cwd=REPO,
+        env=_without_ray_address(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads(result.stdout[result.stdout.index("{"):])
+    summary = json.loads(result.stdout[result.stdout.index("{") :])
     assert (summary["processed"], summary["ok"]) == (3, 3)
     assert "Started a local Ray instance" in result.stderr
     check_labels(str(output), tiny_feature_dim)
@@ -430,25 +525,71 @@ def test_ray_job_submit_against_a_local_head(tmp_path, tiny_feature_dim):
     # Stop at once when the test is done (a SIGTERM'd head otherwise drains for 30 s).
     env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
     head = subprocess.Popen(
-        [ray_cli, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
-         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "4",
-         "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
-         "--object-store-memory", str(512 * 2**20)],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        [
+            ray_cli,
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--port",
+            str(gcs),
+            "--dashboard-host",
+            "127.0.0.1",
+            "--dashboard-port",
+            str(dashboard),
+            "--num-cpus",
+            "4",
+            "--ray-client-server-port",
+            str(free_port()),
+            "--dashboard-agent-listen-port",
+            str(free_port()),
+            "--object-store-memory",
+            str(512 * 2**20),
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
     try:
         address = f"http://127.0.0.1:{dashboard}"
         deadline = time.time() + 120
-        while subprocess.run([ray_cli, "job", "list", "--address", address], env=env, capture_output=True,
-                             timeout=60).returncode != 0:
+        while (
+            subprocess.run(
+                [ray_cli, "job", "list", "--address", address], env=env, capture_output=True, timeout=60
+            ).returncode
+            != 0
+        ):
             assert head.poll() is None, head.stdout.read()
             assert time.time() < deadline, "the Ray head did not come up"
             time.sleep(2)
         output = tmp_path / "labels"
         result = subprocess.run(
-            [ray_cli, "job", "submit", "--address", address, "--working-dir", ".", "--",
-             "python", "jobs/label.py", "--input", "samples", "--output", str(output), *TINY_FLAGS],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=400,
+            [
+                ray_cli,
+                "job",
+                "submit",
+                "--address",
+                address,
+                "--working-dir",
+                ".",
+                "--",
+                "python",
+                "jobs/label.py",
+                "--input",
+                "samples",
+                "--output",
+                str(output),
+                *TINY_FLAGS,
+            ],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=400,
         )
         assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
         assert "labeled 6 images" in result.stdout

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from diffcut.cli import main as cli_main
 from diffcut.job import schema
 from diffcut.method.assign import segment_embeddings, segment_stats
-from diffcut.cli import main as cli_main
 from diffcut.method.ncut import recursive_ncut
-from diffcut.tools.rethreshold import merge_map, prune_tree, rethreshold_labels, rethreshold_row
 from diffcut.method.segmenter import segment_features
+from diffcut.tools.rethreshold import merge_map, prune_tree, rethreshold_labels, rethreshold_row
 
 RUN_TAU = 0.5
 
@@ -64,8 +64,9 @@ def test_prune_tree_refuses_a_tau_the_tree_cannot_answer():
     _, tree = recursive_ncut(planted_features(0), tau=0.2, return_tree=True)
     # Up to the least NCut of a leaf nothing changes; above it a leaf would split into unknown parts.
     least_leaf = float(tree.ncut[tree.is_leaf()].min())
-    assert_same_tree(prune_tree(tree, least_leaf), recursive_ncut(planted_features(0), tau=least_leaf,
-                                                                  return_tree=True)[1])
+    assert_same_tree(
+        prune_tree(tree, least_leaf), recursive_ncut(planted_features(0), tau=least_leaf, return_tree=True)[1]
+    )
     with pytest.raises(ValueError, match="pruned only to"):
         prune_tree(tree, least_leaf + 0.01)
 
@@ -103,9 +104,19 @@ def labeled_rows(features_by_id, mask_size=(70, 90)):
     rows = []
     for image_id, features in features_by_id.items():
         result = segment_features(features, mask_size, tau=RUN_TAU, alpha=10.0)
-        rows.append(schema.ok_row(image_id=image_id, source=image_id, width=300, height=200, mask=result.mask,
-                                  latent_labels=result.latent_labels, descriptors=result.embeddings,
-                                  tree=result.tree.to_dict(), params=params))
+        rows.append(
+            schema.ok_row(
+                image_id=image_id,
+                source=image_id,
+                width=300,
+                height=200,
+                mask=result.mask,
+                latent_labels=result.latent_labels,
+                descriptors=result.embeddings,
+                tree=result.tree.to_dict(),
+                params=params,
+            )
+        )
     rows.append(schema.error_row("images/broken.jpg", "images/broken.jpg", "not an image", params=params))
     return rows
 
@@ -116,8 +127,9 @@ def write_shards(directory, rows, shards=2):
     import pyarrow.parquet as pq
 
     for index, part in enumerate(np.array_split(np.arange(len(rows)), shards)):
-        pq.write_table(schema.rows_to_table([rows[i] for i in part]),
-                       directory / f"{schema.SHARD_PREFIX}test-{index:06d}.parquet")
+        pq.write_table(
+            schema.rows_to_table([rows[i] for i in part]), directory / f"{schema.SHARD_PREFIX}test-{index:06d}.parquet"
+        )
 
 
 def test_rethresholded_output_equals_a_fresh_run(tmp_path, tiny_model_features):
@@ -225,8 +237,9 @@ def named_shards(tmp_path, tiny_model_features, sample_dir):
 
     images = tmp_path / "images"
     images.mkdir()
-    params = schema.params_json({"model": "tiny-random", "tau": RUN_TAU, "alpha": 10.0, "vocabulary": "voc",
-                                 "naming_model": "tiny-random"})
+    params = schema.params_json(
+        {"model": "tiny-random", "tau": RUN_TAU, "alpha": 10.0, "vocabulary": "voc", "naming_model": "tiny-random"}
+    )
     rows = labeled_rows(tiny_model_features)
     for row in rows:
         name = row["source"].rsplit("/", 1)[-1]
@@ -241,14 +254,15 @@ def named_shards(tmp_path, tiny_model_features, sample_dir):
     import pyarrow.parquet as pq
 
     (tmp_path / "labels").mkdir()
-    pq.write_table(schema.rows_to_table(named, schema.NAMED_LABELS_SCHEMA),
-                   tmp_path / "labels" / f"{schema.SHARD_PREFIX}named-000000.parquet")
+    pq.write_table(
+        schema.rows_to_table(named, schema.NAMED_LABELS_SCHEMA),
+        tmp_path / "labels" / f"{schema.SHARD_PREFIX}named-000000.parquet",
+    )
     return named, images
 
 
-def test_a_named_output_is_named_again_from_the_recorded_vocabulary_and_clip(tmp_path, tiny_model_features,
-                                                                             sample_dir):
-    from diffcut.job.io import decode_image
+def test_a_named_output_is_named_again_from_the_recorded_vocabulary_and_clip(tmp_path, tiny_model_features, sample_dir):
+    from diffcut.job.inputs import decode_image
     from diffcut.method.naming import SegmentNamer
 
     torch.set_num_threads(1)
@@ -287,8 +301,9 @@ def test_a_named_output_is_named_again_from_the_recorded_vocabulary_and_clip(tmp
         pixels = decode_image(open(row["source"], "rb").read(), (row["mask_width"], row["mask_height"])).pixels
         expected = namer.name(pixels, mask, row["num_segments"])
         assert [s["class_id"] for s in row["segments"]] == expected.class_id.tolist()
-        assert [s["class_name"] for s in row["segments"]] == [namer.vocabulary.class_names[c] for c in
-                                                               expected.class_id]
+        assert [s["class_name"] for s in row["segments"]] == [
+            namer.vocabulary.class_names[c] for c in expected.class_id
+        ]
         np.testing.assert_allclose([s["class_score"] for s in row["segments"]], expected.class_score, rtol=1e-5)
         np.testing.assert_array_equal(schema.decode_mask(row["semantic_mask"]), expected.semantic_mask)
         merged |= row["num_segments"] < originals[row["source"]]["num_segments"]
@@ -303,8 +318,21 @@ def test_command_line_names_with_the_vocabulary_given(tmp_path, tiny_model_featu
     write_shards(tmp_path / "labels", rows, shards=1)
     vocabulary = tmp_path / "classes.txt"
     vocabulary.write_text("sky, clouds\ntree\nroad\n")
-    argv = ["rethreshold", "-i", str(tmp_path / "labels"), "-t", "0.1", "-o", str(tmp_path / "out"),
-            "--vocabulary", str(vocabulary), "--naming-model", "tiny-random", "--images-root", str(sample_dir)]
+    argv = [
+        "rethreshold",
+        "-i",
+        str(tmp_path / "labels"),
+        "-t",
+        "0.1",
+        "-o",
+        str(tmp_path / "out"),
+        "--vocabulary",
+        str(vocabulary),
+        "--naming-model",
+        "tiny-random",
+        "--images-root",
+        str(sample_dir),
+    ]
     assert cli_main(argv) == 0
     assert "named the new segments again: 3 rows; 0 rows could not be named" in capsys.readouterr().out
     table = schema.read_labels(str(tmp_path / "out"))

@@ -40,11 +40,19 @@ def test_mask_codec_is_lossless_and_picks_the_bit_depth():
 def _ok_row(source="a.jpg", k=3, c=5, size=(6, 8)):
     rng = np.random.default_rng(len(source))
     mask = np.zeros(size, np.int32)
-    mask[:, size[1] // 2:] = 1  # label 2 gets no pixel: still listed, with area 0
+    mask[:, size[1] // 2 :] = 1  # label 2 gets no pixel: still listed, with area 0
     latent = np.array([[0, 1], [2, 1]])
-    return schema.ok_row(image_id=source, source=source, width=80, height=60, mask=mask, latent_labels=latent,
-                         descriptors=rng.normal(size=(k, c)).astype(np.float32), tree={"nodes": []},
-                         params=schema.params_json({"tau": 0.5, "model": "m"}))
+    return schema.ok_row(
+        image_id=source,
+        source=source,
+        width=80,
+        height=60,
+        mask=mask,
+        latent_labels=latent,
+        descriptors=rng.normal(size=(k, c)).astype(np.float32),
+        tree={"nodes": []},
+        params=schema.params_json({"tau": 0.5, "model": "m"}),
+    )
 
 
 def test_rows_and_table_follow_the_schema():
@@ -71,8 +79,17 @@ def test_rows_and_table_follow_the_schema():
 
 def test_ok_row_refuses_a_mask_with_more_labels_than_segments():
     with pytest.raises(ValueError, match="only 2 segments"):
-        schema.ok_row(image_id="x", source="x", width=2, height=2, mask=np.array([[0, 2]]),
-                      latent_labels=np.zeros((1, 1), int), descriptors=np.zeros((2, 3)), tree={}, params="{}")
+        schema.ok_row(
+            image_id="x",
+            source="x",
+            width=2,
+            height=2,
+            mask=np.array([[0, 2]]),
+            latent_labels=np.zeros((1, 1), int),
+            descriptors=np.zeros((2, 3)),
+            tree={},
+            params="{}",
+        )
 
 
 def test_read_labels_skips_incomplete_shards_and_duplicate_sources(tmp_path):

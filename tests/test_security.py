@@ -30,16 +30,29 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from diffcut.job import schema
 from diffcut.cli import main as cli_main
+from diffcut.job import schema
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = dict(model="tiny-random", device="cpu", resolution=64, batch_size=2, decode_cpus=0.5, extractor_cpus=0.5,
-            ncut_cpus=0.5)
-TINY_FLAGS = ["--device", "cpu", "--resolution", "64", "--batch-size", "2", "--decode-cpus", "0.5",
-              "--extractor-cpus", "0.5", "--ncut-cpus", "0.5"]
+TINY = dict(
+    model="tiny-random", device="cpu", resolution=64, batch_size=2, decode_cpus=0.5, extractor_cpus=0.5, ncut_cpus=0.5
+)
+TINY_FLAGS = [
+    "--device",
+    "cpu",
+    "--resolution",
+    "64",
+    "--batch-size",
+    "2",
+    "--decode-cpus",
+    "0.5",
+    "--extractor-cpus",
+    "0.5",
+    "--ncut-cpus",
+    "0.5",
+]
 SAMPLES = ["landscape.jpg", "tiles.png", "logo_rgba.png"]
 
 
@@ -74,8 +87,8 @@ def _png(seed: int) -> bytes:
 def test_a_pickle_checkpoint_fails_the_job_once_and_clearly(ray_local, tmp_path, sample_dir, capsys):
     """A model whose UNet weights are a pickle file (.bin) is refused: the job exits 2 with one line
     that says so, and writes no rows (a model that cannot load is not N per-image errors)."""
-    from safetensors.torch import load_file
     import torch
+    from safetensors.torch import load_file
 
     from diffcut.method.tiny import tiny_random_path
 
@@ -157,9 +170,24 @@ def test_s3_job_leaks_no_secret_and_its_ray_listens_on_loopback_only(s3_bucket, 
     driver = None
     try:
         driver = subprocess.Popen(
-            [sys.executable, "jobs/label.py", "--input", f"s3://{s3_bucket}/raw", "--output", output, "--json",
-             "--model", "tiny-random", *TINY_FLAGS],
-            cwd=REPO, env=env, stdout=stdout, stderr=stderr, start_new_session=True)
+            [
+                sys.executable,
+                "jobs/label.py",
+                "--input",
+                f"s3://{s3_bucket}/raw",
+                "--output",
+                output,
+                "--json",
+                "--model",
+                "tiny-random",
+                *TINY_FLAGS,
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=stdout,
+            stderr=stderr,
+            start_new_session=True,
+        )
         sockets: set[tuple[str, str, int]] = set()
         deadline = time.time() + 300
         while driver.poll() is None and time.time() < deadline:
@@ -167,7 +195,7 @@ def test_s3_job_leaks_no_secret_and_its_ray_listens_on_loopback_only(s3_bucket, 
             time.sleep(0.3)
         assert driver.wait(timeout=max(1, deadline - time.time())) == 0, (tmp_path / "stderr").read_text()[-3000:]
         printed = (tmp_path / "stdout").read_text()
-        summary = json.loads(printed[printed.index("{"):])
+        summary = json.loads(printed[printed.index("{") :])
         assert (summary["ok"], summary["error"]) == (len(SAMPLES), 1)
 
         # Loopback only, and the sampling really saw the Ray processes.
@@ -196,8 +224,9 @@ def test_s3_job_leaks_no_secret_and_its_ray_listens_on_loopback_only(s3_bucket, 
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def test_a_broken_credential_is_a_clear_error_that_does_not_echo_it(s3_bucket, sample_dir, tmp_path, monkeypatch,
-                                                                    capsys):
+def test_a_broken_credential_is_a_clear_error_that_does_not_echo_it(
+    s3_bucket, sample_dir, tmp_path, monkeypatch, capsys
+):
     """A session token with a stray newline (a copy-paste mistake) makes every S3 request fail. The
     job stops before starting anything with one line naming the location, exit 2, and neither the
     token nor the secret key appears in what it prints."""
@@ -209,14 +238,29 @@ def test_a_broken_credential_is_a_clear_error_that_does_not_echo_it(s3_bucket, s
     monkeypatch.setenv("AWS_SESSION_TOKEN", token)
     s3fs.S3FileSystem.clear_instance_cache()
     try:
-        code = cli_main(["label", "--input", f"s3://{s3_bucket}/raw", "--output", str(tmp_path / "labels"),
-                         "--model", "tiny-random", *TINY_FLAGS])
+        code = cli_main(
+            [
+                "label",
+                "--input",
+                f"s3://{s3_bucket}/raw",
+                "--output",
+                str(tmp_path / "labels"),
+                "--model",
+                "tiny-random",
+                *TINY_FLAGS,
+            ]
+        )
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
     printed = capsys.readouterr()
     assert code == 2
-    assert printed.err.strip().splitlines()[-1].startswith(
-        f"diffcut label: --input s3://{s3_bucket}/raw: the environment variable AWS_SESSION_TOKEN holds a control")
+    assert (
+        printed.err.strip()
+        .splitlines()[-1]
+        .startswith(
+            f"diffcut label: --input s3://{s3_bucket}/raw: the environment variable AWS_SESSION_TOKEN holds a control"
+        )
+    )
     assert "Traceback" not in printed.err
     for secret in (token.strip(), os.environ["AWS_SECRET_ACCESS_KEY"]):
         assert secret not in printed.out + printed.err
@@ -224,8 +268,18 @@ def test_a_broken_credential_is_a_clear_error_that_does_not_echo_it(s3_bucket, s
 
 
 # ------------------------------------------------------------------------------------ file names
-HOSTILE_IDS = ["../../escape", "/tmp/absolute-escape", "nul\x00byte.jpg", "..", ".", "dir/sub/name.png",
-               "C:\\windows\\system32\\evil.jpg", "<script>alert(1)</script>", "x" * 300, "plain"]
+HOSTILE_IDS = [
+    "../../escape",
+    "/tmp/absolute-escape",
+    "nul\x00byte.jpg",
+    "..",
+    ".",
+    "dir/sub/name.png",
+    "C:\\windows\\system32\\evil.jpg",
+    "<script>alert(1)</script>",
+    "x" * 300,
+    "plain",
+]
 
 
 def test_ids_used_as_file_names_stay_inside_the_output(ray_local, tmp_path):
@@ -238,8 +292,7 @@ def test_ids_used_as_file_names_stay_inside_the_output(ray_local, tmp_path):
     dataset = work / "dataset"
     dataset.mkdir(parents=True)
     images = [_png(seed) for seed in range(len(HOSTILE_IDS))]
-    pq.write_table(pa.table({"image": pa.array(images, pa.binary()), "key": HOSTILE_IDS}),
-                   dataset / "part-0.parquet")
+    pq.write_table(pa.table({"image": pa.array(images, pa.binary()), "key": HOSTILE_IDS}), dataset / "part-0.parquet")
     labels = work / "labels"
     summary = label_dataset(str(dataset), str(labels), id_column="key", **TINY)
     assert (summary["ok"], summary["error"]) == (len(HOSTILE_IDS), 0)
@@ -252,8 +305,12 @@ def test_ids_used_as_file_names_stay_inside_the_output(ray_local, tmp_path):
     assert cli_main(["gallery", "--input", str(labels), "--out", str(gallery_dir)]) == 0
     created = {p for p in tmp_path.rglob("*")} - before
     allowed = (png_dir.resolve(), gallery_dir.resolve())
-    outside = [p for p in created if not any(p.resolve().is_relative_to(folder) for folder in allowed)
-               and not any(folder.is_relative_to(p.resolve()) for folder in allowed)]  # ancestors: work/out
+    outside = [
+        p
+        for p in created
+        if not any(p.resolve().is_relative_to(folder) for folder in allowed)
+        and not any(folder.is_relative_to(p.resolve()) for folder in allowed)
+    ]  # ancestors: work/out
     assert not outside, outside
     assert not Path("/tmp/absolute-escape.png").exists()
     assert not any(p.is_symlink() for p in created)

@@ -16,8 +16,8 @@ def planted_features(height=12, width=16, channels=32, seed=0):
     """Left half, right-top and right-bottom quadrants with distinct directions plus noise."""
     rng = np.random.default_rng(seed)
     truth = np.zeros((height, width), dtype=np.int32)
-    truth[: height // 2, width // 2:] = 1
-    truth[height // 2:, width // 2:] = 2
+    truth[: height // 2, width // 2 :] = 1
+    truth[height // 2 :, width // 2 :] = 2
     centers = rng.normal(size=(3, channels))
     features = centers[truth] + 0.05 * rng.normal(size=(height, width, channels))
     return features.astype(np.float32), truth
@@ -80,8 +80,22 @@ def test_segment_command_writes_masks_at_image_size(tmp_path):
     Image.fromarray(rng.integers(0, 255, (90, 50, 3), dtype=np.uint8)).save(images / "tall.jpg")
     (images / "broken.jpg").write_bytes(b"not a jpeg")
     out = tmp_path / "out"
-    code = main(["segment", str(images / "wide.png"), str(images / "tall.jpg"), str(images / "broken.jpg"),
-                 "--out", str(out), "--model", "tiny-random", "--device", "cpu", "--resolution", "64"])
+    code = main(
+        [
+            "segment",
+            str(images / "wide.png"),
+            str(images / "tall.jpg"),
+            str(images / "broken.jpg"),
+            "--out",
+            str(out),
+            "--model",
+            "tiny-random",
+            "--device",
+            "cpu",
+            "--resolution",
+            "64",
+        ]
+    )
     assert code == 1  # one image failed, the others were written
     wide = np.asarray(Image.open(out / "wide.png"))
     tall = np.asarray(Image.open(out / "tall.png"))

@@ -29,7 +29,7 @@ def _png(pixels: np.ndarray) -> bytes:
 def _halves(width: int, height: int, split: float) -> np.ndarray:
     """Label map: 0 left of ``split * width``, 1 right of it."""
     labels = np.zeros((height, width), np.int64)
-    labels[:, int(round(split * width)):] = 1
+    labels[:, int(round(split * width)) :] = 1
     return labels
 
 
@@ -50,9 +50,17 @@ def test_image_and_mask_get_the_same_resize():
 
 def _ok_row(source: str, mask: np.ndarray) -> dict:
     k = int(mask.max()) + 1
-    return schema.ok_row(image_id=source, source=source, width=mask.shape[1], height=mask.shape[0], mask=mask,
-                         latent_labels=np.zeros((2, 2), np.int64), descriptors=np.eye(k, 4, dtype=np.float32),
-                         tree="{}", params="{}")
+    return schema.ok_row(
+        image_id=source,
+        source=source,
+        width=mask.shape[1],
+        height=mask.shape[0],
+        mask=mask,
+        latent_labels=np.zeros((2, 2), np.int64),
+        descriptors=np.eye(k, 4, dtype=np.float32),
+        tree="{}",
+        params="{}",
+    )
 
 
 def test_labeled_images_join_by_source_skip_and_count(tmp_path):
@@ -65,10 +73,12 @@ def test_labeled_images_join_by_source_skip_and_count(tmp_path):
     (images / "e.png").write_bytes(b"changed since it was labeled")
     labels = tmp_path / "labels"
     labels.mkdir()
-    rows = [_ok_row(str(images / "a.png"), _halves(40, 30, 0.5)),
-            _ok_row(str(images / "b.png"), np.zeros((30, 40), np.int64)),
-            schema.error_row(str(images / "c.png"), str(images / "c.png"), "not an image"),
-            _ok_row(str(images / "e.png"), np.zeros((30, 40), np.int64))]  # d.png: no label row
+    rows = [
+        _ok_row(str(images / "a.png"), _halves(40, 30, 0.5)),
+        _ok_row(str(images / "b.png"), np.zeros((30, 40), np.int64)),
+        schema.error_row(str(images / "c.png"), str(images / "c.png"), "not an image"),
+        _ok_row(str(images / "e.png"), np.zeros((30, 40), np.int64)),
+    ]  # d.png: no label row
     import pyarrow.parquet as pq
 
     pq.write_table(schema.rows_to_table(rows), labels / "labels-test-0.parquet")
@@ -80,8 +90,9 @@ def test_labeled_images_join_by_source_skip_and_count(tmp_path):
     assert image.shape == (3, 16, 20) and image.dtype == torch.float32 and 0 <= image.min() <= image.max() <= 1
     assert target["masks"].shape == (2, 16, 20) and target["segment_ids"].tolist() == [0, 1]
     assert target["masks"].sum(0).eq(1).all()  # every pixel in exactly one segment
-    batch_images, batch_targets = next(iter(torch.utils.data.DataLoader(dataset, batch_size=2,
-                                                                        collate_fn=collate_instances)))
+    batch_images, batch_targets = next(
+        iter(torch.utils.data.DataLoader(dataset, batch_size=2, collate_fn=collate_instances))
+    )
     assert batch_images.shape == (2, 3, 16, 20) and [t["masks"].shape[0] for t in batch_targets] == [2, 1]
     with pytest.raises(ValueError, match="classes"):
         LabeledImages(str(images), str(labels), target="semantic")
@@ -118,9 +129,12 @@ def test_ray_dataset_steps_give_the_pairs_of_labeled_images(monkeypatch):
     arrays = _pairs(joined, size=(32, 24), max_image_pixels=10**9)
     assert arrays["image"].shape == (6, 3, 24, 32) and arrays["image"].dtype == np.float32
     assert arrays["target"].shape == (6, 24, 32) and arrays["target"].dtype == np.int64
-    local = {image.numpy().tobytes(): target for image, target in
-             LabeledImages("samples", classes="examples/sample-classes", size=(32, 24))}
+    local = {
+        image.numpy().tobytes(): target
+        for image, target in LabeledImages("samples", classes="examples/sample-classes", size=(32, 24))
+    }
     for image, target in zip(arrays["image"], arrays["target"]):
         assert np.array_equal(local[image.tobytes()].numpy(), target)
-    assert _pairs(pa.table({"data": pa.array([b"junk"]), "mask": pa.array([b"x"])}), size=(8, 8),
-                  max_image_pixels=10**9)["image"].shape == (0, 3, 8, 8)
+    assert _pairs(
+        pa.table({"data": pa.array([b"junk"]), "mask": pa.array([b"x"])}), size=(8, 8), max_image_pixels=10**9
+    )["image"].shape == (0, 3, 8, 8)

@@ -28,15 +28,22 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from diffcut.job import boundary
-from diffcut.job import io as dio
-from diffcut.job import schema
+from diffcut.job import boundary, inputs, schema
 from diffcut.job import webdataset as wds
 
 pytestmark = pytest.mark.timeout(600)
 
-TINY = dict(model="tiny-random", device="cpu", resolution=64, batch_size=2, decode_cpus=0.5,
-            extractor_cpus=0.5, ncut_cpus=0.5, ncut_pool_max=1, mask_size="32")
+TINY = dict(
+    model="tiny-random",
+    device="cpu",
+    resolution=64,
+    batch_size=2,
+    decode_cpus=0.5,
+    extractor_cpus=0.5,
+    ncut_cpus=0.5,
+    ncut_pool_max=1,
+    mask_size="32",
+)
 #: Content of a file outside the input that a link points to: it must appear in no row or summary.
 SECRET = "TOP-SECRET-CONTENT-4f1c9a"
 
@@ -45,7 +52,7 @@ def _scene(width: int = 80, height: int = 64, seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
     pixels = np.zeros((height, width, 3), np.uint8)
     pixels[:] = rng.integers(0, 256, 3)
-    pixels[height // 2:, : width // 2] = rng.integers(0, 256, 3)
+    pixels[height // 2 :, : width // 2] = rng.integers(0, 256, 3)
     pixels = np.clip(pixels + rng.normal(0, 6, pixels.shape), 0, 255).astype(np.uint8)
     return Image.fromarray(pixels)
 
@@ -71,8 +78,12 @@ def _interlaced_rows(pixels: np.ndarray) -> bytes:
 
 def _png(rows: bytes, width: int, height: int, *, end: bool = True, interlaced: bool = False) -> bytes:
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, int(interlaced))
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(rows))
-            + (_chunk(b"IEND", b"") if end else b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", header)
+        + _chunk(b"IDAT", zlib.compress(rows))
+        + (_chunk(b"IEND", b"") if end else b"")
+    )
 
 
 def intact_images() -> dict[str, bytes]:
@@ -85,8 +96,9 @@ def intact_images() -> dict[str, bytes]:
         "interlaced.png": _png(_interlaced_rows(np.asarray(scene)), 80, 64, interlaced=True),
         "palette.png": _encode(scene.convert("P"), "PNG"),
         # The image data is inflated again (the last row is all zeros): valid, so ok.
-        "black-last-row.png": _encode(Image.fromarray(np.vstack([np.asarray(scene)[:-1], np.zeros((1, 80, 3), "u1")])),
-                                      "PNG"),
+        "black-last-row.png": _encode(
+            Image.fromarray(np.vstack([np.asarray(scene)[:-1], np.zeros((1, 80, 3), "u1")])), "PNG"
+        ),
         "gray16.png": _encode(Image.fromarray(np.arange(80 * 64, dtype=np.uint16).reshape(64, 80) * 12), "PNG"),
         "image.gif": _encode(scene.convert("P"), "GIF"),
         "lossy.webp": _encode(scene, "WEBP", quality=80),
@@ -111,45 +123,47 @@ def damaged_images() -> dict[str, bytes]:
     flipped = bytearray(png)
     flipped[idat + 40] ^= 0x01  # one bit of the image data: the chunk's CRC no longer matches
     recomputed = bytearray(flipped)  # the same damage with a CRC that matches: only zlib can tell
-    length = struct.unpack(">I", png[idat - 4: idat])[0]
-    crc = zlib.crc32(bytes(recomputed[idat: idat + 4 + length]))
-    recomputed[idat + 4 + length: idat + 8 + length] = struct.pack(">I", crc)
+    length = struct.unpack(">I", png[idat - 4 : idat])[0]
+    crc = zlib.crc32(bytes(recomputed[idat : idat + 4 + length]))
+    recomputed[idat + 4 + length : idat + 8 + length] = struct.pack(">I", crc)
     gif = _encode(_scene().convert("P"), "GIF")
     jpeg = _encode(_scene(), "JPEG")
-    damaged.update({
-        "png-idat-bit-flipped.png": bytes(flipped),
-        "png-idat-corrupt-with-valid-crc.png": bytes(recomputed),
-        "png-short-image-data.png": _png(rows[: len(rows) // 2], 80, 64),  # valid zlib stream, half the rows
-        "png-interlaced-short.png": _png(_interlaced_rows(scene)[:-300], 80, 64, interlaced=True),
-        "png-no-iend.png": _png(rows, 80, 64, end=False),
-        "png-bad-chunk-type.png": png[:33] + b"\x00\x00\x00\x04\x01\x02\x03\x04abcd\x00\x00\x00\x00" + png[33:],
-        "gif-cut-with-trailer.gif": gif[: len(gif) // 2] + b"\x00;",
-        "jpeg-cut-in-header.jpg": jpeg[:40],
-        "text-named.jpg": f"password={SECRET}\n".encode() * 20,
-        "empty.png": b"",
-    })
+    damaged.update(
+        {
+            "png-idat-bit-flipped.png": bytes(flipped),
+            "png-idat-corrupt-with-valid-crc.png": bytes(recomputed),
+            "png-short-image-data.png": _png(rows[: len(rows) // 2], 80, 64),  # valid zlib stream, half the rows
+            "png-interlaced-short.png": _png(_interlaced_rows(scene)[:-300], 80, 64, interlaced=True),
+            "png-no-iend.png": _png(rows, 80, 64, end=False),
+            "png-bad-chunk-type.png": png[:33] + b"\x00\x00\x00\x04\x01\x02\x03\x04abcd\x00\x00\x00\x00" + png[33:],
+            "gif-cut-with-trailer.gif": gif[: len(gif) // 2] + b"\x00;",
+            "jpeg-cut-in-header.jpg": jpeg[:40],
+            "text-named.jpg": f"password={SECRET}\n".encode() * 20,
+            "empty.png": b"",
+        }
+    )
     return damaged
 
 
 # --------------------------------------------------------------------------- decoding, no Ray
 def test_every_intact_kind_decodes_and_every_damaged_file_is_an_error():
     for name, data in intact_images().items():
-        decoded = dio.decode_image(data)
+        decoded = inputs.decode_image(data)
         assert (decoded.width, decoded.height) == (80, 64), name
     for name, data in damaged_images().items():
-        with pytest.raises(dio.ImageDecodeError) as caught:
-            dio.decode_image(data, (64, 64))
+        with pytest.raises(inputs.ImageDecodeError) as caught:
+            inputs.decode_image(data, (64, 64))
         message = str(caught.value)
         assert message and SECRET not in message and "password" not in message, (name, message)
         assert "\\x" not in message and "b'" not in message, (name, message)  # no bytes quoted from the file
     # The EXIF step used to load a PNG, swallow its decode error, and a second load() returned the
     # partly filled buffer; the header-only size used for batching must not decode either.
-    assert dio.upright_size(damaged_images()["png-idat-bit-flipped.png"]) == (80, 64)
+    assert inputs.upright_size(damaged_images()["png-idat-bit-flipped.png"]) == (80, 64)
 
 
 def test_nothing_lets_pil_accept_truncated_images():
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
-    package = Path(dio.__file__).resolve().parents[1]
+    package = Path(inputs.__file__).resolve().parents[1]
     assert not [p for p in package.rglob("*.py") if "LOAD_TRUNCATED_IMAGES" in p.read_text()]
 
 
@@ -171,9 +185,12 @@ def corpus(tmp_path_factory):
     (outside / "photo.jpg").write_bytes(_encode(_scene(seed=9), "JPEG"))
     (outside / "folder" / "more.png").write_bytes(_encode(_scene(seed=8), "PNG"))
     good = {"good-a.jpg": _encode(_scene(seed=1), "JPEG"), "sub/good-b.png": _encode(_scene(seed=2), "PNG")}
-    for name, content in {**good, "sub/png-idat-bit-flipped.png": damaged_images()["png-idat-bit-flipped.png"],
-                          "jpeg-cut.jpg": damaged_images()["baseline-cut60.jpg"],
-                          "text-named.jpg": damaged_images()["text-named.jpg"]}.items():
+    for name, content in {
+        **good,
+        "sub/png-idat-bit-flipped.png": damaged_images()["png-idat-bit-flipped.png"],
+        "jpeg-cut.jpg": damaged_images()["baseline-cut60.jpg"],
+        "text-named.jpg": damaged_images()["text-named.jpg"],
+    }.items():
         (data / name).write_bytes(content)
     _write_bytes_name(data, b"caf\xe9.jpg", _encode(_scene(seed=3), "JPEG"))  # Latin-1
     _write_bytes_name(data, b"caf%E9.jpg", _encode(_scene(seed=4), "JPEG"))  # the escape's text, as a real name
@@ -197,11 +214,26 @@ def corpus(tmp_path_factory):
         pass
     expected_ok = ["good-a.jpg", "sub/good-b.png", "caf%E9.jpg", "caf\udce9.jpg", "sub/\udcff\udcfe-broken.png"]
     expected_error = ["sub/png-idat-bit-flipped.png", "jpeg-cut.jpg", "text-named.jpg"]
-    refused = ["link-to-secret.jpg", "link-to-outside-photo.jpg", "link-to-outside-folder", "sub/link-inside.jpg",
-               "link-to-sub", "dangling.jpg", "loop.jpg", "fifo.jpg", "fifo-no-extension", "socket.png"] + (
-        ["device.jpg"] if device else [])
-    yield {"root": root, "input": data, "outside": outside, "ok": expected_ok, "error": expected_error,
-           "refused": refused}
+    refused = [
+        "link-to-secret.jpg",
+        "link-to-outside-photo.jpg",
+        "link-to-outside-folder",
+        "sub/link-inside.jpg",
+        "link-to-sub",
+        "dangling.jpg",
+        "loop.jpg",
+        "fifo.jpg",
+        "fifo-no-extension",
+        "socket.png",
+    ] + (["device.jpg"] if device else [])
+    yield {
+        "root": root,
+        "input": data,
+        "outside": outside,
+        "ok": expected_ok,
+        "error": expected_error,
+        "refused": refused,
+    }
     server.close()
 
 
@@ -211,7 +243,7 @@ def _text(folder: Path, relative: str) -> str:
 
 def test_listing_reads_only_regular_files_inside_the_root_and_names_the_rest(corpus):
     data = corpus["input"]
-    listing = dio.list_inputs(str(data))
+    listing = inputs.list_inputs(str(data))
     assert listing.format == "images"
     assert sorted(listing.files) == sorted(_text(data, f) for f in corpus["ok"] + corpus["error"])
     named = {entry["path"]: entry["reason"] for entry in listing.skipped_named}
@@ -231,8 +263,8 @@ def test_listing_reads_only_regular_files_inside_the_root_and_names_the_rest(cor
     latin1, literal = _text(data, "caf\udce9.jpg"), _text(data, "caf%E9.jpg")
     assert latin1.startswith("file://") and latin1.endswith("/caf%E9.jpg") and not literal.startswith("file://")
     assert os.fsencode(boundary.local_path(latin1)).endswith(b"/caf\xe9.jpg")
-    with pytest.raises(dio.InputError, match="FIFO"):  # named as the input itself: refused, never opened
-        dio.list_inputs(str(data / "fifo.jpg"))
+    with pytest.raises(inputs.InputError, match="FIFO"):  # named as the input itself: refused, never opened
+        inputs.list_inputs(str(data / "fifo.jpg"))
 
 
 def test_every_spelling_of_the_input_is_the_same_dataset(corpus, monkeypatch):
@@ -240,21 +272,29 @@ def test_every_spelling_of_the_input_is_the_same_dataset(corpus, monkeypatch):
     alias = root / "alias"
     if not alias.exists():
         os.symlink(data, alias)
-    spellings = ("input", "./input/", "input//", str(data) + "/", f"{root}/./outside/../input", "alias", "./alias/",
-                 f"file://{data}")
+    spellings = (
+        "input",
+        "./input/",
+        "input//",
+        str(data) + "/",
+        f"{root}/./outside/../input",
+        "alias",
+        "./alias/",
+        f"file://{data}",
+    )
     # From the folder above it: the input's real path relative to there (an output made in a repository
     # copy stays valid where the copy moves).
     monkeypatch.chdir(root)
-    below = dio.list_inputs(str(data))
+    below = inputs.list_inputs(str(data))
     assert below.root == "input" and all(f.startswith(("input/", "file:input/")) for f in below.files)
     for spelling in spellings:
-        listing = dio.list_inputs(spelling)
+        listing = inputs.list_inputs(spelling)
         assert (listing.root, listing.files) == (below.root, below.files), spelling
     # From anywhere else: its absolute real path, whatever the spelling and the working directory.
     for cwd in (root / "outside", Path("/")):
         monkeypatch.chdir(cwd)
         for spelling in spellings:
-            listing = dio.list_inputs(spelling if spelling.startswith(("/", "file:")) else f"{root}/{spelling}")
+            listing = inputs.list_inputs(spelling if spelling.startswith(("/", "file:")) else f"{root}/{spelling}")
             absolute = sorted(f"file://{root}/{f[5:]}" if f.startswith("file:") else f"{root}/{f}" for f in below.files)
             assert (listing.root, listing.files) == (os.path.realpath(data), absolute), (cwd, spelling)
 
@@ -268,7 +308,7 @@ def test_reading_refuses_a_file_swapped_after_the_listing(tmp_path):
     for name in names:
         (folder / name).write_bytes(_encode(_scene(), "JPEG"))
     (elsewhere / "behind-swapped-folder.jpg").write_text(SECRET)
-    plan = dio.plan_inputs(dio.list_inputs(str(folder)))
+    plan = inputs.plan_inputs(inputs.list_inputs(str(folder)))
     (folder / "becomes-fifo.jpg").unlink()
     os.mkfifo(folder / "becomes-fifo.jpg")
     (folder / "becomes-link.jpg").unlink()
@@ -277,7 +317,7 @@ def test_reading_refuses_a_file_swapped_after_the_listing(tmp_path):
     os.symlink(elsewhere, folder / "sub")
     signal.alarm(20)  # a FIFO opened for reading would block here forever
     try:
-        records = {r.source.rsplit("/", 1)[-1]: r for r in dio.read_units(plan.units.to_pylist())}
+        records = {r.source.rsplit("/", 1)[-1]: r for r in inputs.read_units(plan.units.to_pylist())}
     finally:
         signal.alarm(0)
     assert records["stays.jpg"].error is None and records["stays.jpg"].data
@@ -308,21 +348,28 @@ def _special(name: str, kind: bytes, target: str = "") -> tarfile.TarInfo:
     return info
 
 
-def _read(path: Path) -> list[dio.RawRecord]:
+def _read(path: Path) -> list[inputs.RawRecord]:
     return list(wds.read_shard_unit({"kind": wds.UNIT_KIND, "path": str(path), "done_keys": []}))
 
 
 def test_tar_links_special_members_and_non_utf8_names_each_give_a_row(tmp_path):
     jpeg = _encode(_scene(), "JPEG")
-    shard = _tar(tmp_path / "odd.tar", [
-        ("0001.jpg", jpeg), ("0001.txt", b"caption"),
-        _special("0002.jpg", tarfile.SYMTYPE, "/etc/passwd"),
-        _special("0003.jpg", tarfile.LNKTYPE, "0001.jpg"),
-        _special("0004.jpg", tarfile.FIFOTYPE), _special("0005.png", tarfile.CHRTYPE),
-        ("0006.jpg", jpeg), _special("0006.txt", tarfile.SYMTYPE, "/etc/shadow"),  # a link the job never reads
-        _special("dir", tarfile.DIRTYPE),
-        ("caf\udce9.jpg", jpeg), ("\udcff.png", jpeg),
-    ])
+    shard = _tar(
+        tmp_path / "odd.tar",
+        [
+            ("0001.jpg", jpeg),
+            ("0001.txt", b"caption"),
+            _special("0002.jpg", tarfile.SYMTYPE, "/etc/passwd"),
+            _special("0003.jpg", tarfile.LNKTYPE, "0001.jpg"),
+            _special("0004.jpg", tarfile.FIFOTYPE),
+            _special("0005.png", tarfile.CHRTYPE),
+            ("0006.jpg", jpeg),
+            _special("0006.txt", tarfile.SYMTYPE, "/etc/shadow"),  # a link the job never reads
+            _special("dir", tarfile.DIRTYPE),
+            ("caf\udce9.jpg", jpeg),
+            ("\udcff.png", jpeg),
+        ],
+    )
     got = {r.image_id: r for r in _read(shard)}
     assert sorted(got) == ["%FF", "0001", "0002", "0003", "0004", "0005", "0006", "caf%E9"]
     assert got["0001"].error is None and got["0006"].error is None
@@ -333,8 +380,11 @@ def test_tar_links_special_members_and_non_utf8_names_each_give_a_row(tmp_path):
 
 
 def test_gzip_shards_read_like_tar_shards_and_are_listed(tmp_path):
-    members = [(f"{i:04d}.{ext}", data) for i in range(3) for ext, data in
-               (("jpg", _encode(_scene(seed=i), "JPEG")), ("json", b"{}"))]
+    members = [
+        (f"{i:04d}.{ext}", data)
+        for i in range(3)
+        for ext, data in (("jpg", _encode(_scene(seed=i), "JPEG")), ("json", b"{}"))
+    ]
     folder = tmp_path / "shards"
     folder.mkdir()
     plain = _read(_tar(folder / "a.tar", members))
@@ -343,7 +393,7 @@ def test_gzip_shards_read_like_tar_shards_and_are_listed(tmp_path):
         assert [(r.image_id, r.data, r.error) for r in packed] == [(r.image_id, r.data, r.error) for r in plain]
     (folder / "a.tar").unlink()
     (folder / "b_stats.json").write_text("{}")
-    listing = dio.list_inputs(str(folder))
+    listing = inputs.list_inputs(str(folder))
     assert listing.format == "webdataset" and [f.rsplit("/", 1)[-1] for f in listing.files] == ["b.tar.gz", "c.tgz"]
     assert [e["path"].rsplit("/", 1)[-1] for e in listing.skipped_named] == ["b_stats.json"]
     # Cut or corrupted compressed streams: the samples before the damage, then one error row for the rest.
@@ -353,7 +403,7 @@ def test_gzip_shards_read_like_tar_shards_and_are_listed(tmp_path):
     failed = [r.error is not None for r in cut]
     assert failed[-1] and failed == sorted(failed)  # good samples, then the damage: nothing after it is lost quietly
     corrupt = bytearray(whole)
-    corrupt[len(whole) // 2: len(whole) // 2 + 64] = b"\x55" * 64
+    corrupt[len(whole) // 2 : len(whole) // 2 + 64] = b"\x55" * 64
     (folder / "corrupt.tgz").write_bytes(bytes(corrupt))
     failed = [r.error is not None for r in _read(folder / "corrupt.tgz")]
     assert failed[-1] and failed == sorted(failed)
@@ -365,14 +415,17 @@ def test_gzip_shards_read_like_tar_shards_and_are_listed(tmp_path):
 def test_a_key_in_two_shards_is_named():
     ids = ["a", "b", "a", "@0", "@0", "c"]
     sources = ["x/1.tar#a", "x/1.tar#b", "x/2.tar.gz#a", "x/1.tar#@0", "x/2.tar.gz#@0", "x/1.tar#c"]
-    assert wds.duplicate_keys(ids, sources) == {"count": 1, "named": [{"image_id": "a",
-                                                                       "sources": ["x/1.tar#a", "x/2.tar.gz#a"]}]}
+    assert wds.duplicate_keys(ids, sources) == {
+        "count": 1,
+        "named": [{"image_id": "a", "sources": ["x/1.tar#a", "x/2.tar.gz#a"]}],
+    }
     assert wds.split_source("d/x.tar.gz#k#1") == ("d/x.tar.gz", "k#1")
 
 
 # --------------------------------------------------------------------------- the job, end to end
-def test_the_job_labels_every_input_once_reads_nothing_outside_and_reruns_label_nothing(ray_local, corpus,
-                                                                                          tmp_path, monkeypatch):
+def test_the_job_labels_every_input_once_reads_nothing_outside_and_reruns_label_nothing(
+    ray_local, corpus, tmp_path, monkeypatch
+):
     from diffcut.job.pipeline import label_dataset
 
     data, output = corpus["input"], tmp_path / "labels"
@@ -407,19 +460,34 @@ def test_gzip_shards_with_odd_members_and_a_key_in_two_shards(ray_local, tmp_pat
     folder = tmp_path / "shards"
     folder.mkdir()
     jpeg = [_encode(_scene(seed=s), "JPEG") for s in range(3)]
-    _tar(folder / "000.tar.gz", [("k0.jpg", jpeg[0]), ("shared.jpg", jpeg[1]), ("caf\udce9.jpg", jpeg[2]),
-                                 _special("link.jpg", tarfile.SYMTYPE, "/etc/passwd")], compress=True)
+    _tar(
+        folder / "000.tar.gz",
+        [
+            ("k0.jpg", jpeg[0]),
+            ("shared.jpg", jpeg[1]),
+            ("caf\udce9.jpg", jpeg[2]),
+            _special("link.jpg", tarfile.SYMTYPE, "/etc/passwd"),
+        ],
+        compress=True,
+    )
     _tar(folder / "001.tgz", [("shared.jpg", jpeg[2]), ("k1.jpg", jpeg[0])], compress=True)
     summary = label_dataset(str(folder), str(tmp_path / "labels"), **TINY)
     rows = schema.read_labels(str(tmp_path / "labels"), columns=["image_id", "source", "status", "error"]).to_pylist()
     real = os.path.realpath(folder)
     assert sorted((r["source"], r["status"]) for r in rows) == [
-        (f"{real}/000.tar.gz#caf%E9", "ok"), (f"{real}/000.tar.gz#k0", "ok"), (f"{real}/000.tar.gz#link", "error"),
-        (f"{real}/000.tar.gz#shared", "ok"), (f"{real}/001.tgz#k1", "ok"), (f"{real}/001.tgz#shared", "ok")]
+        (f"{real}/000.tar.gz#caf%E9", "ok"),
+        (f"{real}/000.tar.gz#k0", "ok"),
+        (f"{real}/000.tar.gz#link", "error"),
+        (f"{real}/000.tar.gz#shared", "ok"),
+        (f"{real}/001.tgz#k1", "ok"),
+        (f"{real}/001.tgz#shared", "ok"),
+    ]
     assert "symbolic link" in next(r["error"] for r in rows if r["image_id"] == "link")
     assert summary["format"] == "webdataset" and summary["inputs_listed"] == 6
-    assert summary["duplicate_keys"] == {"count": 1, "named": [
-        {"image_id": "shared", "sources": [f"{real}/000.tar.gz#shared", f"{real}/001.tgz#shared"]}]}
+    assert summary["duplicate_keys"] == {
+        "count": 1,
+        "named": [{"image_id": "shared", "sources": [f"{real}/000.tar.gz#shared", f"{real}/001.tgz#shared"]}],
+    }
     assert "more than one shard" in summary["warning"]
 
 
@@ -429,7 +497,7 @@ def test_gzip_shards_stream_from_s3(s3_bucket, tmp_path):
     members = [(f"{i:04d}.jpg", _encode(_scene(seed=i), "JPEG")) for i in range(3)]
     local = _read(_tar(tmp_path / "a.tgz", members, compress=True))
     boto3.client("s3").put_object(Bucket=s3_bucket, Key="wds/a.tgz", Body=(tmp_path / "a.tgz").read_bytes())
-    listing = dio.list_inputs(f"s3://{s3_bucket}/wds/")
+    listing = inputs.list_inputs(f"s3://{s3_bucket}/wds/")
     assert (listing.format, listing.files) == ("webdataset", [f"s3://{s3_bucket}/wds/a.tgz"])
     remote = list(wds.read_shard_unit({"kind": wds.UNIT_KIND, "path": listing.files[0], "done_keys": ["0001"]}))
     assert [(r.image_id, r.data) for r in remote] == [(r.image_id, r.data) for r in local if r.image_id != "0001"]

@@ -22,20 +22,28 @@ import pytest
 import torch
 from PIL import Image
 
-from diffcut.job import io as dio
-from diffcut.job import schema
+from diffcut.job import inputs, schema
 from diffcut.job import webdataset as wds
 from diffcut.job.stages import decode_stage
 
-TINY = dict(model="tiny-random", device="cpu", resolution=64, batch_size=2, decode_cpus=0.5,
-            extractor_cpus=0.5, ncut_cpus=0.5, ncut_pool_max=1, mask_size="32")
+TINY = dict(
+    model="tiny-random",
+    device="cpu",
+    resolution=64,
+    batch_size=2,
+    decode_cpus=0.5,
+    extractor_cpus=0.5,
+    ncut_cpus=0.5,
+    ncut_pool_max=1,
+    mask_size="32",
+)
 
 
 def _jpeg(seed: int, size=(48, 32)) -> bytes:
     rng = np.random.default_rng(seed)
     pixels = np.zeros((size[1], size[0], 3), np.uint8)
     pixels[:] = rng.integers(0, 256, 3)
-    pixels[size[1] // 2:, : size[0] // 2] = rng.integers(0, 256, 3)
+    pixels[size[1] // 2 :, : size[0] // 2] = rng.integers(0, 256, 3)
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="JPEG")
     return buffer.getvalue()
@@ -50,12 +58,15 @@ def img2dataset_members(keys: list[str], seed: int = 0) -> list[tuple[str, bytes
     members = []
     for i, key in enumerate(keys):
         meta = {"key": key, "url": f"https://example.com/{key}.jpg", "caption": f"image {key}", "status": "success"}
-        members += [(f"{key}.jpg", _jpeg(seed + i)), (f"{key}.json", json.dumps(meta).encode()),
-                    (f"{key}.txt", meta["caption"].encode())]
+        members += [
+            (f"{key}.jpg", _jpeg(seed + i)),
+            (f"{key}.json", json.dumps(meta).encode()),
+            (f"{key}.txt", meta["caption"].encode()),
+        ]
     return members
 
 
-def records(path: Path, done_keys=(), keep_metadata: bool = False) -> list[dio.RawRecord]:
+def records(path: Path, done_keys=(), keep_metadata: bool = False) -> list[inputs.RawRecord]:
     unit = {"kind": wds.UNIT_KIND, "path": str(path), "done_keys": list(done_keys)}
     return list(wds.read_shard_unit(unit, keep_metadata=keep_metadata))
 
@@ -71,8 +82,14 @@ def test_a_shard_gives_one_record_per_sample_with_key_source_and_json(tmp_path):
     write_shard(shard, members)
 
     got = records(shard, keep_metadata=True)
-    assert [r.image_id for r in got] == ["000000000", "000000001", "000000002", "000000003", "sub/000000004",
-                                         "000000000"]
+    assert [r.image_id for r in got] == [
+        "000000000",
+        "000000001",
+        "000000002",
+        "000000003",
+        "sub/000000004",
+        "000000000",
+    ]
     assert [r.source for r in got[:5]] == [f"{shard}#{r.image_id}" for r in got[:5]]
     assert len({r.source for r in got}) == len(got), "sources must be unique"
     assert got[0].data == members[0][1] and got[0].error is None
@@ -82,10 +99,21 @@ def test_a_shard_gives_one_record_per_sample_with_key_source_and_json(tmp_path):
     assert "no image member" in got[3].error and "json" in got[3].error and got[3].data is None
     assert got[4].data is not None and got[4].metadata is None
     assert "duplicate key" in got[5].error and got[5].source.startswith(f"{shard}#000000000@")
-    decoded = pa.concat_tables(decode_stage(
-        wds.plan_shards([str(shard)]).units, image_column="image", resolution=64, resize="bucket", stride=32,
-        mask_size="original", max_image_pixels=dio.DEFAULT_MAX_IMAGE_PIXELS, keep_image_bytes=False,
-        chunk_rows=2, keep_metadata=True, sort_records=2))
+    decoded = pa.concat_tables(
+        decode_stage(
+            wds.plan_shards([str(shard)]).units,
+            image_column="image",
+            resolution=64,
+            resize="bucket",
+            stride=32,
+            mask_size="original",
+            max_image_pixels=inputs.DEFAULT_MAX_IMAGE_PIXELS,
+            keep_image_bytes=False,
+            chunk_rows=2,
+            keep_metadata=True,
+            sort_records=2,
+        )
+    )
     by_id = {row["source"]: row for row in decoded.to_pylist()}
     assert len(by_id) == 6
     assert by_id[f"{shard}#000000002"]["status"] == "error"
@@ -115,7 +143,7 @@ def test_truncated_and_corrupt_shards_lose_no_sample_silently(tmp_path):
 
     # A header overwritten in the middle: tarfile stops there without a word; we report the rest.
     broken = bytearray(whole)
-    broken[third.offset: third.offset + 512] = b"\x7f" * 512
+    broken[third.offset : third.offset + 512] = b"\x7f" * 512
     corrupt = tmp_path / "corrupt.tar"
     corrupt.write_bytes(bytes(broken))
     got = records(corrupt)
@@ -143,37 +171,54 @@ def test_listing_detects_shards_and_skips_img2dataset_sidecars(tmp_path):
         write_shard(folder / f"{stem}.tar", img2dataset_members([f"{stem}0000"]))
         (folder / f"{stem}.parquet").write_bytes(b"PAR1")
         (folder / f"{stem}_stats.json").write_text("{}")
-    listing = dio.list_inputs(str(folder))
+    listing = inputs.list_inputs(str(folder))
     assert listing.format == "webdataset"
     assert listing.files == [str(folder / "00000.tar"), str(folder / "00001.tar")]
     assert listing.skipped == 4
-    assert dio.list_inputs(str(folder), "webdataset").files == listing.files
+    assert inputs.list_inputs(str(folder), "webdataset").files == listing.files
 
     plan = wds.plan_shards(listing.files, done={f"{folder}/00001.tar#000010000", "elsewhere.jpg"})
     assert plan.units.column("done_keys").to_pylist() == [[], ["000010000"]]
     assert plan.already_done == 1 and plan.planned is None
 
     (folder / "other.parquet").write_bytes(b"PAR1")  # a Parquet file that is no shard's sidecar
-    with pytest.raises(dio.InputError, match="--format webdataset"):
-        dio.list_inputs(str(folder))
+    with pytest.raises(inputs.InputError, match="--format webdataset"):
+        inputs.list_inputs(str(folder))
 
 
 def img2dataset_parquet(path: Path) -> Path:
     """A file laid out like img2dataset's ``--output_format parquet``: failed rows have no image."""
     rows = [
-        dict(key="000000000", url="https://a/0.jpg", caption="zero", status="success", error_message=None,
-             jpg=_jpeg(0)),
-        dict(key="000000001", url="https://a/1.jpg", caption="one", status="failed_to_download",
-             error_message="HTTP Error 404: Not Found", jpg=None),
-        dict(key="000000002", url="https://a/2.jpg", caption="two", status="success", error_message=None,
-             jpg=_jpeg(2)),
-        dict(key="000000003", url="https://a/3.jpg", caption="three", status="failed_to_resize",
-             error_message="image too small", jpg=None),
-        dict(key="000000004", url="https://a/4.jpg", caption="four", status="success", error_message=None,
-             jpg=None),
+        dict(
+            key="000000000", url="https://a/0.jpg", caption="zero", status="success", error_message=None, jpg=_jpeg(0)
+        ),
+        dict(
+            key="000000001",
+            url="https://a/1.jpg",
+            caption="one",
+            status="failed_to_download",
+            error_message="HTTP Error 404: Not Found",
+            jpg=None,
+        ),
+        dict(key="000000002", url="https://a/2.jpg", caption="two", status="success", error_message=None, jpg=_jpeg(2)),
+        dict(
+            key="000000003",
+            url="https://a/3.jpg",
+            caption="three",
+            status="failed_to_resize",
+            error_message="image too small",
+            jpg=None,
+        ),
+        dict(key="000000004", url="https://a/4.jpg", caption="four", status="success", error_message=None, jpg=None),
     ]
-    fields = [("key", pa.string()), ("url", pa.string()), ("caption", pa.string()), ("status", pa.string()),
-              ("error_message", pa.string()), ("jpg", pa.binary())]
+    fields = [
+        ("key", pa.string()),
+        ("url", pa.string()),
+        ("caption", pa.string()),
+        ("status", pa.string()),
+        ("error_message", pa.string()),
+        ("jpg", pa.binary()),
+    ]
     table = pa.table({name: [r[name] for r in rows] for name, _ in fields}, schema=pa.schema(fields))
     table = table.append_column("width", pa.array([48, None, 48, None, None], pa.int32()))
     pq.write_table(table, path, row_group_size=3)
@@ -182,13 +227,23 @@ def img2dataset_parquet(path: Path) -> Path:
 
 def test_img2dataset_parquet_failed_rows_are_error_rows(tmp_path):
     path = img2dataset_parquet(tmp_path / "00000.parquet")
-    listing = dio.list_inputs(str(tmp_path))
+    listing = inputs.list_inputs(str(tmp_path))
     assert listing.format == "parquet"
-    plan = dio.plan_parquet(listing.files, image_column="jpg", id_column="key")
+    plan = inputs.plan_parquet(listing.files, image_column="jpg", id_column="key")
     assert plan.listed == plan.planned == 5
-    decoded = pa.concat_tables(decode_stage(
-        plan.units, image_column="jpg", resolution=64, resize="bucket", stride=32, mask_size="original",
-        max_image_pixels=dio.DEFAULT_MAX_IMAGE_PIXELS, keep_image_bytes=False, chunk_rows=8))
+    decoded = pa.concat_tables(
+        decode_stage(
+            plan.units,
+            image_column="jpg",
+            resolution=64,
+            resize="bucket",
+            stride=32,
+            mask_size="original",
+            max_image_pixels=inputs.DEFAULT_MAX_IMAGE_PIXELS,
+            keep_image_bytes=False,
+            chunk_rows=8,
+        )
+    )
     rows = {row["image_id"]: row for row in decoded.to_pylist()}
     assert sorted(rows) == [f"00000000{i}" for i in range(5)]
     assert rows["000000000"]["status"] == rows["000000002"]["status"] == "ok"
@@ -268,20 +323,32 @@ def test_hugging_face_datasets_round_trip(tmp_path):
     (tmp_path / "hf").mkdir()
     dataset.to_parquet(str(tmp_path / "hf" / "train.parquet"))
 
-    listing = dio.list_inputs(str(tmp_path / "hf"))
-    plan = dio.plan_parquet(listing.files, image_column="image", id_column="name")
-    decoded = pa.concat_tables(decode_stage(
-        plan.units, image_column="image", resolution=64, resize="bucket", stride=32, mask_size="32",
-        max_image_pixels=dio.DEFAULT_MAX_IMAGE_PIXELS, keep_image_bytes=False, chunk_rows=8))
+    listing = inputs.list_inputs(str(tmp_path / "hf"))
+    plan = inputs.plan_parquet(listing.files, image_column="image", id_column="name")
+    decoded = pa.concat_tables(
+        decode_stage(
+            plan.units,
+            image_column="image",
+            resolution=64,
+            resize="bucket",
+            stride=32,
+            mask_size="32",
+            max_image_pixels=inputs.DEFAULT_MAX_IMAGE_PIXELS,
+            keep_image_bytes=False,
+            chunk_rows=8,
+        )
+    )
     features_table = FeatureStage("tiny-random", "cpu", "float32", 50, batch_size=2)(decoded)
-    labels = SegmentStage(0.5, 10.0, False, False, params="{}", max_image_pixels=dio.DEFAULT_MAX_IMAGE_PIXELS)(
-        features_table)
+    labels = SegmentStage(0.5, 10.0, False, False, params="{}", max_image_pixels=inputs.DEFAULT_MAX_IMAGE_PIXELS)(
+        features_table
+    )
     output = tmp_path / "labels"
     output.mkdir()
     pq.write_table(labels, output / "labels-hf-0.parquet")
 
-    loaded = datasets.load_dataset("parquet", data_files=str(output / "labels-*.parquet"), split="train",
-                                   cache_dir=str(tmp_path / "hf-cache"))
+    loaded = datasets.load_dataset(
+        "parquet", data_files=str(output / "labels-*.parquet"), split="train", cache_dir=str(tmp_path / "hf-cache")
+    )
     assert loaded.num_rows == 3 and list(loaded.column_names) == list(schema.COLUMNS)
     by_name = {row["image_id"]: row for row in loaded}
     for name, image in zip(["a", "b", "c"], images):
@@ -297,18 +364,28 @@ def test_hugging_face_datasets_round_trip(tmp_path):
 def test_metadata_column_survives_reading_and_rethresholding(tmp_path):
     """The optional column: read back with read_labels (nulls for shards without it), and kept by
     diffcut rethreshold."""
-    from diffcut.tools.rethreshold import rethreshold_labels
     from diffcut.method.segmenter import segment_features
+    from diffcut.tools.rethreshold import rethreshold_labels
 
     grid = np.random.default_rng(0).normal(size=(6, 6, 8)).astype(np.float32)
     result = segment_features(grid, (12, 12), tau=0.9, alpha=10.0)
-    row = schema.ok_row(image_id="k", source="s.tar#k", width=12, height=12, mask=result.mask,
-                        latent_labels=result.latent_labels, descriptors=result.embeddings,
-                        tree=result.tree.to_dict(), params=schema.params_json({"tau": 0.9}))
+    row = schema.ok_row(
+        image_id="k",
+        source="s.tar#k",
+        width=12,
+        height=12,
+        mask=result.mask,
+        latent_labels=result.latent_labels,
+        descriptors=result.embeddings,
+        tree=result.tree.to_dict(),
+        params=schema.params_json({"tau": 0.9}),
+    )
     labels = tmp_path / "labels"
     labels.mkdir()
-    pq.write_table(schema.rows_to_table([dict(row, metadata='{"url": "u"}')], schema.labels_schema(True)),
-                   labels / "labels-a-0.parquet")
+    pq.write_table(
+        schema.rows_to_table([dict(row, metadata='{"url": "u"}')], schema.labels_schema(True)),
+        labels / "labels-a-0.parquet",
+    )
     pq.write_table(schema.rows_to_table([dict(row, source="s.tar#j", image_id="j")]), labels / "labels-b-0.parquet")
     read = {r["source"]: r["metadata"] for r in schema.read_labels(str(labels)).to_pylist()}
     assert read == {"s.tar#k": '{"url": "u"}', "s.tar#j": None}

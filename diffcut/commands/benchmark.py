@@ -35,8 +35,16 @@ from pathlib import Path
 
 import numpy as np
 
-from diffcut.evaluation.datasets import (BENCHMARK_VOCABULARIES, BENCHMARKS, BenchmarkDataset, BenchmarkSpec, open_benchmark,
-                              paper_preprocess, resize_bilinear, vocabulary_eval_ids)
+from diffcut.evaluation.datasets import (
+    BENCHMARK_VOCABULARIES,
+    BENCHMARKS,
+    BenchmarkDataset,
+    BenchmarkSpec,
+    open_benchmark,
+    paper_preprocess,
+    resize_bilinear,
+    vocabulary_eval_ids,
+)
 from diffcut.evaluation.protocol import COMPARE_SIZE, EvaluationResult, SegmentationEvaluator
 from diffcut.method.naming import DEFAULT_NAMING_MODEL
 
@@ -50,21 +58,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", required=True, type=Path, help="dataset folder (or the folder holding it)")
     parser.add_argument("--limit", type=int, default=None, help="score only the first N images")
     parser.add_argument("--refine", action="store_true", help="also score with PAMR refinement (paper's headline)")
-    parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help=f"diffusers pipeline: hub id, local folder or tiny-random (default {DEFAULT_MODEL})")
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"diffusers pipeline: hub id, local folder or tiny-random (default {DEFAULT_MODEL})",
+    )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument("--dtype", default="auto", help="model dtype: auto (float16 on CUDA), float32, bfloat16...")
     parser.add_argument("--tau", type=float, default=0.5, help="NCut threshold (default 0.5)")
     parser.add_argument("--alpha", type=float, default=10.0, help="affinity exponent (default 10)")
     parser.add_argument("--resolution", type=int, default=1024, help="input side after the crop (default 1024)")
     parser.add_argument("--batch-size", type=int, default=4, help="images per feature-extraction batch")
-    parser.add_argument("--vocabulary", nargs="?", const=DATASET_VOCABULARY, default=None,
-                        help="name the segments and score the names (no matching): alone, the benchmark's "
-                             f"built-in class names ({', '.join(sorted(BENCHMARK_VOCABULARIES))}); or one of "
-                             "those, or FILE (the benchmark's classes in its order, synonyms comma-separated)")
-    parser.add_argument("--naming-model", default=DEFAULT_NAMING_MODEL,
-                        help="open_clip ConvNeXt CLIP for --vocabulary: name:pretrained tag, hub id, local folder "
-                             f"(safetensors), or tiny-random (default {DEFAULT_NAMING_MODEL})")
+    parser.add_argument(
+        "--vocabulary",
+        nargs="?",
+        const=DATASET_VOCABULARY,
+        default=None,
+        help="name the segments and score the names (no matching): alone, the benchmark's "
+        f"built-in class names ({', '.join(sorted(BENCHMARK_VOCABULARIES))}); or one of "
+        "those, or FILE (the benchmark's classes in its order, synonyms comma-separated)",
+    )
+    parser.add_argument(
+        "--naming-model",
+        default=DEFAULT_NAMING_MODEL,
+        help="open_clip ConvNeXt CLIP for --vocabulary: name:pretrained tag, hub id, local folder "
+        f"(safetensors), or tiny-random (default {DEFAULT_NAMING_MODEL})",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
@@ -80,8 +99,16 @@ def _batches(dataset: BenchmarkDataset, size: int):
         yield batch
 
 
-def run_benchmark(dataset: BenchmarkDataset, segmenter, *, resolution: int = 1024, refine: bool = False,
-                  batch_size: int = 4, progress=None, namer=None) -> dict[str, EvaluationResult]:
+def run_benchmark(
+    dataset: BenchmarkDataset,
+    segmenter,
+    *,
+    resolution: int = 1024,
+    refine: bool = False,
+    batch_size: int = 4,
+    progress=None,
+    namer=None,
+) -> dict[str, EvaluationResult]:
     """Segment and score every image of ``dataset``.
 
     Returns ``{"none": result}`` and, with ``refine``, ``{"pamr": result}`` as
@@ -100,9 +127,13 @@ def run_benchmark(dataset: BenchmarkDataset, segmenter, *, resolution: int = 102
     eval_ids = None if namer is None else vocabulary_eval_ids(spec.name, len(namer.vocabulary))
 
     def new_evaluator() -> SegmentationEvaluator:
-        return SegmentationEvaluator(spec.num_classes, background_class=spec.background_class,
-                                     ignore_index=spec.ignore_index, size=COMPARE_SIZE,
-                                     matching="per-image" if namer is None else "names")
+        return SegmentationEvaluator(
+            spec.num_classes,
+            background_class=spec.background_class,
+            ignore_index=spec.ignore_index,
+            size=COMPARE_SIZE,
+            matching="per-image" if namer is None else "names",
+        )
 
     def named(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """The segments' class ids, as evaluation ids, per pixel."""
@@ -129,8 +160,9 @@ def run_benchmark(dataset: BenchmarkDataset, segmenter, *, resolution: int = 102
                 continue
             evaluators["none"].update(result.mask, labels)
             if refine:
-                evaluators["pamr"].update(result.mask, labels,
-                                          refine=lambda mask, small=small: refine_pamr(small, mask))
+                evaluators["pamr"].update(
+                    result.mask, labels, refine=lambda mask, small=small: refine_pamr(small, mask)
+                )
         done += len(batch)
         if progress is not None:
             progress(done, len(dataset), evaluators)
@@ -161,8 +193,9 @@ def format_table(spec: BenchmarkSpec, results: dict[str, EvaluationResult], head
             if cells is not None:
                 rows.append((names[key], *cells(results[key])))
             else:
-                rows.append((names[key], _pct(results[key].miou), f"{paper[key]:.1f}",
-                             _pct(results[key].pixel_accuracy)))
+                rows.append(
+                    (names[key], _pct(results[key].miou), f"{paper[key]:.1f}", _pct(results[key].pixel_accuracy))
+                )
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = [header]
     for row in rows:
@@ -188,8 +221,10 @@ def run(args: argparse.Namespace) -> int:
         spec_name = BENCHMARK_VOCABULARIES.get(spec.name) if args.vocabulary == DATASET_VOCABULARY else args.vocabulary
         try:
             if spec_name is None:
-                raise ValueError(f"benchmark {spec.name!r} has no built-in vocabulary (built in: "
-                                 f"{', '.join(sorted(BENCHMARK_VOCABULARIES))}); pass --vocabulary FILE")
+                raise ValueError(
+                    f"benchmark {spec.name!r} has no built-in vocabulary (built in: "
+                    f"{', '.join(sorted(BENCHMARK_VOCABULARIES))}); pass --vocabulary FILE"
+                )
             vocabulary = load_vocabulary(spec_name)
             vocabulary_eval_ids(spec.name, len(vocabulary))  # a vocabulary that does not fit fails here, early
         except (OSError, ValueError) as error:
@@ -219,8 +254,15 @@ def run(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     try:
-        results = run_benchmark(dataset, segmenter, resolution=args.resolution, refine=args.refine,
-                                batch_size=args.batch_size, progress=progress, namer=namer)
+        results = run_benchmark(
+            dataset,
+            segmenter,
+            resolution=args.resolution,
+            refine=args.refine,
+            batch_size=args.batch_size,
+            progress=progress,
+            namer=namer,
+        )
     except ValueError as error:
         print(f"diffcut benchmark: error: {error}", file=sys.stderr)
         return 1
@@ -230,20 +272,41 @@ def run(args: argparse.Namespace) -> int:
 
     naming = {} if namer is None else {"vocabulary": vocabulary.name, "naming_model": args.naming_model}
     if args.json:
-        print(json.dumps({
-            "dataset": spec.name, "title": spec.title, "layout": dataset.layout, "images": len(dataset),
-            "limit": args.limit, "model": args.model, "device": device, "tau": args.tau, "alpha": args.alpha,
-            "resolution": args.resolution, "images_per_second": throughput, **naming,
-            "results": {
-                key: {**result.to_dict(), **({} if namer is not None else {
-                      "paper_miou": (spec.paper_miou if key == "none" else spec.paper_miou_pamr) / 100})}
-                for key, result in results.items()
-            },
-        }))
+        print(
+            json.dumps(
+                {
+                    "dataset": spec.name,
+                    "title": spec.title,
+                    "layout": dataset.layout,
+                    "images": len(dataset),
+                    "limit": args.limit,
+                    "model": args.model,
+                    "device": device,
+                    "tau": args.tau,
+                    "alpha": args.alpha,
+                    "resolution": args.resolution,
+                    "images_per_second": throughput,
+                    **naming,
+                    "results": {
+                        key: {
+                            **result.to_dict(),
+                            **(
+                                {}
+                                if namer is not None
+                                else {"paper_miou": (spec.paper_miou if key == "none" else spec.paper_miou_pamr) / 100}
+                            ),
+                        }
+                        for key, result in results.items()
+                    },
+                }
+            )
+        )
         return 0
     named = "" if namer is None else f", named with {vocabulary.name} by {args.naming_model}"
-    header = (f"DiffCut zero-shot benchmark: {spec.title} ({spec.name}), {len(dataset)} images, model {args.model}, "
-              f"tau {args.tau:g}, alpha {args.alpha:g}, resolution {args.resolution}, {device}{named}")
+    header = (
+        f"DiffCut zero-shot benchmark: {spec.title} ({spec.name}), {len(dataset)} images, model {args.model}, "
+        f"tau {args.tau:g}, alpha {args.alpha:g}, resolution {args.resolution}, {device}{named}"
+    )
     print(format_table(spec, results, header))
     if args.limit is not None:
         print(f"note: ours over the first {len(dataset)} images only; the paper's over the whole split")

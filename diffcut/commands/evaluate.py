@@ -15,33 +15,59 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
-from diffcut.evaluation.protocol import (COMPARE_SIZE, IGNORE_INDEX, MATCHING_MODES, EvaluationResult,
-                              SegmentationEvaluator)
+from diffcut.evaluation.protocol import (
+    COMPARE_SIZE,
+    IGNORE_INDEX,
+    MATCHING_MODES,
+    EvaluationResult,
+    SegmentationEvaluator,
+)
 
 _ROW_COLUMNS = ("image_id", "status")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--predictions", "-p", required=True, type=Path,
-                        help="folder of predicted PNG label maps, or Parquet output of `diffcut label`")
-    parser.add_argument("--ground-truth", "-g", required=True, type=Path,
-                        help="folder of ground-truth PNG label maps (same file stems)")
+    parser.add_argument(
+        "--predictions",
+        "-p",
+        required=True,
+        type=Path,
+        help="folder of predicted PNG label maps, or Parquet output of `diffcut label`",
+    )
+    parser.add_argument(
+        "--ground-truth", "-g", required=True, type=Path, help="folder of ground-truth PNG label maps (same file stems)"
+    )
     parser.add_argument("--num-classes", "-n", required=True, type=int, help="N: labels in [0, N) are classes")
-    parser.add_argument("--ignore-index", type=int, default=IGNORE_INDEX,
-                        help="ignored label (default 255; every label outside [0, N) is ignored)")
-    parser.add_argument("--background-class", type=int, default=None,
-                        help="background class id: many-to-one background merge (VOC, Context, COCO-Object)")
-    parser.add_argument("--matching", choices=MATCHING_MODES, default="per-image",
-                        help="per-image Hungarian matching (paper), one matching over the whole dataset, or names: predictions are "
-                             "class ids (vocabulary indices), no matching")
-    parser.add_argument("--size", type=int, default=COMPARE_SIZE[0],
-                        help="compare at SIZE x SIZE, both maps resized with nearest (default 128; 0 = the "
-                             "ground truth's own size)")
+    parser.add_argument(
+        "--ignore-index",
+        type=int,
+        default=IGNORE_INDEX,
+        help="ignored label (default 255; every label outside [0, N) is ignored)",
+    )
+    parser.add_argument(
+        "--background-class",
+        type=int,
+        default=None,
+        help="background class id: many-to-one background merge (VOC, Context, COCO-Object)",
+    )
+    parser.add_argument(
+        "--matching",
+        choices=MATCHING_MODES,
+        default="per-image",
+        help="per-image Hungarian matching (paper), one matching over the whole dataset, or names: predictions are "
+        "class ids (vocabulary indices), no matching",
+    )
+    parser.add_argument(
+        "--size",
+        type=int,
+        default=COMPARE_SIZE[0],
+        help="compare at SIZE x SIZE, both maps resized with nearest (default 128; 0 = the ground truth's own size)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
@@ -82,8 +108,9 @@ def is_parquet_source(path: Path) -> bool:
     return any(path.rglob("*.parquet")) and not any(path.rglob("*.png"))
 
 
-def iter_parquet_masks(path: Path, wanted: set[str], stats: dict,
-                       mask_column: str = "mask") -> Iterator[tuple[str, np.ndarray]]:
+def iter_parquet_masks(
+    path: Path, wanted: set[str], stats: dict, mask_column: str = "mask"
+) -> Iterator[tuple[str, np.ndarray]]:
     """(stem, label map from ``mask_column``) for the ``ok`` rows of a Parquet output whose stem is wanted.
 
     Reads batch by batch, so a large output never sits in memory whole. As
@@ -106,10 +133,13 @@ def iter_parquet_masks(path: Path, wanted: set[str], stats: dict,
         wanted_columns = [*_ROW_COLUMNS, mask_column]
         missing = [c for c in wanted_columns if c not in names]
         if missing:
-            made_without = " (scoring names needs an output made with --vocabulary)" \
-                if mask_column == "semantic_mask" else ""
-            raise ValueError(f"{file}: no column(s) {missing}; expected the labeling job's output "
-                             f"with columns {wanted_columns}{made_without}")
+            made_without = (
+                " (scoring names needs an output made with --vocabulary)" if mask_column == "semantic_mask" else ""
+            )
+            raise ValueError(
+                f"{file}: no column(s) {missing}; expected the labeling job's output "
+                f"with columns {wanted_columns}{made_without}"
+            )
         columns = [*wanted_columns, "source"] if "source" in names else wanted_columns
         for batch in parquet.iter_batches(columns=columns, batch_size=256):
             rows = batch.to_pydict()
@@ -120,8 +150,9 @@ def iter_parquet_masks(path: Path, wanted: set[str], stats: dict,
                     if owner[stem] == source:
                         stats["duplicates"] += 1
                         continue
-                    raise ValueError(f"{file}: two different images share the stem {stem!r}: "
-                                     f"{owner[stem]!r} and {source!r}")
+                    raise ValueError(
+                        f"{file}: two different images share the stem {stem!r}: {owner[stem]!r} and {source!r}"
+                    )
                 owner[stem] = source
                 if status != STATUS_OK:
                     stats["skipped"].append(stem)
@@ -145,6 +176,7 @@ def iter_png_masks(folder: Path, wanted: set[str], stats: dict) -> Iterator[tupl
 # --------------------------------------------------------------------------- output
 def format_result(result: EvaluationResult, title: str = "") -> str:
     """mIoU, pixel accuracy and a per-class IoU table, as text (percent)."""
+
     def pct(value: float) -> str:
         return "   n/a" if np.isnan(value) else f"{100 * value:6.2f}"
 
@@ -153,8 +185,10 @@ def format_result(result: EvaluationResult, title: str = "") -> str:
     lines.append(f"matching        {result.matching}")
     lines.append(f"mIoU            {pct(result.miou).strip()}")
     if result.per_image_miou is not None:
-        lines.append(f"per-image mIoU  {pct(result.per_image_miou).strip()}  (mean over images, as the published "
-                     "open-vocabulary script)")
+        lines.append(
+            f"per-image mIoU  {pct(result.per_image_miou).strip()}  (mean over images, as the published "
+            "open-vocabulary script)"
+        )
     lines.append(f"pixel accuracy  {pct(result.pixel_accuracy).strip()}")
     lines.append("")
     lines.append("class    IoU   (n/a: neither in the ground truth nor predicted)")
@@ -166,16 +200,21 @@ def format_result(result: EvaluationResult, title: str = "") -> str:
 def run(args: argparse.Namespace) -> int:
     try:
         evaluator = SegmentationEvaluator(
-            args.num_classes, background_class=args.background_class, ignore_index=args.ignore_index,
-            matching=args.matching, size=(args.size, args.size) if args.size > 0 else None)
+            args.num_classes,
+            background_class=args.background_class,
+            ignore_index=args.ignore_index,
+            matching=args.matching,
+            size=(args.size, args.size) if args.size > 0 else None,
+        )
         ground_truth = _png_files_by_stem(args.ground_truth, "ground truth")
         if not ground_truth:
             raise FileNotFoundError(f"no PNG label maps under {args.ground_truth}")
         wanted = set(ground_truth)
         stats = {"skipped": [], "unused": 0, "duplicates": 0, "unreadable": []}
         if is_parquet_source(args.predictions):
-            predictions = iter_parquet_masks(args.predictions, wanted, stats,
-                                             "semantic_mask" if args.matching == "names" else "mask")
+            predictions = iter_parquet_masks(
+                args.predictions, wanted, stats, "semantic_mask" if args.matching == "names" else "mask"
+            )
         elif args.predictions.is_dir():
             predictions = iter_png_masks(args.predictions, wanted, stats)
         else:
@@ -191,8 +230,10 @@ def run(args: argparse.Namespace) -> int:
         if missing:
             failed = sorted(set(missing) & set(stats["skipped"]))
             because = f"; {len(failed)} of them failed in the labeling job: {_format_stems(failed)}" if failed else ""
-            raise ValueError(f"{len(missing)} of {len(wanted)} ground-truth images have no prediction "
-                             f"(matched by file stem): {_format_stems(missing)}{because}")
+            raise ValueError(
+                f"{len(missing)} of {len(wanted)} ground-truth images have no prediction "
+                f"(matched by file stem): {_format_stems(missing)}{because}"
+            )
     except (OSError, ValueError) as error:
         print(f"diffcut evaluate: error: {error}", file=sys.stderr)
         return 1

@@ -23,15 +23,18 @@ import signal
 import sys
 import traceback
 
-from diffcut.job import io as dio
+from diffcut.job import inputs
 
 
 def _defaults() -> dict:
     # Reading the signature imports Ray; only the label command pays for it.
     from diffcut.job.pipeline import label_dataset
 
-    return {name: p.default for name, p in inspect.signature(label_dataset).parameters.items()
-            if p.default is not inspect.Parameter.empty}
+    return {
+        name: p.default
+        for name, p in inspect.signature(label_dataset).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
 
 
 def _optional_int(text: str) -> int | None:
@@ -52,113 +55,201 @@ def add_speed_arguments(group, defaults: dict) -> None:
     """The feature extractor's speed options; shared by ``diffcut label`` and ``diffcut segment``."""
     from diffcut.method.features import ATTENTION_KERNELS, VAE_DTYPES
 
-    group.add_argument("--compile", action="store_true",
-                       help="torch.compile the VAE encoder and the truncated UNet (dynamic sizes; the first call "
-                            "per size range compiles)")
+    group.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the VAE encoder and the truncated UNet (dynamic sizes; the first call "
+        "per size range compiles)",
+    )
     group.add_argument("--channels-last", action="store_true", help="NHWC memory format for the convolutions")
-    group.add_argument("--attention", default=defaults["attention"], choices=ATTENTION_KERNELS,
-                       help="attention kernel: sdpa (flash / memory-efficient on CUDA) or eager (reference)")
+    group.add_argument(
+        "--attention",
+        default=defaults["attention"],
+        choices=ATTENTION_KERNELS,
+        help="attention kernel: sdpa (flash / memory-efficient on CUDA) or eager (reference)",
+    )
     group.add_argument("--tf32", action="store_true", help="TF32 for float32 matmuls and convolutions on CUDA")
-    group.add_argument("--vae-dtype", default=defaults["vae_dtype"], choices=VAE_DTYPES,
-                       help="VAE encoder dtype: auto (the VAE config's: float32 for SDXL's under float16); "
-                            "bfloat16 deviates from the paper")
+    group.add_argument(
+        "--vae-dtype",
+        default=defaults["vae_dtype"],
+        choices=VAE_DTYPES,
+        help="VAE encoder dtype: auto (the VAE config's: float32 for SDXL's under float16); "
+        "bfloat16 deviates from the paper",
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = _defaults()
     parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     io = parser.add_argument_group("inputs and outputs")
-    io.add_argument("--input", required=True,
-                    help="local folder/file or s3://bucket/prefix: image files (recursive; jpg jpeg png webp bmp tif "
-                         "tiff gif), a Parquet dataset, or WebDataset .tar shards")
+    io.add_argument(
+        "--input",
+        required=True,
+        help="local folder/file or s3://bucket/prefix: image files (recursive; jpg jpeg png webp bmp tif "
+        "tiff gif), a Parquet dataset, or WebDataset .tar shards",
+    )
     io.add_argument("--output", required=True, help="local folder or s3://bucket/prefix for the Parquet shards")
-    io.add_argument("--format", default=d["format"], choices=dio.INPUT_FORMATS,
-                    help="input kind; auto detects image files, Parquet or .tar shards (img2dataset's "
-                         ".parquet/_stats.json beside its shards are not inputs)")
-    io.add_argument("--image-column", default=d["image_column"],
-                    help="Parquet column with the image bytes (binary, or the HF datasets Image struct; "
-                         "img2dataset: jpg)")
-    io.add_argument("--id-column", default=d["id_column"],
-                    help="Parquet column with the image ids (default: the source, file.parquet#row=N; "
-                         "img2dataset: key); WebDataset: the sample key")
-    io.add_argument("--keep-metadata", action="store_true",
-                    help="copy each WebDataset sample's {key}.json into the output's metadata column")
-    io.add_argument("--overwrite", action="store_true",
-                    help="delete the job's previous shards in --output and start over (default: resume)")
-    io.add_argument("--create-bucket", action="store_true",
-                    help="create the --output S3 bucket when it does not exist (default: refuse, a typo in the "
-                         "name would put the labels in a new bucket)")
-    io.add_argument("--dry-run", action="store_true",
-                    help="check the input and output, print the read units and samples in total, done and to "
-                         "do, and exit; nothing is labeled, Ray is not started")
-    io.add_argument("--limit", type=_optional_int, default=d["limit"],
-                    help="label at most N not-yet-done records this run")
-    io.add_argument("--max-image-pixels", type=int, default=d["max_image_pixels"],
-                    help="refuse images declaring more pixels than this (decompression-bomb guard)")
-    io.add_argument("--max-error-rate", type=float, default=d["max_error_rate"],
-                    help="exit 1 when more than this fraction of the output rows are errors")
+    io.add_argument(
+        "--format",
+        default=d["format"],
+        choices=inputs.INPUT_FORMATS,
+        help="input kind; auto detects image files, Parquet or .tar shards (img2dataset's "
+        ".parquet/_stats.json beside its shards are not inputs)",
+    )
+    io.add_argument(
+        "--image-column",
+        default=d["image_column"],
+        help="Parquet column with the image bytes (binary, or the HF datasets Image struct; img2dataset: jpg)",
+    )
+    io.add_argument(
+        "--id-column",
+        default=d["id_column"],
+        help="Parquet column with the image ids (default: the source, file.parquet#row=N; "
+        "img2dataset: key); WebDataset: the sample key",
+    )
+    io.add_argument(
+        "--keep-metadata",
+        action="store_true",
+        help="copy each WebDataset sample's {key}.json into the output's metadata column",
+    )
+    io.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the job's previous shards in --output and start over (default: resume)",
+    )
+    io.add_argument(
+        "--create-bucket",
+        action="store_true",
+        help="create the --output S3 bucket when it does not exist (default: refuse, a typo in the "
+        "name would put the labels in a new bucket)",
+    )
+    io.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the input and output, print the read units and samples in total, done and to "
+        "do, and exit; nothing is labeled, Ray is not started",
+    )
+    io.add_argument(
+        "--limit", type=_optional_int, default=d["limit"], help="label at most N not-yet-done records this run"
+    )
+    io.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=d["max_image_pixels"],
+        help="refuse images declaring more pixels than this (decompression-bomb guard)",
+    )
+    io.add_argument(
+        "--max-error-rate",
+        type=float,
+        default=d["max_error_rate"],
+        help="exit 1 when more than this fraction of the output rows are errors",
+    )
 
     method = parser.add_argument_group("method (DiffCut)")
-    method.add_argument("--model", default=d["model"],
-                        help="diffusers pipeline: hub id, local folder (safetensors), or tiny-random (tests)")
-    method.add_argument("--device", default=d["device"],
-                        help="feature actors' device: auto (cuda if the cluster has GPUs), cuda, cpu")
+    method.add_argument(
+        "--model",
+        default=d["model"],
+        help="diffusers pipeline: hub id, local folder (safetensors), or tiny-random (tests)",
+    )
+    method.add_argument(
+        "--device", default=d["device"], help="feature actors' device: auto (cuda if the cluster has GPUs), cuda, cpu"
+    )
     method.add_argument("--dtype", default=d["dtype"], help="model dtype: auto (float16 on CUDA), float32, bfloat16")
     method.add_argument("--tau", type=float, default=d["tau"], help="recursive NCut threshold")
     method.add_argument("--alpha", type=float, default=d["alpha"], help="affinity exponent")
     method.add_argument("--timestep", type=int, default=d["timestep"], help="diffusion timestep of the noised latent")
-    method.add_argument("--exact-search", action="store_true",
-                        help="search every sweep cut of the Fiedler vector, not the paper's 100 thresholds")
+    method.add_argument(
+        "--exact-search",
+        action="store_true",
+        help="search every sweep cut of the Fiedler vector, not the paper's 100 thresholds",
+    )
     method.add_argument("--refine", action="store_true", help="refine masks with PAMR (paper's headline numbers)")
-    method.add_argument("--vocabulary", default=d["vocabulary"],
-                        help="name every segment: voc, context, coco-object, or FILE (one class per line, "
-                             "synonyms comma-separated); adds a CLIP naming stage and class columns")
-    method.add_argument("--naming-model", default=d["naming_model"],
-                        help="open_clip ConvNeXt CLIP for --vocabulary: name:pretrained tag, hub id, local "
-                             "folder (safetensors), or tiny-random (tests)")
+    method.add_argument(
+        "--vocabulary",
+        default=d["vocabulary"],
+        help="name every segment: voc, context, coco-object, or FILE (one class per line, "
+        "synonyms comma-separated); adds a CLIP naming stage and class columns",
+    )
+    method.add_argument(
+        "--naming-model",
+        default=d["naming_model"],
+        help="open_clip ConvNeXt CLIP for --vocabulary: name:pretrained tag, hub id, local "
+        "folder (safetensors), or tiny-random (tests)",
+    )
 
     sizes = parser.add_argument_group("sizes")
-    sizes.add_argument("--resolution", type=int, default=d["resolution"],
-                       help="model input: about resolution^2 pixels (a multiple of 32)")
-    sizes.add_argument("--resize", default=d["resize"], choices=dio.RESIZE_MODES,
-                       help="square: resolution x resolution (paper); bucket: keep the aspect ratio")
-    sizes.add_argument("--mask-size", default=d["mask_size"],
-                       help="output mask size: original, model, N (longest side), or WxH")
+    sizes.add_argument(
+        "--resolution",
+        type=int,
+        default=d["resolution"],
+        help="model input: about resolution^2 pixels (a multiple of 32)",
+    )
+    sizes.add_argument(
+        "--resize",
+        default=d["resize"],
+        choices=inputs.RESIZE_MODES,
+        help="square: resolution x resolution (paper); bucket: keep the aspect ratio",
+    )
+    sizes.add_argument(
+        "--mask-size", default=d["mask_size"], help="output mask size: original, model, N (longest side), or WxH"
+    )
 
     add_speed_arguments(parser.add_argument_group("speed (feature actors)"), d)
 
     pools = parser.add_argument_group("Ray pools")
-    pools.add_argument("--batch-size", type=batch_size_arg, default=d["batch_size"],
-                       help="images per feature-extraction call, or auto: the largest that fits the GPU memory, "
-                            "per input size (1 on CPU)")
-    pools.add_argument("--decode-batch-size", type=int, default=d["decode_batch_size"],
-                       help="image files per read/decode task (WebDataset: images a shard's task holds at "
-                            "once); a task orders them by model input size so "
-                            "that model calls fill up (larger: fewer blank images in the calls, more memory: "
-                            "the encoded files of a task are held together)")
-    pools.add_argument("--decode-cpus", type=float, default=d["decode_cpus"],
-                       help="CPUs per read/decode task and per write task")
-    pools.add_argument("--extractor-pool-min", type=int, default=d["extractor_pool_min"],
-                       help="minimum feature actors")
-    pools.add_argument("--extractor-pool-max", type=int, default=d["extractor_pool_max"],
-                       help="maximum feature actors")
-    pools.add_argument("--extractor-gpus", type=float, default=d["extractor_gpus"],
-                       help="GPUs each feature actor requests (default: 1 when it runs on CUDA, 0 on CPU; "
-                            "an explicit value is requested on any device)")
+    pools.add_argument(
+        "--batch-size",
+        type=batch_size_arg,
+        default=d["batch_size"],
+        help="images per feature-extraction call, or auto: the largest that fits the GPU memory, "
+        "per input size (1 on CPU)",
+    )
+    pools.add_argument(
+        "--decode-batch-size",
+        type=int,
+        default=d["decode_batch_size"],
+        help="image files per read/decode task (WebDataset: images a shard's task holds at "
+        "once); a task orders them by model input size so "
+        "that model calls fill up (larger: fewer blank images in the calls, more memory: "
+        "the encoded files of a task are held together)",
+    )
+    pools.add_argument(
+        "--decode-cpus", type=float, default=d["decode_cpus"], help="CPUs per read/decode task and per write task"
+    )
+    pools.add_argument("--extractor-pool-min", type=int, default=d["extractor_pool_min"], help="minimum feature actors")
+    pools.add_argument("--extractor-pool-max", type=int, default=d["extractor_pool_max"], help="maximum feature actors")
+    pools.add_argument(
+        "--extractor-gpus",
+        type=float,
+        default=d["extractor_gpus"],
+        help="GPUs each feature actor requests (default: 1 when it runs on CUDA, 0 on CPU; "
+        "an explicit value is requested on any device)",
+    )
     pools.add_argument("--extractor-cpus", type=float, default=d["extractor_cpus"], help="CPUs per feature actor")
     pools.add_argument("--ncut-pool-min", type=int, default=d["ncut_pool_min"], help="minimum segmentation actors")
     pools.add_argument("--ncut-pool-max", type=int, default=d["ncut_pool_max"], help="maximum segmentation actors")
     pools.add_argument("--ncut-cpus", type=float, default=d["ncut_cpus"], help="CPUs per segmentation actor")
-    pools.add_argument("--naming-pool-min", type=int, default=d["naming_pool_min"],
-                       help="minimum naming actors (--vocabulary)")
-    pools.add_argument("--naming-pool-max", type=int, default=d["naming_pool_max"],
-                       help="maximum naming actors (--vocabulary)")
-    pools.add_argument("--naming-gpus", type=float, default=d["naming_gpus"],
-                       help="GPUs each naming actor requests (default: 1 when the model runs on CUDA, 0 on CPU)")
+    pools.add_argument(
+        "--naming-pool-min", type=int, default=d["naming_pool_min"], help="minimum naming actors (--vocabulary)"
+    )
+    pools.add_argument(
+        "--naming-pool-max", type=int, default=d["naming_pool_max"], help="maximum naming actors (--vocabulary)"
+    )
+    pools.add_argument(
+        "--naming-gpus",
+        type=float,
+        default=d["naming_gpus"],
+        help="GPUs each naming actor requests (default: 1 when the model runs on CUDA, 0 on CPU)",
+    )
     pools.add_argument("--naming-cpus", type=float, default=d["naming_cpus"], help="CPUs per naming actor")
-    pools.add_argument("--shard-rows", type=int, default=d["shard_rows"], help="rows per output Parquet shard (at least)")
-    pools.add_argument("--address", default=d["address"],
-                       help="Ray cluster to join (default: RAY_ADDRESS, else an embedded Ray on 127.0.0.1)")
+    pools.add_argument(
+        "--shard-rows", type=int, default=d["shard_rows"], help="rows per output Parquet shard (at least)"
+    )
+    pools.add_argument(
+        "--address",
+        default=d["address"],
+        help="Ray cluster to join (default: RAY_ADDRESS, else an embedded Ray on 127.0.0.1)",
+    )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON only")
 
 
@@ -186,8 +277,7 @@ def format_dry_run(report: dict) -> str:
     units, samples = report["units"], report["samples"]
     lines = [
         f"dry run: {report['input']} ({report['format']}) -> {report['output']}; nothing was labeled",
-        f"read units ({units['kind']}): {units['total']} in total, {count(units['done'])} done, "
-        f"{units['to_do']} to do",
+        f"read units ({units['kind']}): {units['total']} in total, {count(units['done'])} done, {units['to_do']} to do",
         f"samples: {count(samples['total'])} in total, {samples['done']} done, {count(samples['to_do'])} to do"
         + (" (a shard's samples are known once it is read)" if samples["total"] is None else ""),
         f"skipped {report['skipped_non_input_files']} non-input files",
@@ -215,10 +305,10 @@ def run(args: argparse.Namespace) -> int:
         summary = label_dataset(**kwargs)
     except RunFailed as failed:  # the summary goes to stdout as always (the output may have no room for it)
         print(json.dumps(failed.summary, indent=2) if args.json else format_summary(failed.summary))
-        print(f"diffcut label: {dio.redact(failed)}", file=sys.stderr)
+        print(f"diffcut label: {inputs.redact(failed)}", file=sys.stderr)
         return 2
-    except dio.InputError as error:
-        print(f"diffcut label: {dio.redact(error)}", file=sys.stderr)
+    except inputs.InputError as error:
+        print(f"diffcut label: {inputs.redact(error)}", file=sys.stderr)
         return 2
     except StoppedBeforeLabeling as stopped:
         print(f"diffcut label: {stopped}", file=sys.stderr)
@@ -227,7 +317,7 @@ def run(args: argparse.Namespace) -> int:
         print("diffcut label: interrupted (SIGINT) before labeling started; nothing was labeled", file=sys.stderr)
         return 128 + signal.SIGINT
     except Exception:  # noqa: BLE001 - unexpected: the traceback is what a bug report needs
-        print(dio.redact(traceback.format_exc()), file=sys.stderr, end="")
+        print(inputs.redact(traceback.format_exc()), file=sys.stderr, end="")
         print("diffcut label: unexpected failure (above); the shards already written stay valid", file=sys.stderr)
         return 3
     if summary.get("dry_run"):

@@ -23,11 +23,11 @@ This module needs numpy and Pillow only.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -76,14 +76,14 @@ class Sample:
 
 
 # --------------------------------------------------------------------------- package data
-@lru_cache(maxsize=None)
+@cache
 def label_maps() -> dict:
     """The benchmark label mappings (``diffcut/data/benchmark_label_maps.json``)."""
     text = resources.files("diffcut").joinpath("data/benchmark_label_maps.json").read_text()
     return json.loads(text)
 
 
-@lru_cache(maxsize=None)
+@cache
 def coco_stuff27_val_ids() -> tuple[str, ...]:
     """The 2,175 COCO val2017 image ids of the COCO-Stuff-27 (and COCO-Object) protocol."""
     text = resources.files("diffcut").joinpath("data/coco_stuff27_val_2175.txt").read_text()
@@ -195,8 +195,10 @@ def vocabulary_eval_ids(name: str, vocabulary_size: int) -> np.ndarray:
     if vocabulary_size != spec.num_classes:
         fits = BENCHMARK_VOCABULARIES.get(name)
         hint = f"; the built-in vocabulary {fits!r} fits it" if fits else ""
-        raise ValueError(f"the vocabulary has {vocabulary_size} classes but benchmark {name!r} ({spec.title}) "
-                         f"scores {spec.num_classes}{hint}")
+        raise ValueError(
+            f"the vocabulary has {vocabulary_size} classes but benchmark {name!r} ({spec.title}) "
+            f"scores {spec.num_classes}{hint}"
+        )
     if name == "coco-object":  # [80, 0, 1, ..., 79]
         return np.concatenate([[spec.background_class], np.arange(spec.num_classes - 1)]).astype(np.int64)
     return np.arange(vocabulary_size, dtype=np.int64)
@@ -228,8 +230,9 @@ class BenchmarkDataset:
     (after ``limit``).
     """
 
-    def __init__(self, spec: BenchmarkSpec, root: Path, items: Sequence[tuple[str, Path, Path]],
-                 table: np.ndarray, layout: str):
+    def __init__(
+        self, spec: BenchmarkSpec, root: Path, items: Sequence[tuple[str, Path, Path]], table: np.ndarray, layout: str
+    ):
         self.spec = spec
         self.root = root
         self.items = list(items)
@@ -263,8 +266,9 @@ class BenchmarkDataset:
         return Sample(image_id, image, labels)
 
     def __repr__(self) -> str:
-        return (f"BenchmarkDataset({self.spec.name!r}, root={str(self.root)!r}, layout={self.layout!r}, "
-                f"images={len(self)})")
+        return (
+            f"BenchmarkDataset({self.spec.name!r}, root={str(self.root)!r}, layout={self.layout!r}, images={len(self)})"
+        )
 
 
 class LayoutNotFound(FileNotFoundError):
@@ -291,24 +295,28 @@ def _check_exist(items: Sequence[tuple[str, Path, Path]], name: str) -> None:
 
 
 def _voc_items(root: Path) -> tuple[Path, list, np.ndarray, str]:
-    base = _first_existing([root, root / "VOC2012", root / "VOCdevkit" / "VOC2012"],
-                           ["JPEGImages", "SegmentationClass", "ImageSets/Segmentation/val.txt"])
+    base = _first_existing(
+        [root, root / "VOC2012", root / "VOCdevkit" / "VOC2012"],
+        ["JPEGImages", "SegmentationClass", "ImageSets/Segmentation/val.txt"],
+    )
     if base is None:
         raise LayoutNotFound(
             f"no Pascal VOC 2012 under {root}: expected VOCdevkit/VOC2012/{{JPEGImages, SegmentationClass, "
-            "ImageSets/Segmentation/val.txt}} (or --root pointing at VOCdevkit or VOC2012)")
+            "ImageSets/Segmentation/val.txt}} (or --root pointing at VOCdevkit or VOC2012)"
+        )
     ids = _read_id_list(base / "ImageSets/Segmentation/val.txt")
     items = [(i, base / "JPEGImages" / f"{i}.jpg", base / "SegmentationClass" / f"{i}.png") for i in ids]
     return base, items, voc_table(), "VOCdevkit/VOC2012"
 
 
 def _context_items(root: Path) -> tuple[Path, list, np.ndarray, str]:
-    mmseg = _first_existing([root, root / "VOC2010", root / "VOCdevkit" / "VOC2010"],
-                            ["JPEGImages", "SegmentationClassContext", "ImageSets/SegmentationContext/val.txt"])
+    mmseg = _first_existing(
+        [root, root / "VOC2010", root / "VOCdevkit" / "VOC2010"],
+        ["JPEGImages", "SegmentationClassContext", "ImageSets/SegmentationContext/val.txt"],
+    )
     if mmseg is not None:
         ids = _read_id_list(mmseg / "ImageSets/SegmentationContext/val.txt")
-        items = [(i, mmseg / "JPEGImages" / f"{i}.jpg", mmseg / "SegmentationClassContext" / f"{i}.png")
-                 for i in ids]
+        items = [(i, mmseg / "JPEGImages" / f"{i}.jpg", mmseg / "SegmentationClassContext" / f"{i}.png") for i in ids]
         return mmseg, items, context_mmseg_table(), "mmseg VOC2010/SegmentationClassContext"
     d2 = _first_existing([root, root / "pascal_ctx_d2"], ["images/validation", "annotations_ctx59/validation"])
     if d2 is not None:
@@ -318,7 +326,8 @@ def _context_items(root: Path) -> tuple[Path, list, np.ndarray, str]:
     raise LayoutNotFound(
         f"no Pascal Context under {root}: expected either mmsegmentation's layout VOCdevkit/VOC2010/"
         "{JPEGImages, SegmentationClassContext, ImageSets/SegmentationContext/val.txt} or the layout of the "
-        "published DiffCut code, pascal_ctx_d2/{images/validation, annotations_ctx59/validation}")
+        "published DiffCut code, pascal_ctx_d2/{images/validation, annotations_ctx59/validation}"
+    )
 
 
 def _coco_items(root: Path, table: np.ndarray, limit: int | None) -> tuple[Path, list, np.ndarray, str]:
@@ -328,15 +337,25 @@ def _coco_items(root: Path, table: np.ndarray, limit: int | None) -> tuple[Path,
     probe = ids[0] if ids else coco_stuff27_val_ids()[0]
     bases = [root, root / "coco"]
     image_dirs = [b / sub for b in bases for sub in ("images/val2017", "val2017", "images")]
-    label_dirs = [b / sub for b in bases for sub in ("annotations/val2017", "stuffthingmaps_trainval2017/val2017",
-                                                     "stuffthingmaps/val2017", "annotations", "val2017")]
+    label_dirs = [
+        b / sub
+        for b in bases
+        for sub in (
+            "annotations/val2017",
+            "stuffthingmaps_trainval2017/val2017",
+            "stuffthingmaps/val2017",
+            "annotations",
+            "val2017",
+        )
+    ]
     image_dir = next((d for d in image_dirs if (d / f"{probe}.jpg").is_file()), None)
     label_dir = next((d for d in label_dirs if (d / f"{probe}.png").is_file()), None)
     if image_dir is None or label_dir is None:
         raise LayoutNotFound(
             f"no COCO-Stuff val2017 under {root} (looked for {probe}.jpg and {probe}.png): expected "
             "coco/images/val2017/*.jpg (or coco/val2017) and the stuffthingmaps PNGs in coco/annotations/val2017 "
-            "(or coco/stuffthingmaps_trainval2017/val2017)")
+            "(or coco/stuffthingmaps_trainval2017/val2017)"
+        )
     items = [(i, image_dir / f"{i}.jpg", label_dir / f"{i}.png") for i in ids]
     return image_dir.parent, items, table, f"{image_dir.relative_to(root)} + {label_dir.relative_to(root)}"
 
@@ -356,9 +375,12 @@ def _ade20k_items(root: Path) -> tuple[Path, list, np.ndarray, str]:
     base = _first_existing([root, root / "ADEChallengeData2016"], ["images/validation", "annotations/validation"])
     if base is None:
         raise LayoutNotFound(
-            f"no ADE20K under {root}: expected ADEChallengeData2016/{{images/validation, annotations/validation}}")
-    items = [(p.stem, p, base / "annotations/validation" / f"{p.stem}.png")
-             for p in sorted((base / "images/validation").glob("*.jpg"))]
+            f"no ADE20K under {root}: expected ADEChallengeData2016/{{images/validation, annotations/validation}}"
+        )
+    items = [
+        (p.stem, p, base / "annotations/validation" / f"{p.stem}.png")
+        for p in sorted((base / "images/validation").glob("*.jpg"))
+    ]
     return base, items, ade20k_table(), "ADEChallengeData2016"
 
 

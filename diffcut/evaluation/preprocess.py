@@ -68,7 +68,7 @@ def paper_preprocess(image: np.ndarray, labels: np.ndarray, resolution: int = 10
     if labels.shape[:2] != (height, width):
         raise ValueError(f"image {image.shape[:2]} and labels {labels.shape[:2]} differ in size")
     top, left, side = centre_square_crop_box(height, width)
-    image = np.asarray(image[top:top + side, left:left + side], dtype=np.float32) / 255.0
-    labels = labels[top:top + side, left:left + side]
+    image = np.asarray(image[top : top + side, left : left + side], dtype=np.float32) / 255.0
+    labels = labels[top : top + side, left : left + side]
     size = (resolution, resolution)
     return resize_bilinear(image, size), resize_nearest_exact(labels, size)

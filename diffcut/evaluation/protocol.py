@@ -38,8 +38,8 @@ Everything here is numpy and scipy; no torch.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -397,9 +397,17 @@ class SegmentationEvaluator:
             valid = [v for v in self._image_mious if not math.isnan(v)]
             per_image = float(np.mean(valid)) if valid else float("nan")
         return EvaluationResult(
-            miou=miou, pixel_accuracy=accuracy, per_class_iou=iou, true_positives=tp.copy(),
-            false_positives=fp.copy(), false_negatives=fn.copy(), total_pixels=int(total),
-            num_images=self.num_images, matching=self.matching, assignment=assignment, per_image_miou=per_image,
+            miou=miou,
+            pixel_accuracy=accuracy,
+            per_class_iou=iou,
+            true_positives=tp.copy(),
+            false_positives=fp.copy(),
+            false_negatives=fn.copy(),
+            total_pixels=int(total),
+            num_images=self.num_images,
+            matching=self.matching,
+            assignment=assignment,
+            per_image_miou=per_image,
         )
 
 

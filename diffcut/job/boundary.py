@@ -31,8 +31,14 @@ from urllib.parse import quote
 from diffcut.job.storage import check_uri, is_remote, open_filesystem
 
 #: What a file of each non-regular type is called in a message.
-_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-          (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder"), (stat.S_ISLNK, "a symbolic link"))
+_KINDS = (
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISLNK, "a symbolic link"),
+)
 
 
 def file_kind(mode: int) -> str:
@@ -99,7 +105,7 @@ def canonical_root(path: str) -> str:
 
 def shown_path(path: str, real_root: str, root: str) -> str:
     """``path``, found under the real directory ``real_root``, as seen from the canonical ``root``."""
-    return path[len(real_root) + 1:] if root == "." else root + path[len(real_root):]
+    return path[len(real_root) + 1 :] if root == "." else root + path[len(real_root) :]
 
 
 def inside(path: str, root: str) -> bool:
@@ -146,8 +152,10 @@ def _link_reason(path: str, root: str) -> str:
     if not inside(target, root):
         return "a symbolic link to a place outside the input: not followed, never opened"
     relative = os.path.relpath(target, root)
-    return (f"a symbolic link to {path_text(relative)!r} inside the input: not followed (the target is read under "
-            "its own path)")
+    return (
+        f"a symbolic link to {path_text(relative)!r} inside the input: not followed (the target is read under "
+        "its own path)"
+    )
 
 
 # =========================================================================== opening

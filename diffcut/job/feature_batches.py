@@ -72,7 +72,7 @@ def model_calls(sizes: list[tuple[int, int] | None], batch_size) -> list[list[in
     calls = []
     for size, indices in groups.items():
         step = per_size(size)
-        calls += [indices[start:start + step] for start in range(0, len(indices), step)]
+        calls += [indices[start : start + step] for start in range(0, len(indices), step)]
     return calls
 
 
@@ -169,7 +169,11 @@ class FeatureBatches:
                 result.update(error_fields(failures[index]))
             elif index in features:
                 grid = features[index]
-                result.update(features=grid.tobytes(), feature_height=grid.shape[0], feature_width=grid.shape[1],
-                              feature_dim=grid.shape[2])
+                result.update(
+                    features=grid.tobytes(),
+                    feature_height=grid.shape[0],
+                    feature_width=grid.shape[1],
+                    feature_dim=grid.shape[2],
+                )
             out.append(result)
         return pa.Table.from_pylist(out, schema=FEATURES_SCHEMA)

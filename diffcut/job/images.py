@@ -21,8 +21,8 @@ import io
 import math
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -43,7 +43,6 @@ RESIZE_MODES = ("bucket", "square")
 
 class ImageDecodeError(ValueError):
     """One image could not be used; the message becomes the row's ``error``."""
-
 
 
 # =========================================================================== sizes
@@ -67,8 +66,9 @@ def bucket_size(width: int, height: int, resolution: int, stride: int = DEFAULT_
     return int(bucket_width), int(bucket_height)
 
 
-def model_size(width: int, height: int, resolution: int, resize: str = "bucket",
-               stride: int = DEFAULT_STRIDE) -> tuple[int, int]:
+def model_size(
+    width: int, height: int, resolution: int, resize: str = "bucket", stride: int = DEFAULT_STRIDE
+) -> tuple[int, int]:
     """(width, height) the model sees for a ``width`` x ``height`` image.
 
     ``square``: resolution x resolution, as in the paper (1024 x 1024).
@@ -96,7 +96,7 @@ class MaskSize:
     height: int | None = None
 
     @classmethod
-    def parse(cls, text: "str | int | MaskSize") -> "MaskSize":
+    def parse(cls, text: str | int | MaskSize) -> MaskSize:
         if isinstance(text, MaskSize):
             return text
         value = str(text).strip().lower()
@@ -249,15 +249,16 @@ def check_png_complete(data: bytes, *, inflate: bool = True) -> None:
     while True:
         if position + 12 > len(data):
             raise ImageDecodeError(f"the PNG ends at byte {len(data):,} before its IEND chunk: the file is truncated")
-        length, kind = struct.unpack(">I4s", data[position:position + 8])
+        length, kind = struct.unpack(">I4s", data[position : position + 8])
         end = position + 12 + length
         if end > len(data):
             raise ImageDecodeError(f"the PNG ends at byte {len(data):,} inside a chunk: the file is truncated")
-        body = data[position + 8:end - 4]
-        if zlib.crc32(kind + body) != struct.unpack(">I", data[end - 4:end])[0]:
+        body = data[position + 8 : end - 4]
+        if zlib.crc32(kind + body) != struct.unpack(">I", data[end - 4 : end])[0]:
             name = kind.decode("ascii") if kind.isalpha() else "?"
-            raise ImageDecodeError(f"the PNG chunk {name} at byte {position:,} fails its CRC check: "
-                                   "the file is corrupt")
+            raise ImageDecodeError(
+                f"the PNG chunk {name} at byte {position:,} fails its CRC check: the file is corrupt"
+            )
         if kind == b"IHDR" and length >= 13:
             header = struct.unpack(">IIBBBBB", body[:13])
             expected = _png_data_size(header[0], header[1], header[2], header[3], bool(header[6]))
@@ -271,8 +272,10 @@ def check_png_complete(data: bytes, *, inflate: bool = True) -> None:
             break
         position = end
     if inflate and expected is not None and inflated < expected:
-        raise ImageDecodeError(f"the PNG image data holds {inflated:,} of the {expected:,} bytes its "
-                               f"{header[0]}x{header[1]} header declares: the image is incomplete")
+        raise ImageDecodeError(
+            f"the PNG image data holds {inflated:,} of the {expected:,} bytes its "
+            f"{header[0]}x{header[1]} header declares: the image is incomplete"
+        )
 
 
 def to_rgb(image):
@@ -326,8 +329,9 @@ def upright_size(data: bytes | None, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS)
 SizeRule = Callable[[int, int], tuple[int, int]]
 
 
-def decode_image(data: bytes | None, size: tuple[int, int] | SizeRule | None = None, *,
-                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> DecodedImage:
+def decode_image(
+    data: bytes | None, size: tuple[int, int] | SizeRule | None = None, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+) -> DecodedImage:
     """Decode untrusted image bytes to an RGB array of the wanted size.
 
     Args:
@@ -380,8 +384,9 @@ def decode_image(data: bytes | None, size: tuple[int, int] | SizeRule | None = N
     return DecodedImage(pixels=pixels, width=width, height=height)
 
 
-def _target_size(size: tuple[int, int] | SizeRule | None, raw_width: int, raw_height: int,
-                 swapped: bool) -> tuple[int, int]:
+def _target_size(
+    size: tuple[int, int] | SizeRule | None, raw_width: int, raw_height: int, swapped: bool
+) -> tuple[int, int]:
     width, height = (raw_height, raw_width) if swapped else (raw_width, raw_height)
     target = size(width, height) if callable(size) else (tuple(size) if size is not None else (width, height))
     return int(target[0]), int(target[1])

@@ -27,7 +27,7 @@ import socket
 import threading
 import time
 import uuid
-from typing import Callable
+from collections.abc import Callable
 
 from diffcut.job.storage import OutputError, is_remote, open_filesystem, redact
 
@@ -74,17 +74,24 @@ def process_start(pid: int) -> str | None:
     stat = _read(f"/proc/{pid}/stat")
     if stat is None:
         return None
-    fields = stat[stat.rfind(")") + 2:].split()  # the command name may hold spaces and parentheses
+    fields = stat[stat.rfind(")") + 2 :].split()  # the command name may hold spaces and parentheses
     return fields[19] if len(fields) > 19 else None
 
 
 def holder_record(run_id: str, ttl: float) -> dict:
     """The lease's content for this process."""
     now = time.time()
-    return {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(), "host_key": host_key(),
-            "process_start": process_start(os.getpid()),
-            "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)), "ttl_seconds": ttl,
-            "renewed": now, "nonce": uuid.uuid4().hex}
+    return {
+        "run_id": run_id,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "host_key": host_key(),
+        "process_start": process_start(os.getpid()),
+        "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+        "ttl_seconds": ttl,
+        "renewed": now,
+        "nonce": uuid.uuid4().hex,
+    }
 
 
 def stale_reason(record: dict, age: float) -> str | None:
@@ -101,10 +108,12 @@ def stale_reason(record: dict, age: float) -> str | None:
 
 def describe_holder(output: str, record: dict, age: float) -> str:
     ttl = float(record.get("ttl_seconds", LEASE_SECONDS))
-    return (f"another run is writing to {output}: run {record.get('run_id')}, pid {record.get('pid')} on host "
-            f"{record.get('host')}, since {record.get('since')} (its lease in {LEASE_NAME} was renewed {age:.0f} s "
-            f"ago); wait for it to end or stop it, or choose another --output (if that run died, its lease "
-            f"expires {max(0.0, ttl - age):.0f} s from now)")
+    return (
+        f"another run is writing to {output}: run {record.get('run_id')}, pid {record.get('pid')} on host "
+        f"{record.get('host')}, since {record.get('since')} (its lease in {LEASE_NAME} was renewed {age:.0f} s "
+        f"ago); wait for it to end or stop it, or choose another --output (if that run died, its lease "
+        f"expires {max(0.0, ttl - age):.0f} s from now)"
+    )
 
 
 # =========================================================================== stores
@@ -221,7 +230,7 @@ class _S3Store:
                 return None
             except PermissionError:
                 raise
-            except Exception:  # noqa: BLE001 - a body cut off mid-read: botocore retried the request, not the read
+            except Exception:
                 if attempt == READ_ATTEMPTS - 1:
                     raise
                 time.sleep(0.2 * 2**attempt)
@@ -231,8 +240,9 @@ class _S3Store:
 
     def _put(self, record: dict, **condition) -> str | None:
         try:
-            response = self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key,
-                                       Body=json.dumps(record).encode(), **condition)
+            response = self.fs.call_s3(
+                "put_object", Bucket=self.bucket, Key=self.key, Body=json.dumps(record).encode(), **condition
+            )
         except FileExistsError:
             return None
         except OSError as error:
@@ -284,8 +294,9 @@ class Lease:
     thread that renews it, :meth:`release`. ``on_lost`` is called (from the heartbeat thread) when it
     could not be renewed for its whole period or another run took it over."""
 
-    def __init__(self, output: str, run_id: str, *, ttl: float = LEASE_SECONDS,
-                 on_lost: Callable[[str], None] | None = None):
+    def __init__(
+        self, output: str, run_id: str, *, ttl: float = LEASE_SECONDS, on_lost: Callable[[str], None] | None = None
+    ):
         fs, root = open_filesystem(output)
         self.output, self.run_id, self.ttl, self.on_lost = output, run_id, float(ttl), on_lost
         if not is_remote(output):
@@ -324,8 +335,11 @@ class Lease:
                 log.warning("took over the lease of run %s in %s: %s", previous.get("run_id"), self.output, reason)
             elif isinstance(self.store, _S3Store):
                 if not self.store.honours_conditions(record):
-                    log.warning("%s ignores conditional writes (If-None-Match): the lease cannot keep two runs "
-                                "started at the same moment apart", self.output)
+                    log.warning(
+                        "%s ignores conditional writes (If-None-Match): the lease cannot keep two runs "
+                        "started at the same moment apart",
+                        self.output,
+                    )
                 if self._landed(record) is None:
                     continue  # a store whose conditional writes race let another run's record land last
             self.token = token
@@ -344,11 +358,15 @@ class Lease:
                 if time.monotonic() - renewed <= self.ttl:
                     log.warning("renewing the lease in %s failed (retried): %s", self.output, redact(error))
                     continue
-                return self._lose(f"the lease in {self.output} could not be renewed for {self.ttl:.0f} s "
-                                  f"({redact(error)}); another run may take the output over")
+                return self._lose(
+                    f"the lease in {self.output} could not be renewed for {self.ttl:.0f} s "
+                    f"({redact(error)}); another run may take the output over"
+                )
             if token is None:
-                return self._lose(f"another run took the lease in {self.output} over (this run's renewals "
-                                  "stalled past its period); this run stopped")
+                return self._lose(
+                    f"another run took the lease in {self.output} over (this run's renewals "
+                    "stalled past its period); this run stopped"
+                )
             self.token, renewed = token, time.monotonic()
 
     def _landed(self, record: dict) -> str | None:
@@ -377,7 +395,7 @@ class Lease:
                 log.warning("could not remove the lease in %s (it expires): %s", self.output, redact(error))
         self.token = None
 
-    def __enter__(self) -> "Lease":
+    def __enter__(self) -> Lease:
         self.acquire()
         return self
 

@@ -59,7 +59,7 @@ def encode_mask(labels: np.ndarray) -> bytes:
     stream = []
     previous = np.zeros((1, width * depth // 8), dtype=np.uint8)
     for start in range(0, height, _PNG_STRIP_ROWS):
-        rows = labels[start:start + _PNG_STRIP_ROWS].astype(">u1" if depth == 8 else ">u2")
+        rows = labels[start : start + _PNG_STRIP_ROWS].astype(">u1" if depth == 8 else ">u2")
         rows = rows.view(np.uint8).reshape(rows.shape[0], -1)
         filtered = np.empty((rows.shape[0], rows.shape[1] + 1), dtype=np.uint8)
         filtered[:, 0] = 2  # filter type Up: each byte minus the byte above (mod 256)
@@ -69,8 +69,14 @@ def encode_mask(labels: np.ndarray) -> bytes:
         stream.append(compressor.compress(filtered.tobytes()))
     stream.append(compressor.flush())
     header = struct.pack(">IIBBBBB", width, height, depth, 0, 0, 0, 0)  # grayscale, no interlace
-    return b"".join((b"\x89PNG\r\n\x1a\n", _png_chunk(b"IHDR", header),
-                     _png_chunk(b"IDAT", b"".join(stream)), _png_chunk(b"IEND", b"")))
+    return b"".join(
+        (
+            b"\x89PNG\r\n\x1a\n",
+            _png_chunk(b"IHDR", header),
+            _png_chunk(b"IDAT", b"".join(stream)),
+            _png_chunk(b"IEND", b""),
+        )
+    )
 
 
 def decode_mask(png: bytes) -> np.ndarray:

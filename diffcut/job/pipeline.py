@@ -3,7 +3,7 @@
 Stages (one Ray Data operator each, streaming):
 
 1. **read + decode** (CPU tasks): a read unit is one image file, the pending
-   rows of one Parquet row group (:mod:`diffcut.job.io`), or one WebDataset tar
+   rows of one Parquet row group (:mod:`diffcut.job.inputs`), or one WebDataset tar
    shard, streamed (:mod:`diffcut.job.webdataset`); bytes are decoded,
    EXIF-rotated, converted to RGB and resized to the model's input size
    (``bucket`` or ``square``). A record that cannot be read or decoded
@@ -32,8 +32,8 @@ shards and summary and starts over. SIGTERM/SIGINT stop a run cleanly
 storage errors, and what this module adds to make every input come out
 exactly once, is in docs/reliability.md.
 
-The stages and the Ray Data dataset that chains them (:func:`~diffcut.job.stages.run_stages`) are in
-:mod:`diffcut.job.stages`, the Ray session and the stop signals in :mod:`diffcut.job.ray_session`, resume
+The stages are in :mod:`diffcut.job.stages`, the Ray Data dataset that chains them in
+:mod:`diffcut.job.dataflow`, the Ray session and the stop signals in :mod:`diffcut.job.ray_session`, resume
 (which rows an output already has) and the summary in :mod:`diffcut.job.resume`; this module runs them in
 order. Ray is imported only by these three modules of the job (here inside the
 functions that run the pipeline, so the checks and ``--dry-run`` never load it) and by
@@ -49,11 +49,16 @@ import time
 import uuid
 
 from diffcut import __version__
-from diffcut.job import io as dio
-from diffcut.job import preflight, schema
+from diffcut.job import inputs, preflight, schema
 from diffcut.job.lease import Lease
-from diffcut.job.resume import (RunFailed, StoppedBeforeLabeling, _write_summary, existing_output,
-                                remove_job_files, run_summary)
+from diffcut.job.resume import (
+    RunFailed,
+    StoppedBeforeLabeling,
+    _write_summary,
+    existing_output,
+    remove_job_files,
+    run_summary,
+)
 from diffcut.job.storage import OutputError, write_failure
 
 log = logging.getLogger(__name__)
@@ -100,7 +105,7 @@ def label_dataset(
     ncut_pool_max: int = 2,
     ncut_cpus: float = 1.0,
     shard_rows: int = 256,
-    max_image_pixels: int = dio.DEFAULT_MAX_IMAGE_PIXELS,
+    max_image_pixels: int = inputs.DEFAULT_MAX_IMAGE_PIXELS,
     address: str | None = None,
     overwrite: bool = False,
     create_bucket: bool = False,
@@ -136,7 +141,7 @@ def label_dataset(
 
     Raises
     ------
-    diffcut.job.io.InputError
+    diffcut.job.inputs.InputError
         Bad flags, missing inputs, or an output made with other parameters
         (without ``overwrite``).
 
@@ -169,46 +174,66 @@ def label_dataset(
     {'status': 'ok', 'width': 96, 'height': 64, 'mask_width': 96}
     """
     started = time.time()
-    stride = dio.DEFAULT_STRIDE
-    dio.check_resolution(resolution, stride)
-    if resize not in dio.RESIZE_MODES:
-        raise dio.InputError(f"unknown --resize {resize!r}; use one of {', '.join(dio.RESIZE_MODES)}")
-    mask_spec = dio.MaskSize.parse(mask_size)
-    for name, low, high in (("extractor-pool", extractor_pool_min, extractor_pool_max),
-                            ("ncut-pool", ncut_pool_min, ncut_pool_max),
-                            ("naming-pool", naming_pool_min, naming_pool_max)):
+    stride = inputs.DEFAULT_STRIDE
+    inputs.check_resolution(resolution, stride)
+    if resize not in inputs.RESIZE_MODES:
+        raise inputs.InputError(f"unknown --resize {resize!r}; use one of {', '.join(inputs.RESIZE_MODES)}")
+    mask_spec = inputs.MaskSize.parse(mask_size)
+    for name, low, high in (
+        ("extractor-pool", extractor_pool_min, extractor_pool_max),
+        ("ncut-pool", ncut_pool_min, ncut_pool_max),
+        ("naming-pool", naming_pool_min, naming_pool_max),
+    ):
         if low < 1 or high < low:
-            raise dio.InputError(f"--{name}-min/-max must satisfy 1 <= min <= max; got {low}, {high}")
+            raise inputs.InputError(f"--{name}-min/-max must satisfy 1 <= min <= max; got {low}, {high}")
     if not tau > 0 or not alpha > 0:
-        raise dio.InputError(f"--tau and --alpha must be positive; got {tau}, {alpha}")
+        raise inputs.InputError(f"--tau and --alpha must be positive; got {tau}, {alpha}")
     if batch_size != "auto":
         try:
             batch_size = int(batch_size)
         except (TypeError, ValueError):
-            raise dio.InputError(f"--batch-size must be a positive integer or auto; got {batch_size!r}") from None
+            raise inputs.InputError(f"--batch-size must be a positive integer or auto; got {batch_size!r}") from None
     if (batch_size != "auto" and batch_size < 1) or decode_batch_size < 1 or shard_rows < 1:
-        raise dio.InputError("--batch-size, --decode-batch-size and --shard-rows must be at least 1")
+        raise inputs.InputError("--batch-size, --decode-batch-size and --shard-rows must be at least 1")
     from diffcut.method.features import ATTENTION_KERNELS, VAE_DTYPES
 
     if attention not in ATTENTION_KERNELS or vae_dtype not in VAE_DTYPES:
-        raise dio.InputError(f"--attention must be one of {', '.join(ATTENTION_KERNELS)} and --vae-dtype one of "
-                             f"{', '.join(VAE_DTYPES)}; got {attention!r}, {vae_dtype!r}")
-    speed = dict(compile=bool(compile), channels_last=bool(channels_last), attention=attention, tf32=bool(tf32),
-                 vae_dtype=vae_dtype)
-    input = dio.check_uri(input)
-    output = dio.check_uri(output)
+        raise inputs.InputError(
+            f"--attention must be one of {', '.join(ATTENTION_KERNELS)} and --vae-dtype one of "
+            f"{', '.join(VAE_DTYPES)}; got {attention!r}, {vae_dtype!r}"
+        )
+    speed = dict(
+        compile=bool(compile),
+        channels_last=bool(channels_last),
+        attention=attention,
+        tf32=bool(tf32),
+        vae_dtype=vae_dtype,
+    )
+    input = inputs.check_uri(input)
+    output = inputs.check_uri(output)
     if vocabulary is not None:
         from diffcut.method.naming import load_vocabulary
 
         try:
             load_vocabulary(vocabulary)
         except (ValueError, OSError) as error:
-            raise dio.InputError(str(error)) from None
+            raise inputs.InputError(str(error)) from None
 
     params = {
-        "model": model, "tau": float(tau), "alpha": float(alpha), "timestep": int(timestep), "noise_seed": 42,
-        "resolution": int(resolution), "resize": resize, "mask_size": str(mask_spec), "refine": bool(refine),
-        "exact_search": bool(exact_search), "dtype": str(dtype), "vae_dtype": str(vae_dtype), "stride": stride, "diffcut_version": __version__,
+        "model": model,
+        "tau": float(tau),
+        "alpha": float(alpha),
+        "timestep": int(timestep),
+        "noise_seed": 42,
+        "resolution": int(resolution),
+        "resize": resize,
+        "mask_size": str(mask_spec),
+        "refine": bool(refine),
+        "exact_search": bool(exact_search),
+        "dtype": str(dtype),
+        "vae_dtype": str(vae_dtype),
+        "stride": stride,
+        "diffcut_version": __version__,
         "schema_version": schema.SCHEMA_VERSION,
     }
     if vocabulary is not None:  # without naming, params (and so resuming) stay as they were
@@ -225,37 +250,98 @@ def label_dataset(
     lease = Lease(output, run_id, on_lost=_stop_main_thread)
     if exists:
         lease.check()  # a live run writing there: refuse now, before listing the input
-    listing = dio.list_inputs(input, format, exclude=exclude)
+    listing = inputs.list_inputs(input, format, exclude=exclude)
     if dry_run:
-        return preflight.dry_run(input, output, listing, params, image_column=image_column, id_column=id_column,
-                                 limit=limit, overwrite=overwrite, exists=exists)
+        return preflight.dry_run(
+            input,
+            output,
+            listing,
+            params,
+            image_column=image_column,
+            id_column=id_column,
+            limit=limit,
+            overwrite=overwrite,
+            exists=exists,
+        )
     preflight.prepare_output(output, create_bucket=create_bucket)
     with lease:  # what follows deletes and writes shards: only one run at a time
-        return _label(input, output, listing, params, lease=lease, run_id=run_id, started=started,
-                      overwrite=overwrite, limit=limit, image_column=image_column, id_column=id_column,
-                      max_error_rate=max_error_rate, min_cpus=min_cpus, address=address, model=model,
-                      stages=dict(image_column=image_column, model=model, device=device, dtype=dtype,
-                                  timestep=timestep, tau=tau, alpha=alpha, resolution=resolution, resize=resize,
-                                  stride=stride, mask_size=str(mask_spec), refine=refine, exact_search=exact_search,
-                                  batch_size=batch_size, speed=speed, decode_batch_size=decode_batch_size,
-                                  decode_cpus=decode_cpus, extractor_pool=(extractor_pool_min, extractor_pool_max),
-                                  extractor_gpus=extractor_gpus, extractor_cpus=extractor_cpus,
-                                  ncut_pool=(ncut_pool_min, ncut_pool_max), ncut_cpus=ncut_cpus,
-                                  shard_rows=shard_rows, max_image_pixels=max_image_pixels,
-                                  params_text=schema.params_json(params), keep_metadata=keep_metadata, limit=limit,
-                                  vocabulary=vocabulary, naming_model=naming_model,
-                                  naming_pool=(naming_pool_min, naming_pool_max), naming_gpus=naming_gpus,
-                                  naming_cpus=naming_cpus))
+        return _label(
+            input,
+            output,
+            listing,
+            params,
+            lease=lease,
+            run_id=run_id,
+            started=started,
+            overwrite=overwrite,
+            limit=limit,
+            image_column=image_column,
+            id_column=id_column,
+            max_error_rate=max_error_rate,
+            min_cpus=min_cpus,
+            address=address,
+            model=model,
+            stages=dict(
+                image_column=image_column,
+                model=model,
+                device=device,
+                dtype=dtype,
+                timestep=timestep,
+                tau=tau,
+                alpha=alpha,
+                resolution=resolution,
+                resize=resize,
+                stride=stride,
+                mask_size=str(mask_spec),
+                refine=refine,
+                exact_search=exact_search,
+                batch_size=batch_size,
+                speed=speed,
+                decode_batch_size=decode_batch_size,
+                decode_cpus=decode_cpus,
+                extractor_pool=(extractor_pool_min, extractor_pool_max),
+                extractor_gpus=extractor_gpus,
+                extractor_cpus=extractor_cpus,
+                ncut_pool=(ncut_pool_min, ncut_pool_max),
+                ncut_cpus=ncut_cpus,
+                shard_rows=shard_rows,
+                max_image_pixels=max_image_pixels,
+                params_text=schema.params_json(params),
+                keep_metadata=keep_metadata,
+                limit=limit,
+                vocabulary=vocabulary,
+                naming_model=naming_model,
+                naming_pool=(naming_pool_min, naming_pool_max),
+                naming_gpus=naming_gpus,
+                naming_cpus=naming_cpus,
+            ),
+        )
 
 
-def _label(input: str, output: str, listing: dio.InputListing, params: dict, *, lease: Lease, run_id: str,
-           started: float, overwrite: bool, limit: int | None, image_column: str, id_column: str | None,
-           max_error_rate: float, min_cpus: float, address: str | None, model: str, stages: dict) -> dict:
+def _label(
+    input: str,
+    output: str,
+    listing: inputs.InputListing,
+    params: dict,
+    *,
+    lease: Lease,
+    run_id: str,
+    started: float,
+    overwrite: bool,
+    limit: int | None,
+    image_column: str,
+    id_column: str | None,
+    max_error_rate: float,
+    min_cpus: float,
+    address: str | None,
+    model: str,
+    stages: dict,
+) -> dict:
     """Resume or overwrite, plan, run the pipeline, write the summary; under the output's lease."""
     import ray
 
+    from diffcut.job.dataflow import run_stages
     from diffcut.job.ray_session import JobInterrupted, StopSignals, connect_ray
-    from diffcut.job.stages import run_stages
 
     removed = incomplete = 0
     pipeline_seconds = 0.0
@@ -268,7 +354,7 @@ def _label(input: str, output: str, listing: dio.InputListing, params: dict, *, 
             done: set[str] = set()
         else:
             done, incomplete = existing_output(output, params)
-        plan = dio.plan_inputs(listing, image_column=image_column, id_column=id_column, done=done, limit=limit)
+        plan = inputs.plan_inputs(listing, image_column=image_column, id_column=id_column, done=done, limit=limit)
         if plan.planned is None:
             log.info("%d tar shards, %d samples already done", len(listing.files), plan.already_done)
         else:
@@ -281,16 +367,18 @@ def _label(input: str, output: str, listing: dio.InputListing, params: dict, *, 
                 run_stages(plan, output, run_id=run_id, **stages)
             except JobInterrupted:
                 if lease.lost is None:
-                    log.warning("%s received: the run stops; shards already written stay valid, the same command "
-                                "resumes", stop.received)
+                    log.warning(
+                        "%s received: the run stops; shards already written stay valid, the same command resumes",
+                        stop.received,
+                    )
             except ray.exceptions.ActorDiedError as error:
                 # A model that cannot be loaded fails every feature actor the same way: one clear
                 # job-level error (exit status 2), not a Ray traceback or an error row per image.
                 reason = _model_load_failure(error)
                 if reason is None:
                     raise
-                raise dio.InputError(f"the feature actors could not load --model {model!r}: {reason}") from None
-            except Exception as error:  # noqa: BLE001 - a full or read-only output is the user's to fix
+                raise inputs.InputError(f"the feature actors could not load --model {model!r}: {reason}") from None
+            except Exception as error:
                 failure = write_failure(error, output)
                 if failure is None:
                     raise
@@ -308,15 +396,27 @@ def _label(input: str, output: str, listing: dio.InputListing, params: dict, *, 
     if lease.lost is not None:  # another run owns the output now: its summary is not this run's to write
         raise OutputError(lease.lost)
 
-    summary = run_summary(output, run_id, listing=listing, plan=plan, params=params, limit=limit,
-                          interrupted_by=stop.received, failure=failure, pipeline_seconds=pipeline_seconds,
-                          started=started, removed=removed, incomplete=incomplete, max_error_rate=max_error_rate)
+    summary = run_summary(
+        output,
+        run_id,
+        listing=listing,
+        plan=plan,
+        params=params,
+        limit=limit,
+        interrupted_by=stop.received,
+        failure=failure,
+        pipeline_seconds=pipeline_seconds,
+        started=started,
+        removed=removed,
+        incomplete=incomplete,
+        max_error_rate=max_error_rate,
+    )
     try:
         _write_summary(output, summary)
     except OSError as error:
         if failure is None:
             raise
-        log.warning("the summary could not be written to the output either (%s)", dio.describe_exception(error))
+        log.warning("the summary could not be written to the output either (%s)", inputs.describe_exception(error))
     if failure is not None:
         raise RunFailed(failure, summary)
     return summary
@@ -336,4 +436,4 @@ def _model_load_failure(error: Exception) -> str | None:
     if not getattr(error, "actor_init_failed", False) or "FeatureStage" not in message:
         return None
     lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", message).splitlines() if line.strip()]
-    return dio.redact(lines[-1]) if lines else "unknown error"
+    return inputs.redact(lines[-1]) if lines else "unknown error"

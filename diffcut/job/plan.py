@@ -10,16 +10,17 @@ Python on Arrow tables (no Ray).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
 from diffcut.job import boundary
 from diffcut.job.storage import InputError, describe_exception, is_remote, open_filesystem, redact
 
-if TYPE_CHECKING:  # diffcut.job.io re-exports this module's names, so it is imported only for the type
-    from diffcut.job.io import InputListing
+if TYPE_CHECKING:  # diffcut.job.inputs re-exports this module's names, so it is imported only for the type
+    from diffcut.job.inputs import InputListing
 
 # =========================================================================== planning
 #: Arrow schema of a read unit: one image file, or the pending rows of one Parquet row group.
@@ -65,8 +66,13 @@ def plan_image_files(files: Sequence[str], done: set[str] | frozenset = frozense
         },
         schema=UNIT_SCHEMA,
     )
-    return Plan(units=units, listed=len(files), already_done=sum(uri in done for uri in files), planned=len(pending),
-                units_listed=len(files))
+    return Plan(
+        units=units,
+        listed=len(files),
+        already_done=sum(uri in done for uri in files),
+        planned=len(pending),
+        units_listed=len(files),
+    )
 
 
 def parquet_source(file_uri: str, row: int) -> str:
@@ -183,8 +189,14 @@ def plan_parquet(
     return Plan(units=units, listed=listed, already_done=already_done, planned=planned, units_listed=groups)
 
 
-def plan_inputs(listing: InputListing, *, image_column: str = "image", id_column: str | None = None,
-                done: set[str] | frozenset = frozenset(), limit: int | None = None) -> Plan:
+def plan_inputs(
+    listing: InputListing,
+    *,
+    image_column: str = "image",
+    id_column: str | None = None,
+    done: set[str] | frozenset = frozenset(),
+    limit: int | None = None,
+) -> Plan:
     """The plan for what :func:`list_inputs` found, by its format (``limit`` does not apply to
     WebDataset shards: their records are only known once read)."""
     if listing.format == "parquet":
@@ -222,8 +234,9 @@ def _struct_bytes(value) -> bytes | None:
     return None if value is None else value.get("bytes")
 
 
-def read_units(units: Iterable[Mapping], *, image_column: str = "image",
-               keep_metadata: bool = False) -> Iterator[RawRecord]:
+def read_units(
+    units: Iterable[Mapping], *, image_column: str = "image", keep_metadata: bool = False
+) -> Iterator[RawRecord]:
     """Bytes of every record of some read units (see :data:`UNIT_SCHEMA`), in order.
 
     Image files of one call are fetched together (s3fs fetches them
@@ -257,7 +270,11 @@ def read_units(units: Iterable[Mapping], *, image_column: str = "image",
         preset = unit["errors"]
         if unit["kind"] == "file":
             value = fetched[unit["path"]]
-            data, error = (value, None) if isinstance(value, bytes) else (None, f"cannot read the file: {describe_exception(value)}")
+            data, error = (
+                (value, None)
+                if isinstance(value, bytes)
+                else (None, f"cannot read the file: {describe_exception(value)}")
+            )
             yield RawRecord(unit["image_ids"][0], unit["sources"][0], data, preset[0] or error)
             continue
         try:
@@ -267,7 +284,10 @@ def read_units(units: Iterable[Mapping], *, image_column: str = "image",
             values = column.take(pa.array(unit["rows"], pa.int64())).to_pylist()
             failure = None
         except Exception as error:  # noqa: BLE001
-            values, failure = [None] * len(unit["rows"]), f"cannot read the Parquet row group: {describe_exception(error)}"
+            values, failure = (
+                [None] * len(unit["rows"]),
+                f"cannot read the Parquet row group: {describe_exception(error)}",
+            )
         for image_id, source, error, value in zip(unit["image_ids"], unit["sources"], preset, values):
             if isinstance(value, dict):
                 value = _struct_bytes(value)

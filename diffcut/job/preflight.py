@@ -17,8 +17,14 @@ import re
 import uuid
 
 from diffcut.job import schema
-from diffcut.job.storage import (InputError, OutputError, check_credential_variables, describe_exception, is_remote,
-                                 open_filesystem)
+from diffcut.job.storage import (
+    InputError,
+    OutputError,
+    check_credential_variables,
+    describe_exception,
+    is_remote,
+    open_filesystem,
+)
 
 #: Names of the shards the job writes: ``labels-<run id>-<write uuid>-<task>[-<file>].parquet``
 #: (:class:`diffcut.job.stages.ShardNames`; Ray Data appends ``-<file>`` when a task writes several).
@@ -45,8 +51,10 @@ def listing_exclude(input: str, output: str) -> str | None:
         real_input, real_output = os.path.realpath(input), os.path.realpath(output)
         same, inside = real_output == real_input, real_output.startswith(real_input.rstrip(os.sep) + os.sep)
     if same:
-        raise InputError(f"--input and --output are the same place ({output}): the labels would be written among "
-                         "the images; choose an --output outside the input")
+        raise InputError(
+            f"--input and --output are the same place ({output}): the labels would be written among "
+            "the images; choose an --output outside the input"
+        )
     if not inside:
         return None
     if real_input is None:
@@ -68,8 +76,10 @@ def check_output(output: str, *, create_bucket: bool = False) -> bool:
         foreign = foreign_files(fs, root)
         if foreign:
             more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
-            raise OutputError(f"--output {output} holds files the job did not write but would read as its label "
-                              f"shards ({', '.join(foreign[:3])}{more}): move them away or choose another --output")
+            raise OutputError(
+                f"--output {output} holds files the job did not write but would read as its label "
+                f"shards ({', '.join(foreign[:3])}{more}): move them away or choose another --output"
+            )
     return exists
 
 
@@ -94,8 +104,10 @@ def _check_bucket(fs, root: str, output: str, create_bucket: bool) -> bool:
     except FileNotFoundError:
         if create_bucket:
             return False
-        raise OutputError(f"the bucket {bucket!r} of --output {output} does not exist: check its name, or pass "
-                          "--create-bucket to create it") from None
+        raise OutputError(
+            f"the bucket {bucket!r} of --output {output} does not exist: check its name, or pass "
+            "--create-bucket to create it"
+        ) from None
     except Exception as error:  # noqa: BLE001 - credentials, permissions, network: the user's to fix
         raise OutputError(_s3_problem(output, error)) from None
     if key.strip("/"):
@@ -105,14 +117,18 @@ def _check_bucket(fs, root: str, output: str, create_bucket: bool) -> bool:
             return True
         except Exception as error:  # noqa: BLE001
             raise OutputError(_s3_problem(output, error)) from None
-        raise OutputError(f"--output {output} is an object (a file), not a prefix; choose a prefix that is not an object")
+        raise OutputError(
+            f"--output {output} is an object (a file), not a prefix; choose a prefix that is not an object"
+        )
     return True
 
 
 def _s3_problem(output: str, error: BaseException) -> str:
     if isinstance(error, PermissionError):
-        return (f"--output {output}: access denied ({describe_exception(error)}); check the AWS credentials "
-                "(environment, profile or role) and the bucket's policy")
+        return (
+            f"--output {output}: access denied ({describe_exception(error)}); check the AWS credentials "
+            "(environment, profile or role) and the bucket's policy"
+        )
     return f"cannot reach --output {output}: {describe_exception(error)}"
 
 
@@ -192,8 +208,18 @@ def check_creatable(output: str) -> None:
 
 
 # =========================================================================== --dry-run
-def dry_run(input: str, output: str, listing, params: dict, *, image_column: str, id_column: str | None,
-            limit: int | None, overwrite: bool, exists: bool) -> dict:
+def dry_run(
+    input: str,
+    output: str,
+    listing,
+    params: dict,
+    *,
+    image_column: str,
+    id_column: str | None,
+    limit: int | None,
+    overwrite: bool,
+    exists: bool,
+) -> dict:
     """The ``--dry-run`` report: the plan against the output as it is; nothing stays written, Ray is not started."""
     from diffcut.job.plan import plan_inputs
     from diffcut.job.resume import existing_output
@@ -206,12 +232,14 @@ def dry_run(input: str, output: str, listing, params: dict, *, image_column: str
     else:
         check_creatable(output)
     plan = plan_inputs(listing, image_column=image_column, id_column=id_column, done=done)
-    return dry_run_report(input, output, listing, plan, incomplete=incomplete, overwrite=overwrite, limit=limit,
-                          exists=exists)
+    return dry_run_report(
+        input, output, listing, plan, incomplete=incomplete, overwrite=overwrite, limit=limit, exists=exists
+    )
 
 
-def dry_run_report(input: str, output: str, listing, plan, *, incomplete: int, overwrite: bool,
-                   limit: int | None, exists: bool) -> dict:
+def dry_run_report(
+    input: str, output: str, listing, plan, *, incomplete: int, overwrite: bool, limit: int | None, exists: bool
+) -> dict:
     """What a run would do: read units and samples in total, done and to do (None: known only once read)."""
     units_total = plan.units_listed
     to_do = plan.units.num_rows
@@ -222,8 +250,12 @@ def dry_run_report(input: str, output: str, listing, plan, *, incomplete: int, o
         "input": input,
         "output": output,
         "format": listing.format,
-        "units": {"kind": unit_kind, "total": units_total, "done": None if webdataset else units_total - to_do,
-                  "to_do": to_do},
+        "units": {
+            "kind": unit_kind,
+            "total": units_total,
+            "done": None if webdataset else units_total - to_do,
+            "to_do": to_do,
+        },
         "samples": {"total": plan.listed, "done": plan.already_done, "to_do": plan.planned},
         "limit": limit,
         "skipped_non_input_files": plan.skipped_files,

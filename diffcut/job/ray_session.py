@@ -17,8 +17,8 @@ import ray
 
 from diffcut.method.logs import records_left_out
 
-
 log = logging.getLogger(__name__)
+
 
 # =========================================================================== preemption
 class JobInterrupted(BaseException):
@@ -109,8 +109,9 @@ def without_token_auth_default_notice():
     Ray logs it when ``RAY_AUTH_MODE`` is unset. The setting cannot be stated here instead: Ray reads
     it when imported, and one set later makes the driver and the cluster disagree (the start fails).
     """
-    return records_left_out("ray._private.authentication.authentication_token_setup",
-                            "Token authentication is enabled for this Ray cluster")
+    return records_left_out(
+        "ray._private.authentication.authentication_token_setup", "Token authentication is enabled for this Ray cluster"
+    )
 
 
 def _use_loopback_node_address() -> None:

@@ -18,22 +18,33 @@ from collections import defaultdict
 
 import pyarrow as pa
 
-from diffcut.job import io as dio
-from diffcut.job import schema, webdataset
+from diffcut.job import inputs, schema, webdataset
 from diffcut.job.storage import OutputError
 
 log = logging.getLogger(__name__)
 
 #: Parameters that change the labels; a resumed run must match the output's.
-RESUME_KEYS = ("model", "tau", "alpha", "timestep", "noise_seed", "resolution", "resize", "mask_size", "refine",
-               "exact_search", "dtype", "vae_dtype")
+RESUME_KEYS = (
+    "model",
+    "tau",
+    "alpha",
+    "timestep",
+    "noise_seed",
+    "resolution",
+    "resize",
+    "mask_size",
+    "refine",
+    "exact_search",
+    "dtype",
+    "vae_dtype",
+)
 #: Value of a resume key in outputs written before the key was recorded.
 RESUME_KEY_DEFAULTS = {"vae_dtype": "auto"}
 
 
 def remove_job_files(output: str, names: list[str] | None = None) -> int:
     """Delete the job's shards (or the given ones) and summary under ``output``; other files stay."""
-    fs, root = dio.open_filesystem(output)
+    fs, root = inputs.open_filesystem(output)
     fs.invalidate_cache()
     if not fs.exists(root):
         return 0
@@ -61,15 +72,18 @@ def existing_output(output: str, params: dict, *, remove: bool = True) -> tuple[
     stored = next((p for p in schema.read_shard(complete[0], ["params"]).column("params").to_pylist() if p), None)
     if stored is not None:
         previous = json.loads(stored)
-        changed = {k: (previous.get(k, RESUME_KEY_DEFAULTS.get(k)), params.get(k)) for k in RESUME_KEYS
-                   if previous.get(k, RESUME_KEY_DEFAULTS.get(k)) != params.get(k)}
+        changed = {
+            k: (previous.get(k, RESUME_KEY_DEFAULTS.get(k)), params.get(k))
+            for k in RESUME_KEYS
+            if previous.get(k, RESUME_KEY_DEFAULTS.get(k)) != params.get(k)
+        }
         if changed:
             details = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
-            raise dio.InputError(
+            raise inputs.InputError(
                 f"{output} holds labels made with other parameters ({details}); "
                 "pass --overwrite to replace them or choose another --output"
             )
-    return schema.shard_sources(complete, threads=16 if dio.is_remote(output) else 2), len(incomplete)
+    return schema.shard_sources(complete, threads=16 if inputs.is_remote(output) else 2), len(incomplete)
 
 
 class RunFailed(OutputError):
@@ -84,17 +98,18 @@ class StoppedBeforeLabeling(Exception):
     """A signal (its name in ``signal``) stopped the run while it planned: nothing was labeled."""
 
     def __init__(self, signal_name: str):
-        super().__init__(f"stopped by {signal_name} before labeling started; nothing was labeled, the same "
-                         "command starts again")
+        super().__init__(
+            f"stopped by {signal_name} before labeling started; nothing was labeled, the same command starts again"
+        )
         self.signal = signal_name
 
 
 def _write_summary(output: str, summary: dict) -> None:
     """Replace the output's summary whole; when that fails (a full disk), none stays that describes an older run."""
-    fs, root = dio.open_filesystem(output)
+    fs, root = inputs.open_filesystem(output)
     fs.makedirs(root, exist_ok=True)
     path, data = root.rstrip("/") + "/" + schema.SUMMARY_NAME, (json.dumps(summary, indent=2) + "\n").encode()
-    if dio.is_remote(output):
+    if inputs.is_remote(output):
         fs.pipe_file(path, data)  # an object appears whole
         return
     temporary = f"{path}.{summary['run_id']}.tmp"
@@ -108,9 +123,22 @@ def _write_summary(output: str, summary: dict) -> None:
         raise
 
 
-def run_summary(output: str, run_id: str, *, listing: dio.InputListing, plan: dio.Plan, params: dict,
-                limit: int | None, interrupted_by: str | None, failure: str | None, pipeline_seconds: float,
-                started: float, removed: int, incomplete: int, max_error_rate: float) -> dict:
+def run_summary(
+    output: str,
+    run_id: str,
+    *,
+    listing: inputs.InputListing,
+    plan: inputs.Plan,
+    params: dict,
+    limit: int | None,
+    interrupted_by: str | None,
+    failure: str | None,
+    pipeline_seconds: float,
+    started: float,
+    removed: int,
+    incomplete: int,
+    max_error_rate: float,
+) -> dict:
     """The run's summary (``_summary.json``): this run's rows and the output's, counted from the shards."""
     run_table = _run_rows(output, run_id)
     run_ok, run_error = _count(run_table)
@@ -129,11 +157,15 @@ def run_summary(output: str, run_id: str, *, listing: dio.InputListing, plan: di
         "output": output,
         "format": listing.format,
         # WebDataset shards: counted while reading; every sample is counted when each shard was read to the end.
-        "inputs_listed": plan.listed if plan.listed is not None else (
-            plan.already_done + run_ok + run_error if limit is None and interrupted_by is None and failure is None
-            else None),
+        "inputs_listed": plan.listed
+        if plan.listed is not None
+        else (
+            plan.already_done + run_ok + run_error
+            if limit is None and interrupted_by is None and failure is None
+            else None
+        ),
         "skipped_non_input_files": plan.skipped_files,
-        # The first dio.SKIPPED_NAMED of them, {"path", "reason"}: a file never labeled is named, not only counted.
+        # The first inputs.SKIPPED_NAMED of them, {"path", "reason"}: a file never labeled is named, not only counted.
         "skipped_files": listing.skipped_named,
         "already_done": plan.already_done,
         "processed": run_ok + run_error,
@@ -161,19 +193,24 @@ def run_summary(output: str, run_id: str, *, listing: dio.InputListing, plan: di
     if failure:
         warnings.append(f"stopped after {run_ok + run_error}{planned} records: {failure}")
     elif interrupted_by:
-        warnings.append(f"interrupted by {interrupted_by} after {run_ok + run_error}{planned} "
-                        "records; run the same command again to resume")
+        warnings.append(
+            f"interrupted by {interrupted_by} after {run_ok + run_error}{planned} "
+            "records; run the same command again to resume"
+        )
     elif plan.planned is not None and run_ok + run_error != plan.planned:
         warnings.append(f"planned {plan.planned} records but this run wrote {run_ok + run_error} rows")
     if by_key:
-        summary["duplicate_keys"] = webdataset.duplicate_keys(totals.column("image_id").to_pylist(),
-                                                              totals.column("source").to_pylist())
+        summary["duplicate_keys"] = webdataset.duplicate_keys(
+            totals.column("image_id").to_pylist(), totals.column("source").to_pylist()
+        )
         if summary["duplicate_keys"]["count"]:
-            warnings.append(f"{summary['duplicate_keys']['count']} sample key(s) occur in more than one shard: "
-                            "their rows share an image_id (see duplicate_keys)")
+            warnings.append(
+                f"{summary['duplicate_keys']['count']} sample key(s) occur in more than one shard: "
+                "their rows share an image_id (see duplicate_keys)"
+            )
     if warnings:
         summary["warning"] = "; ".join(warnings)
-    return json.loads(dio.redact(json.dumps(summary)))
+    return json.loads(inputs.redact(json.dumps(summary)))
 
 
 def _count(table: pa.Table) -> tuple[int, int]:

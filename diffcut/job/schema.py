@@ -47,7 +47,8 @@ stay aligned.
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -197,8 +198,11 @@ def named_row(row: dict, names, class_names: Sequence[str]) -> dict:
     """An ok ``row`` with the naming columns filled in (in place): ``names`` is a
     :class:`diffcut.method.naming.Names` for its segments, ``class_names`` the vocabulary's."""
     for segment, class_id, score in zip(row["segments"], names.class_id, names.class_score):
-        segment.update(class_id=int(class_id), class_score=float(score),
-                       class_name=class_names[class_id] if class_id >= 0 else None)
+        segment.update(
+            class_id=int(class_id),
+            class_score=float(score),
+            class_name=class_names[class_id] if class_id >= 0 else None,
+        )
     row["semantic_mask"] = encode_mask(names.semantic_mask)
     return row
 
@@ -266,7 +270,7 @@ def list_shards(output: str) -> tuple[list[str], list[str]]:
     """
     import pyarrow.parquet as pq
 
-    from diffcut.job.io import is_remote, join_uri, open_filesystem
+    from diffcut.job.inputs import is_remote, join_uri, open_filesystem
 
     fs, root = open_filesystem(output)
     fs.invalidate_cache()  # Ray workers wrote the shards; this process may hold an older listing
@@ -386,7 +390,7 @@ def shard_schema(uri: str) -> pa.Schema:
     """The Arrow schema of one shard file (its footer only)."""
     import pyarrow.parquet as pq
 
-    from diffcut.job.io import open_filesystem
+    from diffcut.job.inputs import open_filesystem
 
     fs, path = open_filesystem(uri)
     with fs.open(path, "rb") as handle:
@@ -405,7 +409,7 @@ def read_shard(uri: str, columns: Sequence[str] | None = None) -> pa.Table:
     """
     import pyarrow.parquet as pq
 
-    from diffcut.job.io import open_filesystem
+    from diffcut.job.inputs import open_filesystem
 
     fs, path = open_filesystem(uri)
     with fs.open(path, "rb") as handle:
@@ -418,8 +422,9 @@ def iter_shard_batches(handle, batch_rows: int, columns: Sequence[str] | None = 
     import pyarrow.parquet as pq
 
     shard = pq.ParquetFile(handle, pre_buffer=False)
-    yield from shard.iter_batches(batch_size=batch_rows, columns=None if columns is None else list(columns),
-                                  use_threads=False)
+    yield from shard.iter_batches(
+        batch_size=batch_rows, columns=None if columns is None else list(columns), use_threads=False
+    )
 
 
 def drop_duplicate_sources(table: pa.Table) -> pa.Table:

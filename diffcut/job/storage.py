@@ -13,7 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import re
-from typing import Mapping
+from collections.abc import Mapping
 from urllib.parse import unquote_to_bytes, urlsplit
 
 
@@ -61,7 +61,7 @@ def check_uri(uri: str) -> str:
         raise InputError("an empty path was given")
     uri = str(uri).strip()
     if uri.startswith("file:"):
-        uri = uri[len("file://"):] if uri.startswith("file://") else uri[len("file:"):]
+        uri = uri[len("file://") :] if uri.startswith("file://") else uri[len("file:") :]
         # RFC 8089: percent-escapes stand for the path's bytes (how diffcut.job.boundary keeps non-UTF-8 names).
         return os.path.normpath(os.fsdecode(unquote_to_bytes(uri)))
     if "://" in uri:
@@ -121,8 +121,10 @@ def check_credential_variables(uri: str | None = None, flag: str = "location") -
         value = os.environ.get(name)
         if value is not None and any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
             where = f"{flag} {uri}: " if uri is not None else ""
-            raise InputError(f"{where}the environment variable {name} holds a control character (a newline "
-                             "from a copy-paste?): no S3 request can carry it; set it again without it")
+            raise InputError(
+                f"{where}the environment variable {name} holds a control character (a newline "
+                "from a copy-paste?): no S3 request can carry it; set it again without it"
+            )
 
 
 def storage_options(uri: str) -> dict:
@@ -132,8 +134,9 @@ def storage_options(uri: str) -> dict:
     s3fs adds its own retries on top (``S3FileSystem.retries``, 5 attempts): for errors botocore
     does not retry, a response body cut off mid-read above all.
     """
-    if urlsplit(uri).scheme in ("s3", "s3a") and not (os.environ.get("AWS_RETRY_MODE")
-                                                      or os.environ.get("AWS_MAX_ATTEMPTS")):
+    if urlsplit(uri).scheme in ("s3", "s3a") and not (
+        os.environ.get("AWS_RETRY_MODE") or os.environ.get("AWS_MAX_ATTEMPTS")
+    ):
         return {"config_kwargs": {"retries": dict(S3_RETRIES)}}
     return {}
 
@@ -188,5 +191,7 @@ def write_failure(error: BaseException, output: str) -> str | None:
         reason = next((os.strerror(n).lower() for n in (errno.ENOSPC, errno.EDQUOT) if os.strerror(n) in text), None)
         if reason is None:
             return None
-    return (f"writing to --output {output} failed: {reason}; the shards written so far are kept: make room (or "
-            "fix the output) and run the same command to resume")
+    return (
+        f"writing to --output {output} failed: {reason}; the shards written so far are kept: make room (or "
+        "fix the output) and run the same command to resume"
+    )

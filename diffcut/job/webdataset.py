@@ -42,12 +42,11 @@ import posixpath
 import tarfile
 import zlib
 from collections import defaultdict, deque
-from typing import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import pyarrow as pa
 
-from diffcut.job import boundary
-from diffcut.job import io as dio
+from diffcut.job import boundary, inputs
 
 #: Shard file name endings, longest first: tar, and gzip-compressed tar (img2dataset's and the
 #: ``webdataset`` library's ``.tar.gz`` / ``.tgz``); both are streamed member by member.
@@ -72,8 +71,8 @@ IMG2DATASET_SUCCESS = "success"
 
 
 def is_shard(uri: str, ext: str | None = None) -> bool:
-    """Whether ``uri`` names a shard (``ext``: its :func:`diffcut.job.io.extension`, if known)."""
-    ext = dio.extension(uri) if ext is None else ext
+    """Whether ``uri`` names a shard (``ext``: its :func:`diffcut.job.inputs.extension`, if known)."""
+    ext = inputs.extension(uri) if ext is None else ext
     return ext in (".tar", ".tgz") or (ext == ".gz" and uri.lower().endswith(".tar.gz"))
 
 
@@ -93,7 +92,7 @@ def split_source(source: str) -> tuple[str, str] | None:
     if not found:
         return None
     cut = min(found)[0]
-    return source[:cut], source[cut + 1:]
+    return source[:cut], source[cut + 1 :]
 
 
 def sample_key(member_name: str) -> tuple[str, str]:
@@ -111,14 +110,14 @@ def sidecar_files(shards: Iterable[str], others: Iterable[str]) -> list[str]:
     stems = {_shard_stem(uri) for uri in shards}
     found = []
     for uri in others:
-        stem = uri[: -len(dio.extension(uri))] if dio.extension(uri) else uri
+        stem = uri[: -len(inputs.extension(uri))] if inputs.extension(uri) else uri
         if stem in stems or (stem.endswith("_stats") and stem[: -len("_stats")] in stems):
             found.append(uri)
     return found
 
 
 # =========================================================================== planning
-def plan_shards(files: Sequence[str], done: set[str] | frozenset = frozenset()) -> dio.Plan:
+def plan_shards(files: Sequence[str], done: set[str] | frozenset = frozenset()) -> inputs.Plan:
     """One read unit per shard, carrying the keys of that shard already done.
 
     The number of samples is only known once the shards are read, so the plan
@@ -132,17 +131,26 @@ def plan_shards(files: Sequence[str], done: set[str] | frozenset = frozenset()) 
             done_keys[parts[0]].append(parts[1])
     shards = sorted(files)
     units = pa.Table.from_pydict(
-        {"kind": [UNIT_KIND] * len(shards), "path": shards,
-         "done_keys": [sorted(done_keys.get(s, [])) for s in shards]},
+        {
+            "kind": [UNIT_KIND] * len(shards),
+            "path": shards,
+            "done_keys": [sorted(done_keys.get(s, [])) for s in shards],
+        },
         schema=SHARD_UNIT_SCHEMA,
     )
     already_done = sum(len(done_keys.get(s, [])) for s in shards)
-    return dio.Plan(units=units, listed=None, already_done=already_done, planned=None)
+    return inputs.Plan(units=units, listed=None, already_done=already_done, planned=None)
 
 
 # =========================================================================== reading
-def _sample_record(shard_uri: str, key: str, members: Mapping[str, bytes], extensions: Sequence[str],
-                   keep_metadata: bool, links: Mapping[str, str]) -> dio.RawRecord:
+def _sample_record(
+    shard_uri: str,
+    key: str,
+    members: Mapping[str, bytes],
+    extensions: Sequence[str],
+    keep_metadata: bool,
+    links: Mapping[str, str],
+) -> inputs.RawRecord:
     """The record of one sample from the members read (``members``), the extensions of all of them, and
     its members that are links or special entries (``links``: extension -> what it is)."""
     source = shard_source(shard_uri, key)
@@ -150,24 +158,31 @@ def _sample_record(shard_uri: str, key: str, members: Mapping[str, bytes], exten
     wanted = [image_ext] + ([METADATA_MEMBER_EXTENSION] if keep_metadata else [])
     refused = [links[ext] for ext in wanted if ext in links and ext not in members]
     if refused:
-        return dio.RawRecord(key, source, None, f"{refused[0]}; links and special entries in a shard are never "
-                                                "followed or read")
+        return inputs.RawRecord(
+            key, source, None, f"{refused[0]}; links and special entries in a shard are never followed or read"
+        )
     metadata = None
     if keep_metadata and METADATA_MEMBER_EXTENSION in members:
         metadata = members[METADATA_MEMBER_EXTENSION].decode("utf-8", "replace")
     if image_ext is None:
         found = ", ".join(extensions) or "none"
         wanted_text = " .".join(IMAGE_MEMBER_EXTENSIONS)
-        return dio.RawRecord(key, source, None,
-                             f"the sample has no image member (.{wanted_text}); its members: {found}", metadata)
-    return dio.RawRecord(key, source, members[image_ext], None, metadata)
+        return inputs.RawRecord(
+            key, source, None, f"the sample has no image member (.{wanted_text}); its members: {found}", metadata
+        )
+    return inputs.RawRecord(key, source, members[image_ext], None, metadata)
 
 
 #: What reading a shard raises when its bytes are broken (gzip: BadGzipFile is an OSError, a cut stream EOFError).
 _STREAM_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error)
 
-_MEMBER_KINDS = (("issym", "a symbolic link"), ("islnk", "a hard link"), ("ischr", "a character device"),
-                 ("isblk", "a block device"), ("isfifo", "a FIFO"))
+_MEMBER_KINDS = (
+    ("issym", "a symbolic link"),
+    ("islnk", "a hard link"),
+    ("ischr", "a character device"),
+    ("isblk", "a block device"),
+    ("isfifo", "a FIFO"),
+)
 
 
 def _member_kind(info: tarfile.TarInfo) -> str:
@@ -202,8 +217,11 @@ class _Recorder:
         if not self.chunks or offset < self.chunks[0][0]:
             return None
         end = offset + tarfile.BLOCKSIZE
-        return b"".join(data[max(0, offset - start): end - start] for start, data in self.chunks
-                        if start < end and start + len(data) > offset)
+        return b"".join(
+            data[max(0, offset - start) : end - start]
+            for start, data in self.chunks
+            if start < end and start + len(data) > offset
+        )
 
 
 def _is_end_of_archive(stream: _Recorder, position: int) -> bool:
@@ -223,8 +241,9 @@ def _tar_stream(handle) -> _Recorder:
     return _Recorder(gzip.GzipFile(fileobj=handle, mode="rb") if head == b"\x1f\x8b" else handle)
 
 
-def iter_shard(handle, shard_uri: str, *, done_keys: Iterable[str] = (),
-               keep_metadata: bool = False) -> Iterator[dio.RawRecord]:
+def iter_shard(
+    handle, shard_uri: str, *, done_keys: Iterable[str] = (), keep_metadata: bool = False
+) -> Iterator[inputs.RawRecord]:
     """One record per sample of an open tar shard, streamed (see the module docstring).
 
     Args:
@@ -245,11 +264,11 @@ def iter_shard(handle, shard_uri: str, *, done_keys: Iterable[str] = (),
     stream_error: str | None = None
     position = 0
 
-    def finish() -> dio.RawRecord | None:
+    def finish() -> inputs.RawRecord | None:
         if key is None or source_key in done:
             return None
         if problem is not None:
-            return dio.RawRecord(key, shard_source(shard_uri, source_key), None, problem)
+            return inputs.RawRecord(key, shard_source(shard_uri, source_key), None, problem)
         return _sample_record(shard_uri, key, members, extensions, keep_metadata, links)
 
     try:
@@ -257,8 +276,9 @@ def iter_shard(handle, shard_uri: str, *, done_keys: Iterable[str] = (),
         archive = tarfile.open(fileobj=stream, mode="r|")
     except _STREAM_ERRORS as error:
         if "@0" not in done:
-            yield dio.RawRecord("@0", shard_source(shard_uri, "@0"), None,
-                                f"not a readable tar shard: {_message(error)}")
+            yield inputs.RawRecord(
+                "@0", shard_source(shard_uri, "@0"), None, f"not a readable tar shard: {_message(error)}"
+            )
         return
     with archive:
         while True:
@@ -283,8 +303,10 @@ def iter_shard(handle, shard_uri: str, *, done_keys: Iterable[str] = (),
                 key, source_key, members, links, extensions, problem = member_key, member_key, {}, {}, [], None
                 if member_key in seen:
                     source_key = f"{member_key}@{info.offset}"
-                    problem = (f"duplicate key {member_key!r} in this shard: its first sample starts at byte "
-                               f"{seen[member_key]}; the members of a WebDataset sample must be consecutive")
+                    problem = (
+                        f"duplicate key {member_key!r} in this shard: its first sample starts at byte "
+                        f"{seen[member_key]}; the members of a WebDataset sample must be consecutive"
+                    )
                 else:
                     seen[member_key] = info.offset
             extensions.append(ext)
@@ -296,8 +318,10 @@ def iter_shard(handle, shard_uri: str, *, done_keys: Iterable[str] = (),
             try:
                 members[ext] = archive.extractfile(info).read()
             except _STREAM_ERRORS as error:
-                problem = (f"member {boundary.name_text(info.name)!r} cannot be read ({_message(error)}); "
-                           "the shard is truncated or corrupt")
+                problem = (
+                    f"member {boundary.name_text(info.name)!r} cannot be read ({_message(error)}); "
+                    "the shard is truncated or corrupt"
+                )
                 stream_error = ""  # the sample's own error row reports it
                 break
     record = finish()
@@ -308,14 +332,14 @@ def iter_shard(handle, shard_uri: str, *, done_keys: Iterable[str] = (),
     if stream_error:
         marker = f"@{position}"
         if marker not in done:
-            yield dio.RawRecord(marker, shard_source(shard_uri, marker), None, stream_error)
+            yield inputs.RawRecord(marker, shard_source(shard_uri, marker), None, stream_error)
 
 
 def _message(error: BaseException) -> str:
-    return dio.redact(boundary.describe_error(error))
+    return inputs.redact(boundary.describe_error(error))
 
 
-def read_shard_unit(unit: Mapping, *, keep_metadata: bool = False) -> Iterator[dio.RawRecord]:
+def read_shard_unit(unit: Mapping, *, keep_metadata: bool = False) -> Iterator[inputs.RawRecord]:
     """The records of one WebDataset read unit (:data:`SHARD_UNIT_SCHEMA`); never raises."""
     uri = unit["path"]
     try:
@@ -323,7 +347,7 @@ def read_shard_unit(unit: Mapping, *, keep_metadata: bool = False) -> Iterator[d
     except Exception as error:  # noqa: BLE001 - one error record for the shard, the job goes on
         marker = "@0"
         if marker not in (unit.get("done_keys") or ()):
-            yield dio.RawRecord(marker, shard_source(uri, marker), None, f"cannot open the shard: {_message(error)}")
+            yield inputs.RawRecord(marker, shard_source(uri, marker), None, f"cannot open the shard: {_message(error)}")
         return
     with handle:
         yield from iter_shard(handle, uri, done_keys=unit.get("done_keys") or (), keep_metadata=keep_metadata)
@@ -363,8 +387,10 @@ def duplicate_keys(image_ids: Sequence[str], sources: Sequence[str]) -> dict:
         if parts is not None and not image_id.startswith("@"):  # "@offset": a shard's unreadable rest
             shards[image_id].add(parts[0])
     repeated = sorted(key for key, found in shards.items() if len(found) > 1)
-    named = [{"image_id": key, "sources": sorted(shard_source(shard, key) for shard in shards[key])}
-             for key in repeated[:DUPLICATES_NAMED]]
+    named = [
+        {"image_id": key, "sources": sorted(shard_source(shard, key) for shard in shards[key])}
+        for key in repeated[:DUPLICATES_NAMED]
+    ]
     return {"count": len(repeated), "named": named}
 
 
@@ -385,6 +411,6 @@ def img2dataset_status_errors(schema: pa.Schema, read_columns) -> list[str | Non
         if status == IMG2DATASET_SUCCESS:
             errors.append(None)
         else:
-            detail = f": {dio.redact(message)}" if message else ""
+            detail = f": {inputs.redact(message)}" if message else ""
             errors.append(f"img2dataset status {status!r}{detail}")
     return errors

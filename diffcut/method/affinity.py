@@ -18,7 +18,6 @@ from scipy.linalg import blas
 _STRIP_BYTES = 1 << 19
 
 
-
 def to_numpy(values: Any) -> np.ndarray:
     """Array view of ``values``; torch tensors (any device, autograd or not) are copied to host."""
     if hasattr(values, "detach") and hasattr(values, "cpu"):
@@ -37,13 +36,12 @@ def cell_features(features: Any) -> tuple[np.ndarray, tuple[int, ...]]:
     """
     array = to_numpy(features)
     if array.ndim not in (2, 3):
-        raise ValueError(
-            f"features must be an (h, w, c) or (n, c) array, got shape {tuple(array.shape)}"
-        )
+        raise ValueError(f"features must be an (h, w, c) or (n, c) array, got shape {tuple(array.shape)}")
     if array.size == 0:
         raise ValueError(f"features must not be empty, got shape {tuple(array.shape)}")
-    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)
-            or array.dtype == np.bool_):
+    if not (
+        np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_
+    ):
         raise ValueError(f"features must be real numbers, got dtype {array.dtype}")
     # float16/float32 stay float32 (their squares cannot overflow float64, in
     # which the norms are computed); everything else becomes float64.

@@ -202,8 +202,9 @@ def assign_concepts(features, latent_labels, size, *, max_tile_elements: int = D
     return assign_concepts_and_embeddings(features, latent_labels, size, max_tile_elements=max_tile_elements)[0]
 
 
-def assign_concepts_and_embeddings(features, latent_labels, size, *,
-                                   max_tile_elements: int = DEFAULT_MAX_TILE_ELEMENTS):
+def assign_concepts_and_embeddings(
+    features, latent_labels, size, *, max_tile_elements: int = DEFAULT_MAX_TILE_ELEMENTS
+):
     """(:func:`assign_concepts`, :func:`segment_embeddings`) from one pass over the features."""
     out_h, out_w = (int(s) for s in size)
     if out_h <= 0 or out_w <= 0:
@@ -229,8 +230,9 @@ def _runs(index0: np.ndarray, index1: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return np.concatenate(([0], change)), np.concatenate((change, [index0.shape[0]]))
 
 
-def _assign_from_maps(maps: np.ndarray, segment_ids: np.ndarray, size: tuple[int, int],
-                      max_tile_elements: int) -> np.ndarray:
+def _assign_from_maps(
+    maps: np.ndarray, segment_ids: np.ndarray, size: tuple[int, int], max_tile_elements: int
+) -> np.ndarray:
     """Argmax over k of the bilinear resampling of the (K, h, w) float32 ``maps``; (H, W) int32 ids.
 
     Output pixels fall into blocks (a run of rows times a run of columns) that
@@ -259,9 +261,10 @@ def _assign_from_maps(maps: np.ndarray, segment_ids: np.ndarray, size: tuple[int
     corner_cols = np.concatenate((col_starts, col_stops - 1))
     at_rows = maps[:, y0[corner_rows]] + wy[corner_rows, None] * (maps[:, y1[corner_rows]] - maps[:, y0[corner_rows]])
     at_corners = at_rows[:, :, x0[corner_cols]] + wx[corner_cols] * (
-        at_rows[:, :, x1[corner_cols]] - at_rows[:, :, x0[corner_cols]])
+        at_rows[:, :, x1[corner_cols]] - at_rows[:, :, x0[corner_cols]]
+    )
     rows, cols = row_starts.shape[0], col_starts.shape[0]
-    corners = [at_corners[:, i * rows:(i + 1) * rows, j * cols:(j + 1) * cols] for i in (0, 1) for j in (0, 1)]
+    corners = [at_corners[:, i * rows : (i + 1) * rows, j * cols : (j + 1) * cols] for i in (0, 1) for j in (0, 1)]
     # A segment is ruled out of a block when a convex combination of segments'
     # scores beats it at all four corners (then everywhere in the block, and
     # so does the best of those segments). Tried: each corner's winner alone,
@@ -279,13 +282,27 @@ def _assign_from_maps(maps: np.ndarray, segment_ids: np.ndarray, size: tuple[int
         possible &= gap >= -_RULE_OUT_MARGIN
     block_labels = segment_ids[np.argmax(possible, axis=0)].astype(np.int32)
     out = np.repeat(np.repeat(block_labels, row_stops - row_starts, axis=0), col_stops - col_starts, axis=1)
-    _score_boundary_blocks(out, maps, segment_ids, possible, (row_starts, row_stops, ry0, ry1, wy),
-                           (col_starts, col_stops, cx0, cx1, wx), max_tile_elements)
+    _score_boundary_blocks(
+        out,
+        maps,
+        segment_ids,
+        possible,
+        (row_starts, row_stops, ry0, ry1, wy),
+        (col_starts, col_stops, cx0, cx1, wx),
+        max_tile_elements,
+    )
     return out
 
 
-def _score_boundary_blocks(out: np.ndarray, maps: np.ndarray, segment_ids: np.ndarray, possible: np.ndarray,
-                           row_runs: tuple, col_runs: tuple, max_tile_elements: int) -> None:
+def _score_boundary_blocks(
+    out: np.ndarray,
+    maps: np.ndarray,
+    segment_ids: np.ndarray,
+    possible: np.ndarray,
+    row_runs: tuple,
+    col_runs: tuple,
+    max_tile_elements: int,
+) -> None:
     """Score, pixel by pixel, the blocks of ``out`` where more than one segment is ``possible``.
 
     Blocks with the same number of candidates and the same shape are scored
@@ -345,7 +362,7 @@ def _score_boundary_blocks(out: np.ndarray, maps: np.ndarray, segment_ids: np.nd
                     np.copyto(winner, ids[tile, k, None, None], where=better)
                 # One slice assignment per block: cheaper than a fancy-indexed scatter.
                 for block_rows, block_first_col, block_winner in zip(rows, col_starts[b[tile]], winner):
-                    out[block_rows[0]:block_rows[-1] + 1, block_first_col:block_first_col + width] = block_winner
+                    out[block_rows[0] : block_rows[-1] + 1, block_first_col : block_first_col + width] = block_winner
 
 
 class SegmentStats(NamedTuple):

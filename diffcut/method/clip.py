@@ -12,9 +12,8 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
-
 
 #: open_clip's OPENAI_DATASET_MEAN / STD.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -83,8 +82,11 @@ def _modules():
         def __init__(self, in_dim: int, dim: int, depth: int, first: bool):
             super().__init__()
             # timm: the first stage keeps the stem's stride; every later one halves the size.
-            self.downsample = (nn.Identity() if first else
-                               nn.Sequential(LayerNorm2d(in_dim, eps=1e-6), nn.Conv2d(in_dim, dim, 2, stride=2)))
+            self.downsample = (
+                nn.Identity()
+                if first
+                else nn.Sequential(LayerNorm2d(in_dim, eps=1e-6), nn.Conv2d(in_dim, dim, 2, stride=2))
+            )
             self.blocks = nn.Sequential(*[ConvNextBlock(dim) for _ in range(depth)])
 
         def forward(self, x):
@@ -104,8 +106,9 @@ def _modules():
         def __init__(self, depths: Sequence[int], dims: Sequence[int]):
             super().__init__()
             self.stem = nn.Sequential(nn.Conv2d(3, dims[0], 4, stride=4), LayerNorm2d(dims[0], eps=1e-6))
-            self.stages = nn.Sequential(*[ConvNextStage(dims[max(0, i - 1)], dims[i], depths[i], i == 0)
-                                          for i in range(len(depths))])
+            self.stages = nn.Sequential(
+                *[ConvNextStage(dims[max(0, i - 1)], dims[i], depths[i], i == 0) for i in range(len(depths))]
+            )
             self.norm_pre = nn.Identity()
             self.head = NormHead(dims[-1])
 
@@ -197,8 +200,14 @@ def build_clip(config: dict):
 def _tiny_config(vocab_size: int) -> dict:
     return {
         "embed_dim": 16,
-        "vision_cfg": {"timm_model_name": "diffcut_tiny", "depths": [1, 1, 1, 1], "dims": [8, 16, 16, 24],
-                       "timm_pool": "", "timm_proj": "mlp", "image_size": 64},
+        "vision_cfg": {
+            "timm_model_name": "diffcut_tiny",
+            "depths": [1, 1, 1, 1],
+            "dims": [8, 16, 16, 24],
+            "timm_pool": "",
+            "timm_proj": "mlp",
+            "image_size": 64,
+        },
         "text_cfg": {"context_length": 24, "vocab_size": vocab_size, "width": 16, "heads": 2, "layers": 1},
     }
 
@@ -232,6 +241,7 @@ def build_tiny_clip(target: str | os.PathLike, seed: int = 0) -> Path:
                 parameter.fill_(1.0)  # a visible residual branch: random weights that do something
             elif parameter.ndim >= 2:
                 parameter.normal_(0.0, 0.2)
+
     def write(staging: Path) -> None:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, staging / "open_clip_model.safetensors")
         (staging / "open_clip_config.json").write_text(json.dumps({"model_cfg": config, "note": "random, for tests"}))
@@ -249,8 +259,9 @@ def resolve_naming_model(model: str) -> Path:
     from huggingface_hub import snapshot_download
 
     repo = PRETRAINED_HUB.get(model, model)
-    return Path(snapshot_download(repo, allow_patterns=["open_clip_config.json", "*.safetensors", "*.json",
-                                                        "merges.txt"]))
+    return Path(
+        snapshot_download(repo, allow_patterns=["open_clip_config.json", "*.safetensors", "*.json", "merges.txt"])
+    )
 
 
 def load_clip(model: str, device: str = "cpu"):

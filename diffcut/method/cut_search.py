@@ -20,8 +20,6 @@ GRID_SIZE = 100
 GRID_SCALE = 0.99
 
 
-
-
 # 0, 1, ..., GRID_SIZE - 1: the grid's steps.
 _GRID_STEPS = np.arange(GRID_SIZE, dtype=np.float64)
 
@@ -95,9 +93,7 @@ def candidate_ncuts(affinity: np.ndarray, y: np.ndarray, thresholds: np.ndarray)
     return _candidate_ncuts(as_graph(affinity), np.asarray(y, dtype=np.float64), thresholds)[0]
 
 
-def _candidate_ncuts(
-    graph: RegionGraph, y: np.ndarray, thresholds: np.ndarray
-) -> tuple[np.ndarray, tuple | None]:
+def _candidate_ncuts(graph: RegionGraph, y: np.ndarray, thresholds: np.ndarray) -> tuple[np.ndarray, tuple | None]:
     """(NCut of every threshold, (order, cells at or below each threshold, edges, per-bin
     affinity of each cell) or None)."""
     n = y.shape[0]
@@ -134,9 +130,7 @@ def _candidate_ncuts(
     return result, (order, below, edges, per_bin)
 
 
-def best_cut(
-    affinity: np.ndarray, y: np.ndarray, *, exact_search: bool = False
-) -> tuple[np.ndarray | None, float]:
+def best_cut(affinity: np.ndarray, y: np.ndarray, *, exact_search: bool = False) -> tuple[np.ndarray | None, float]:
     """The candidate cut of least NCut (§2.3, step 3), the first one on ties.
 
     Args:

@@ -49,8 +49,15 @@ import torch
 
 from diffcut.method.logs import records_left_out
 from diffcut.method.tiny import TINY_RANDOM_NAME, tiny_random_path
-from diffcut.method.unet import (_distinct_symbolic_sizes, _mark_spatial_dynamic, _UNetToFeature, _VaeToLatentMean,
-                                 check_truncatable, feature_module_path, set_attention_kernel)
+from diffcut.method.unet import (
+    _distinct_symbolic_sizes,
+    _mark_spatial_dynamic,
+    _UNetToFeature,
+    _VaeToLatentMean,
+    check_truncatable,
+    feature_module_path,
+    set_attention_kernel,
+)
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +124,15 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         return torch.float16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "half": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+    }
     try:
         return names[str(dtype)]
     except KeyError:
@@ -192,9 +206,20 @@ class FeatureExtractor:
     Build it with :meth:`from_pretrained`; call :meth:`extract` on batches.
     """
 
-    def __init__(self, vae, unet, scheduler, prompt_embeds, pooled_prompt_embeds, config: ExtractorConfig,
-                 device: torch.device, dtype: torch.dtype, *, compile: bool | str = False,
-                 channels_last: bool = False):
+    def __init__(
+        self,
+        vae,
+        unet,
+        scheduler,
+        prompt_embeds,
+        pooled_prompt_embeds,
+        config: ExtractorConfig,
+        device: torch.device,
+        dtype: torch.dtype,
+        *,
+        compile: bool | str = False,
+        channels_last: bool = False,
+    ):
         self.vae = vae
         self.unet = unet
         self.scheduler = scheduler
@@ -249,7 +274,7 @@ class FeatureExtractor:
         attention: str = "sdpa",
         tf32: bool = False,
         vae_dtype: str | torch.dtype | None = "auto",
-    ) -> "FeatureExtractor":
+    ) -> FeatureExtractor:
         """Load a pipeline and prepare it for feature extraction (docs/method.md §2.1).
 
         Parameters
@@ -337,7 +362,9 @@ class FeatureExtractor:
         kwargs = {}
         if local.is_dir():
             refuse_pickle_checkpoints(local)
-            index = json.loads((local / "model_index.json").read_text()) if (local / "model_index.json").exists() else {}
+            index = (
+                json.loads((local / "model_index.json").read_text()) if (local / "model_index.json").exists() else {}
+            )
             if "safety_checker" in index:
                 kwargs.update(safety_checker=None, requires_safety_checker=False)
         try:
@@ -347,9 +374,10 @@ class FeatureExtractor:
                 warnings.simplefilter("ignore", FutureWarning)
                 # low_cpu_mem_usage=False: diffusers' path without accelerate, stated (else it advises installing
                 # accelerate, which loads safetensors no faster here: benchmarks/RESULTS.md, model loading).
-                pipeline = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, use_safetensors=True,
-                                                             low_cpu_mem_usage=False, **kwargs)
-        except (OSError, EnvironmentError) as error:
+                pipeline = DiffusionPipeline.from_pretrained(
+                    source, torch_dtype=dtype, use_safetensors=True, low_cpu_mem_usage=False, **kwargs
+                )
+        except OSError as error:
             if "safetensors" in str(error).lower():
                 raise ValueError(
                     f"could not load {model!r} from safetensors: {error}. diffcut refuses pickle checkpoints."
@@ -358,8 +386,13 @@ class FeatureExtractor:
         family = "sdxl" if getattr(pipeline, "text_encoder_2", None) is not None else "sd"
         vae = pipeline.vae
         resolved_vae_dtype = resolve_vae_dtype(vae_dtype, dtype, bool(getattr(vae.config, "force_upcast", False)))
-        config = ExtractorConfig(model=model, timestep=int(timestep), noise_seed=int(noise_seed), family=family,
-                                 vae_dtype=str(resolved_vae_dtype).removeprefix("torch."))
+        config = ExtractorConfig(
+            model=model,
+            timestep=int(timestep),
+            noise_seed=int(noise_seed),
+            family=family,
+            vae_dtype=str(resolved_vae_dtype).removeprefix("torch."),
+        )
 
         pipeline.to(device)
         if resolved_vae_dtype != dtype:
@@ -384,8 +417,18 @@ class FeatureExtractor:
         if channels_last:
             unet.to(memory_format=torch.channels_last)
             vae.to(memory_format=torch.channels_last)
-        extractor = cls(vae, unet, scheduler, prompt_embeds.to(dtype), None if pooled is None else pooled.to(dtype),
-                        config, device, dtype, compile=compile, channels_last=channels_last)
+        extractor = cls(
+            vae,
+            unet,
+            scheduler,
+            prompt_embeds.to(dtype),
+            None if pooled is None else pooled.to(dtype),
+            config,
+            device,
+            dtype,
+            compile=compile,
+            channels_last=channels_last,
+        )
         if release_unused:
             extractor._release_modules_after_feature()
         del pipeline
@@ -431,7 +474,7 @@ class FeatureExtractor:
         if height % self.stride or width % self.stride:
             raise ValueError(
                 f"image size {height}x{width} is not a multiple of the model's stride {self.stride}; "
-                "resize first (diffcut.job.io does this for the labeling job)"
+                "resize first (diffcut.job.inputs does this for the labeling job)"
             )
 
     @torch.inference_mode()
@@ -535,6 +578,8 @@ class FeatureExtractor:
         return torch.cuda.max_memory_allocated(self.device) <= AUTO_BATCH_MEMORY_SHARE * total
 
     def __repr__(self) -> str:
-        return (f"FeatureExtractor(model={self.config.model!r}, family={self.config.family}, device={self.device}, "
-                f"dtype={self.dtype}, stride={self.stride}, feature_dim={self.feature_dim}, "
-                f"module={self.feature_module_name})")
+        return (
+            f"FeatureExtractor(model={self.config.model!r}, family={self.config.family}, device={self.device}, "
+            f"dtype={self.dtype}, stride={self.stride}, feature_dim={self.feature_dim}, "
+            f"module={self.feature_module_name})"
+        )

@@ -223,8 +223,10 @@ def children_clusters(
     large = 1 - small
     couplings = [None, None]  # W_PQ G_Q of each side P that needs it
     couplings[small], couplings[large] = graph.coupling_products(
-        sides[small], y[sides[small]] if needed[large] else None,
-        sides[large], y[sides[large]] if needed[small] else None,
+        sides[small],
+        y[sides[small]] if needed[large] else None,
+        sides[large],
+        y[sides[large]] if needed[small] else None,
     )
     clusters = [None, None]
     for index in (0, 1):
@@ -342,9 +344,7 @@ def _lanczos_fiedler(
         if resolved_at is not None:
             # Resolving the rest of the cluster for the children (see the docstring).
             if invariant or step == max_steps - 1 or step >= next_check:
-                values, vectors = ritz_pairs = tridiagonal_eigh(
-                    diagonal[: step + 1], offdiagonal[:step]
-                )
+                values, vectors = ritz_pairs = tridiagonal_eigh(diagonal[: step + 1], offdiagonal[:step])
                 ritz = vectors[:, -1]
                 inside = values > _CLUSTER_MIN_RITZ
                 if invariant or (beta * np.abs(vectors[-1, inside]) < _CLUSTER_RESIDUAL).all():
@@ -379,15 +379,11 @@ def _lanczos_fiedler(
     if start is not None:
         return v / np.linalg.norm(v), None
     if ritz_pairs is None or ritz_pairs[0].shape[0] != steps:
-        ritz_pairs = (None, None) if steps < 2 else tridiagonal_eigh(
-            diagonal[:steps], offdiagonal[: steps - 1]
-        )
+        ritz_pairs = (None, None) if steps < 2 else tridiagonal_eigh(diagonal[:steps], offdiagonal[: steps - 1])
     return v / np.linalg.norm(v), _converged_cluster(krylov, *ritz_pairs, z)
 
 
-def _check_interval(
-    last_check: tuple[int, float] | None, step: int, residual: float, min_interval: int
-) -> int:
+def _check_interval(last_check: tuple[int, float] | None, step: int, residual: float, min_interval: int) -> int:
     """Steps until the next convergence check: half the steps to _LANCZOS_TOL
     that the geometric decay of the residual estimate since ``last_check``
     predicts, within [min_interval, _MAX_CHECK_INTERVAL]; _RISING_CHECK_INTERVAL

@@ -37,8 +37,9 @@ def _check_weights(weights: np.ndarray | None, n: int) -> np.ndarray:
     return weights
 
 
-def kmeans_plusplus(points: np.ndarray, k: int, rng: np.random.Generator,
-                    weights: np.ndarray | None = None) -> np.ndarray:
+def kmeans_plusplus(
+    points: np.ndarray, k: int, rng: np.random.Generator, weights: np.ndarray | None = None
+) -> np.ndarray:
     """Indices of ``k`` seed points by k-means++ (Arthur and Vassilvitskii 2007) under the cosine distance.
 
     The first seed is drawn with probability proportional to the weight; each
@@ -93,8 +94,7 @@ class KMeansResult:
     converged: bool
 
 
-def _lloyd(points: np.ndarray, weights: np.ndarray, centroids: np.ndarray, max_iter: int,
-           tol: float) -> KMeansResult:
+def _lloyd(points: np.ndarray, weights: np.ndarray, centroids: np.ndarray, max_iter: int, tol: float) -> KMeansResult:
     """Spherical Lloyd iterations from the given unit centroids."""
     previous = -np.inf
     labels = np.zeros(points.shape[0], dtype=np.int32)
@@ -130,9 +130,17 @@ def _lloyd(points: np.ndarray, weights: np.ndarray, centroids: np.ndarray, max_i
     return KMeansResult(centroids.astype(np.float32), labels, objective, max_iter, False)
 
 
-def spherical_kmeans(x: np.ndarray, k: int, *, weights: np.ndarray | None = None, seed: int = 0,
-                     max_iter: int = 100, tol: float = 1e-7, n_init: int = 3,
-                     init: np.ndarray | None = None) -> KMeansResult:
+def spherical_kmeans(
+    x: np.ndarray,
+    k: int,
+    *,
+    weights: np.ndarray | None = None,
+    seed: int = 0,
+    max_iter: int = 100,
+    tol: float = 1e-7,
+    n_init: int = 3,
+    init: np.ndarray | None = None,
+) -> KMeansResult:
     """Spherical k-means (Dhillon and Modha 2001) of the rows of ``x``, k-means++ seeded.
 
     Rows are L2-normalized; each iteration assigns every point to the centroid

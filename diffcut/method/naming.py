@@ -67,8 +67,8 @@ the CLIP model and its loading in :mod:`diffcut.method.clip`; this module
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -141,7 +141,7 @@ def classify(image_embeddings, text_classifier, synonym_class, num_classes: int,
 class Names:
     """Per-segment names of one image."""
 
-    class_id: np.ndarray     # (K,) int, -1 for a segment with no pixel
+    class_id: np.ndarray  # (K,) int, -1 for a segment with no pixel
     class_score: np.ndarray  # (K,) float, softmax probability of the class
     semantic_mask: np.ndarray  # (H, W) class id per pixel
 
@@ -170,8 +170,8 @@ class SegmentNamer:
         for i, text in enumerate(texts):
             ids = self.tokenizer(text, truncation=True, max_length=context)["input_ids"]
             if ids[-1] != eot:
-                ids = ids[:context - 1] + [eot]
-            tokens[i, :len(ids)] = torch.tensor(ids)
+                ids = ids[: context - 1] + [eot]
+            tokens[i, : len(ids)] = torch.tensor(ids)
             positions.append(len(ids) - 1)
         return tokens.to(self.device), torch.tensor(positions, device=self.device)
 
@@ -183,7 +183,7 @@ class SegmentNamer:
         chunks = []
         with torch.no_grad():
             for start in range(0, len(prompts), 128):
-                tokens, positions = self.tokenize(prompts[start:start + 128])
+                tokens, positions = self.tokenize(prompts[start : start + 128])
                 chunks.append(self.clip.encode_text(tokens, positions))
         text = torch.cat(chunks)
         text = text / text.norm(dim=-1, keepdim=True)
@@ -200,8 +200,9 @@ class SegmentNamer:
         else:
             image = torch.from_numpy(np.array(pixels, dtype=np.uint8)).float() / 255
         image = image.to(self.device).permute(2, 0, 1)[None]
-        image = torch.nn.functional.interpolate(image, size=(self.resolution, self.resolution), mode="bilinear",
-                                                align_corners=False, antialias=True)
+        image = torch.nn.functional.interpolate(
+            image, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False, antialias=True
+        )
         mean = torch.tensor(CLIP_MEAN, device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(CLIP_STD, device=self.device).view(1, 3, 1, 1)
         return (image - mean) / std
@@ -214,8 +215,13 @@ class SegmentNamer:
             labels = torch.from_numpy(np.asarray(mask, dtype=np.int64)).to(self.device)
             masks = labels[None] == torch.arange(num_segments, device=self.device)[:, None, None]
             pooled, present = mask_pool(dense, masks)
-            logits = classify(self.clip.embed_pooled(pooled), self.text, self.synonym_class, len(self.vocabulary),
-                              self.clip.logit_scale)
+            logits = classify(
+                self.clip.embed_pooled(pooled),
+                self.text,
+                self.synonym_class,
+                len(self.vocabulary),
+                self.clip.logit_scale,
+            )
             probabilities = logits.softmax(-1)
             score, class_id = probabilities.max(-1)
         class_id = torch.where(present, class_id, torch.full_like(class_id, -1)).cpu().numpy()

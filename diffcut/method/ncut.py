@@ -118,7 +118,6 @@ _COPY_FRACTION = 0.8
 _THREADPOOLS = None
 
 
-
 def _one_blas_thread():
     """Context limiting BLAS to one thread (a no-op without threadpoolctl).
 
@@ -177,8 +176,7 @@ def _grow_tree(
     while stack:
         node, cells, graph, cluster = stack.pop()
         if graph.positions is not None and (
-            graph.size <= DENSE_EIGH_MAX_CELLS
-            or graph.size <= _COPY_FRACTION * graph.ambient.shape[0]
+            graph.size <= DENSE_EIGH_MAX_CELLS or graph.size <= _COPY_FRACTION * graph.ambient.shape[0]
         ):
             graph = graph.extracted()
         in_s, value, side_degrees, basis = _split_region(graph, exact_search, tau, cluster)

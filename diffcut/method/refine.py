@@ -31,7 +31,7 @@ rows away, so tiles reproduce the untiled result exactly.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -91,16 +91,15 @@ def local_affinity(image: torch.Tensor, dilations: Sequence[int] = (1, 2, 4, 8))
     inv_scale = 1.0 / (_SIGMA_EPS + _SIGMA_SCALE * sigma)
 
     kernel = torch.stack(
-        [
-            -((image - _shift(padded, pad, dy, dx, height, width)).abs() * inv_scale).mean(dim=1)
-            for dy, dx in offsets
-        ],
+        [-((image - _shift(padded, pad, dy, dx, height, width)).abs() * inv_scale).mean(dim=1) for dy, dx in offsets],
         dim=1,
     )
     return torch.softmax(kernel, dim=1)
 
 
-def _propagate(masks: torch.Tensor, affinity: torch.Tensor, dilations: tuple[int, ...], iterations: int) -> torch.Tensor:
+def _propagate(
+    masks: torch.Tensor, affinity: torch.Tensor, dilations: tuple[int, ...], iterations: int
+) -> torch.Tensor:
     """``iterations`` steps of m(i) <- sum_j alpha(i, j) m(j) on (B, K, H, W) masks."""
     _, _, height, width = masks.shape
     pad = max(dilations)

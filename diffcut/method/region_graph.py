@@ -16,6 +16,7 @@ try:  # the kernel behind a CSR matrix times a dense one, without the matrix obj
 except ImportError:  # pragma: no cover - a SciPy that moved it: the public route
     _csr_matvecs = None
 
+
 class RegionGraph:
     """The induced subgraph ``W_R`` of some cells of a symmetric affinity matrix.
 
@@ -50,7 +51,7 @@ class RegionGraph:
             return self.ambient
         return _submatrix(self.ambient, self.positions, self.positions)
 
-    def extracted(self) -> "RegionGraph":
+    def extracted(self) -> RegionGraph:
         if self.positions is None:
             return self
         return RegionGraph(self.matrix(), degrees=self._degrees)

@@ -8,8 +8,8 @@ notebooks.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -69,8 +69,7 @@ def segment_features(
     features = np.asarray(features.detach().cpu() if hasattr(features, "detach") else features, dtype=np.float32)
     if features.ndim != 3:
         raise ValueError(f"features must be (h, w, c); got shape {features.shape}")
-    latent_labels, tree = recursive_ncut(features, tau=tau, alpha=alpha, exact_search=exact_search,
-                                         return_tree=True)
+    latent_labels, tree = recursive_ncut(features, tau=tau, alpha=alpha, exact_search=exact_search, return_tree=True)
     size = tuple(mask_size) if mask_size is not None else features.shape[:2]
     mask, embeddings = assign_concepts_and_embeddings(features, latent_labels, size)
     if refine:
@@ -99,16 +98,23 @@ class DiffCutSegmenter:
         results = segmenter.segment(pixels, mask_sizes=[(128, 128)] * len(pixels))
     """
 
-    def __init__(self, extractor, tau: float = DEFAULT_TAU, alpha: float = DEFAULT_ALPHA, refine: bool = False,
-                 exact_search: bool = False):
+    def __init__(
+        self,
+        extractor,
+        tau: float = DEFAULT_TAU,
+        alpha: float = DEFAULT_ALPHA,
+        refine: bool = False,
+        exact_search: bool = False,
+    ):
         self.extractor = extractor
         self.tau = tau
         self.alpha = alpha
         self.refine = refine
         self.exact_search = exact_search
 
-    def segment(self, pixels, mask_sizes: Sequence[tuple[int, int]] | None = None,
-                images: Sequence[np.ndarray] | None = None) -> list[SegmentationResult]:
+    def segment(
+        self, pixels, mask_sizes: Sequence[tuple[int, int]] | None = None, images: Sequence[np.ndarray] | None = None
+    ) -> list[SegmentationResult]:
         """Segment a batch.
 
         Args:
@@ -128,8 +134,17 @@ class DiffCutSegmenter:
             image = None
             if self.refine:
                 image = images[i] if images is not None else _resize_pixels(pixels[i], sizes[i])
-            results.append(segment_features(features[i], sizes[i], tau=self.tau, alpha=self.alpha,
-                                            refine=self.refine, image=image, exact_search=self.exact_search))
+            results.append(
+                segment_features(
+                    features[i],
+                    sizes[i],
+                    tau=self.tau,
+                    alpha=self.alpha,
+                    refine=self.refine,
+                    image=image,
+                    exact_search=self.exact_search,
+                )
+            )
         return results
 
 

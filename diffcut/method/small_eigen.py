@@ -33,9 +33,7 @@ def top_tridiagonal_eigenvector(diagonal: np.ndarray, offdiagonal: np.ndarray) -
     k = diagonal.shape[0]
     if k == 1:
         return np.ones(1)
-    found, values, block, split, info = lapack.dstebz(
-        diagonal, offdiagonal, 2, 0.0, 0.0, k, k, 0.0, "B"
-    )
+    found, values, block, split, info = lapack.dstebz(diagonal, offdiagonal, 2, 0.0, 0.0, k, k, 0.0, "B")
     if info != 0 or found != 1:
         return None
     vectors, info = lapack.dstein(diagonal, offdiagonal, values[:1], block, split)

@@ -15,6 +15,7 @@ import numpy as np
 
 from diffcut.method.affinity import check_tau, to_numpy
 
+
 def first_appearance_labels(ids: np.ndarray) -> np.ndarray:
     """Relabel ``ids`` (any integers, flat) to 0..K-1 in order of first appearance."""
     _, first_index, inverse = np.unique(ids, return_index=True, return_inverse=True)
@@ -81,9 +82,11 @@ class SplitTree:
         nodes = self.parent.shape[0]
         if nodes == 0 or self.ncut.shape[0] != nodes:
             raise ValueError("parent and ncut must have the same nonzero length")
-        if self.parent[0] != -1 or not (self.parent[1:] >= 0).all() or not (
-            self.parent[1:] < np.arange(1, nodes)
-        ).all():
+        if (
+            self.parent[0] != -1
+            or not (self.parent[1:] >= 0).all()
+            or not (self.parent[1:] < np.arange(1, nodes)).all()
+        ):
             raise ValueError("node 0 must be the root and every parent must precede its child")
         if np.isnan(self.ncut).any():
             raise ValueError("ncut values must not be NaN")
@@ -100,8 +103,11 @@ class SplitTree:
         if not (self.ncut[internal] < self.tau).all() or not (self.ncut[~internal] >= self.tau).all():
             raise ValueError("ncut values must be below tau at internal nodes and not below it at leaves")
         leaves = self.leaf_of_label
-        if (leaves < 0).any() or (leaves >= nodes).any() or internal[leaves].any() or (
-            np.unique(leaves).shape[0] != count or count != nodes - internal.sum()
+        if (
+            (leaves < 0).any()
+            or (leaves >= nodes).any()
+            or internal[leaves].any()
+            or (np.unique(leaves).shape[0] != count or count != nodes - internal.sum())
         ):
             raise ValueError("leaf_of_label must name every leaf node exactly once")
         self.labels = labels.astype(np.int32, copy=False)
@@ -187,9 +193,7 @@ class SplitTree:
             if not split[segment_of[parent]]:
                 segment_of[node] = segment_of[parent]
         segment_of_label = segment_of[self.leaf_of_label]
-        return first_appearance_labels(segment_of_label[self.labels.reshape(-1)]).reshape(
-            self.shape
-        )
+        return first_appearance_labels(segment_of_label[self.labels.reshape(-1)]).reshape(self.shape)
 
     def to_dict(self, include_labels: bool = False) -> dict:
         """JSON-able dict (lists, floats, None for +inf) for storage, e.g. in Parquet.
@@ -220,7 +224,7 @@ class SplitTree:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict | str, labels: Any = None) -> "SplitTree":
+    def from_dict(cls, data: dict | str, labels: Any = None) -> SplitTree:
         """Rebuild a tree from :meth:`to_dict` output (or its JSON text).
 
         Args:

@@ -89,9 +89,17 @@ def build_tiny_random(target: str | os.PathLike) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tokenizer = tiny_clip_tokenizer()
     text_config = dict(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, projection_dim=32, hidden_act="gelu",
-        bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=32,
+        hidden_act="gelu",
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
     )
     torch.manual_seed(_SEED)
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
@@ -135,13 +143,23 @@ def build_tiny_random(target: str | os.PathLike) -> Path:
     # SDXL ships an Euler scheduler config; the extractor builds its DDIM
     # scheduler from it exactly as it does for the real checkpoints.
     scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        steps_offset=1, timestep_spacing="leading",
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+        timestep_spacing="leading",
     )
     pipeline = StableDiffusionXLPipeline(
-        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-        tokenizer_2=tiny_clip_tokenizer(), unet=unet, scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tiny_clip_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
     )
+
     def write(staging: Path) -> None:
         pipeline.save_pretrained(staging, safe_serialization=True)
         (staging / "DIFFCUT_TINY_RANDOM.json").write_text(

@@ -57,8 +57,14 @@ def check_truncatable(unet, block_index: int) -> None:
         raise ValueError("diffcut's truncated UNet forward does not support this UNet: " + "; ".join(problems))
 
 
-def truncated_unet_forward(unet, block_index: int, sample: torch.Tensor, timestep: torch.Tensor,
-                           encoder_hidden_states: torch.Tensor, added_cond_kwargs: dict | None) -> torch.Tensor:
+def truncated_unet_forward(
+    unet,
+    block_index: int,
+    sample: torch.Tensor,
+    timestep: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    added_cond_kwargs: dict | None,
+) -> torch.Tensor:
     """The output of the feature's ``attn1``, running only what precedes it.
 
     The same steps, in the same order and with the same modules, as
@@ -75,14 +81,16 @@ def truncated_unet_forward(unet, block_index: int, sample: torch.Tensor, timeste
         sample = 2 * sample - 1.0
     t_emb = unet.get_time_embed(sample=sample, timestep=timestep)
     emb = unet.time_embedding(t_emb, None)
-    aug_emb = unet.get_aug_embed(emb=emb, encoder_hidden_states=encoder_hidden_states,
-                                 added_cond_kwargs=added_cond_kwargs)
+    aug_emb = unet.get_aug_embed(
+        emb=emb, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs
+    )
     if aug_emb is not None:
         emb = emb + aug_emb
     if unet.time_embed_act is not None:
         emb = unet.time_embed_act(emb)
-    encoder_hidden_states = unet.process_encoder_hidden_states(encoder_hidden_states=encoder_hidden_states,
-                                                               added_cond_kwargs=added_cond_kwargs)
+    encoder_hidden_states = unet.process_encoder_hidden_states(
+        encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs
+    )
     hidden = unet.conv_in(sample)
     for block in unet.down_blocks[:block_index]:
         if getattr(block, "has_cross_attention", False):
@@ -157,8 +165,9 @@ class _UNetToFeature(torch.nn.Module):
         self.block_index = block_index
 
     def forward(self, sample, timestep, encoder_hidden_states, added_cond_kwargs):
-        return truncated_unet_forward(self.unet, self.block_index, sample, timestep, encoder_hidden_states,
-                                      added_cond_kwargs)
+        return truncated_unet_forward(
+            self.unet, self.block_index, sample, timestep, encoder_hidden_states, added_cond_kwargs
+        )
 
 
 def set_attention_kernel(models, attention: str) -> None:

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-
 #: The 14 ViLD prompt templates (Gu et al., 2022), as used by FC-CLIP and DiffCut's extension.
 VILD_PROMPTS = (
     "a photo of a {}.",

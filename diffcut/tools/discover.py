@@ -48,15 +48,23 @@ import hashlib
 import io
 import json
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
 
 from diffcut.job import schema
 from diffcut.method.kmeans import spherical_kmeans
-from diffcut.tools.discover_batches import (_CLASSIFY_COLUMNS, _SAMPLE_COLUMNS, CLASSES_SCHEMA, WEIGHTINGS,
-                                            classify_batch, draw_sample, sample_arrays, sample_batch)
+from diffcut.tools.discover_batches import (
+    _CLASSIFY_COLUMNS,
+    _SAMPLE_COLUMNS,
+    CLASSES_SCHEMA,
+    WEIGHTINGS,
+    classify_batch,
+    draw_sample,
+    sample_arrays,
+    sample_batch,
+)
 
 __all__ = [
     "discover_classes",
@@ -75,7 +83,7 @@ DEFAULT_SAMPLE_SIZE = 50_000
 
 # =========================================================================== reading an output
 def _class_shards(output: str) -> list[str]:
-    from diffcut.job.io import join_uri, open_filesystem
+    from diffcut.job.inputs import join_uri, open_filesystem
 
     fs, root = open_filesystem(output)
     fs.invalidate_cache()
@@ -100,7 +108,7 @@ def read_classes(output: str, columns: Sequence[str] | None = None) -> pa.Table:
 
 def read_centroids(output: str) -> np.ndarray:
     """(K, c) float32 unit centroids of a discover output."""
-    from diffcut.job.io import join_uri, open_filesystem
+    from diffcut.job.inputs import join_uri, open_filesystem
 
     fs, path = open_filesystem(join_uri(output, CENTROIDS_NPY))
     with fs.open(path, "rb") as handle:
@@ -109,7 +117,7 @@ def read_centroids(output: str) -> np.ndarray:
 
 def read_centroids_info(output: str) -> dict:
     """The ``centroids.json`` of a discover output (fit settings and statistics)."""
-    from diffcut.job.io import join_uri, open_filesystem
+    from diffcut.job.inputs import join_uri, open_filesystem
 
     fs, path = open_filesystem(join_uri(output, CENTROIDS_JSON))
     with fs.open(path, "r", encoding="utf-8") as handle:
@@ -132,7 +140,7 @@ def _shard_names(run_id: str):
 
 
 def _prepare_output(labels: str, output: str, overwrite: bool) -> None:
-    from diffcut.job.io import join_uri, open_filesystem
+    from diffcut.job.inputs import join_uri, open_filesystem
 
     if output == labels:
         raise ValueError("--output must differ from --input (the labels)")
@@ -140,8 +148,9 @@ def _prepare_output(labels: str, output: str, overwrite: bool) -> None:
     existing = _class_shards(output)
     if existing:
         if not overwrite:
-            raise ValueError(f"{output} already holds a discover output ({len(existing)} shard(s)); "
-                             "pass --overwrite to replace it")
+            raise ValueError(
+                f"{output} already holds a discover output ({len(existing)} shard(s)); pass --overwrite to replace it"
+            )
         for uri in existing + [join_uri(output, CENTROIDS_NPY), join_uri(output, CENTROIDS_JSON)]:
             path = open_filesystem(uri)[1]
             if fs.exists(path):
@@ -149,10 +158,21 @@ def _prepare_output(labels: str, output: str, overwrite: bool) -> None:
     fs.makedirs(root, exist_ok=True)
 
 
-def discover_classes(labels: str, output: str, num_classes: int, *, sample_size: int = DEFAULT_SAMPLE_SIZE,
-                     seed: int = 0, weighting: str = "pixels", max_iter: int = 100, n_init: int = 3,
-                     batch_rows: int = 64, cpus_per_task: float = 1.0, address: str | None = None,
-                     overwrite: bool = False) -> dict:
+def discover_classes(
+    labels: str,
+    output: str,
+    num_classes: int,
+    *,
+    sample_size: int = DEFAULT_SAMPLE_SIZE,
+    seed: int = 0,
+    weighting: str = "pixels",
+    max_iter: int = 100,
+    n_init: int = 3,
+    batch_rows: int = 64,
+    cpus_per_task: float = 1.0,
+    address: str | None = None,
+    overwrite: bool = False,
+) -> dict:
     """Fit K classes on the segment descriptors of ``labels`` and write classes per segment to ``output``.
 
     Pass 1 (Ray Data): every batch of label rows gives its ``sample_size``
@@ -170,7 +190,7 @@ def discover_classes(labels: str, output: str, num_classes: int, *, sample_size:
     """
     import ray
 
-    from diffcut.job.io import arrow_filesystem, check_uri
+    from diffcut.job.inputs import arrow_filesystem, check_uri
     from diffcut.job.ray_session import connect_ray
 
     started = time.time()
@@ -207,27 +227,38 @@ def discover_classes(labels: str, output: str, num_classes: int, *, sample_size:
         # Pass 1: the sample, then the fit on the driver.
         def sample_pass(max_key: float):
             sampled = read(_SAMPLE_COLUMNS).map_batches(
-                sample_batch, fn_kwargs=dict(sample_size=sample_size, seed=seed, weighting=weighting,
-                                             max_key=max_key), **task_args)
+                sample_batch,
+                fn_kwargs=dict(sample_size=sample_size, seed=seed, weighting=weighting, max_key=max_key),
+                **task_args,
+            )
             return sampled.iter_batches(batch_format="pyarrow")
 
         sample = draw_sample(sample_pass, sample_size, total_segments)
         descriptors, weights = sample_arrays(sample)
         if descriptors.shape[0] < num_classes:
-            raise ValueError(f"the labels hold {descriptors.shape[0]} segments with pixels; "
-                             f"cannot fit {num_classes} classes")
-        fit = spherical_kmeans(descriptors, num_classes, weights=weights, seed=seed, max_iter=max_iter,
-                               n_init=n_init)
+            raise ValueError(
+                f"the labels hold {descriptors.shape[0]} segments with pixels; cannot fit {num_classes} classes"
+            )
+        fit = spherical_kmeans(descriptors, num_classes, weights=weights, seed=seed, max_iter=max_iter, n_init=n_init)
         fit_seconds = time.time() - started
 
         # Pass 2: every row's classes and semantic map.
-        run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + hashlib.blake2b(
-            f"{time.time_ns()}".encode(), digest_size=4).hexdigest()
+        run_id = (
+            time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+            + "-"
+            + hashlib.blake2b(f"{time.time_ns()}".encode(), digest_size=4).hexdigest()
+        )
         out_filesystem, out_root = arrow_filesystem(output)
         classified = read(_CLASSIFY_COLUMNS).map_batches(
-            classify_batch, fn_kwargs=dict(centroids=fit.centroids), **task_args)
-        classified.write_parquet(out_root, filesystem=out_filesystem, filename_provider=_shard_names(run_id),
-                                 ray_remote_args={"num_cpus": cpus_per_task}, schema=CLASSES_SCHEMA)
+            classify_batch, fn_kwargs=dict(centroids=fit.centroids), **task_args
+        )
+        classified.write_parquet(
+            out_root,
+            filesystem=out_filesystem,
+            filename_provider=_shard_names(run_id),
+            ray_remote_args={"num_cpus": cpus_per_task},
+            schema=CLASSES_SCHEMA,
+        )
     finally:
         if started_ray:
             ray.shutdown()
@@ -266,7 +297,7 @@ def discover_classes(labels: str, output: str, num_classes: int, *, sample_size:
 
 def write_centroids(output: str, centroids: np.ndarray, info: dict) -> None:
     """Write ``centroids.npy`` ((K, c) float32) and ``centroids.json`` (``info`` plus the centroids as lists)."""
-    from diffcut.job.io import join_uri, open_filesystem
+    from diffcut.job.inputs import join_uri, open_filesystem
 
     centroids = np.asarray(centroids, dtype=np.float32)
     fs, root = open_filesystem(output)
@@ -275,5 +306,6 @@ def write_centroids(output: str, centroids: np.ndarray, info: dict) -> None:
     np.save(buffer, centroids, allow_pickle=False)
     fs.pipe_file(open_filesystem(join_uri(output, CENTROIDS_NPY))[1], buffer.getvalue())
     document = dict(info, num_classes=int(centroids.shape[0]), centroids=centroids.tolist())
-    fs.pipe_file(open_filesystem(join_uri(output, CENTROIDS_JSON))[1],
-                 (json.dumps(document, indent=1) + "\n").encode("utf-8"))
+    fs.pipe_file(
+        open_filesystem(join_uri(output, CENTROIDS_JSON))[1], (json.dumps(document, indent=1) + "\n").encode("utf-8")
+    )

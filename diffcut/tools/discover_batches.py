@@ -12,7 +12,7 @@ class and writes the semantic label map (:func:`classify_batch`, one row of
 from __future__ import annotations
 
 import hashlib
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -45,13 +45,24 @@ CLASSES_SCHEMA = pa.schema(
 
 # Columns of the label shards each pass reads.
 _SAMPLE_COLUMNS = ["source", "status", "mask_width", "mask_height", "segments"]
-_CLASSIFY_COLUMNS = ["image_id", "source", "status", "error", "width", "height", "mask", "mask_width",
-                     "mask_height", "num_segments", "segments"]
+_CLASSIFY_COLUMNS = [
+    "image_id",
+    "source",
+    "status",
+    "error",
+    "width",
+    "height",
+    "mask",
+    "mask_width",
+    "mask_height",
+    "num_segments",
+    "segments",
+]
 
 #: Sample element: its key, its weight, its descriptor.
-SAMPLE_SCHEMA = pa.schema([pa.field("key", pa.float64()), pa.field("weight", pa.float64()),
-                           pa.field("descriptor", pa.list_(pa.float32()))])
-
+SAMPLE_SCHEMA = pa.schema(
+    [pa.field("key", pa.float64()), pa.field("weight", pa.float64()), pa.field("descriptor", pa.list_(pa.float32()))]
+)
 
 
 def segment_arrays(batch: pa.Table) -> dict[str, np.ndarray]:
@@ -66,8 +77,13 @@ def segment_arrays(batch: pa.Table) -> dict[str, np.ndarray]:
     ok = batch.take(pa.array(rows, pa.int64())) if len(rows) != batch.num_rows else batch
     segments = ok.column("segments").combine_chunks() if ok.num_rows else None
     if segments is None or len(segments) == 0:
-        return {"row": np.zeros(0, np.int64), "segment_id": np.zeros(0, np.int32), "area": np.zeros(0, np.int64),
-                "descriptor": np.zeros((0, 0), np.float32), "pixels": np.zeros(0, np.int64)}
+        return {
+            "row": np.zeros(0, np.int64),
+            "segment_id": np.zeros(0, np.int32),
+            "area": np.zeros(0, np.int64),
+            "descriptor": np.zeros((0, 0), np.float32),
+            "pixels": np.zeros(0, np.int64),
+        }
     lengths = np.diff(np.asarray(segments.offsets))
     flat = segments.flatten()
     descriptors = flat.field("descriptor")
@@ -75,10 +91,14 @@ def segment_arrays(batch: pa.Table) -> dict[str, np.ndarray]:
     if dims.size and (dims != dims[0]).any():
         raise ValueError("segment descriptors of different lengths in one output")
     dim = int(dims[0]) if dims.size else 0
-    values = np.asarray(descriptors.flatten(), dtype=np.float32).reshape(-1, dim) if dim else \
-        np.zeros((len(flat), 0), np.float32)
-    pixels = (np.asarray(ok.column("mask_width").to_numpy(zero_copy_only=False), np.int64)
-              * np.asarray(ok.column("mask_height").to_numpy(zero_copy_only=False), np.int64))
+    values = (
+        np.asarray(descriptors.flatten(), dtype=np.float32).reshape(-1, dim)
+        if dim
+        else np.zeros((len(flat), 0), np.float32)
+    )
+    pixels = np.asarray(ok.column("mask_width").to_numpy(zero_copy_only=False), np.int64) * np.asarray(
+        ok.column("mask_height").to_numpy(zero_copy_only=False), np.int64
+    )
     return {
         "row": np.repeat(np.asarray(rows, np.int64), lengths),
         "segment_id": np.asarray(flat.field("segment_id"), dtype=np.int32),
@@ -113,8 +133,7 @@ def _smallest(table: pa.Table, size: int) -> pa.Table:
     return table.take(pa.array(first[:size], pa.int64()))
 
 
-def sample_batch(batch: pa.Table, *, sample_size: int, seed: int, weighting: str,
-                 max_key: float = 1.0) -> pa.Table:
+def sample_batch(batch: pa.Table, *, sample_size: int, seed: int, weighting: str, max_key: float = 1.0) -> pa.Table:
     """Pass 1 on one batch of label rows: its segments with key below ``max_key``, at most the
     ``sample_size`` of smallest key (:data:`SAMPLE_SCHEMA`).
 
@@ -138,8 +157,11 @@ def sample_batch(batch: pa.Table, *, sample_size: int, seed: int, weighting: str
     descriptors = arrays["descriptor"][keep]
     offsets = pa.array(np.arange(keep.size + 1, dtype=np.int32) * descriptors.shape[1], pa.int32())
     return pa.Table.from_arrays(
-        [pa.array(keys[keep]), pa.array(weights[keep]),
-         pa.ListArray.from_arrays(offsets, pa.array(descriptors.reshape(-1), pa.float32()))],
+        [
+            pa.array(keys[keep]),
+            pa.array(weights[keep]),
+            pa.ListArray.from_arrays(offsets, pa.array(descriptors.reshape(-1), pa.float32())),
+        ],
         schema=SAMPLE_SCHEMA,
     )
 
@@ -225,7 +247,8 @@ def classify_batch(batch: pa.Table, *, centroids: np.ndarray) -> pa.Table:
             # segments are stored in id order: position k is segment k
             row_ids = ids[start:stop]
             semantic = row_ids[schema.decode_mask(row["mask"])]
-            out.update(mask=schema.encode_mask(semantic), class_ids=row_ids.tolist(),
-                       class_scores=scores[start:stop].tolist())
+            out.update(
+                mask=schema.encode_mask(semantic), class_ids=row_ids.tolist(), class_scores=scores[start:stop].tolist()
+            )
         rows.append(out)
     return pa.Table.from_pylist(rows, schema=CLASSES_SCHEMA)

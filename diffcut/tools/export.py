@@ -27,8 +27,9 @@ import hashlib
 import io
 import json
 import re
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -74,7 +75,7 @@ def safe_stem(image_id: str) -> str:
     separator; longer than :data:`MAX_STEM_LENGTH` characters it is cut and
     suffixed with a hash of the id.
     """
-    from diffcut.job.io import IMAGE_EXTENSIONS, extension
+    from diffcut.job.inputs import IMAGE_EXTENSIONS, extension
 
     text = str(image_id)
     base = text.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
@@ -84,7 +85,7 @@ def safe_stem(image_id: str) -> str:
     if not stem.strip("_"):
         return f"image-{_short_hash(text)}"
     if len(stem) > MAX_STEM_LENGTH:
-        stem = f"{stem[:MAX_STEM_LENGTH - 9]}-{_short_hash(text)}"
+        stem = f"{stem[: MAX_STEM_LENGTH - 9]}-{_short_hash(text)}"
     return stem
 
 
@@ -119,8 +120,9 @@ class UniqueNames:
 
 
 # --------------------------------------------------------------------------- reading
-def iter_label_rows(labels: str, columns: Iterable[str] | None = None, *, batch_rows: int = 64,
-                    skipped: list[str] | None = None) -> Iterator[dict]:
+def iter_label_rows(
+    labels: str, columns: Iterable[str] | None = None, *, batch_rows: int = 64, skipped: list[str] | None = None
+) -> Iterator[dict]:
     """The rows of a labeling job's output, one dict at a time, never the whole dataset at once.
 
     Reads the complete shards in name order, ``batch_rows`` rows at a time.
@@ -129,7 +131,7 @@ def iter_label_rows(labels: str, columns: Iterable[str] | None = None, *, batch_
     skips half-written shards; their URIs are appended to ``skipped``.
     """
 
-    from diffcut.job.io import open_filesystem
+    from diffcut.job.inputs import open_filesystem
 
     wanted = list(schema.COLUMNS if columns is None else columns)
     read_columns = wanted if "source" in wanted else [*wanted, "source"]
@@ -155,8 +157,11 @@ def read_class_ids(classes: str) -> dict[str, list[int]]:
     table = read_classes(classes, columns=["source", "status", "class_ids"])
     return {
         source: ids
-        for source, status, ids in zip(table.column("source").to_pylist(), table.column("status").to_pylist(),
-                                       table.column("class_ids").to_pylist())
+        for source, status, ids in zip(
+            table.column("source").to_pylist(),
+            table.column("status").to_pylist(),
+            table.column("class_ids").to_pylist(),
+        )
         if status == schema.STATUS_OK
     }
 
@@ -192,14 +197,16 @@ def coco_annotations(mask: np.ndarray, category_of_segment: np.ndarray | None = 
     annotations = []
     for segment in present.tolist():
         rle = mask_utils.encode(np.asfortranarray(mask == segment, dtype=np.uint8))
-        annotations.append({
-            "segmentation": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")},
-            "area": int(mask_utils.area(rle)),
-            "bbox": [float(v) for v in mask_utils.toBbox(rle)],
-            "iscrowd": 0,
-            "category_id": 1 if category_of_segment is None else int(category_of_segment[segment]),
-            "diffcut_segment_id": int(segment),
-        })
+        annotations.append(
+            {
+                "segmentation": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")},
+                "area": int(mask_utils.area(rle)),
+                "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+                "iscrowd": 0,
+                "category_id": 1 if category_of_segment is None else int(category_of_segment[segment]),
+                "diffcut_segment_id": int(segment),
+            }
+        )
     return annotations
 
 
@@ -236,12 +243,13 @@ def coco_file_name(image_id: str, relative_to: str | None = None) -> str:
     if relative_to:
         prefix = relative_to.rstrip("/") + "/"
         if image_id.startswith(prefix):
-            return image_id[len(prefix):]
+            return image_id[len(prefix) :]
     return image_id
 
 
-def export_coco(labels: str, output: str, *, classes: str | None = None,
-                relative_to: str | None = None) -> ExportSummary:
+def export_coco(
+    labels: str, output: str, *, classes: str | None = None, relative_to: str | None = None
+) -> ExportSummary:
     """Write the labels under ``labels`` as one COCO JSON file ``output`` (local or ``s3://``).
 
     Image ``id`` s are 1..N in reading order, annotation ids 1..M;
@@ -255,7 +263,7 @@ def export_coco(labels: str, output: str, *, classes: str | None = None,
     """
     import tempfile
 
-    from diffcut.job.io import check_uri, open_filesystem
+    from diffcut.job.inputs import check_uri, open_filesystem
 
     output = check_uri(output)
     class_ids = read_class_ids(classes) if classes is not None else None
@@ -276,12 +284,20 @@ def export_coco(labels: str, output: str, *, classes: str | None = None,
             categories = None
             if class_ids is not None:
                 if row["source"] not in class_ids:
-                    raise ValueError(f"{classes} has no classes for {row['source']!r}: "
-                                     "was it discovered from these labels?")
+                    raise ValueError(
+                        f"{classes} has no classes for {row['source']!r}: was it discovered from these labels?"
+                    )
                 categories = np.asarray(class_ids[row["source"]], dtype=np.int64) + 1
             image_index = len(images) + 1
-            images.append({"id": image_index, "file_name": coco_file_name(row["image_id"], relative_to), "width": int(mask.shape[1]),
-                           "height": int(mask.shape[0]), "diffcut_source": row["source"]})
+            images.append(
+                {
+                    "id": image_index,
+                    "file_name": coco_file_name(row["image_id"], relative_to),
+                    "width": int(mask.shape[1]),
+                    "height": int(mask.shape[0]),
+                    "diffcut_source": row["source"],
+                }
+            )
             for annotation in coco_annotations(mask, categories):
                 summary.annotations += 1
                 annotation = {"id": summary.annotations, "image_id": image_index, **annotation}
@@ -334,7 +350,7 @@ def export_png(labels: str, output: str, *, classes: str | None = None, palette:
     ``SegmentationClass`` (indices read back the same way). ``index.csv``
     lists ``file, image_id, source, status, num_segments, error`` for every row.
     """
-    from diffcut.job.io import check_uri, join_uri, open_filesystem
+    from diffcut.job.inputs import check_uri, join_uri, open_filesystem
 
     output = check_uri(output)
     class_ids = read_class_ids(classes) if classes is not None else None

@@ -13,8 +13,8 @@
 
 The labels do not hold the images: each is read again from the row's
 ``source`` (a local path, an ``s3://`` URI, or ``file.parquet#row=N`` for
-Parquet inputs) through :mod:`diffcut.job.io` and decoded with
-:func:`diffcut.job.io.decode_image`. When it cannot be read (moved, deleted, no
+Parquet inputs) through :mod:`diffcut.job.inputs` and decoded with
+:func:`diffcut.job.inputs.decode_image`. When it cannot be read (moved, deleted, no
 credentials) the card shows the coloured label map alone with a note saying
 why. Nothing in the pages refers outside the gallery folder; open
 ``index.html`` in any browser, from disk or any static file server.
@@ -28,8 +28,9 @@ import json
 import math
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import quote
 
 import numpy as np
@@ -107,13 +108,13 @@ class SourceReader:
 
     def _resolve(self, uri: str) -> str:
         if self.images_root and "://" not in uri and not os.path.isabs(uri):
-            from diffcut.job.io import join_uri
+            from diffcut.job.inputs import join_uri
 
             return join_uri(self.images_root, uri)
         return uri
 
     def read(self, source: str) -> bytes:
-        from diffcut.job.io import open_filesystem
+        from diffcut.job.inputs import open_filesystem
 
         match = _PARQUET_ROW.match(source)
         if match and match.group("file").lower().endswith(".parquet"):
@@ -124,10 +125,13 @@ class SourceReader:
     def _parquet_row(self, uri: str, row: int) -> bytes:
         import pyarrow.parquet as pq
 
-        from diffcut.job.io import open_filesystem
+        from diffcut.job.inputs import open_filesystem
 
-        if self._group_key is None or self._group_key[0] != uri or not (
-                self._group_start <= row < self._group_start + len(self._group_values)):
+        if (
+            self._group_key is None
+            or self._group_key[0] != uri
+            or not (self._group_start <= row < self._group_start + len(self._group_values))
+        ):
             fs, path = open_filesystem(uri)
             with fs.open(path, "rb") as handle:
                 parquet = pq.ParquetFile(handle, pre_buffer=False)
@@ -181,7 +185,7 @@ def _params_line(params: Mapping[str, Any]) -> str:
 
 
 def _describe_error(error: BaseException) -> str:
-    from diffcut.job.io import redact
+    from diffcut.job.inputs import redact
 
     message = str(error) or type(error).__name__
     if isinstance(error, FileNotFoundError):
@@ -209,10 +213,10 @@ class GallerySummary:
 
 def _page(title: str, heading: str, body: str, nav: str) -> str:
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        f"<title>{html.escape(title)}</title><meta name=\"viewport\" content=\"width=device-width\">"
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<title>{html.escape(title)}</title><meta name="viewport" content="width=device-width">'
         f"<style>{_STYLE}</style><script>{_SCRIPT}</script></head>\n<body>\n"
-        f"<h1>{heading}</h1>\n{nav}\n<p id=\"image-status\" class=\"note\"></p>\n{body}\n{nav}\n</body></html>\n"
+        f'<h1>{heading}</h1>\n{nav}\n<p id="image-status" class="note"></p>\n{body}\n{nav}\n</body></html>\n'
     )
 
 
@@ -236,8 +240,10 @@ def _nav(page: int | None, pages: int, errors: int) -> str:
 
 def _card(row: Mapping[str, Any], files: Mapping[str, str], note: str | None, params: Mapping[str, Any]) -> str:
     def img(kind: str, alt: str) -> str:
-        return (f'<img src="{THUMBS_DIR}/{quote(files[kind])}" alt="{html.escape(alt)}" '
-                f'title="{html.escape(alt)}" decoding="async">')
+        return (
+            f'<img src="{THUMBS_DIR}/{quote(files[kind])}" alt="{html.escape(alt)}" '
+            f'title="{html.escape(alt)}" decoding="async">'
+        )
 
     pictures = []
     if "image" in files:
@@ -252,14 +258,27 @@ def _card(row: Mapping[str, Any], files: Mapping[str, str], note: str | None, pa
     ]
     if note:
         lines.append(f'<span class="note">{html.escape(note)}</span>')
-    return ('<div class="card"><div class="pics">' + "".join(pictures) + '</div><div class="caption">'
-            + "<br>".join(lines) + "</div></div>")
+    return (
+        '<div class="card"><div class="pics">'
+        + "".join(pictures)
+        + '</div><div class="caption">'
+        + "<br>".join(lines)
+        + "</div></div>"
+    )
 
 
-def build_gallery(labels: str, output: str, *, per_page: int = DEFAULT_PER_PAGE,
-                  thumb_size: int = DEFAULT_THUMB_SIZE, images_root: str | None = None,
-                  image_column: str = "image", limit: int | None = None, title: str | None = None,
-                  overlay_alpha: float = 0.5) -> GallerySummary:
+def build_gallery(
+    labels: str,
+    output: str,
+    *,
+    per_page: int = DEFAULT_PER_PAGE,
+    thumb_size: int = DEFAULT_THUMB_SIZE,
+    images_root: str | None = None,
+    image_column: str = "image",
+    limit: int | None = None,
+    title: str | None = None,
+    overlay_alpha: float = 0.5,
+) -> GallerySummary:
     """Write the gallery of the labels under ``labels`` into the folder ``output`` (local or ``s3://``).
 
     Args:
@@ -274,8 +293,8 @@ def build_gallery(labels: str, output: str, *, per_page: int = DEFAULT_PER_PAGE,
         overlay_alpha: weight of the segment colours in the overlay.
     """
     from diffcut.evaluation.protocol import resize_nearest
+    from diffcut.job.inputs import check_uri, decode_image, join_uri, open_filesystem
     from diffcut.tools.export import UniqueNames, iter_label_rows
-    from diffcut.job.io import check_uri, decode_image, join_uri, open_filesystem
     from diffcut.tools.visualize import BOUNDARY_COLOR, boundaries, colorize, overlay
 
     if per_page < 1 or thumb_size < 1:
@@ -316,15 +335,34 @@ def build_gallery(labels: str, output: str, *, per_page: int = DEFAULT_PER_PAGE,
 
     def flush() -> None:
         nonlocal cards, page
-        heading = (f"{html.escape(title)}<div class=\"params\">page {page} of {pages} · {shown} labeled images"
-                   f" · {total_errors} error rows · {settings}</div>")
-        write(page_name(page), _page(f"{title} ({page}/{pages})", heading,
-                                     '<div class="grid">' + "\n".join(cards) + "</div>",
-                                     _nav(page, pages, total_errors)).encode("utf-8"))
+        heading = (
+            f'{html.escape(title)}<div class="params">page {page} of {pages} · {shown} labeled images'
+            f" · {total_errors} error rows · {settings}</div>"
+        )
+        write(
+            page_name(page),
+            _page(
+                f"{title} ({page}/{pages})",
+                heading,
+                '<div class="grid">' + "\n".join(cards) + "</div>",
+                _nav(page, pages, total_errors),
+            ).encode("utf-8"),
+        )
         cards, page = [], page + 1
 
-    columns = ["image_id", "source", "status", "error", "width", "height", "mask", "mask_width", "mask_height",
-               "num_segments", "params"]
+    columns = [
+        "image_id",
+        "source",
+        "status",
+        "error",
+        "width",
+        "height",
+        "mask",
+        "mask_width",
+        "mask_height",
+        "num_segments",
+        "params",
+    ]
     for row in iter_label_rows(labels, columns, skipped=summary.skipped_incomplete_shards):
         if row["status"] != schema.STATUS_OK:
             errors.append((row["image_id"], row["source"], row["error"] or "unknown error"))
@@ -360,9 +398,21 @@ def build_gallery(labels: str, output: str, *, per_page: int = DEFAULT_PER_PAGE,
 
     rows = "\n".join(
         f"<tr><td>{html.escape(str(image_id))}</td><td>{html.escape(str(source))}</td>"
-        f"<td>{html.escape(str(message))}</td></tr>" for image_id, source, message in errors)
-    body = (f"<p>{len(errors)} image(s) could not be labeled.</p><table><tr><th>image id</th><th>source</th>"
-            f"<th>error</th></tr>\n{rows}\n</table>") if errors else "<p>No error rows.</p>"
-    write(ERRORS_PAGE, _page(f"{title}: errors", f"{html.escape(title)}: error rows", body,
-                             _nav(None, pages, total_errors)).encode("utf-8"))
+        f"<td>{html.escape(str(message))}</td></tr>"
+        for image_id, source, message in errors
+    )
+    body = (
+        (
+            f"<p>{len(errors)} image(s) could not be labeled.</p><table><tr><th>image id</th><th>source</th>"
+            f"<th>error</th></tr>\n{rows}\n</table>"
+        )
+        if errors
+        else "<p>No error rows.</p>"
+    )
+    write(
+        ERRORS_PAGE,
+        _page(f"{title}: errors", f"{html.escape(title)}: error rows", body, _nav(None, pages, total_errors)).encode(
+            "utf-8"
+        ),
+    )
     return summary

@@ -45,8 +45,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -203,10 +204,18 @@ class Renamer:
     met, loaded on first use (the text classifier is computed once for each).
     """
 
-    def __init__(self, vocabulary: str | None = None, naming_model: str | None = None, *, device: str = "cpu",
-                 images_root: str | None = None, image_column: str = "image", max_image_pixels: int | None = None):
+    def __init__(
+        self,
+        vocabulary: str | None = None,
+        naming_model: str | None = None,
+        *,
+        device: str = "cpu",
+        images_root: str | None = None,
+        image_column: str = "image",
+        max_image_pixels: int | None = None,
+    ):
+        from diffcut.job.inputs import DEFAULT_MAX_IMAGE_PIXELS
         from diffcut.tools.gallery import SourceReader
-        from diffcut.job.io import DEFAULT_MAX_IMAGE_PIXELS
 
         self.vocabulary, self.naming_model, self.device = vocabulary, naming_model, device
         self.reader = SourceReader(images_root, image_column=image_column)
@@ -232,7 +241,7 @@ class Renamer:
 
     def __call__(self, row: dict) -> dict:
         """The named version of a re-thresholded ok ``row``, or an error row saying why not; never raises."""
-        from diffcut.job.io import decode_image, redact
+        from diffcut.job.inputs import decode_image, redact
         from diffcut.method.naming import DEFAULT_NAMING_MODEL
 
         params = json.loads(row["params"]) if row.get("params") else {}
@@ -246,8 +255,9 @@ class Renamer:
             try:
                 data = self._image_bytes(row["source"])
             except Exception as error:  # noqa: BLE001 - moved, deleted, no credentials...
-                raise ValueError(f"the image could not be read from its source {row['source']!r}: "
-                                 f"{type(error).__name__}: {error}") from None
+                raise ValueError(
+                    f"the image could not be read from its source {row['source']!r}: {type(error).__name__}: {error}"
+                ) from None
             size = (row["mask_width"], row["mask_height"])
             pixels = decode_image(data, size, max_pixels=self.max_image_pixels).pixels
             namer = self._namer(naming_model, vocabulary)
@@ -256,9 +266,14 @@ class Renamer:
             return schema.named_row(row, names, namer.vocabulary.class_names)
         except Exception as error:  # noqa: BLE001 - one image's failure is one error row
             self.failed += 1
-            return schema.error_row(row["image_id"], row["source"],
-                                    redact(f"re-naming failed: {type(error).__name__}: {error}"),
-                                    params=row["params"], width=row["width"], height=row["height"])
+            return schema.error_row(
+                row["image_id"],
+                row["source"],
+                redact(f"re-naming failed: {type(error).__name__}: {error}"),
+                params=row["params"],
+                width=row["width"],
+                height=row["height"],
+            )
 
 
 @dataclass
@@ -295,10 +310,19 @@ def _run_taus(shards: list[str]) -> set[float]:
     return taus
 
 
-def rethreshold_labels(input: str, output: str, tau: float, *, overwrite: bool = False,
-                       batch_rows: int = DEFAULT_BATCH_ROWS, vocabulary: str | None = None,
-                       naming_model: str | None = None, device: str = "cpu", images_root: str | None = None,
-                       image_column: str = "image") -> RethresholdSummary:
+def rethreshold_labels(
+    input: str,
+    output: str,
+    tau: float,
+    *,
+    overwrite: bool = False,
+    batch_rows: int = DEFAULT_BATCH_ROWS,
+    vocabulary: str | None = None,
+    naming_model: str | None = None,
+    device: str = "cpu",
+    images_root: str | None = None,
+    image_column: str = "image",
+) -> RethresholdSummary:
     """Re-threshold every row of the labeling job's output ``input`` at ``tau``; write to ``output``.
 
     Checks every run tau first (the ``params`` column only), so a ``tau``
@@ -324,7 +348,7 @@ def rethreshold_labels(input: str, output: str, tau: float, *, overwrite: bool =
     """
     import pyarrow.parquet as pq
 
-    from diffcut.job.io import check_uri, join_uri, open_filesystem
+    from diffcut.job.inputs import check_uri, join_uri, open_filesystem
 
     tau = _check_tau(tau)
     input, output = check_uri(input), check_uri(output)
@@ -342,8 +366,10 @@ def rethreshold_labels(input: str, output: str, tau: float, *, overwrite: bool =
     existing, half_written = schema.list_shards(output)
     if existing or half_written:
         if not overwrite:
-            raise ValueError(f"{output} already holds {len(existing) + len(half_written)} label shard(s); "
-                             "pass --overwrite to replace them")
+            raise ValueError(
+                f"{output} already holds {len(existing) + len(half_written)} label shard(s); "
+                "pass --overwrite to replace them"
+            )
         out_fs, _ = open_filesystem(output)
         for uri in existing + half_written:
             out_fs.rm(open_filesystem(uri)[1])

@@ -29,15 +29,14 @@ machine (its ``DataLoader`` workers split the input's read units), and
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
 from torch.utils.data import IterableDataset
 
-from diffcut.job import io as dio
-from diffcut.job import schema
+from diffcut.job import inputs, schema
 
 TARGETS = ("semantic", "instances")
 
@@ -72,18 +71,23 @@ def resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(resized).astype(np.int64)
 
 
-def image_and_target(image_bytes: bytes, mask_png: bytes, size: tuple[int, int], *,
-                     max_image_pixels: int = dio.DEFAULT_MAX_IMAGE_PIXELS) -> tuple[np.ndarray, np.ndarray]:
+def image_and_target(
+    image_bytes: bytes,
+    mask_png: bytes,
+    size: tuple[int, int],
+    *,
+    max_image_pixels: int = inputs.DEFAULT_MAX_IMAGE_PIXELS,
+) -> tuple[np.ndarray, np.ndarray]:
     """((H, W, 3) uint8 RGB image, (H, W) int64 label map), both at ``size`` = (width, height).
 
-    The image is decoded like the labeling job decodes it (:func:`diffcut.job.io.decode_image`,
+    The image is decoded like the labeling job decodes it (:func:`diffcut.job.inputs.decode_image`,
     bilinear resize), the mask (:func:`diffcut.job.schema.decode_mask`) resized with
     :func:`resize_labels`.
 
     Raises:
-        diffcut.job.io.ImageDecodeError: the image cannot be used.
+        diffcut.job.inputs.ImageDecodeError: the image cannot be used.
     """
-    pixels = dio.decode_image(image_bytes, size, max_pixels=max_image_pixels).pixels
+    pixels = inputs.decode_image(image_bytes, size, max_pixels=max_image_pixels).pixels
     return pixels, resize_labels(schema.decode_mask(mask_png), size)
 
 
@@ -109,7 +113,7 @@ def read_targets(labels: str | None = None, classes: str | None = None) -> pa.Ta
 def input_units(input: str, format: str = "auto", *, image_column: str = "image") -> pa.Table:
     """The read units of every record of ``input``, planned as the labeling job plans them, so
     their ``source`` values are the ones in the label rows."""
-    return dio.plan_inputs(dio.list_inputs(input, format), image_column=image_column).units
+    return inputs.plan_inputs(inputs.list_inputs(input, format), image_column=image_column).units
 
 
 def _target_kind(target: str | None, classes: str | None) -> str:
@@ -163,9 +167,18 @@ class LabeledImages(IterableDataset):
     that iterates (with workers: in each worker).
     """
 
-    def __init__(self, input: str, labels: str | None = None, *, classes: str | None = None,
-                 target: str | None = None, size: int | Sequence[int] = 256, format: str = "auto",
-                 image_column: str = "image", max_image_pixels: int = dio.DEFAULT_MAX_IMAGE_PIXELS):
+    def __init__(
+        self,
+        input: str,
+        labels: str | None = None,
+        *,
+        classes: str | None = None,
+        target: str | None = None,
+        size: int | Sequence[int] = 256,
+        format: str = "auto",
+        image_column: str = "image",
+        max_image_pixels: int = inputs.DEFAULT_MAX_IMAGE_PIXELS,
+    ):
         super().__init__()
         self.target = _target_kind(target, classes)
         self.size = parse_size(size)
@@ -175,10 +188,11 @@ class LabeledImages(IterableDataset):
         table = read_targets(labels if self.target == "instances" else None, classes)
         columns = (table.column(name).to_pylist() for name in _TARGET_COLUMNS)
         self.targets: dict[str, tuple[str, bytes | None]] = {
-            source: (status, mask) for source, status, mask in zip(*columns)}
+            source: (status, mask) for source, status, mask in zip(*columns)
+        }
         self.counts: Counter = Counter()
 
-    def _pair(self, record: dio.RawRecord):
+    def _pair(self, record: inputs.RawRecord):
         found = self.targets.get(record.source)
         if found is None:
             self.counts["unlabeled"] += 1
@@ -192,7 +206,7 @@ class LabeledImages(IterableDataset):
             return None
         try:
             pixels, labels = image_and_target(record.data, mask, self.size, max_image_pixels=self.max_image_pixels)
-        except (dio.ImageDecodeError, ValueError):
+        except (inputs.ImageDecodeError, ValueError):
             self.counts["unreadable"] += 1
             return None
         self.counts["pairs"] += 1
@@ -202,9 +216,9 @@ class LabeledImages(IterableDataset):
         from torch.utils.data import get_worker_info
 
         worker = get_worker_info()
-        units = self.units if worker is None else self.units[worker.id::worker.num_workers]
+        units = self.units if worker is None else self.units[worker.id :: worker.num_workers]
         for start in range(0, len(units), _UNITS_PER_READ):
-            for record in dio.read_units(units[start:start + _UNITS_PER_READ], image_column=self.image_column):
+            for record in inputs.read_units(units[start : start + _UNITS_PER_READ], image_column=self.image_column):
                 pair = self._pair(record)
                 if pair is not None:
                     yield pair
@@ -218,7 +232,7 @@ class RayTrainingData:
     (``labeled``) and skipped (``error_rows``). Input records without a label row drop out of
     the join without being counted."""
 
-    dataset: "object"
+    dataset: object
     labeled: int
     error_rows: int
 
@@ -226,7 +240,7 @@ class RayTrainingData:
 def _read_sources(units: pa.Table, *, image_column: str) -> pa.Table:
     """Ray Data UDF: read units -> (source, data) of every readable record."""
     sources, data = [], []
-    for record in dio.read_units(units.to_pylist(), image_column=image_column):
+    for record in inputs.read_units(units.to_pylist(), image_column=image_column):
         if record.error is None and record.data is not None:
             sources.append(record.source)
             data.append(record.data)
@@ -245,7 +259,7 @@ def _pairs(batch: pa.Table, *, size: tuple[int, int], max_image_pixels: int) -> 
     for data, mask in zip(batch.column("data").to_pylist(), batch.column("mask").to_pylist()):
         try:
             pixels, labels = image_and_target(data, mask, size, max_image_pixels=max_image_pixels)
-        except (dio.ImageDecodeError, ValueError):
+        except (inputs.ImageDecodeError, ValueError):
             continue  # the labeling job made an error row for it as well, or the file changed since
         images.append(pixels.transpose(2, 0, 1).astype(np.float32) / 255.0)
         targets.append(labels)
@@ -263,10 +277,19 @@ def _target_files(labels: str | None, classes: str | None) -> list[str]:
     return schema.list_shards(labels)[0]
 
 
-def ray_dataset(input: str, labels: str | None = None, *, classes: str | None = None, target: str | None = None,
-                size: int | Sequence[int] = 256, format: str = "auto", image_column: str = "image",
-                num_partitions: int | None = None, units_per_task: int = 64,
-                max_image_pixels: int = dio.DEFAULT_MAX_IMAGE_PIXELS) -> RayTrainingData:
+def ray_dataset(
+    input: str,
+    labels: str | None = None,
+    *,
+    classes: str | None = None,
+    target: str | None = None,
+    size: int | Sequence[int] = 256,
+    format: str = "auto",
+    image_column: str = "image",
+    num_partitions: int | None = None,
+    units_per_task: int = 64,
+    max_image_pixels: int = inputs.DEFAULT_MAX_IMAGE_PIXELS,
+) -> RayTrainingData:
     """(image, target) pairs as a Ray Data pipeline, for training at scale.
 
     The same join as :class:`LabeledImages`, distributed: read tasks turn the
@@ -291,17 +314,20 @@ def ray_dataset(input: str, labels: str | None = None, *, classes: str | None = 
     units = input_units(input, format, image_column=image_column)
     blocks = [units.slice(start, units_per_task) for start in range(0, units.num_rows, units_per_task)]
     images = ray.data.from_arrow(blocks).map_batches(
-        _read_sources, batch_size=units_per_task, batch_format="pyarrow", fn_kwargs=dict(image_column=image_column))
+        _read_sources, batch_size=units_per_task, batch_format="pyarrow", fn_kwargs=dict(image_column=image_column)
+    )
     files = _target_files(target_labels, classes if target == "semantic" else None)
     if not files:
-        raise dio.InputError(f"no label shards under {classes if target == 'semantic' else labels}")
-    filesystem, _ = dio.arrow_filesystem(files[0]) if files else (None, None)
-    paths = [dio.arrow_filesystem(uri)[1] for uri in files]
+        raise inputs.InputError(f"no label shards under {classes if target == 'semantic' else labels}")
+    filesystem, _ = inputs.arrow_filesystem(files[0]) if files else (None, None)
+    paths = [inputs.arrow_filesystem(uri)[1] for uri in files]
     # One file per read task; keep the join's key and what the pairs need.
     targets = ray.data.read_parquet(paths, filesystem=filesystem, columns=_TARGET_COLUMNS).map_batches(
-        _ok_targets, batch_format="pyarrow")
+        _ok_targets, batch_format="pyarrow"
+    )
     partitions = num_partitions or max(1, len(blocks))
     joined = images.join(targets, join_type="inner", num_partitions=partitions, on=("source",))
-    dataset = joined.map_batches(_pairs, batch_format="pyarrow",
-                                 fn_kwargs=dict(size=size, max_image_pixels=max_image_pixels))
+    dataset = joined.map_batches(
+        _pairs, batch_format="pyarrow", fn_kwargs=dict(size=size, max_image_pixels=max_image_pixels)
+    )
     return RayTrainingData(dataset=dataset, labeled=labeled, error_rows=len(statuses) - labeled)

@@ -127,12 +127,12 @@ def render_rayjob(
         argv = set_flag(argv, "--output", output_uri)
     gpus_per_pod = int(container_limits(gpu_group)["nvidia.com/gpu"])
     extractor_gpus = float(flag_value(argv, "--extractor-gpus") or 1)
-    argv = set_flag(argv, "--extractor-pool-max",
-                    max(1, math.floor(gpu_group["maxReplicas"] * gpus_per_pod / extractor_gpus)))
+    argv = set_flag(
+        argv, "--extractor-pool-max", max(1, math.floor(gpu_group["maxReplicas"] * gpus_per_pod / extractor_gpus))
+    )
     cpus_per_pod = cpu_quantity(container_limits(cpu_group)["cpu"])
     ncut_cpus = float(flag_value(argv, "--ncut-cpus") or 1)
-    argv = set_flag(argv, "--ncut-pool-max",
-                    max(1, math.floor(cpu_group["maxReplicas"] * cpus_per_pod / ncut_cpus)))
+    argv = set_flag(argv, "--ncut-pool-max", max(1, math.floor(cpu_group["maxReplicas"] * cpus_per_pod / ncut_cpus)))
     argv += list(extra_label_args or [])
     spec["entrypoint"] = shlex.join(argv)
 
@@ -152,8 +152,10 @@ def raycluster_from_rayjob(job: dict, name: str = "diffcut") -> dict:
     return {
         "apiVersion": job["apiVersion"],
         "kind": "RayCluster",
-        "metadata": {"name": name, "labels": dict(job["metadata"].get("labels", {}),
-                                                   **{"app.kubernetes.io/component": "cluster"})},
+        "metadata": {
+            "name": name,
+            "labels": dict(job["metadata"].get("labels", {}), **{"app.kubernetes.io/component": "cluster"}),
+        },
         "spec": copy.deepcopy(job["spec"]["rayClusterSpec"]),
     }
 
@@ -175,9 +177,11 @@ def dump(manifest: dict, header: str = GENERATED_HEADER) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Arguments after `--` are appended to the job's jobs/label.py command.")
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Arguments after `--` are appended to the job's jobs/label.py command.",
+    )
     parser.add_argument("kind", choices=["rayjob", "raycluster"])
     parser.add_argument("--name", help="metadata.name (default: diffcut-label / diffcut)")
     parser.add_argument("--input", dest="input_uri", help="dataset URI passed to --input of the job")
@@ -195,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     extra: list[str] = []
     if "--" in argv:
         split = argv.index("--")
-        argv, extra = argv[:split], argv[split + 1:]
+        argv, extra = argv[:split], argv[split + 1 :]
     args = build_parser().parse_args(argv)
     job = render_rayjob(
         load_rayjob(args.template),
@@ -209,8 +213,12 @@ def main(argv: list[str] | None = None) -> int:
         extra_label_args=extra,
     )
     if args.kind == "raycluster":
-        sys.stdout.write(dump(raycluster_from_rayjob(job, name=args.name or "diffcut"),
-                              header=GENERATED_HEADER + RAYCLUSTER_REGENERATE))
+        sys.stdout.write(
+            dump(
+                raycluster_from_rayjob(job, name=args.name or "diffcut"),
+                header=GENERATED_HEADER + RAYCLUSTER_REGENERATE,
+            )
+        )
     else:
         sys.stdout.write(dump(job))
     return 0

@@ -3,7 +3,7 @@
 :func:`list_inputs` finds image files (recursive, by extension), Parquet files
 or WebDataset shards under a URI, sniffing image files whose extension is
 missing. The rest of the input side lives beside it and is re-exported here, so
-``from diffcut.job import io as dio`` gives the whole of it:
+``from diffcut.job import inputs`` gives the whole of it:
 
 * :mod:`diffcut.job.storage` -- filesystems (local, ``s3://``), URIs, redacting secrets;
 * :mod:`diffcut.job.plan` -- read units (what a run still has to do) and reading their bytes;
@@ -18,16 +18,39 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from diffcut.job import boundary
-from diffcut.job.images import (DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_STRIDE, RESIZE_MODES,  # noqa: F401 (re-exported)
-                                DecodedImage, ImageDecodeError, MaskSize, SizeRule, bucket_size, check_resolution,
-                                decode_image, model_size, to_rgb, upright_size)
-from diffcut.job.storage import (CREDENTIAL_VARIABLES, InputError, arrow_filesystem,  # noqa: F401 (re-exported)
-                                 check_credential_variables, check_uri, describe_exception, is_remote, join_uri, open_filesystem,
-                                 redact, secret_values, storage_options)
+from diffcut.job.images import (  # noqa: F401 (re-exported)
+    DEFAULT_MAX_IMAGE_PIXELS,
+    DEFAULT_STRIDE,
+    RESIZE_MODES,
+    DecodedImage,
+    ImageDecodeError,
+    MaskSize,
+    SizeRule,
+    bucket_size,
+    check_resolution,
+    decode_image,
+    model_size,
+    to_rgb,
+    upright_size,
+)
+from diffcut.job.storage import (  # noqa: F401 (re-exported)
+    CREDENTIAL_VARIABLES,
+    InputError,
+    arrow_filesystem,
+    check_credential_variables,
+    check_uri,
+    describe_exception,
+    is_remote,
+    join_uri,
+    open_filesystem,
+    redact,
+    secret_values,
+    storage_options,
+)
 
 #: Extensions listed as images (compared case-insensitively).
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
@@ -38,7 +61,7 @@ INPUT_FORMATS = ("auto", "images", "parquet", "webdataset")
 # =========================================================================== listing
 def extension(path: str) -> str:
     """``".jpg"`` for ``a/b.JPG``; ``""`` without one (``a/3f9a``, ``a/.hidden``), as ``posixpath.splitext``."""
-    name = path[path.rfind("/") + 1:]
+    name = path[path.rfind("/") + 1 :]
     dot = name.rfind(".")
     return name[dot:].lower() if dot > 0 and name[:dot].strip(".") else ""
 
@@ -47,8 +70,14 @@ def extension(path: str) -> str:
 SKIPPED_NAMED = 100
 
 #: Leading bytes of the image formats of IMAGE_EXTENSIONS (WebP: "RIFF", 4 size bytes, "WEBP").
-IMAGE_MAGIC = {"JPEG": (b"\xff\xd8\xff",), "PNG": (b"\x89PNG\r\n\x1a\n",), "GIF": (b"GIF87a", b"GIF89a"),
-               "TIFF": (b"II*\x00", b"MM\x00*"), "BMP": (b"BM",), "WEBP": (b"RIFF",)}
+IMAGE_MAGIC = {
+    "JPEG": (b"\xff\xd8\xff",),
+    "PNG": (b"\x89PNG\r\n\x1a\n",),
+    "GIF": (b"GIF87a", b"GIF89a"),
+    "TIFF": (b"II*\x00", b"MM\x00*"),
+    "BMP": (b"BM",),
+    "WEBP": (b"RIFF",),
+}
 MAGIC_BYTES = 16
 
 
@@ -95,8 +124,10 @@ def sniff_images(uris: Sequence[str]) -> dict[str, str | None]:
     if not uris:
         return {}
     if not is_remote(uris[0]):
-        return {uri: sniff_image_format(head) if isinstance(head, bytes) else None
-                for uri, head in ((uri, _local_head(uri)) for uri in uris)}
+        return {
+            uri: sniff_image_format(head) if isinstance(head, bytes) else None
+            for uri, head in ((uri, _local_head(uri)) for uri in uris)
+        }
     fs, _ = open_filesystem(uris[0])
     paths = [open_filesystem(uri)[1] for uri in uris]
     try:
@@ -143,8 +174,9 @@ def _local_files(shown: str, exclude: str | None) -> tuple[list[str], list[str],
     if stat.S_ISREG(mode):
         return [boundary.path_text(shown)], [], [], True
     if not stat.S_ISDIR(mode):
-        raise InputError(f"input {boundary.path_text(shown)!r} is {boundary.file_kind(mode)}: give a folder or a "
-                         "regular file")
+        raise InputError(
+            f"input {boundary.path_text(shown)!r} is {boundary.file_kind(mode)}: give a folder or a regular file"
+        )
     excluded = None
     if exclude is not None and not is_remote(exclude):
         excluded = os.path.realpath(check_uri(exclude))
@@ -188,7 +220,7 @@ def _relative_files(uri: str, exclude: str | None) -> tuple[list[str], list[str]
     for path in paths:
         if excluded is not None and (path + "/").startswith(excluded):
             continue
-        relative = path[len(root):].lstrip("/") if path.startswith(root) else path
+        relative = path[len(root) :].lstrip("/") if path.startswith(root) else path
         (hidden if _hidden(relative) else visible).append(join_uri(uri, relative))
     return visible, hidden, [], False
 
@@ -206,8 +238,10 @@ def _skip_reason(uri: str, format: str) -> str:
             return "no file extension"
         return "no file extension, and its first bytes are not those of an image"
     if format == "webdataset":
-        return (f"not a .tar, .tar.gz or .tgz shard ({ext} file: img2dataset writes .parquet and _stats.json "
-                "beside its shards)")
+        return (
+            f"not a .tar, .tar.gz or .tgz shard ({ext} file: img2dataset writes .parquet and _stats.json "
+            "beside its shards)"
+        )
     if ext in PARQUET_EXTENSIONS and format == "images":
         return "a Parquet file among image files (choose with --format)"
     if ext in IMAGE_EXTENSIONS and format == "parquet":
@@ -238,8 +272,17 @@ def list_inputs(uri: str, format: str = "auto", *, exclude: str | None = None) -
     by_kind: dict[str, list[str]] = {"images": [], "parquet": [], "webdataset": [], "none": [], "other": []}
     for f in found:  # one pass, one extension() per file: a listing can hold millions
         ext = extension(f)
-        kind = ("images" if ext in IMAGE_EXTENSIONS else "parquet" if ext in PARQUET_EXTENSIONS
-                else "webdataset" if webdataset.is_shard(f, ext) else "other" if ext else "none")
+        kind = (
+            "images"
+            if ext in IMAGE_EXTENSIONS
+            else "parquet"
+            if ext in PARQUET_EXTENSIONS
+            else "webdataset"
+            if webdataset.is_shard(f, ext)
+            else "other"
+            if ext
+            else "none"
+        )
         by_kind[kind].append(f)
     images, parquet, shards = by_kind["images"], by_kind["parquet"], by_kind["webdataset"]
     if format == "auto" and shards:
@@ -267,7 +310,8 @@ def list_inputs(uri: str, format: str = "auto", *, exclude: str | None = None) -
         files = list(found)  # an explicitly named file is used whatever its extension
     if not files:
         kinds = {"parquet": "Parquet files", "webdataset": ".tar, .tar.gz or .tgz shards"}.get(
-            format, f"image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+            format, f"image files ({', '.join(sorted(IMAGE_EXTENSIONS))})"
+        )
         raise InputError(f"no {kinds} found under {uri!r}")
     skipped = [(f, "hidden file") for f in hidden] + refused
     if len(files) != len(found):
@@ -279,5 +323,14 @@ def list_inputs(uri: str, format: str = "auto", *, exclude: str | None = None) -
 
 
 # Read units: defined in diffcut.job.plan (imported last: plan imports InputListing from here).
-from diffcut.job.plan import (UNIT_SCHEMA, Plan, RawRecord, image_column_kind, parquet_source,  # noqa: E402,F401
-                              plan_image_files, plan_inputs, plan_parquet, read_units)
+from diffcut.job.plan import (  # noqa: E402,F401
+    UNIT_SCHEMA,
+    Plan,
+    RawRecord,
+    image_column_kind,
+    parquet_source,
+    plan_image_files,
+    plan_inputs,
+    plan_parquet,
+    read_units,
+)
