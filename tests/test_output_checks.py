@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from test_faults import TINY_FLAGS
 
 from diffcut.cli import main as cli_main
 from diffcut.job import preflight, schema
@@ -36,26 +37,6 @@ RUNNER = (
     "import sys; from diffcut.cli import main; code = main(sys.argv[1:]); "
     "assert 'ray' not in sys.modules, 'Ray was imported'; sys.exit(code)"
 )
-TINY_FLAGS = [
-    "--model",
-    "tiny-random",
-    "--device",
-    "cpu",
-    "--resolution",
-    "64",
-    "--batch-size",
-    "2",
-    "--decode-batch-size",
-    "4",
-    "--decode-cpus",
-    "0.5",
-    "--extractor-cpus",
-    "0.5",
-    "--ncut-cpus",
-    "0.5",
-    "--shard-rows",
-    "4",
-]
 
 
 def cli(*args, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:

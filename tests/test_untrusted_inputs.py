@@ -27,23 +27,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image, ImageFile
+from test_webdataset import TINY
 
 from diffcut.job import boundary, inputs, schema
 from diffcut.job import webdataset as wds
 
 pytestmark = pytest.mark.timeout(600)
 
-TINY = dict(
-    model="tiny-random",
-    device="cpu",
-    resolution=64,
-    batch_size=2,
-    decode_cpus=0.5,
-    extractor_cpus=0.5,
-    ncut_cpus=0.5,
-    ncut_pool_max=1,
-    mask_size="32",
-)
 #: Content of a file outside the input that a link points to: it must appear in no row or summary.
 SECRET = "TOP-SECRET-CONTENT-4f1c9a"
 
