@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     from diffcut.commands.label import add_speed_arguments
 
-    add_speed_arguments(parser.add_argument_group("speed"), {"attention": "sdpa", "vae_dtype": "auto"})
+    add_speed_arguments(parser.add_argument_group("speed"))
 
 
 def run(args: argparse.Namespace) -> int:
