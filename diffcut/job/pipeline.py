@@ -18,6 +18,9 @@ Stages (one Ray Data operator each, streaming):
 4. **write**: ``write_parquet`` shards named ``labels-<run id>-...`` directly
    under the output.
 
+A run's settings are the frozen dataclasses of :mod:`diffcut.job.settings`: what changes the labels
+(:class:`~diffcut.job.settings.LabelSettings`, recorded with every row), the speed options and each stage's pool.
+
 Before anything is listed or written, the locations are checked
 (:mod:`diffcut.job.preflight`); then the run takes the output's lease
 (:mod:`diffcut.job.lease`: one run per output) and holds it to the end.
