@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from test_webdataset import TINY
 
 from diffcut.job import schema
 from diffcut.method import naming
@@ -240,14 +241,7 @@ def test_label_job_with_a_vocabulary_names_every_segment(sample_dir, tmp_path):
         output,
         **job_arguments(
             dict(
-                model="tiny-random",
-                device="cpu",
-                resolution=64,
-                batch_size=2,
-                decode_cpus=0.5,
-                extractor_cpus=0.5,
-                ncut_cpus=0.5,
-                ncut_pool_max=1,
+                TINY,
                 mask_size="48",
                 vocabulary="context",
                 naming_model="tiny-random",
