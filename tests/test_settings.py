@@ -120,3 +120,15 @@ def test_values_are_recorded_in_one_spelling():
     label = LabelSettings(tau=1, mask_size="64X48", resolution="64")
     assert (label.tau, label.mask_size, label.resolution) == (1.0, "64x48", 64)
     assert isinstance(label.params()["tau"], float)
+
+
+def test_each_stage_setting_is_a_parameter_of_its_method_call():
+    """A label setting marked for a stage reaches the method by its name: a new one needs no stage code."""
+    import inspect
+
+    from diffcut.method.features import FeatureExtractor
+    from diffcut.method.segmenter import segment_features
+
+    for stage, call in ((settings.FEATURES, FeatureExtractor.from_pretrained), (settings.SEGMENT, segment_features)):
+        names = set(LabelSettings().options(stage))
+        assert names and names <= set(inspect.signature(call).parameters), (stage, names)

@@ -134,6 +134,7 @@ def run_stages(
         batch_size=1,
         batch_format="pyarrow",
         num_cpus=pools.ncut.cpus,
+        num_gpus=pools.ncut.gpus or 0,  # a CPU stage: GPUs only when asked for
     )
     if naming:
         # Its own pool: on the GPU nodes when the model runs on CUDA (gpus None), as the feature pool.

@@ -8,7 +8,8 @@
 
 Every default and help text is defined once, on the field (:func:`setting`); ``diffcut label`` builds its
 flags from the fields (:func:`flags`, :func:`job_arguments`). Adding a label-changing setting is a field here
-and the method code that uses it. Plain Python: no Ray, no torch.
+(with the stage whose method call takes it, :meth:`LabelSettings.options`) and the method code that uses it.
+Plain Python: no Ray, no torch.
 """
 
 from __future__ import annotations
@@ -35,11 +36,16 @@ from diffcut.method.defaults import (
 
 # The groups of ``diffcut label --help``, in order.
 METHOD, SIZES, SPEED, POOLS = "method (DiffCut)", "sizes", "speed (feature actors)", "Ray pools"
+# The stages whose method call takes a label setting as the keyword argument of its name (LabelSettings.options).
+FEATURES, SEGMENT = "features", "segment"
 
 
-def setting(default: Any, flag: str | None, help: str, group: str = METHOD, **argparse_options: Any) -> Any:
-    """A settings field: its default, its flag (without ``--``; None: fixed, no flag) and help, in one place."""
-    metadata = {"flag": flag, "help": help, "group": group, **argparse_options}
+def setting(
+    default: Any, flag: str | None, help: str, group: str = METHOD, *, stage: str | None = None, **argparse: Any
+) -> Any:
+    """A settings field: its default, its flag (without ``--``; None: fixed, no flag), help and argparse options,
+    and the stage whose method call takes it (``stage``), in one place."""
+    metadata = {"flag": flag, "help": help, "group": group, "stage": stage, "argparse": argparse}
     return field(default=default, metadata=metadata, init=flag is not None)
 
 
@@ -63,17 +69,25 @@ class LabelSettings:
     """The settings that change the labels; recorded with every row and checked when a run resumes."""
 
     model: str = setting(
-        DEFAULT_MODEL, "model", "diffusers pipeline: hub id, local folder (safetensors), or tiny-random (tests)"
+        DEFAULT_MODEL,
+        "model",
+        "diffusers pipeline: hub id, local folder (safetensors), or tiny-random (tests)",
+        stage=FEATURES,
     )
-    dtype: str = setting("auto", "dtype", "model dtype: auto (float16 on CUDA), float32, bfloat16")
-    tau: float = setting(DEFAULT_TAU, "tau", "recursive NCut threshold")
-    alpha: float = setting(DEFAULT_ALPHA, "alpha", "affinity exponent")
-    timestep: int = setting(DEFAULT_TIMESTEP, "timestep", "diffusion timestep of the noised latent")
-    noise_seed: int = setting(DEFAULT_NOISE_SEED, None, "seed of the noise shared by every image (the paper's)")
+    dtype: str = setting("auto", "dtype", "model dtype: auto (float16 on CUDA), float32, bfloat16", stage=FEATURES)
+    tau: float = setting(DEFAULT_TAU, "tau", "recursive NCut threshold", stage=SEGMENT)
+    alpha: float = setting(DEFAULT_ALPHA, "alpha", "affinity exponent", stage=SEGMENT)
+    timestep: int = setting(DEFAULT_TIMESTEP, "timestep", "diffusion timestep of the noised latent", stage=FEATURES)
+    noise_seed: int = setting(
+        DEFAULT_NOISE_SEED, None, "seed of the noise shared by every image (the paper's)", stage=FEATURES
+    )
     exact_search: bool = setting(
-        False, "exact-search", "search every sweep cut of the Fiedler vector, not the paper's 100 thresholds"
+        False,
+        "exact-search",
+        "search every sweep cut of the Fiedler vector, not the paper's 100 thresholds",
+        stage=SEGMENT,
     )
-    refine: bool = setting(False, "refine", "refine masks with PAMR (paper's headline numbers)")
+    refine: bool = setting(False, "refine", "refine masks with PAMR (paper's headline numbers)", stage=SEGMENT)
     vocabulary: str | None = setting(
         None,
         "vocabulary",
@@ -103,6 +117,7 @@ class LabelSettings:
         "VAE encoder dtype: auto (the VAE config's: float32 for SDXL's under float16); bfloat16 deviates "
         "from the paper",
         SPEED,
+        stage=FEATURES,
         choices=VAE_DTYPES,
     )
     stride: int = setting(DEFAULT_STRIDE, None, "pixel stride of the feature map (every supported model's)")
@@ -128,6 +143,11 @@ class LabelSettings:
                 load_vocabulary(self.vocabulary)
             except (ValueError, OSError) as error:
                 raise InputError(str(error)) from None
+
+    def options(self, stage: str) -> dict:
+        """The keyword arguments of ``stage``'s method call (:data:`FEATURES`: ``FeatureExtractor.from_pretrained``,
+        :data:`SEGMENT`: ``segment_features``): the fields marked with that stage, by name."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["stage"] == stage}
 
     def params(self) -> dict:
         """The ``params`` of every row: the fields (the naming ones only with a vocabulary) and the versions."""
@@ -292,11 +312,13 @@ def flags() -> Iterator[Flag]:
 
 def _fields_flags(default: Any, owner: tuple, prefix: str, words: dict, without: tuple) -> Iterator[Flag]:
     for f in fields(default):
-        meta = dict(f.metadata)
+        meta = f.metadata
         if meta["flag"] is None or f.name in without:
             continue
-        flag, help, group = "--" + prefix + meta.pop("flag"), meta.pop("help").format(**words), meta.pop("group")
-        yield Flag(flag, owner, f.name, getattr(default, f.name), help, group, meta)
+        help = meta["help"].format(**words)
+        yield Flag(
+            "--" + prefix + meta["flag"], owner, f.name, getattr(default, f.name), help, meta["group"], meta["argparse"]
+        )
 
 
 def job_arguments(values: Mapping[str, Any]) -> dict:

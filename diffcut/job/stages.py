@@ -30,7 +30,7 @@ from ray.data.datasource import FilenameProvider
 
 from diffcut.job import inputs, schema
 from diffcut.job.feature_batches import DECODED_SCHEMA, FeatureBatches, error_fields
-from diffcut.job.settings import LabelSettings, SpeedSettings
+from diffcut.job.settings import FEATURES, SEGMENT, LabelSettings, SpeedSettings
 
 log = logging.getLogger(__name__)
 
@@ -183,13 +183,7 @@ class FeatureStage(FeatureBatches):
         from diffcut.method.features import FeatureExtractor
 
         extractor = FeatureExtractor.from_pretrained(
-            label.model,
-            device=device,
-            dtype=label.dtype,
-            timestep=label.timestep,
-            noise_seed=label.noise_seed,
-            vae_dtype=label.vae_dtype,
-            **speed.extractor_options(),
+            device=device, **label.options(FEATURES), **speed.extractor_options()
         )
         super().__init__(extractor, speed.batch_size)
 
@@ -198,7 +192,7 @@ class SegmentStage:
     """Ray Data UDF of stage 3 (actor): NCut, assignment, optional PAMR -> output rows."""
 
     def __init__(self, label: LabelSettings, params: str, max_image_pixels: int, keep_metadata: bool = False):
-        self.tau, self.alpha, self.refine, self.exact_search = label.tau, label.alpha, label.refine, label.exact_search
+        self.options, self.refine = label.options(SEGMENT), label.refine
         self.params = params
         self.max_image_pixels = max_image_pixels
         self.keep_metadata = keep_metadata
@@ -229,15 +223,7 @@ class SegmentStage:
                 image = inputs.decode_image(
                     row["image_bytes"], (row["mask_width"], row["mask_height"]), max_pixels=self.max_image_pixels
                 ).pixels
-            result = segment_features(
-                grid,
-                mask_size,
-                tau=self.tau,
-                alpha=self.alpha,
-                refine=self.refine,
-                image=image,
-                exact_search=self.exact_search,
-            )
+            result = segment_features(grid, mask_size, image=image, **self.options)
             return schema.ok_row(
                 image_id=row["image_id"],
                 source=row["source"],
