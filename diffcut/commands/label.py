@@ -47,7 +47,10 @@ def add_setting_flag(group, spec: settings.Flag) -> None:
     if spec.default is False:
         group.add_argument(spec.flag, action="store_true", help=spec.help)
         return
-    kind = spec.options.get("type") or (str if spec.default is None else type(spec.default))
+    # A str flag takes argparse's default type (the text as given), as the ordinary flags.
+    kind = spec.options.get("type") or (
+        None if spec.default is None or isinstance(spec.default, str) else type(spec.default)
+    )
     group.add_argument(spec.flag, type=kind, default=spec.default, choices=spec.options.get("choices"), help=spec.help)
 
 
@@ -129,14 +132,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name in (settings.METHOD, settings.SIZES, settings.SPEED, settings.POOLS):
         groups[name] = parser.add_argument_group(name)
         for spec in settings.flags():
-            if spec.group == name:
-                add_setting_flag(groups[name], spec)
-        if name == settings.METHOD:
-            groups[name].add_argument(
-                "--device",
-                default=d["device"],
-                help="feature actors' device: auto (cuda if the cluster has GPUs), cuda, cpu",
-            )
+            if spec.group != name:
+                continue
+            add_setting_flag(groups[name], spec)
+            if spec.flag == "--model":  # the model, then where it runs
+                groups[name].add_argument(
+                    "--device",
+                    default=d["device"],
+                    help="feature actors' device: auto (cuda if the cluster has GPUs), cuda, cpu",
+                )
     pools = groups[settings.POOLS]
     pools.add_argument(
         "--shard-rows", type=int, default=d["shard_rows"], help="rows per output Parquet shard (at least)"

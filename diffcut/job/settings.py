@@ -277,8 +277,8 @@ class Pools:
         return self.decode.cpus + sum(pool.min * pool.cpus for pool in pools)
 
 
-#: label_dataset's keyword argument for each settings object.
-SETTINGS = {"label": LabelSettings, "speed": SpeedSettings, "pools": Pools}
+#: label_dataset's keyword argument for each settings object (speed first: its flags lead the speed group's).
+SETTINGS = {"speed": SpeedSettings, "label": LabelSettings, "pools": Pools}
 
 
 @dataclass(frozen=True)
