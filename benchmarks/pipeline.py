@@ -125,6 +125,7 @@ def run_job(folder: Path, output: Path, *, model: str, resolution: int, batch_si
 
     from diffcut.job.pipeline import label_dataset
     from diffcut.job.ray_session import connect_ray
+    from diffcut.job.settings import job_arguments
 
     started = time.perf_counter()
     connect_ray(None, flags["decode_cpus"] + flags["extractor_cpus"] + flags["ncut_cpus"])
@@ -133,12 +134,9 @@ def run_job(folder: Path, output: Path, *, model: str, resolution: int, batch_si
         summary = label_dataset(
             str(folder),
             str(output),
-            model=model,
-            device="cpu",
-            resolution=resolution,
-            batch_size=batch_size,
-            overwrite=True,
-            **flags,
+            **job_arguments(
+                dict(model=model, device="cpu", resolution=resolution, batch_size=batch_size, overwrite=True, **flags)
+            ),
         )
     finally:
         ray.shutdown()

@@ -36,21 +36,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-PARAMS = {
-    "model": "segmind/SSD-1B",
-    "tau": 0.5,
-    "alpha": 10.0,
-    "timestep": 50,
-    "noise_seed": 42,
-    "resolution": 1024,
-    "resize": "bucket",
-    "mask_size": "original",
-    "refine": False,
-    "exact_search": False,
-    "dtype": "auto",
-    "stride": 32,
-}
-
 
 def image_path(root: Path, index: int) -> Path:
     digest = hashlib.sha1(index.to_bytes(8, "little")).hexdigest()
@@ -61,8 +46,8 @@ def build(folder: Path, sources: int, pending: int, shard_rows: int) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from diffcut import __version__
     from diffcut.job import schema
+    from diffcut.job.settings import LabelSettings
 
     marker = folder / f"built-{sources}-{pending}-{shard_rows}"
     if marker.exists():
@@ -75,7 +60,7 @@ def build(folder: Path, sources: int, pending: int, shard_rows: int) -> None:
     for path in paths:
         path.touch()
     labels.mkdir(parents=True, exist_ok=True)
-    params = schema.params_json(dict(PARAMS, diffcut_version=__version__, schema_version=schema.SCHEMA_VERSION))
+    params = schema.params_json(LabelSettings().params())  # the paper's settings, as the job records them
     done = sorted(str(p) for p in paths[:sources])  # the job's sources: the listed paths
     for task, start in enumerate(range(0, sources, shard_rows)):
         chunk = done[start : start + shard_rows]
@@ -103,12 +88,10 @@ def build(folder: Path, sources: int, pending: int, shard_rows: int) -> None:
 MEASURE = r"""
 import json, resource, sys, time
 sys.path.insert(0, sys.argv[1])
-from diffcut import __version__
-from diffcut.job import schema
 from diffcut.job import inputs
 from diffcut.job.resume import existing_output
-images, labels, params = sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
-params.update(diffcut_version=__version__, schema_version=schema.SCHEMA_VERSION)
+from diffcut.job.settings import LabelSettings
+images, labels, params = sys.argv[2], sys.argv[3], LabelSettings().params()
 times = {}
 started = time.perf_counter()
 done, incomplete = existing_output(labels, params)
@@ -146,7 +129,6 @@ def main() -> None:
                 str(REPO),
                 str(args.dir / "images"),
                 str(args.dir / "labels"),
-                json.dumps(PARAMS),
             ],
             capture_output=True,
             text=True,

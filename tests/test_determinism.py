@@ -81,19 +81,24 @@ def scenes(tmp_path_factory):
 def reference_run(ray_local, scenes, tmp_path_factory):
     """Batch size 4, one actor per pool, one decode batch for every image."""
     from diffcut.job.pipeline import label_dataset
+    from diffcut.job.settings import job_arguments
 
     folder, paths = scenes
     output = str(tmp_path_factory.mktemp("determinism") / "reference")
     summary = label_dataset(
         str(folder),
         output,
-        batch_size=4,
-        decode_batch_size=16,
-        extractor_pool_min=1,
-        extractor_pool_max=1,
-        ncut_pool_min=1,
-        ncut_pool_max=1,
-        **BASE,
+        **job_arguments(
+            dict(
+                batch_size=4,
+                decode_batch_size=16,
+                extractor_pool_min=1,
+                extractor_pool_max=1,
+                ncut_pool_min=1,
+                ncut_pool_max=1,
+                **BASE,
+            )
+        ),
     )
     assert (summary["processed"], summary["ok"]) == (len(paths), len(paths))
     return _by_source(output)
@@ -103,19 +108,24 @@ def test_same_bytes_whatever_the_pools_and_the_batching(ray_local, scenes, refer
     """Two feature actors and two NCut actors, decode batches of 3 (so other images share each model
     call): every row is byte-identical to the reference run."""
     from diffcut.job.pipeline import label_dataset
+    from diffcut.job.settings import job_arguments
 
     folder, paths = scenes
     output = str(tmp_path / "labels")
     label_dataset(
         str(folder),
         output,
-        batch_size=4,
-        decode_batch_size=3,
-        extractor_pool_min=2,
-        extractor_pool_max=2,
-        ncut_pool_min=2,
-        ncut_pool_max=2,
-        **BASE,
+        **job_arguments(
+            dict(
+                batch_size=4,
+                decode_batch_size=3,
+                extractor_pool_min=2,
+                extractor_pool_max=2,
+                ncut_pool_min=2,
+                ncut_pool_max=2,
+                **BASE,
+            )
+        ),
     )
     rows = _by_source(output)
     assert sorted(rows) == sorted(reference_run) == sorted(paths)
@@ -129,6 +139,7 @@ def test_same_bytes_whatever_the_pools_and_the_batching(ray_local, scenes, refer
 def test_a_feature_call_does_not_depend_on_its_batch_neighbours(scenes):
     """The mechanism behind the promise, without Ray: FeatureStage pads every model call to exactly
     ``batch_size`` images, so an image's features are the same alone, with others, at any position."""
+    from diffcut.job.settings import LabelSettings, SpeedSettings
     from diffcut.job.stages import FeatureStage, decode_stage
 
     folder, paths = scenes
@@ -151,7 +162,7 @@ def test_a_feature_call_does_not_depend_on_its_batch_neighbours(scenes):
             chunk_rows=64,
         )
     )
-    stage = FeatureStage("tiny-random", "cpu", "auto", 50, batch_size=4)
+    stage = FeatureStage(LabelSettings(model="tiny-random"), SpeedSettings(batch_size=4), "cpu")
     together = stage(decoded).column("features").to_pylist()
     alone = [stage(decoded.slice(i, 1)).column("features")[0].as_py() for i in range(decoded.num_rows)]
     reversed_order = stage(decoded.take(list(range(decoded.num_rows))[::-1])).column("features").to_pylist()[::-1]
@@ -164,19 +175,24 @@ def test_batch_size_changes_features_only_at_float_rounding(ray_local, scenes, r
     fixed batch size only. What must hold across batch sizes: the same segments up to rounding ties,
     descriptors equal to float16 precision, and the same (tree-free) structure almost everywhere."""
     from diffcut.job.pipeline import label_dataset
+    from diffcut.job.settings import job_arguments
 
     folder, paths = scenes
     output = str(tmp_path / "labels")
     label_dataset(
         str(folder),
         output,
-        batch_size=1,
-        decode_batch_size=16,
-        extractor_pool_min=1,
-        extractor_pool_max=1,
-        ncut_pool_min=1,
-        ncut_pool_max=1,
-        **BASE,
+        **job_arguments(
+            dict(
+                batch_size=1,
+                decode_batch_size=16,
+                extractor_pool_min=1,
+                extractor_pool_max=1,
+                ncut_pool_min=1,
+                ncut_pool_max=1,
+                **BASE,
+            )
+        ),
     )
     rows = _by_source(output)
     assert sorted(rows) == sorted(reference_run)

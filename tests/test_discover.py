@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from PIL import Image
+from test_webdataset import TINY
 
 from diffcut.job import schema
 from diffcut.method.kmeans import assign_classes, kmeans_plusplus, normalize_rows, spherical_kmeans
@@ -213,6 +214,7 @@ def scene(index: int, rng) -> tuple[np.ndarray, np.ndarray]:
 def labeled_dataset(ray_local, tmp_path_factory):
     """Eight generated scenes (and a broken file) labeled by the real job on the local Ray; ground truth PNGs."""
     from diffcut.job.pipeline import label_dataset
+    from diffcut.job.settings import job_arguments
 
     root = tmp_path_factory.mktemp("discover")
     images, truth = root / "images", root / "truth"
@@ -227,14 +229,7 @@ def labeled_dataset(ray_local, tmp_path_factory):
     summary = label_dataset(
         str(images),
         str(root / "labels"),
-        model="tiny-random",
-        device="cpu",
-        resolution=128,
-        batch_size=4,
-        decode_cpus=0.5,
-        extractor_cpus=0.5,
-        ncut_cpus=0.5,
-        ncut_pool_max=2,
+        **job_arguments(dict(TINY, resolution=128, mask_size="original", batch_size=4, ncut_pool_max=2)),
     )
     assert (summary["ok"], summary["error"]) == (8, 1)
     return root

@@ -194,6 +194,7 @@ def kill_busy_worker(title: str, deadline: float, job: threading.Thread) -> dict
 
 def test_killed_feature_and_ncut_actors_lose_no_image(ray_local, tmp_path):
     from diffcut.job.pipeline import label_dataset
+    from diffcut.job.settings import job_arguments
 
     sources = write_images(tmp_path / "images", 60)
     output = str(tmp_path / "labels")
@@ -204,11 +205,9 @@ def test_killed_feature_and_ncut_actors_lose_no_image(ray_local, tmp_path):
             outcome["summary"] = label_dataset(
                 str(tmp_path / "images"),
                 output,
-                extractor_pool_min=1,
-                extractor_pool_max=1,
-                ncut_pool_min=1,
-                ncut_pool_max=2,
-                **TINY,
+                **job_arguments(
+                    dict(extractor_pool_min=1, extractor_pool_max=1, ncut_pool_min=1, ncut_pool_max=2, **TINY)
+                ),
             )
         except BaseException as error:  # noqa: BLE001 - reported by the main thread
             outcome["error"] = error

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from test_webdataset import TINY
 
 from diffcut.cli import main as cli_main
 from diffcut.job import schema
@@ -157,6 +158,7 @@ def labeled_on_s3(ray_local, s3_server, sample_dir, tmp_path_factory):
     import boto3
 
     from diffcut.job.pipeline import label_dataset
+    from diffcut.job.settings import job_arguments
 
     bucket = f"gallery-{uuid.uuid4().hex[:10]}"
     client = boto3.client("s3")
@@ -169,15 +171,7 @@ def labeled_on_s3(ray_local, s3_server, sample_dir, tmp_path_factory):
     summary = label_dataset(
         f"s3://{bucket}/images",
         str(labels),
-        model="tiny-random",
-        device="cpu",
-        resolution=128,
-        mask_size="160",
-        batch_size=4,
-        decode_cpus=0.5,
-        extractor_cpus=0.5,
-        ncut_cpus=0.5,
-        ncut_pool_max=2,
+        **job_arguments(dict(TINY, resolution=128, mask_size="160", batch_size=4, ncut_pool_max=2)),
     )
     assert (summary["ok"], summary["error"]) == (len(names), 1)
     client.delete_object(Bucket=bucket, Key=f"images/{names[0]}")

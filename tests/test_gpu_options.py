@@ -213,9 +213,12 @@ def test_feature_stage_auto_batch_and_speed_options_on_cpu():
     import pyarrow as pa
 
     from diffcut.job.feature_batches import DECODED_SCHEMA, model_calls
+    from diffcut.job.settings import LabelSettings, SpeedSettings
     from diffcut.job.stages import FeatureStage
 
-    stage = FeatureStage("tiny-random", "cpu", "float32", 50, "auto", speed={"channels_last": True})
+    stage = FeatureStage(
+        LabelSettings(model="tiny-random", dtype="float32"), SpeedSettings(batch_size="auto", channels_last=True), "cpu"
+    )
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (64, 96, 3), dtype=np.uint8) for _ in range(2)]
     images.append(rng.integers(0, 256, (96, 64, 3), dtype=np.uint8))
@@ -277,6 +280,7 @@ def test_job_flags_map_to_label_dataset_and_are_checked(tmp_path):
     from diffcut.commands.label import add_arguments
     from diffcut.job.inputs import InputError
     from diffcut.job.pipeline import label_dataset
+    from diffcut.job.settings import job_arguments
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -309,6 +313,6 @@ def test_job_flags_map_to_label_dataset_and_are_checked(tmp_path):
         parser.parse_args(["--input", "a", "--output", "b", "--batch-size", "0"])
     (tmp_path / "in").mkdir()
     with pytest.raises(InputError, match="--attention"):
-        label_dataset(str(tmp_path / "in"), str(tmp_path / "out"), attention="flash")
+        label_dataset(str(tmp_path / "in"), str(tmp_path / "out"), **job_arguments(dict(attention="flash")))
     with pytest.raises(InputError, match="--batch-size"):
-        label_dataset(str(tmp_path / "in"), str(tmp_path / "out"), batch_size="many")
+        label_dataset(str(tmp_path / "in"), str(tmp_path / "out"), **job_arguments(dict(batch_size="many")))

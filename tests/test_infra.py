@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import inspect
 import json
 import math
 import re
@@ -63,12 +62,12 @@ def pyproject() -> dict:
 @pytest.fixture(scope="module")
 def pipeline_defaults() -> dict:
     """Per-actor resources the pipeline asks for when no flag overrides them."""
-    from diffcut.job.pipeline import label_dataset
+    from diffcut.job import settings
 
-    params = inspect.signature(label_dataset).parameters
+    params = {spec.dest: spec.default for spec in settings.flags()}
     missing = [name for name in RESOURCE_PARAMS if name not in params]
-    assert not missing, f"label_dataset has no parameter(s) {missing}"
-    defaults = {name: params[name].default for name in RESOURCE_PARAMS}
+    assert not missing, f"the run's settings have no flag(s) {missing}"
+    defaults = {name: params[name] for name in RESOURCE_PARAMS}
     # 1 GPU per extractor actor; None means "1 on CUDA devices, none on CPU" (resolved below).
     assert defaults["extractor_gpus"] in (1.0, None)
     return defaults

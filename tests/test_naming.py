@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from test_webdataset import TINY
 
 from diffcut.job import schema
 from diffcut.method import naming
@@ -190,12 +191,18 @@ def test_naming_stage_names_rows_and_turns_failures_into_error_rows(tmp_path):
 
     from PIL import Image
 
+    from diffcut.job.settings import LabelSettings
     from diffcut.job.stages import NamingStage, SegmentStage
 
     torch.set_num_threads(1)
     buffer = _io.BytesIO()
     Image.fromarray(np.full((32, 48, 3), 90, np.uint8)).save(buffer, format="PNG")
-    stage = NamingStage("tiny-random", "voc", "cpu", params='{"vocabulary":"voc"}', max_image_pixels=10**8)
+    stage = NamingStage(
+        LabelSettings(vocabulary="voc", naming_model="tiny-random"),
+        "cpu",
+        params='{"vocabulary":"voc"}',
+        max_image_pixels=10**8,
+    )
     good = _segmented_row(tmp_path, buffer.getvalue())
     broken = _segmented_row(tmp_path, b"not an image")
     failed = schema.error_row("b", "b.png", "decode failed: truncated", params="{}")
@@ -215,7 +222,7 @@ def test_naming_stage_names_rows_and_turns_failures_into_error_rows(tmp_path):
     assert error["params"] == '{"vocabulary":"voc"}'
     assert passed["status"] == "error" and passed["error"] == "decode failed: truncated"
     # Without naming the segment stage writes the plain schema and no image column.
-    plain = SegmentStage(0.5, 10.0, False, False, "{}", 10**8)
+    plain = SegmentStage(LabelSettings(), "{}", 10**8)
     assert "image_bytes" not in plain.__dict__ and plain.carry_image is False
 
 
@@ -226,24 +233,22 @@ def voc_name(class_id):
 @pytest.mark.slow
 def test_label_job_with_a_vocabulary_names_every_segment(sample_dir, tmp_path):
     from diffcut.job.pipeline import label_dataset
+    from diffcut.job.settings import job_arguments
 
     output = str(tmp_path / "named")
     summary = label_dataset(
         str(sample_dir),
         output,
-        model="tiny-random",
-        device="cpu",
-        resolution=64,
-        batch_size=2,
-        decode_cpus=0.5,
-        extractor_cpus=0.5,
-        ncut_cpus=0.5,
-        ncut_pool_max=1,
-        mask_size="48",
-        vocabulary="context",
-        naming_model="tiny-random",
-        naming_pool_max=1,
-        naming_cpus=0.5,
+        **job_arguments(
+            dict(
+                TINY,
+                mask_size="48",
+                vocabulary="context",
+                naming_model="tiny-random",
+                naming_pool_max=1,
+                naming_cpus=0.5,
+            )
+        ),
     )
     assert summary["params"]["vocabulary"] == "context" and summary["params"]["naming_model"] == "tiny-random"
     table = schema.read_labels(output)

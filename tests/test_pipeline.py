@@ -119,6 +119,7 @@ def check_labels(output: str, feature_dim: int, tau: float = 0.5) -> list[dict]:
 def test_stages_give_one_row_per_record_and_pass_errors_through(tmp_path, sample_dir, tricky_images, tiny_feature_dim):
     """The three stage functions without Ray: per-row failures at every stage, order and ids kept."""
     from diffcut.job.feature_batches import FEATURES_SCHEMA
+    from diffcut.job.settings import LabelSettings, SpeedSettings
     from diffcut.job.stages import FeatureStage, SegmentStage, decode_stage
 
     names = ["tiles.png", "zero_bytes.jpg", "landscape.jpg", "bomb.png", "logo_rgba.png"]
@@ -157,7 +158,7 @@ def test_stages_give_one_row_per_record_and_pass_errors_through(tmp_path, sample
     rows = decoded.to_pylist()
     rows[0]["pixels"] = rows[0]["pixels"][:-5]
     rows[2].update(pixels=bytes(48 * 48 * 3), pixel_width=48, pixel_height=48)
-    features = FeatureStage("tiny-random", "cpu", "auto", 50, batch_size=2)(
+    features = FeatureStage(LabelSettings(model="tiny-random"), SpeedSettings(batch_size=2), "cpu")(
         pa.Table.from_pylist(rows, schema=decoded.schema)
     )
     assert features.schema.equals(FEATURES_SCHEMA)
@@ -167,7 +168,7 @@ def test_stages_give_one_row_per_record_and_pass_errors_through(tmp_path, sample
     assert "bad decoded pixels" in errors[0] and "stride" in errors[2]
     assert errors[1] == rows[1]["error"] and errors[3] == rows[3]["error"]  # passed through untouched
 
-    table = SegmentStage(0.5, 10.0, False, False, "{}", inputs.DEFAULT_MAX_IMAGE_PIXELS)(features)
+    table = SegmentStage(LabelSettings(), "{}", inputs.DEFAULT_MAX_IMAGE_PIXELS)(features)
     assert table.schema.equals(schema.LABELS_SCHEMA)
     out = table.to_pylist()
     assert [r["source"] for r in out] == [str(tmp_path / name) for name in names]
@@ -181,9 +182,10 @@ def test_local_folder_resume_overwrite_and_agreement_with_the_library(
     ray_local, tmp_path, sample_dir, tiny_feature_dim
 ):
     from diffcut.job.pipeline import label_dataset
+    from diffcut.job.settings import job_arguments
 
     output = str(tmp_path / "labels")
-    first = label_dataset(str(sample_dir), output, limit=2, **TINY)
+    first = label_dataset(str(sample_dir), output, **job_arguments(dict(limit=2, **TINY)))
     assert (first["processed"], first["ok"], first["already_done"]) == (2, 2, 0)
 
     # A run killed while writing leaves a half-written shard behind (here: a truncated copy of the
@@ -193,7 +195,7 @@ def test_local_folder_resume_overwrite_and_agreement_with_the_library(
     killed = tmp_path / "labels" / shard.name.replace(first["run_id"], "20200101T000000-0badc0de")
     killed.write_bytes(data[: len(data) // 2])
 
-    second = label_dataset(str(sample_dir), output, **TINY)
+    second = label_dataset(str(sample_dir), output, **job_arguments(dict(**TINY)))
     assert second["removed_incomplete_shards"] == 1
     assert not killed.exists()
     assert (second["processed"], second["already_done"], second["output_rows"]) == (4, 2, 6)
@@ -217,14 +219,16 @@ def test_local_folder_resume_overwrite_and_agreement_with_the_library(
     _check_against_library(by_name["panorama.png"], sample_dir / "panorama.png")
 
     # Nothing left: no pipeline runs, nothing is added.
-    third = label_dataset(str(sample_dir), output, **TINY)
+    third = label_dataset(str(sample_dir), output, **job_arguments(dict(**TINY)))
     assert (third["processed"], third["already_done"], third["output_rows"]) == (0, 6, 6)
 
     # Other parameters on the same output are refused; --overwrite starts over.
     with pytest.raises(inputs.InputError, match="tau: 0.5 -> 0.3"):
-        label_dataset(str(sample_dir), output, **{**TINY, "tau": 0.3})
+        label_dataset(str(sample_dir), output, **job_arguments(dict(**{**TINY, "tau": 0.3})))
     fourth = label_dataset(
-        str(sample_dir), output, overwrite=True, resize="square", mask_size="model", **{**TINY, "tau": 0.3}
+        str(sample_dir),
+        output,
+        **job_arguments(dict(overwrite=True, resize="square", mask_size="model", **{**TINY, "tau": 0.3})),
     )
     assert fourth["processed"] == 6 and fourth["removed_by_overwrite"] == 3  # 2 shards and the summary
     rows = check_labels(output, tiny_feature_dim, tau=0.3)
@@ -392,12 +396,13 @@ def test_s3_image_prefix_to_parquet_on_s3(ray_local, s3_bucket, sample_dir, tiny
     import boto3
 
     from diffcut.job.pipeline import label_dataset
+    from diffcut.job.settings import job_arguments
 
     client = boto3.client("s3")
     for name in SAMPLE_NAMES:
         client.put_object(Bucket=s3_bucket, Key=f"raw/photos/{name}", Body=(sample_dir / name).read_bytes())
     output = f"s3://{s3_bucket}/labels/v1/"
-    summary = label_dataset(f"s3://{s3_bucket}/raw", output, **TINY)
+    summary = label_dataset(f"s3://{s3_bucket}/raw", output, **job_arguments(dict(**TINY)))
     assert (summary["processed"], summary["ok"], summary["output"]) == (6, 6, f"s3://{s3_bucket}/labels/v1")
     rows = check_labels(output, tiny_feature_dim)
     assert sorted(r["source"] for r in rows) == [f"s3://{s3_bucket}/raw/photos/{name}" for name in SAMPLE_NAMES]
@@ -411,7 +416,7 @@ def test_s3_image_prefix_to_parquet_on_s3(ray_local, s3_bucket, sample_dir, tiny
         assert not any(secret.encode() in body for secret in secrets), item["Key"]
 
     # Resume works on S3 as well: nothing to do the second time.
-    again = label_dataset(f"s3://{s3_bucket}/raw", output, **TINY)
+    again = label_dataset(f"s3://{s3_bucket}/raw", output, **job_arguments(dict(**TINY)))
     assert (again["processed"], again["already_done"], again["output_rows"]) == (0, 6, 6)
 
 
@@ -419,6 +424,7 @@ def test_parquet_inputs_plain_bytes_and_hf_image_struct(
     ray_local, tmp_path, sample_dir, tricky_images, tiny_feature_dim
 ):
     from diffcut.job.pipeline import label_dataset
+    from diffcut.job.settings import job_arguments
 
     dataset = tmp_path / "dataset"
     dataset.mkdir()
@@ -441,7 +447,9 @@ def test_parquet_inputs_plain_bytes_and_hf_image_struct(
     pq.write_table(pa.table({"image": struct, "key": ["e", "f", "g"]}), dataset / "part-1.parquet")
 
     summary = label_dataset(
-        str(dataset), str(tmp_path / "labels"), id_column="key", resize="square", mask_size="48", refine=True, **TINY
+        str(dataset),
+        str(tmp_path / "labels"),
+        **job_arguments(dict(id_column="key", resize="square", mask_size="48", refine=True, **TINY)),
     )
     assert summary["format"] == "parquet"
     assert (summary["processed"], summary["ok"], summary["error"]) == (9, 4, 5)

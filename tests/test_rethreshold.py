@@ -233,6 +233,7 @@ def named_shards(tmp_path, tiny_model_features, sample_dir):
 
     import pyarrow as pa
 
+    from diffcut.job.settings import LabelSettings
     from diffcut.job.stages import NamingStage
 
     images = tmp_path / "images"
@@ -248,7 +249,9 @@ def named_shards(tmp_path, tiny_model_features, sample_dir):
         row["source"], row["params"] = str(images / name), params
     table = schema.rows_to_table(rows)
     data = [(images / r["source"].rsplit("/", 1)[-1]).read_bytes() if r["status"] == "ok" else None for r in rows]
-    stage = NamingStage("tiny-random", "voc", "cpu", params=params, max_image_pixels=10**8)
+    stage = NamingStage(
+        LabelSettings(vocabulary="voc", naming_model="tiny-random"), "cpu", params=params, max_image_pixels=10**8
+    )
     named = stage(table.append_column("image_bytes", pa.array(data, pa.binary()))).to_pylist()
     assert all(r["semantic_mask"] for r in named if r["status"] == "ok")
     import pyarrow.parquet as pq

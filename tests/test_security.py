@@ -287,6 +287,7 @@ def test_ids_used_as_file_names_stay_inside_the_output(ray_local, tmp_path):
     300-character id. The job keeps the ids as they are; ``diffcut export --format png`` and
     ``diffcut gallery`` write every file inside their output folder, one distinct file per id."""
     from diffcut.job.pipeline import label_dataset
+    from diffcut.job.settings import job_arguments
 
     work = tmp_path / "work"
     dataset = work / "dataset"
@@ -294,7 +295,7 @@ def test_ids_used_as_file_names_stay_inside_the_output(ray_local, tmp_path):
     images = [_png(seed) for seed in range(len(HOSTILE_IDS))]
     pq.write_table(pa.table({"image": pa.array(images, pa.binary()), "key": HOSTILE_IDS}), dataset / "part-0.parquet")
     labels = work / "labels"
-    summary = label_dataset(str(dataset), str(labels), id_column="key", **TINY)
+    summary = label_dataset(str(dataset), str(labels), **job_arguments(dict(id_column="key", **TINY)))
     assert (summary["ok"], summary["error"]) == (len(HOSTILE_IDS), 0)
     rows = schema.read_labels(str(labels), columns=["image_id", "status"]).to_pylist()
     assert sorted(r["image_id"] for r in rows) == sorted(HOSTILE_IDS)  # stored unchanged

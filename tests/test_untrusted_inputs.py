@@ -417,10 +417,11 @@ def test_the_job_labels_every_input_once_reads_nothing_outside_and_reruns_label_
     ray_local, corpus, tmp_path, monkeypatch
 ):
     from diffcut.job.pipeline import label_dataset
+    from diffcut.job.settings import job_arguments
 
     data, output = corpus["input"], tmp_path / "labels"
     monkeypatch.chdir(corpus["outside"])  # inputs outside the working directory: absolute real paths
-    first = label_dataset(str(data), str(output), **TINY)
+    first = label_dataset(str(data), str(output), **job_arguments(dict(**TINY)))
     rows = schema.read_labels(str(output), columns=["image_id", "source", "status", "error"]).to_pylist()
     by_source = {r["source"]: r for r in rows}
     assert len(rows) == len(by_source) == len(corpus["ok"]) + len(corpus["error"])
@@ -439,13 +440,14 @@ def test_the_job_labels_every_input_once_reads_nothing_outside_and_reruns_label_
     alias = corpus["root"] / "alias-e2e"
     os.symlink(data, alias)
     for spelling in ("../input/", "../alias-e2e", str(data) + "/", f"file://{alias}"):
-        again = label_dataset(spelling, str(output), **TINY)
+        again = label_dataset(spelling, str(output), **job_arguments(dict(**TINY)))
         assert (again["processed"], again["already_done"], again["input"]) == (0, len(rows), first["input"]), spelling
     assert len(schema.read_labels(str(output), columns=["source"])) == len(rows)
 
 
 def test_gzip_shards_with_odd_members_and_a_key_in_two_shards(ray_local, tmp_path):
     from diffcut.job.pipeline import label_dataset
+    from diffcut.job.settings import job_arguments
 
     folder = tmp_path / "shards"
     folder.mkdir()
@@ -461,7 +463,7 @@ def test_gzip_shards_with_odd_members_and_a_key_in_two_shards(ray_local, tmp_pat
         compress=True,
     )
     _tar(folder / "001.tgz", [("shared.jpg", jpeg[2]), ("k1.jpg", jpeg[0])], compress=True)
-    summary = label_dataset(str(folder), str(tmp_path / "labels"), **TINY)
+    summary = label_dataset(str(folder), str(tmp_path / "labels"), **job_arguments(dict(**TINY)))
     rows = schema.read_labels(str(tmp_path / "labels"), columns=["image_id", "source", "status", "error"]).to_pylist()
     real = os.path.realpath(folder)
     assert sorted((r["source"], r["status"]) for r in rows) == [

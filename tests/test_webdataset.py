@@ -260,6 +260,7 @@ def test_webdataset_on_s3_with_metadata_resumes_per_key(ray_local, s3_bucket, tm
     import fsspec
 
     from diffcut.job.pipeline import label_dataset
+    from diffcut.job.settings import job_arguments
     from diffcut.tools.training import LabeledImages, ray_dataset
 
     fs = fsspec.filesystem("s3")
@@ -273,9 +274,9 @@ def test_webdataset_on_s3_with_metadata_resumes_per_key(ray_local, s3_bucket, tm
     source = f"s3://{s3_bucket}/wds"
     output = f"s3://{s3_bucket}/labels"
 
-    first = label_dataset(source, output, keep_metadata=True, limit=2, **TINY)
+    first = label_dataset(source, output, **job_arguments(dict(keep_metadata=True, limit=2, **TINY)))
     assert first["format"] == "webdataset" and first["processed"] == 2 and first["skipped_non_input_files"] == 2
-    second = label_dataset(source, output, keep_metadata=True, **TINY)
+    second = label_dataset(source, output, **job_arguments(dict(keep_metadata=True, **TINY)))
     assert second["already_done"] == 2 and second["processed"] == 3
     assert second["inputs_listed"] == 5 and second["output_rows"] == 5
 
@@ -315,6 +316,7 @@ def test_hugging_face_datasets_round_trip(tmp_path):
     shard, load back with ``datasets.load_dataset`` and their masks decode."""
     import datasets
 
+    from diffcut.job.settings import LabelSettings, SpeedSettings
     from diffcut.job.stages import FeatureStage, SegmentStage
 
     images = [Image.open(io.BytesIO(_jpeg(seed, size))) for seed, size in enumerate([(48, 32), (40, 40), (32, 56)])]
@@ -338,8 +340,10 @@ def test_hugging_face_datasets_round_trip(tmp_path):
             chunk_rows=8,
         )
     )
-    features_table = FeatureStage("tiny-random", "cpu", "float32", 50, batch_size=2)(decoded)
-    labels = SegmentStage(0.5, 10.0, False, False, params="{}", max_image_pixels=inputs.DEFAULT_MAX_IMAGE_PIXELS)(
+    features_table = FeatureStage(
+        LabelSettings(model="tiny-random", dtype="float32"), SpeedSettings(batch_size=2), "cpu"
+    )(decoded)
+    labels = SegmentStage(LabelSettings(), params="{}", max_image_pixels=inputs.DEFAULT_MAX_IMAGE_PIXELS)(
         features_table
     )
     output = tmp_path / "labels"

@@ -46,9 +46,9 @@ from diffcut.evaluation.datasets import (
     vocabulary_eval_ids,
 )
 from diffcut.evaluation.protocol import COMPARE_SIZE, EvaluationResult, SegmentationEvaluator
+from diffcut.method.defaults import DEFAULT_ALPHA, DEFAULT_MODEL, DEFAULT_TAU
 from diffcut.method.naming import DEFAULT_NAMING_MODEL
 
-DEFAULT_MODEL = "segmind/SSD-1B"
 #: ``--vocabulary`` without a value: the benchmark's own built-in vocabulary.
 DATASET_VOCABULARY = "dataset"
 
@@ -65,8 +65,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument("--dtype", default="auto", help="model dtype: auto (float16 on CUDA), float32, bfloat16...")
-    parser.add_argument("--tau", type=float, default=0.5, help="NCut threshold (default 0.5)")
-    parser.add_argument("--alpha", type=float, default=10.0, help="affinity exponent (default 10)")
+    parser.add_argument("--tau", type=float, default=DEFAULT_TAU, help=f"NCut threshold (default {DEFAULT_TAU})")
+    parser.add_argument(
+        "--alpha", type=float, default=DEFAULT_ALPHA, help=f"affinity exponent (default {DEFAULT_ALPHA:g})"
+    )
     parser.add_argument("--resolution", type=int, default=1024, help="input side after the crop (default 1024)")
     parser.add_argument("--batch-size", type=int, default=4, help="images per feature-extraction batch")
     parser.add_argument(

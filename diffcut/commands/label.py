@@ -1,8 +1,9 @@
 """``diffcut label`` (and ``jobs/label.py``): label a whole dataset with Ray Data.
 
-Every flag is a parameter of :func:`diffcut.job.pipeline.label_dataset` of the same
-name (``--image-column`` -> ``image_column``); defaults come from that
-function's signature, so the two cannot drift apart.
+The flags of the run's settings are built from the fields of :mod:`diffcut.job.settings`
+(``--tau`` -> ``LabelSettings.tau``, ``--ncut-pool-max`` -> ``Pools.ncut.max``): their defaults and help
+are the fields'. Every other flag is a parameter of :func:`diffcut.job.pipeline.label_dataset` of the same
+name (``--image-column`` -> ``image_column``), its default that function's.
 
 Exit status (README, docs/reliability.md "Exit statuses"): 0 the run completed (error rows
 included) or the dry run found nothing to refuse; 1 the output's error rate is above
@@ -23,11 +24,11 @@ import signal
 import sys
 import traceback
 
-from diffcut.job import inputs
+from diffcut.job import inputs, settings
 
 
 def _defaults() -> dict:
-    # Reading the signature imports Ray; only the label command pays for it.
+    """The defaults of the flags that are not settings: label_dataset's signature."""
     from diffcut.job.pipeline import label_dataset
 
     return {
@@ -41,41 +42,23 @@ def _optional_int(text: str) -> int | None:
     return None if text.lower() in ("", "none", "all") else int(text)
 
 
-def batch_size_arg(text: str) -> int | str:
-    """``--batch-size``: a positive integer or ``auto``."""
-    if text.lower() == "auto":
-        return "auto"
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1, or auto")
-    return value
+def add_setting_flag(group, spec: settings.Flag) -> None:
+    """The flag of one settings field: its default, help, type and choices are the field's."""
+    if spec.default is False:
+        group.add_argument(spec.flag, action="store_true", help=spec.help)
+        return
+    # A str flag takes argparse's default type (the text as given), as the ordinary flags.
+    kind = spec.options.get("type") or (
+        None if spec.default is None or isinstance(spec.default, str) else type(spec.default)
+    )
+    group.add_argument(spec.flag, type=kind, default=spec.default, choices=spec.options.get("choices"), help=spec.help)
 
 
-def add_speed_arguments(group, defaults: dict) -> None:
+def add_speed_arguments(group) -> None:
     """The feature extractor's speed options; shared by ``diffcut label`` and ``diffcut segment``."""
-    from diffcut.method.features import ATTENTION_KERNELS, VAE_DTYPES
-
-    group.add_argument(
-        "--compile",
-        action="store_true",
-        help="torch.compile the VAE encoder and the truncated UNet (dynamic sizes; the first call "
-        "per size range compiles)",
-    )
-    group.add_argument("--channels-last", action="store_true", help="NHWC memory format for the convolutions")
-    group.add_argument(
-        "--attention",
-        default=defaults["attention"],
-        choices=ATTENTION_KERNELS,
-        help="attention kernel: sdpa (flash / memory-efficient on CUDA) or eager (reference)",
-    )
-    group.add_argument("--tf32", action="store_true", help="TF32 for float32 matmuls and convolutions on CUDA")
-    group.add_argument(
-        "--vae-dtype",
-        default=defaults["vae_dtype"],
-        choices=VAE_DTYPES,
-        help="VAE encoder dtype: auto (the VAE config's: float32 for SDXL's under float16); "
-        "bfloat16 deviates from the paper",
-    )
+    for spec in settings.flags():
+        if spec.group == settings.SPEED:
+            add_setting_flag(group, spec)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -145,103 +128,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="exit 1 when more than this fraction of the output rows are errors",
     )
 
-    method = parser.add_argument_group("method (DiffCut)")
-    method.add_argument(
-        "--model",
-        default=d["model"],
-        help="diffusers pipeline: hub id, local folder (safetensors), or tiny-random (tests)",
-    )
-    method.add_argument(
-        "--device", default=d["device"], help="feature actors' device: auto (cuda if the cluster has GPUs), cuda, cpu"
-    )
-    method.add_argument("--dtype", default=d["dtype"], help="model dtype: auto (float16 on CUDA), float32, bfloat16")
-    method.add_argument("--tau", type=float, default=d["tau"], help="recursive NCut threshold")
-    method.add_argument("--alpha", type=float, default=d["alpha"], help="affinity exponent")
-    method.add_argument("--timestep", type=int, default=d["timestep"], help="diffusion timestep of the noised latent")
-    method.add_argument(
-        "--exact-search",
-        action="store_true",
-        help="search every sweep cut of the Fiedler vector, not the paper's 100 thresholds",
-    )
-    method.add_argument("--refine", action="store_true", help="refine masks with PAMR (paper's headline numbers)")
-    method.add_argument(
-        "--vocabulary",
-        default=d["vocabulary"],
-        help="name every segment: voc, context, coco-object, or FILE (one class per line, "
-        "synonyms comma-separated); adds a CLIP naming stage and class columns",
-    )
-    method.add_argument(
-        "--naming-model",
-        default=d["naming_model"],
-        help="open_clip ConvNeXt CLIP for --vocabulary: name:pretrained tag, hub id, local "
-        "folder (safetensors), or tiny-random (tests)",
-    )
-
-    sizes = parser.add_argument_group("sizes")
-    sizes.add_argument(
-        "--resolution",
-        type=int,
-        default=d["resolution"],
-        help="model input: about resolution^2 pixels (a multiple of 32)",
-    )
-    sizes.add_argument(
-        "--resize",
-        default=d["resize"],
-        choices=inputs.RESIZE_MODES,
-        help="square: resolution x resolution (paper); bucket: keep the aspect ratio",
-    )
-    sizes.add_argument(
-        "--mask-size", default=d["mask_size"], help="output mask size: original, model, N (longest side), or WxH"
-    )
-
-    add_speed_arguments(parser.add_argument_group("speed (feature actors)"), d)
-
-    pools = parser.add_argument_group("Ray pools")
-    pools.add_argument(
-        "--batch-size",
-        type=batch_size_arg,
-        default=d["batch_size"],
-        help="images per feature-extraction call, or auto: the largest that fits the GPU memory, "
-        "per input size (1 on CPU)",
-    )
-    pools.add_argument(
-        "--decode-batch-size",
-        type=int,
-        default=d["decode_batch_size"],
-        help="image files per read/decode task (WebDataset: images a shard's task holds at "
-        "once); a task orders them by model input size so "
-        "that model calls fill up (larger: fewer blank images in the calls, more memory: "
-        "the encoded files of a task are held together)",
-    )
-    pools.add_argument(
-        "--decode-cpus", type=float, default=d["decode_cpus"], help="CPUs per read/decode task and per write task"
-    )
-    pools.add_argument("--extractor-pool-min", type=int, default=d["extractor_pool_min"], help="minimum feature actors")
-    pools.add_argument("--extractor-pool-max", type=int, default=d["extractor_pool_max"], help="maximum feature actors")
-    pools.add_argument(
-        "--extractor-gpus",
-        type=float,
-        default=d["extractor_gpus"],
-        help="GPUs each feature actor requests (default: 1 when it runs on CUDA, 0 on CPU; "
-        "an explicit value is requested on any device)",
-    )
-    pools.add_argument("--extractor-cpus", type=float, default=d["extractor_cpus"], help="CPUs per feature actor")
-    pools.add_argument("--ncut-pool-min", type=int, default=d["ncut_pool_min"], help="minimum segmentation actors")
-    pools.add_argument("--ncut-pool-max", type=int, default=d["ncut_pool_max"], help="maximum segmentation actors")
-    pools.add_argument("--ncut-cpus", type=float, default=d["ncut_cpus"], help="CPUs per segmentation actor")
-    pools.add_argument(
-        "--naming-pool-min", type=int, default=d["naming_pool_min"], help="minimum naming actors (--vocabulary)"
-    )
-    pools.add_argument(
-        "--naming-pool-max", type=int, default=d["naming_pool_max"], help="maximum naming actors (--vocabulary)"
-    )
-    pools.add_argument(
-        "--naming-gpus",
-        type=float,
-        default=d["naming_gpus"],
-        help="GPUs each naming actor requests (default: 1 when the model runs on CUDA, 0 on CPU)",
-    )
-    pools.add_argument("--naming-cpus", type=float, default=d["naming_cpus"], help="CPUs per naming actor")
+    groups = {}
+    for name in (settings.METHOD, settings.SIZES, settings.SPEED, settings.POOLS):
+        groups[name] = parser.add_argument_group(name)
+        for spec in settings.flags():
+            if spec.group != name:
+                continue
+            add_setting_flag(groups[name], spec)
+            if spec.flag == "--model":  # the model, then where it runs
+                groups[name].add_argument(
+                    "--device",
+                    default=d["device"],
+                    help="feature actors' device: auto (cuda if the cluster has GPUs), cuda, cpu",
+                )
+    pools = groups[settings.POOLS]
     pools.add_argument(
         "--shard-rows", type=int, default=d["shard_rows"], help="rows per output Parquet shard (at least)"
     )
@@ -300,9 +200,9 @@ def run(args: argparse.Namespace) -> int:
     for name in ("botocore", "aiobotocore"):  # "Found credentials in environment variables." on every S3 run
         logging.getLogger(name).setLevel(logging.WARNING)
     names = inspect.signature(label_dataset).parameters
-    kwargs = {name: getattr(args, name) for name in names}
     try:
-        summary = label_dataset(**kwargs)
+        kwargs = settings.job_arguments(vars(args))
+        summary = label_dataset(**{name: value for name, value in kwargs.items() if name in names})
     except RunFailed as failed:  # the summary goes to stdout as always (the output may have no room for it)
         print(json.dumps(failed.summary, indent=2) if args.json else format_summary(failed.summary))
         print(f"diffcut label: {inputs.redact(failed)}", file=sys.stderr)

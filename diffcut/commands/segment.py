@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from diffcut.method.features import DEFAULT_MODEL
+from diffcut.method.defaults import DEFAULT_ALPHA, DEFAULT_MODEL, DEFAULT_TAU
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,8 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_MODEL,
         help="hub id, local diffusers pipeline directory, or 'tiny-random' (default: %(default)s)",
     )
-    parser.add_argument("--tau", type=float, default=0.5, help="NCut threshold (default: %(default)s)")
-    parser.add_argument("--alpha", type=float, default=10.0, help="affinity exponent (default: %(default)s)")
+    parser.add_argument("--tau", type=float, default=DEFAULT_TAU, help="NCut threshold (default: %(default)s)")
+    parser.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="affinity exponent (default: %(default)s)")
     parser.add_argument("--refine", action="store_true", help="apply PAMR refinement to the mask")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
     parser.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 or auto (fp16 on GPU)")
@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     from diffcut.commands.label import add_speed_arguments
 
-    add_speed_arguments(parser.add_argument_group("speed"), {"attention": "sdpa", "vae_dtype": "auto"})
+    add_speed_arguments(parser.add_argument_group("speed"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -67,8 +67,8 @@ def segment_files(
     out,
     *,
     model=DEFAULT_MODEL,
-    tau=0.5,
-    alpha=10.0,
+    tau=DEFAULT_TAU,
+    alpha=DEFAULT_ALPHA,
     refine=False,
     device="auto",
     dtype="auto",

@@ -16,6 +16,7 @@ from ray.data import ActorPoolStrategy
 
 from diffcut.job import inputs, schema, webdataset
 from diffcut.job.ray_session import _actor_device
+from diffcut.job.settings import LabelSettings, Pools, PoolSettings, SpeedSettings
 from diffcut.job.stages import (
     AUTO_FEATURE_BATCH_ROWS,
     FeatureStage,
@@ -52,38 +53,15 @@ def run_stages(
     output: str,
     *,
     run_id: str,
-    image_column: str,
-    model: str,
+    label: LabelSettings,
+    speed: SpeedSettings,
+    pools: Pools,
     device: str,
-    dtype: str,
-    timestep: int,
-    tau: float,
-    alpha: float,
-    resolution: int,
-    resize: str,
-    stride: int,
-    mask_size: str,
-    refine: bool,
-    exact_search: bool,
-    batch_size: int | str,
-    speed: dict,
-    decode_batch_size: int,
-    decode_cpus: float,
-    extractor_pool: tuple[int, int],
-    extractor_gpus: float | None,
-    extractor_cpus: float,
-    ncut_pool: tuple[int, int],
-    ncut_cpus: float,
+    image_column: str,
     shard_rows: int,
     max_image_pixels: int,
-    params_text: str,
     keep_metadata: bool = False,
     limit: int | None = None,
-    vocabulary: str | None = None,
-    naming_model: str,
-    naming_pool: tuple[int, int] = (1, 1),
-    naming_gpus: float | None = None,
-    naming_cpus: float = 1.0,
 ) -> None:
     """Build the Ray Data pipeline for ``plan`` (the stages above, in order) and run it to the end of the write."""
     context = ray.data.DataContext.get_current()  # travels with the job to every task
@@ -93,14 +71,16 @@ def run_stages(
     kind = units.column("kind")[0].as_py() if units.num_rows else "file"
     # A Parquet unit is a whole row group, a WebDataset unit a whole shard (one task
     # streams it, holding decode_batch_size encoded images at a time); an image-file unit is one file.
-    units_per_batch = decode_batch_size if kind == "file" else 1
+    units_per_batch = pools.decode.batch_size if kind == "file" else 1
     # Bucketed inputs vary in size: hand each feature actor a few model calls'
     # worth of rows at a time, so rows of one size can share a call; decoded
     # blocks of the same length arrive grouped by size (decode_stage).
-    if batch_size == "auto":
+    if speed.batch_size == "auto":
         feature_batch = AUTO_FEATURE_BATCH_ROWS
     else:
-        feature_batch = batch_size * (4 if resize == "bucket" else 1)
+        feature_batch = speed.batch_size * (4 if label.resize == "bucket" else 1)
+    naming = label.vocabulary is not None
+    params = schema.params_json(label.params())  # the params column, the same in every row of the run
     units_per_block = max(units_per_batch, math.ceil(units.num_rows / 10_000))
     blocks = [units.slice(start, units_per_block) for start in range(0, units.num_rows, units_per_block)]
     dataset = ray.data.from_arrow(blocks)
@@ -109,7 +89,7 @@ def run_stages(
         decode_stage,
         batch_size=units_per_batch,
         batch_format="pyarrow",
-        num_cpus=decode_cpus,
+        num_cpus=pools.decode.cpus,
         # A memory reservation per decode task: decoding one large image takes
         # a few hundred MB (a 48-megapixel PNG decodes to 144 MB before
         # conversion), so a node never runs more decodes than it can hold.
@@ -121,15 +101,15 @@ def run_stages(
         memory=DECODE_TASK_MEMORY,
         fn_kwargs=dict(
             image_column=image_column,
-            resolution=resolution,
-            resize=resize,
-            stride=stride,
-            mask_size=mask_size,
+            resolution=label.resolution,
+            resize=label.resize,
+            stride=label.stride,
+            mask_size=label.mask_size,
             max_image_pixels=max_image_pixels,
-            keep_image_bytes=refine or vocabulary is not None,
+            keep_image_bytes=label.refine or naming,
             chunk_rows=feature_batch,
             keep_metadata=keep_metadata,
-            sort_records=decode_batch_size if kind == webdataset.UNIT_KIND else None,
+            sort_records=pools.decode.batch_size if kind == webdataset.UNIT_KIND else None,
         ),
     )
     if limit is not None and kind == webdataset.UNIT_KIND:
@@ -138,52 +118,40 @@ def run_stages(
     actor_device, on_gpu = _actor_device(device)
     dataset = dataset.map_batches(
         FeatureStage,
-        fn_constructor_kwargs=dict(
-            model=model, device=actor_device, dtype=dtype, timestep=timestep, batch_size=batch_size, speed=speed
-        ),
-        compute=ActorPoolStrategy(min_size=extractor_pool[0], max_size=extractor_pool[1]),
+        fn_constructor_kwargs=dict(label=label, speed=speed, device=actor_device),
+        compute=ActorPoolStrategy(min_size=pools.extractor.min, max_size=pools.extractor.max),
         batch_size=feature_batch,
         batch_format="pyarrow",
-        num_cpus=extractor_cpus,
-        # None: one GPU per actor when the model runs on CUDA, none on CPU. An
-        # explicit value is requested whatever the device, so actors can be
-        # placed on GPU nodes (e.g. a fake-GPU autoscaling test running on CPU).
-        num_gpus=extractor_gpus if extractor_gpus is not None else (1.0 if on_gpu else 0),
+        num_cpus=pools.extractor.cpus,
+        num_gpus=_gpus(pools.extractor, on_gpu),
     )
     dataset = dataset.map_batches(
         SegmentStage,
         fn_constructor_kwargs=dict(
-            tau=tau,
-            alpha=alpha,
-            refine=refine,
-            exact_search=exact_search,
-            params=params_text,
-            max_image_pixels=max_image_pixels,
-            keep_metadata=keep_metadata,
-            carry_image=vocabulary is not None,
+            label=label, params=params, max_image_pixels=max_image_pixels, keep_metadata=keep_metadata
         ),
-        compute=ActorPoolStrategy(min_size=ncut_pool[0], max_size=ncut_pool[1]),
+        compute=ActorPoolStrategy(min_size=pools.ncut.min, max_size=pools.ncut.max),
         batch_size=1,
         batch_format="pyarrow",
-        num_cpus=ncut_cpus,
+        num_cpus=pools.ncut.cpus,
+        num_gpus=pools.ncut.gpus or 0,  # a CPU stage: GPUs only when asked for
     )
-    if vocabulary is not None:
-        # Its own pool: on the GPU nodes when the model runs on CUDA (naming_gpus None), as the feature pool.
+    if naming:
+        # Its own pool: on the GPU nodes when the model runs on CUDA (gpus None), as the feature pool.
         dataset = dataset.map_batches(
             NamingStage,
             fn_constructor_kwargs=dict(
-                naming_model=naming_model,
-                vocabulary=vocabulary,
+                label=label,
                 device=actor_device,
-                params=params_text,
+                params=params,
                 max_image_pixels=max_image_pixels,
                 keep_metadata=keep_metadata,
             ),
-            compute=ActorPoolStrategy(min_size=naming_pool[0], max_size=naming_pool[1]),
+            compute=ActorPoolStrategy(min_size=pools.naming.min, max_size=pools.naming.max),
             batch_size=1,  # rows are named one by one; batch_size may be "auto" (the feature actors')
             batch_format="pyarrow",
-            num_cpus=naming_cpus,
-            num_gpus=naming_gpus if naming_gpus is not None else (1.0 if on_gpu else 0),
+            num_cpus=pools.naming.cpus,
+            num_gpus=_gpus(pools.naming, on_gpu),
         )
     filesystem, path = inputs.arrow_filesystem(output)
     # The driver reports a failed run itself, once (one line, or the traceback of an unexpected error):
@@ -197,12 +165,18 @@ def run_stages(
             filesystem=filesystem,
             filename_provider=ShardNames(run_id),
             min_rows_per_file=shard_rows,
-            ray_remote_args={"num_cpus": decode_cpus},
-            schema=schema.labels_schema(keep_metadata, named=vocabulary is not None),
+            ray_remote_args={"num_cpus": pools.decode.cpus},
+            schema=schema.labels_schema(keep_metadata, named=naming),
         )
     finally:
         for handler in consoles:
             handler.removeFilter(_below_error)
+
+
+def _gpus(pool: PoolSettings, on_gpu: bool) -> float:
+    """GPUs per actor: ``pool.gpus`` (requested on any device, so actors can be placed on GPU nodes, e.g. a
+    fake-GPU autoscaling test on CPU), else one when the model runs on CUDA, none on CPU."""
+    return pool.gpus if pool.gpus is not None else (1.0 if on_gpu else 0)
 
 
 def _below_error(record: logging.LogRecord) -> bool:

@@ -18,6 +18,9 @@ Stages (one Ray Data operator each, streaming):
 4. **write**: ``write_parquet`` shards named ``labels-<run id>-...`` directly
    under the output.
 
+A run's settings are the frozen dataclasses of :mod:`diffcut.job.settings`: what changes the labels
+(:class:`~diffcut.job.settings.LabelSettings`, recorded with every row), the speed options and each stage's pool.
+
 Before anything is listed or written, the locations are checked
 (:mod:`diffcut.job.preflight`); then the run takes the output's lease
 (:mod:`diffcut.job.lease`: one run per output) and holds it to the end.
@@ -48,8 +51,7 @@ import signal
 import time
 import uuid
 
-from diffcut import __version__
-from diffcut.job import inputs, preflight, schema
+from diffcut.job import inputs, preflight
 from diffcut.job.lease import Lease
 from diffcut.job.resume import (
     RunFailed,
@@ -59,14 +61,10 @@ from diffcut.job.resume import (
     remove_job_files,
     run_summary,
 )
+from diffcut.job.settings import LabelSettings, Pools, SpeedSettings
 from diffcut.job.storage import OutputError, write_failure
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MODEL = "segmind/SSD-1B"
-#: The published open-vocabulary extension's CLIP (diffcut.method.naming.DEFAULT_NAMING_MODEL; not imported: no CLIP
-#: code is loaded without --vocabulary).
-DEFAULT_NAMING_MODEL = "convnext_large_d_320:laion2b_s29b_b131k_ft_soup"
 
 
 # =========================================================================== the job
@@ -74,50 +72,22 @@ def label_dataset(
     input: str,
     output: str,
     *,
+    label: LabelSettings | None = None,
+    speed: SpeedSettings | None = None,
+    pools: Pools | None = None,
+    device: str = "auto",
     format: str = "auto",
     image_column: str = "image",
     id_column: str | None = None,
     keep_metadata: bool = False,
-    model: str = DEFAULT_MODEL,
-    device: str = "auto",
-    dtype: str = "auto",
-    tau: float = 0.5,
-    alpha: float = 10.0,
-    timestep: int = 50,
-    resolution: int = 1024,
-    resize: str = "bucket",
-    mask_size: str = "original",
-    refine: bool = False,
-    exact_search: bool = False,
-    batch_size: int | str = 4,
-    compile: bool = False,
-    channels_last: bool = False,
-    attention: str = "sdpa",
-    tf32: bool = False,
-    vae_dtype: str = "auto",
-    decode_batch_size: int = 256,
-    decode_cpus: float = 1.0,
-    extractor_pool_min: int = 1,
-    extractor_pool_max: int = 1,
-    extractor_gpus: float | None = None,
-    extractor_cpus: float = 1.0,
-    ncut_pool_min: int = 1,
-    ncut_pool_max: int = 2,
-    ncut_cpus: float = 1.0,
     shard_rows: int = 256,
     max_image_pixels: int = inputs.DEFAULT_MAX_IMAGE_PIXELS,
+    max_error_rate: float = 1.0,
+    limit: int | None = None,
     address: str | None = None,
     overwrite: bool = False,
     create_bucket: bool = False,
     dry_run: bool = False,
-    max_error_rate: float = 1.0,
-    limit: int | None = None,
-    vocabulary: str | None = None,
-    naming_model: str = DEFAULT_NAMING_MODEL,
-    naming_pool_min: int = 1,
-    naming_pool_max: int = 1,
-    naming_gpus: float | None = None,
-    naming_cpus: float = 1.0,
 ) -> dict:
     """Label every image under ``input`` (docs/method.md §2) and write Parquet shards to ``output``.
 
@@ -128,10 +98,16 @@ def label_dataset(
     output : str
         Local directory or ``s3://`` prefix for the ``labels-*.parquet`` shards
         (:func:`diffcut.job.schema.read_labels`); a rerun labels only what has no row yet.
-    format, image_column, model, tau, alpha, resolution, ... : keyword-only
+    label : LabelSettings, optional
+        What changes the labels (model, tau, resolution, ...; :class:`diffcut.job.settings.LabelSettings`),
+        stored with every row (the ``params`` column). Default: the paper's settings.
+    speed : SpeedSettings, optional
+        The feature actors' batch size and speed options (:class:`diffcut.job.settings.SpeedSettings`).
+    pools : Pools, optional
+        Each stage's Ray resources (:class:`diffcut.job.settings.Pools`).
+    device, format, image_column, ... : keyword-only
         Every other parameter is the ``diffcut label`` flag of the same name (``--image-column``
-        for ``image_column`` ...; see ``diffcut label --help``). Those that change the labels
-        (``model``, ``tau``, ...) are stored with every row (the ``params`` column).
+        for ``image_column`` ...; see ``diffcut label --help``).
 
     Returns
     -------
@@ -160,13 +136,15 @@ def label_dataset(
     >>> from PIL import Image
     >>> from diffcut.job.pipeline import label_dataset
     >>> from diffcut.job.schema import read_labels
+    >>> from diffcut.job.settings import DecodeSettings, LabelSettings, Pools, PoolSettings
     >>> folder = Path(tempfile.mkdtemp())
     >>> (folder / "images").mkdir()
     >>> for name, colour in (("red.png", (200, 30, 30)), ("blue.png", (20, 40, 220))):
     ...     Image.new("RGB", (96, 64), colour).save(folder / "images" / name)
-    >>> summary = label_dataset(str(folder / "images"), str(folder / "labels"), model="tiny-random",
-    ...                         device="cpu", resolution=64, decode_cpus=0.5, extractor_cpus=0.5,
-    ...                         ncut_cpus=0.5, ncut_pool_max=1)
+    >>> small = Pools(decode=DecodeSettings(cpus=0.5), extractor=PoolSettings(cpus=0.5),
+    ...               ncut=PoolSettings(max=1, cpus=0.5))
+    >>> summary = label_dataset(str(folder / "images"), str(folder / "labels"), device="cpu",
+    ...                         label=LabelSettings(model="tiny-random", resolution=64), pools=small)
     >>> summary["processed"], summary["ok"], summary["error"]
     (2, 2, 0)
     >>> table = read_labels(str(folder / "labels"), columns=["status", "width", "height", "mask_width"])
@@ -174,75 +152,13 @@ def label_dataset(
     {'status': 'ok', 'width': 96, 'height': 64, 'mask_width': 96}
     """
     started = time.time()
-    stride = inputs.DEFAULT_STRIDE
-    inputs.check_resolution(resolution, stride)
-    if resize not in inputs.RESIZE_MODES:
-        raise inputs.InputError(f"unknown --resize {resize!r}; use one of {', '.join(inputs.RESIZE_MODES)}")
-    mask_spec = inputs.MaskSize.parse(mask_size)
-    for name, low, high in (
-        ("extractor-pool", extractor_pool_min, extractor_pool_max),
-        ("ncut-pool", ncut_pool_min, ncut_pool_max),
-        ("naming-pool", naming_pool_min, naming_pool_max),
-    ):
-        if low < 1 or high < low:
-            raise inputs.InputError(f"--{name}-min/-max must satisfy 1 <= min <= max; got {low}, {high}")
-    if not tau > 0 or not alpha > 0:
-        raise inputs.InputError(f"--tau and --alpha must be positive; got {tau}, {alpha}")
-    if batch_size != "auto":
-        try:
-            batch_size = int(batch_size)
-        except (TypeError, ValueError):
-            raise inputs.InputError(f"--batch-size must be a positive integer or auto; got {batch_size!r}") from None
-    if (batch_size != "auto" and batch_size < 1) or decode_batch_size < 1 or shard_rows < 1:
-        raise inputs.InputError("--batch-size, --decode-batch-size and --shard-rows must be at least 1")
-    from diffcut.method.features import ATTENTION_KERNELS, VAE_DTYPES
+    label, speed, pools = label or LabelSettings(), speed or SpeedSettings(), pools or Pools()
+    if shard_rows < 1:
+        raise inputs.InputError(f"--shard-rows must be at least 1; got {shard_rows}")
+    input, output = inputs.check_uri(input), inputs.check_uri(output)
+    params = label.params()
 
-    if attention not in ATTENTION_KERNELS or vae_dtype not in VAE_DTYPES:
-        raise inputs.InputError(
-            f"--attention must be one of {', '.join(ATTENTION_KERNELS)} and --vae-dtype one of "
-            f"{', '.join(VAE_DTYPES)}; got {attention!r}, {vae_dtype!r}"
-        )
-    speed = dict(
-        compile=bool(compile),
-        channels_last=bool(channels_last),
-        attention=attention,
-        tf32=bool(tf32),
-        vae_dtype=vae_dtype,
-    )
-    input = inputs.check_uri(input)
-    output = inputs.check_uri(output)
-    if vocabulary is not None:
-        from diffcut.method.naming import load_vocabulary
-
-        try:
-            load_vocabulary(vocabulary)
-        except (ValueError, OSError) as error:
-            raise inputs.InputError(str(error)) from None
-
-    params = {
-        "model": model,
-        "tau": float(tau),
-        "alpha": float(alpha),
-        "timestep": int(timestep),
-        "noise_seed": 42,
-        "resolution": int(resolution),
-        "resize": resize,
-        "mask_size": str(mask_spec),
-        "refine": bool(refine),
-        "exact_search": bool(exact_search),
-        "dtype": str(dtype),
-        "vae_dtype": str(vae_dtype),
-        "stride": stride,
-        "diffcut_version": __version__,
-        "schema_version": schema.SCHEMA_VERSION,
-    }
-    if vocabulary is not None:  # without naming, params (and so resuming) stay as they were
-        params.update(vocabulary=vocabulary, naming_model=naming_model)
-    min_cpus = decode_cpus + extractor_pool_min * extractor_cpus + ncut_pool_min * ncut_cpus
-    if vocabulary is not None:
-        min_cpus += naming_pool_min * naming_cpus
-
-    # Checked before anything is listed, read or written: one clear line (exit 2) instead of a failure mid-run.
+    # Check: before anything is listed, read or written, one clear line (exit 2) instead of a failure mid-run.
     preflight.check_credentials(input, output)
     exclude = preflight.listing_exclude(input, output)
     exists = preflight.check_output(output, create_bucket=create_bucket)
@@ -264,9 +180,9 @@ def label_dataset(
             exists=exists,
         )
     preflight.prepare_output(output, create_bucket=create_bucket)
-    with lease:  # what follows deletes and writes shards: only one run at a time
+    # Plan, run and summarize: under the lease, as what follows deletes and writes shards.
+    with lease:
         return _label(
-            input,
             output,
             listing,
             params,
@@ -274,52 +190,25 @@ def label_dataset(
             run_id=run_id,
             started=started,
             overwrite=overwrite,
-            limit=limit,
-            image_column=image_column,
             id_column=id_column,
             max_error_rate=max_error_rate,
-            min_cpus=min_cpus,
+            min_cpus=pools.min_cpus(naming=label.vocabulary is not None),
             address=address,
-            model=model,
             stages=dict(
-                image_column=image_column,
-                model=model,
-                device=device,
-                dtype=dtype,
-                timestep=timestep,
-                tau=tau,
-                alpha=alpha,
-                resolution=resolution,
-                resize=resize,
-                stride=stride,
-                mask_size=str(mask_spec),
-                refine=refine,
-                exact_search=exact_search,
-                batch_size=batch_size,
+                label=label,
                 speed=speed,
-                decode_batch_size=decode_batch_size,
-                decode_cpus=decode_cpus,
-                extractor_pool=(extractor_pool_min, extractor_pool_max),
-                extractor_gpus=extractor_gpus,
-                extractor_cpus=extractor_cpus,
-                ncut_pool=(ncut_pool_min, ncut_pool_max),
-                ncut_cpus=ncut_cpus,
+                pools=pools,
+                device=device,
+                image_column=image_column,
+                keep_metadata=keep_metadata,
                 shard_rows=shard_rows,
                 max_image_pixels=max_image_pixels,
-                params_text=schema.params_json(params),
-                keep_metadata=keep_metadata,
                 limit=limit,
-                vocabulary=vocabulary,
-                naming_model=naming_model,
-                naming_pool=(naming_pool_min, naming_pool_max),
-                naming_gpus=naming_gpus,
-                naming_cpus=naming_cpus,
             ),
         )
 
 
 def _label(
-    input: str,
     output: str,
     listing: inputs.InputListing,
     params: dict,
@@ -328,21 +217,20 @@ def _label(
     run_id: str,
     started: float,
     overwrite: bool,
-    limit: int | None,
-    image_column: str,
     id_column: str | None,
     max_error_rate: float,
     min_cpus: float,
     address: str | None,
-    model: str,
     stages: dict,
 ) -> dict:
-    """Resume or overwrite, plan, run the pipeline, write the summary; under the output's lease."""
+    """Resume or overwrite, plan, run the stages (:func:`diffcut.job.dataflow.run_stages` with ``stages``),
+    write the summary; under the output's lease."""
     import ray
 
     from diffcut.job.dataflow import run_stages
     from diffcut.job.ray_session import JobInterrupted, StopSignals, connect_ray
 
+    limit = stages["limit"]
     removed = incomplete = 0
     pipeline_seconds = 0.0
     failure = None
@@ -354,7 +242,9 @@ def _label(
             done: set[str] = set()
         else:
             done, incomplete = existing_output(output, params)
-        plan = inputs.plan_inputs(listing, image_column=image_column, id_column=id_column, done=done, limit=limit)
+        plan = inputs.plan_inputs(
+            listing, image_column=stages["image_column"], id_column=id_column, done=done, limit=limit
+        )
         if plan.planned is None:
             log.info("%d tar shards, %d samples already done", len(listing.files), plan.already_done)
         else:
@@ -377,6 +267,7 @@ def _label(
                 reason = _model_load_failure(error)
                 if reason is None:
                     raise
+                model = stages["label"].model
                 raise inputs.InputError(f"the feature actors could not load --model {model!r}: {reason}") from None
             except Exception as error:
                 failure = write_failure(error, output)

@@ -2,7 +2,7 @@
 
 A re-run of the same command skips the sources of the rows in complete
 shards; shards a killed run left half-written are deleted first; an output
-made with other label-changing parameters (:data:`RESUME_KEYS`) is refused
+made with other label settings (:class:`diffcut.job.settings.LabelSettings`) is refused
 (docs/reliability.md). Also the run's summary (``_summary.json``), the
 counts it reports, and how a run ends without one of its own (a failed output,
 a signal while planning). Plain Python on the filesystem (no Ray).
@@ -19,27 +19,10 @@ from collections import defaultdict
 import pyarrow as pa
 
 from diffcut.job import inputs, schema, webdataset
+from diffcut.job.settings import changed_settings
 from diffcut.job.storage import OutputError
 
 log = logging.getLogger(__name__)
-
-#: Parameters that change the labels; a resumed run must match the output's.
-RESUME_KEYS = (
-    "model",
-    "tau",
-    "alpha",
-    "timestep",
-    "noise_seed",
-    "resolution",
-    "resize",
-    "mask_size",
-    "refine",
-    "exact_search",
-    "dtype",
-    "vae_dtype",
-)
-#: Value of a resume key in outputs written before the key was recorded.
-RESUME_KEY_DEFAULTS = {"vae_dtype": "auto"}
 
 
 def remove_job_files(output: str, names: list[str] | None = None) -> int:
@@ -71,12 +54,7 @@ def existing_output(output: str, params: dict, *, remove: bool = True) -> tuple[
     # would be ~300 MB in the driver (benchmarks/resume_plan.py).
     stored = next((p for p in schema.read_shard(complete[0], ["params"]).column("params").to_pylist() if p), None)
     if stored is not None:
-        previous = json.loads(stored)
-        changed = {
-            k: (previous.get(k, RESUME_KEY_DEFAULTS.get(k)), params.get(k))
-            for k in RESUME_KEYS
-            if previous.get(k, RESUME_KEY_DEFAULTS.get(k)) != params.get(k)
-        }
+        changed = changed_settings(json.loads(stored), params)
         if changed:
             details = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
             raise inputs.InputError(

@@ -30,6 +30,7 @@ from ray.data.datasource import FilenameProvider
 
 from diffcut.job import inputs, schema
 from diffcut.job.feature_batches import DECODED_SCHEMA, FeatureBatches, error_fields
+from diffcut.job.settings import FEATURES, SEGMENT, LabelSettings, SpeedSettings
 
 log = logging.getLogger(__name__)
 
@@ -178,38 +179,26 @@ class FeatureStage(FeatureBatches):
     which code without Ray runs too.
     """
 
-    def __init__(
-        self, model: str, device: str, dtype: str, timestep: int, batch_size: int | str, speed: dict | None = None
-    ):
+    def __init__(self, label: LabelSettings, speed: SpeedSettings, device: str):
         from diffcut.method.features import FeatureExtractor
 
         extractor = FeatureExtractor.from_pretrained(
-            model, device=device, dtype=dtype, timestep=timestep, **(speed or {})
+            device=device, **label.options(FEATURES), **speed.extractor_options()
         )
-        super().__init__(extractor, batch_size)
+        super().__init__(extractor, speed.batch_size)
 
 
 class SegmentStage:
     """Ray Data UDF of stage 3 (actor): NCut, assignment, optional PAMR -> output rows."""
 
-    def __init__(
-        self,
-        tau: float,
-        alpha: float,
-        refine: bool,
-        exact_search: bool,
-        params: str,
-        max_image_pixels: int,
-        keep_metadata: bool = False,
-        carry_image: bool = False,
-    ):
-        self.tau, self.alpha, self.refine, self.exact_search = tau, alpha, refine, exact_search
+    def __init__(self, label: LabelSettings, params: str, max_image_pixels: int, keep_metadata: bool = False):
+        self.options, self.refine = label.options(SEGMENT), label.refine
         self.params = params
         self.max_image_pixels = max_image_pixels
         self.keep_metadata = keep_metadata
         self.schema = schema.labels_schema(keep_metadata)
         # The naming stage needs the image: hand its encoded bytes on in one extra column.
-        self.carry_image = carry_image
+        self.carry_image = label.vocabulary is not None
 
     def label(self, row: dict) -> dict:
         """The output row of one image; never raises."""
@@ -234,15 +223,7 @@ class SegmentStage:
                 image = inputs.decode_image(
                     row["image_bytes"], (row["mask_width"], row["mask_height"]), max_pixels=self.max_image_pixels
                 ).pixels
-            result = segment_features(
-                grid,
-                mask_size,
-                tau=self.tau,
-                alpha=self.alpha,
-                refine=self.refine,
-                image=image,
-                exact_search=self.exact_search,
-            )
+            result = segment_features(grid, mask_size, image=image, **self.options)
             return schema.ok_row(
                 image_id=row["image_id"],
                 source=row["source"],
@@ -285,17 +266,11 @@ class NamingStage:
     """
 
     def __init__(
-        self,
-        naming_model: str,
-        vocabulary: str,
-        device: str,
-        params: str,
-        max_image_pixels: int,
-        keep_metadata: bool = False,
+        self, label: LabelSettings, device: str, params: str, max_image_pixels: int, keep_metadata: bool = False
     ):
         from diffcut.method.naming import SegmentNamer
 
-        self.namer = SegmentNamer(naming_model, vocabulary, device=device)
+        self.namer = SegmentNamer(label.naming_model, label.vocabulary, device=device)
         self.class_names = self.namer.vocabulary.class_names
         self.params = params
         self.max_image_pixels = max_image_pixels

@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 from scipy.linalg import blas
 
+from diffcut.method.defaults import DEFAULT_ALPHA
+
 # Float32 row strips of the affinity computation are about this many bytes: they
 # stay in cache together with the power's scratch copy.
 _STRIP_BYTES = 1 << 19
@@ -64,7 +66,7 @@ def check_tau(tau: float) -> float:
     return tau
 
 
-def affinity_matrix(features: Any, alpha: float = 10.0) -> np.ndarray:
+def affinity_matrix(features: Any, alpha: float = DEFAULT_ALPHA) -> np.ndarray:
     """Affinity matrix ``W`` of DiffCut (docs/method.md §2.2; paper Sec. 3.2, Eq. 2).
 
     Every feature vector is L2-normalized (zero vectors stay zero), ``A`` is the

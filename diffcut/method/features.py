@@ -47,6 +47,13 @@ from pathlib import Path
 
 import torch
 
+from diffcut.method.defaults import (
+    ATTENTION_KERNELS,
+    DEFAULT_MODEL,
+    DEFAULT_NOISE_SEED,
+    DEFAULT_TIMESTEP,
+    VAE_DTYPES,
+)
 from diffcut.method.logs import records_left_out
 from diffcut.method.tiny import TINY_RANDOM_NAME, tiny_random_path
 from diffcut.method.unet import (
@@ -60,10 +67,6 @@ from diffcut.method.unet import (
 )
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MODEL = "segmind/SSD-1B"
-DEFAULT_TIMESTEP = 50
-DEFAULT_NOISE_SEED = 42
 
 _PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
@@ -87,12 +90,6 @@ def _quiet_loading():
             lib.enable_progress_bar()
 
 
-#: ``attention`` values: the SDPA kernel (flash / memory-efficient on CUDA) or the explicit
-#: matmul-softmax-matmul of diffusers' ``AttnProcessor`` (the reference it must agree with).
-ATTENTION_KERNELS = ("sdpa", "eager")
-#: ``vae_dtype`` values. ``auto``: what the VAE's config asks: float32 under float16 when it
-#: sets ``force_upcast`` (SDXL's VAE overflows in float16), else the model dtype.
-VAE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 #: ``batch_size="auto"`` never goes past this many images per call.
 AUTO_BATCH_CAP = 32
 #: Share of the device memory a call found by ``batch_size="auto"`` may peak at: the rest is

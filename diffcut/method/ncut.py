@@ -85,6 +85,7 @@ from diffcut.method.cut_search import (
     ncut_value,
     sweep_thresholds,
 )
+from diffcut.method.defaults import DEFAULT_ALPHA, DEFAULT_TAU
 from diffcut.method.fiedler import DENSE_EIGH_MAX_CELLS, children_clusters, fiedler_vector, region_fiedler
 from diffcut.method.region_graph import RegionGraph
 from diffcut.method.split_tree import SplitTree, first_appearance_labels
@@ -201,8 +202,8 @@ def _grow_tree(
 
 def recursive_ncut(
     features: Any,
-    tau: float = 0.5,
-    alpha: float = 10.0,
+    tau: float = DEFAULT_TAU,
+    alpha: float = DEFAULT_ALPHA,
     *,
     exact_search: bool = False,
     return_tree: bool = False,

@@ -14,10 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from diffcut.method.assign import assign_concepts_and_embeddings
+from diffcut.method.defaults import DEFAULT_ALPHA, DEFAULT_TAU
 from diffcut.method.ncut import SplitTree, recursive_ncut
-
-DEFAULT_TAU = 0.5
-DEFAULT_ALPHA = 10.0
 
 
 @dataclass
