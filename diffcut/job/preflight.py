@@ -89,12 +89,18 @@ def _check_local(root: str, output: str) -> bool:
     if os.path.lexists(root):
         kind = "a broken link" if os.path.islink(root) else "a file"
         raise OutputError(f"--output {output} is {kind}, not a folder; choose a folder (it is created if missing)")
-    parent = os.path.dirname(os.path.abspath(root))
-    while not os.path.lexists(parent):
-        parent = os.path.dirname(parent)
+    parent = _existing_parent(root)
     if not os.path.isdir(parent):
         raise OutputError(f"cannot create --output {output}: {parent} is a file, not a folder")
     return False
+
+
+def _existing_parent(path: str) -> str:
+    """The nearest existing path above a missing local ``path``: where creating it would start."""
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    return parent
 
 
 def _check_bucket(fs, root: str, output: str, create_bucket: bool) -> bool:
@@ -200,9 +206,7 @@ def check_creatable(output: str) -> None:
     """For a dry run: whether a missing local output could be created (nothing is created)."""
     if is_remote(output):
         return
-    parent = os.path.dirname(os.path.abspath(output))
-    while not os.path.lexists(parent):
-        parent = os.path.dirname(parent)
+    parent = _existing_parent(output)
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"cannot create --output {output}: {parent} takes no writes")
 

@@ -118,10 +118,11 @@ def run_summary(
     max_error_rate: float,
 ) -> dict:
     """The run's summary (``_summary.json``): this run's rows and the output's, counted from the shards."""
-    run_table = _run_rows(output, run_id)
+    complete = schema.list_shards(output)[0]  # listed (and every local footer checked) once for both counts
+    run_table = _run_rows(complete, run_id)
     run_ok, run_error = _count(run_table)
     by_key = listing.format == "webdataset"  # a sample key used in two shards is only known once both are read
-    totals = schema.read_labels(output, columns=["source", "status"] + (["image_id"] if by_key else []))
+    totals = schema.labels_of_shards(complete, columns=["source", "status"] + (["image_id"] if by_key else []))
     total_ok, total_error = _count(totals)
     error_rate = total_error / max(1, total_ok + total_error)
     error_counts: dict[str, int] = defaultdict(int)
@@ -197,9 +198,9 @@ def _count(table: pa.Table) -> tuple[int, int]:
     return ok, len(status) - ok
 
 
-def _run_rows(output: str, run_id: str) -> pa.Table:
+def _run_rows(complete: list[str], run_id: str) -> pa.Table:
     tables = []
-    for uri in schema.list_shards(output)[0]:
+    for uri in complete:
         if uri.rsplit("/", 1)[-1].startswith(f"{schema.SHARD_PREFIX}{run_id}-"):
             tables.append(schema.read_shard(uri, ["status", "error"]))
     if not tables:

@@ -356,8 +356,12 @@ def read_labels(output: str, columns: Iterable[str] | None = None) -> pa.Table:
     >>> [segment["area"] for segment in table.column("segments")[0].as_py()]
     [3, 3]
     """
+    return labels_of_shards(list_shards(output)[0], columns)
+
+
+def labels_of_shards(complete: Sequence[str], columns: Iterable[str] | None = None) -> pa.Table:
+    """:func:`read_labels` of the complete shards a caller has listed already (:func:`list_shards`)."""
     optional = {field.name: field for field in OPTIONAL_FIELDS}
-    complete, _ = list_shards(output)
     shard_columns = {uri: set(shard_schema(uri).names) for uri in complete}
     present = set().union(*shard_columns.values()) if shard_columns else set()
     # A job run with --vocabulary writes the named schema (its params make a resume keep it).

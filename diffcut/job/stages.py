@@ -188,6 +188,13 @@ class FeatureStage(FeatureBatches):
         super().__init__(extractor, speed.batch_size)
 
 
+def _error_row(row: dict, message: str, params: str) -> dict:
+    """The output row of an image that failed, from its stage row (ids and size carried)."""
+    return schema.error_row(
+        row["image_id"], row["source"], message, params=params, width=row["width"], height=row["height"]
+    )
+
+
 class SegmentStage:
     """Ray Data UDF of stage 3 (actor): NCut, assignment, optional PAMR -> output rows."""
 
@@ -205,14 +212,7 @@ class SegmentStage:
         from diffcut.method.segmenter import segment_features
 
         if row["status"] != schema.STATUS_OK:
-            return schema.error_row(
-                row["image_id"],
-                row["source"],
-                row["error"],
-                params=self.params,
-                width=row["width"],
-                height=row["height"],
-            )
+            return _error_row(row, row["error"], self.params)
         try:
             grid = np.frombuffer(row["features"], np.float16).reshape(
                 row["feature_height"], row["feature_width"], row["feature_dim"]
@@ -236,14 +236,7 @@ class SegmentStage:
                 params=self.params,
             )
         except Exception as error:  # noqa: BLE001 - one image's failure is one error row
-            return schema.error_row(
-                row["image_id"],
-                row["source"],
-                inputs.redact(f"segmentation failed: {type(error).__name__}: {error}"),
-                params=self.params,
-                width=row["width"],
-                height=row["height"],
-            )
+            return _error_row(row, inputs.redact(f"segmentation failed: {type(error).__name__}: {error}"), self.params)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -288,14 +281,7 @@ class NamingStage:
             mask = schema.decode_mask(row["mask"])
             return schema.named_row(row, self.namer.name(pixels, mask, row["num_segments"]), self.class_names)
         except Exception as error:  # noqa: BLE001 - one image's failure is one error row
-            failed = schema.error_row(
-                row["image_id"],
-                row["source"],
-                inputs.redact(f"naming failed: {type(error).__name__}: {error}"),
-                params=self.params,
-                width=row["width"],
-                height=row["height"],
-            )
+            failed = _error_row(row, inputs.redact(f"naming failed: {type(error).__name__}: {error}"), self.params)
             if self.keep_metadata:
                 failed["metadata"] = row["metadata"]
             return failed

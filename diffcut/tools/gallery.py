@@ -184,15 +184,6 @@ def _params_line(params: Mapping[str, Any]) -> str:
     return " · ".join(parts)
 
 
-def _describe_error(error: BaseException) -> str:
-    from diffcut.job.inputs import redact
-
-    message = str(error) or type(error).__name__
-    if isinstance(error, FileNotFoundError):
-        message = f"file not found ({message})"
-    return redact(message)
-
-
 # --------------------------------------------------------------------------- pages
 @dataclass
 class GallerySummary:
@@ -293,7 +284,7 @@ def build_gallery(
         overlay_alpha: weight of the segment colours in the overlay.
     """
     from diffcut.evaluation.protocol import resize_nearest
-    from diffcut.job.inputs import check_uri, decode_image, join_uri, open_filesystem
+    from diffcut.job.inputs import check_uri, decode_image, describe_exception, join_uri, open_filesystem
     from diffcut.tools.export import UniqueNames, iter_label_rows
     from diffcut.tools.visualize import BOUNDARY_COLOR, boundaries, colorize, overlay
 
@@ -384,7 +375,7 @@ def build_gallery(
             pictures.update(image=image, overlay=overlay(image, small, alpha=overlay_alpha))
             summary.with_picture += 1
         except Exception as error:  # noqa: BLE001 - any failure to get the picture: show the labels alone
-            note = f"image unavailable ({_describe_error(error)}): the segments are shown alone"
+            note = f"image unavailable ({describe_exception(error)}): the segments are shown alone"
             summary.without_picture += 1
         for kind, pixels in pictures.items():
             write(f"{THUMBS_DIR}/{files[kind]}", _jpeg(pixels) if kind == "image" else _png(pixels))
