@@ -506,3 +506,17 @@ def test_a_full_disk_stops_cleanly_and_the_same_command_resumes_exactly_once(tmp
             counted[source] = counted.get(source, 0) + 1
     assert counted == {source: 1 for source in sources}
     assert not (output / LEASE_NAME).exists() and json.loads((output / "_summary.json").read_text())["output_ok"] == 16
+
+
+def test_the_foreign_file_check_recognises_every_name_the_job_writes():
+    # The shard names are made in three places (run id, ShardNames, Ray Data's write uuid): the
+    # pattern that tells the job's shards from a user's files must keep matching them.
+    import uuid
+
+    from diffcut.job.pipeline import new_run_id
+    from diffcut.job.stages import ShardNames
+
+    name = ShardNames(new_run_id()).get_filename_for_task(uuid.uuid4().hex, 7)
+    assert preflight.JOB_SHARD_NAME.fullmatch(name), name
+    assert preflight.JOB_SHARD_NAME.fullmatch(name.replace(".parquet", "-3.parquet"))
+    assert not preflight.JOB_SHARD_NAME.fullmatch("labels-train.parquet")

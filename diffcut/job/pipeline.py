@@ -162,7 +162,7 @@ def label_dataset(
     preflight.check_credentials(input, output)
     exclude = preflight.listing_exclude(input, output)
     exists = preflight.check_output(output, create_bucket=create_bucket)
-    run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
+    run_id = new_run_id()
     lease = Lease(output, run_id, on_lost=_stop_main_thread)
     if exists:
         lease.check()  # a live run writing there: refuse now, before listing the input
@@ -206,6 +206,11 @@ def label_dataset(
                 limit=limit,
             ),
         )
+
+
+def new_run_id() -> str:
+    """A run's id: its UTC start time and 8 random hex digits (in its shards' names, preflight.JOB_SHARD_NAME)."""
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
 
 
 def _label(
