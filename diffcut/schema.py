@@ -13,10 +13,10 @@ from diffcut.job.schema import (
     decode_mask,
     decode_tree,
     iter_shard_batches,
-    list_shards,
     read_labels,
     read_shard,
 )
+from diffcut.job.units import label_files
 
 __all__ = [
     "LABELS_SCHEMA",
@@ -27,7 +27,7 @@ __all__ = [
     "decode_mask",
     "decode_tree",
     "iter_shard_batches",
-    "list_shards",
+    "label_files",
     "read_labels",
     "read_shard",
 ]

@@ -143,7 +143,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 )
     pools = groups[settings.POOLS]
     pools.add_argument(
-        "--shard-rows", type=int, default=d["shard_rows"], help="rows per output Parquet shard (at least)"
+        "--unit-files",
+        type=int,
+        default=d["unit_files"],
+        help="loose image files per unit of work and output file (a shard or Parquet file is one unit)",
     )
     pools.add_argument(
         "--address",
@@ -177,7 +180,7 @@ def format_dry_run(report: dict) -> str:
     units, samples = report["units"], report["samples"]
     lines = [
         f"dry run: {report['input']} ({report['format']}) -> {report['output']}; nothing was labeled",
-        f"read units ({units['kind']}): {units['total']} in total, {count(units['done'])} done, {units['to_do']} to do",
+        f"units ({units['kind']}): {count(units['total'])} in total, {units['done']} done, {units['to_do']} to do",
         f"samples: {count(samples['total'])} in total, {samples['done']} done, {count(samples['to_do'])} to do"
         + (" (a shard's samples are known once it is read)" if samples["total"] is None else ""),
         f"skipped {report['skipped_non_input_files']} non-input files",
@@ -185,9 +188,9 @@ def format_dry_run(report: dict) -> str:
     if report["limit"] is not None:
         lines.append(f"--limit: at most {report['limit']} records this run")
     if report["overwrite"]:
-        lines.append("--overwrite: the job's shards in the output would be deleted first")
-    elif report["incomplete_shards"]:
-        lines.append(f"{report['incomplete_shards']} half-written shard(s) of an interrupted run would be removed")
+        lines.append("--overwrite: the job's labels in the output would be deleted first")
+    elif report["units_to_redo"]:
+        lines.append(f"{report['units_to_redo']} unit(s) an earlier run left incomplete would be redone whole")
     if not report["output_exists"]:
         lines.append("the output does not exist yet: it would be created")
     return "\n".join(lines)

@@ -1,15 +1,17 @@
 """The labeling job's Ray Data dataset: the stages of :mod:`diffcut.job.stages` chained, ending in the write.
 
 :func:`run_stages` builds one streaming dataset from a run's plan -- read + decode
-tasks, the feature actor pool, the segment actor pool, the optional naming pool --
-and runs it to the end of ``write_parquet``. :func:`diffcut.job.pipeline.label_dataset`
-calls it under the output's lease, after the checks and the plan.
+tasks, the feature actor pool, the segment actor pool, the optional naming pool,
+then the write stage (:mod:`diffcut.job.writer`) -- and runs it, finishing each unit
+as it becomes whole. :func:`diffcut.job.pipeline.label_dataset` calls it under the
+output's lease, after the checks and the plan.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import time
 
 import ray
 from ray.data import ActorPoolStrategy
@@ -17,35 +19,19 @@ from ray.data import ActorPoolStrategy
 from diffcut.job import inputs, schema, webdataset
 from diffcut.job.ray_session import _actor_device
 from diffcut.job.settings import LabelSettings, Pools, PoolSettings, SpeedSettings
-from diffcut.job.stages import (
-    AUTO_FEATURE_BATCH_ROWS,
-    FeatureStage,
-    NamingStage,
-    SegmentStage,
-    ShardNames,
-    decode_stage,
-)
+from diffcut.job.stages import AUTO_FEATURE_BATCH_ROWS, FeatureStage, NamingStage, SegmentStage, decode_stage
+from diffcut.job.writer import UnitProgress, finish_unit, write_parts
+
+log = logging.getLogger(__name__)
 
 #: Memory reserved per read/decode task (bytes).
 DECODE_TASK_MEMORY = 512 * 2**20
 
-#: Messages of the transient storage errors a write retries (Ray Data's ``retried_io_errors``,
-#: added to its defaults, which only match Arrow's own S3 client: "AWS Error SLOW_DOWN"...). The
-#: output is written through s3fs (``diffcut.job.inputs.arrow_filesystem``), whose errors read like
-#: botocore's and aiohttp's once its retries and botocore's are spent. Each write is then retried
-#: whole, up to 10 times with backoff to 32 s: a shard is one object, so a retry replaces it.
-RETRIED_IO_ERRORS = (
-    "SlowDown",
-    "reduce your request rate",
-    "ServiceUnavailable",
-    "InternalError",
-    "RequestTimeout",
-    "Connection reset",
-    "Connection was closed",
-    "Server disconnected",
-    "Could not connect to the endpoint",
-    "Read timeout on endpoint",
-)
+#: Rows handed to a write task at a time (staged as one part file per unit among them).
+WRITE_BATCH_ROWS = 256
+
+#: Unit finishes (:func:`diffcut.job.writer.finish_unit`) in flight at once; the driver waits for one beyond.
+FINISHES_IN_FLIGHT = 16
 
 
 def run_stages(
@@ -58,15 +44,13 @@ def run_stages(
     pools: Pools,
     device: str,
     image_column: str,
-    shard_rows: int,
     max_image_pixels: int,
+    progress: UnitProgress,
     keep_metadata: bool = False,
     limit: int | None = None,
 ) -> None:
-    """Build the Ray Data pipeline for ``plan`` (the stages above, in order) and run it to the end of the write."""
-    context = ray.data.DataContext.get_current()  # travels with the job to every task
-    context.retried_io_errors = list(dict.fromkeys([*context.retried_io_errors, *RETRIED_IO_ERRORS]))
-
+    """Build the Ray Data pipeline for ``plan`` (the stages above, in order), run it, and finish every unit
+    it makes whole (``progress`` counts them, :mod:`diffcut.job.writer`)."""
     units = plan.units
     kind = units.column("kind")[0].as_py() if units.num_rows else "file"
     # A Parquet unit is a whole row group, a WebDataset unit a whole shard (one task
@@ -153,24 +137,101 @@ def run_stages(
             num_cpus=pools.naming.cpus,
             num_gpus=_gpus(pools.naming, on_gpu),
         )
-    filesystem, path = inputs.arrow_filesystem(output)
+    label_schema = schema.labels_schema(keep_metadata, named=naming)
+    dataset = dataset.map_batches(
+        write_parts,
+        batch_size=WRITE_BATCH_ROWS,
+        batch_format="pyarrow",
+        num_cpus=pools.decode.cpus,
+        fn_kwargs=dict(output=output, run_id=run_id, label_schema=label_schema),
+    )
+    finishing = _Finishing(
+        progress,
+        ray.remote(finish_unit).options(num_cpus=0, max_retries=3),
+        dict(
+            output=output,
+            params=params,
+            run_id=run_id,
+            unit_inputs=plan.inputs,
+            list_sources=kind == "file",
+            label_schema=label_schema,
+        ),
+    )
     # The driver reports a failed run itself, once (one line, or the traceback of an unexpected error):
     # Ray Data's console error records would print the same traceback three times (its log file keeps them).
     consoles = [h for h in logging.getLogger("ray.data").handlers if not isinstance(h, logging.FileHandler)]
     for handler in consoles:
         handler.addFilter(_below_error)
+    ended = False
     try:
-        dataset.write_parquet(
-            path,
-            filesystem=filesystem,
-            filename_provider=ShardNames(run_id),
-            min_rows_per_file=shard_rows,
-            ray_remote_args={"num_cpus": pools.decode.cpus},
-            schema=schema.labels_schema(keep_metadata, named=naming),
-        )
+        for parts in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for unit in progress.add(parts):
+                finishing.submit(unit, complete=unit not in progress.partial)
+            finishing.collect(block=False)
+        ended = True
+        for unit, complete in progress.at_end(cut=limit is not None and kind == webdataset.UNIT_KIND):
+            finishing.submit(unit, complete=complete)
     finally:
         for handler in consoles:
             handler.removeFilter(_below_error)
+        # Units already whole are finished even when the run stops (a signal, a failure): they are done work.
+        finishing.drain(ended)
+
+
+class _Finishing:
+    """The driver's side of finishing units: Ray tasks of :func:`diffcut.job.writer.finish_unit`, a few at a time."""
+
+    def __init__(self, progress: UnitProgress, remote, options: dict):
+        self.progress, self.remote, self.options = progress, remote, dict(options)
+        self.unit_inputs = self.options.pop("unit_inputs")
+        self.pending: dict = {}  # ObjectRef -> (unit, complete)
+
+    def submit(self, unit: str, *, complete: bool) -> None:
+        while len(self.pending) >= FINISHES_IN_FLIGHT:
+            self.collect(block=True)
+        expected = self.progress.target(unit) if complete else None
+        ref = self.remote.remote(
+            unit=unit,
+            parts=self.progress.parts(unit),
+            expected=expected,
+            complete=complete,
+            input=self.unit_inputs.get(unit),
+            **self.options,
+        )
+        self.pending[ref] = (unit, complete)
+
+    def collect(self, *, block: bool, timeout: float | None = None) -> None:
+        if not self.pending:
+            return
+        refs = list(self.pending)
+        ready, _ = ray.wait(refs, num_returns=1 if block else len(refs), timeout=timeout if block else 0)
+        for ref in ready:
+            unit, _ = self.pending.pop(ref)
+            self.progress.finished_unit(unit, ray.get(ref))
+
+    def drain(self, ended: bool) -> None:
+        """Wait for every finish; after a clean end a unit found short (a duplicate had hidden a missing row)
+        is recorded as incomplete, so that the next run redoes it."""
+        deadline = None if ended else time.monotonic() + 60
+        while self.pending:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if left == 0.0:
+                log.warning("%d unit(s) were not finished in time: the next run redoes them", len(self.pending))
+                return
+            refs = list(self.pending)
+            ready, _ = ray.wait(refs, num_returns=1, timeout=left)
+            for ref in ready:
+                unit, complete = self.pending.pop(ref)
+                try:
+                    record = ray.get(ref)
+                except Exception:
+                    if ended:
+                        raise
+                    log.warning("unit %s could not be finished: the next run redoes it", unit, exc_info=True)
+                    continue
+                self.progress.finished_unit(unit, record)
+                if record is None and ended:
+                    self.submit(unit, complete=False)
 
 
 def _gpus(pool: PoolSettings, on_gpu: bool) -> float:

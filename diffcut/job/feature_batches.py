@@ -33,6 +33,8 @@ _CARRIED = [
     pa.field("mask_height", pa.int32()),
     pa.field("image_bytes", pa.binary()),  # only with refine: PAMR needs the image at the mask size
     pa.field("metadata", pa.string()),  # the sample's JSON (WebDataset), kept with keep_metadata
+    pa.field("unit", pa.string()),  # the output unit of the row (diffcut.job.units)
+    pa.field("unit_rows", pa.int64()),  # its record count on the rows of a shard's last chunk, else -1
 ]
 DECODED_SCHEMA = pa.schema(
     _CARRIED

@@ -325,6 +325,7 @@ def list_inputs(uri: str, format: str = "auto", *, exclude: str | None = None) -
 # Read units: defined in diffcut.job.plan (imported last: plan imports InputListing from here).
 from diffcut.job.plan import (  # noqa: E402,F401
     UNIT_SCHEMA,
+    Done,
     Plan,
     RawRecord,
     image_column_kind,

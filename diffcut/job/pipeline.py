@@ -51,16 +51,9 @@ import signal
 import time
 import uuid
 
-from diffcut.job import inputs, preflight
+from diffcut.job import inputs, preflight, units
 from diffcut.job.lease import Lease
-from diffcut.job.resume import (
-    RunFailed,
-    StoppedBeforeLabeling,
-    _write_summary,
-    existing_output,
-    remove_job_files,
-    run_summary,
-)
+from diffcut.job.resume import RunFailed, StoppedBeforeLabeling, _write_summary, output_state, run_summary
 from diffcut.job.settings import LabelSettings, Pools, SpeedSettings
 from diffcut.job.storage import OutputError, write_failure
 
@@ -80,7 +73,7 @@ def label_dataset(
     image_column: str = "image",
     id_column: str | None = None,
     keep_metadata: bool = False,
-    shard_rows: int = 256,
+    unit_files: int = 1000,
     max_image_pixels: int = inputs.DEFAULT_MAX_IMAGE_PIXELS,
     max_error_rate: float = 1.0,
     limit: int | None = None,
@@ -153,8 +146,8 @@ def label_dataset(
     """
     started = time.time()
     label, speed, pools = label or LabelSettings(), speed or SpeedSettings(), pools or Pools()
-    if shard_rows < 1:
-        raise inputs.InputError(f"--shard-rows must be at least 1; got {shard_rows}")
+    if unit_files < 1:
+        raise inputs.InputError(f"--unit-files must be at least 1; got {unit_files}")
     input, output = inputs.check_uri(input), inputs.check_uri(output)
     params = label.params()
 
@@ -176,6 +169,7 @@ def label_dataset(
             image_column=image_column,
             id_column=id_column,
             limit=limit,
+            unit_files=unit_files,
             overwrite=overwrite,
             exists=exists,
         )
@@ -191,6 +185,7 @@ def label_dataset(
             started=started,
             overwrite=overwrite,
             id_column=id_column,
+            unit_files=unit_files,
             max_error_rate=max_error_rate,
             min_cpus=pools.min_cpus(naming=label.vocabulary is not None),
             address=address,
@@ -201,7 +196,6 @@ def label_dataset(
                 device=device,
                 image_column=image_column,
                 keep_metadata=keep_metadata,
-                shard_rows=shard_rows,
                 max_image_pixels=max_image_pixels,
                 limit=limit,
             ),
@@ -223,6 +217,7 @@ def _label(
     started: float,
     overwrite: bool,
     id_column: str | None,
+    unit_files: int,
     max_error_rate: float,
     min_cpus: float,
     address: str | None,
@@ -234,36 +229,48 @@ def _label(
 
     from diffcut.job.dataflow import run_stages
     from diffcut.job.ray_session import JobInterrupted, StopSignals, connect_ray
+    from diffcut.job.writer import UnitProgress
 
     limit = stages["limit"]
-    removed = incomplete = 0
+    removed = redone = 0
+    done = inputs.Done()
+    progress = UnitProgress({})
     pipeline_seconds = 0.0
     failure = None
     stop = StopSignals()
     stop.install()  # a signal while planning unwinds (the lease is released) instead of killing the process
     try:
         if overwrite:
-            removed = remove_job_files(output)
-            done: set[str] = set()
+            removed = units.remove_layout(output)
         else:
-            done, incomplete = existing_output(output, params)
+            done, redone = output_state(output, params)
         plan = inputs.plan_inputs(
-            listing, image_column=stages["image_column"], id_column=id_column, done=done, limit=limit
+            listing,
+            image_column=stages["image_column"],
+            id_column=id_column,
+            done=done,
+            limit=limit,
+            unit_files=unit_files,
+            run_id=run_id,
         )
-        if plan.planned is None:
-            log.info("%d tar shards, %d samples already done", len(listing.files), plan.already_done)
-        else:
-            log.info("%d input records, %d already done, %d to label", plan.listed, plan.already_done, plan.planned)
-        if plan.planned is None or plan.planned:
+        log.info(
+            "%s units in the input, %d done, %d to do (%s records to label)",
+            "?" if plan.units_listed is None else plan.units_listed,
+            plan.units_done,
+            len(plan.expected),
+            "?" if plan.planned is None else plan.planned,
+        )
+        progress = UnitProgress(plan.expected, plan.partial)
+        if plan.expected:
             started_ray = connect_ray(address, min_cpus)
             stop.install()  # after ray.init: it installs a SIGTERM handler of its own (sys.exit)
             pipeline_started = time.time()
             try:
-                run_stages(plan, output, run_id=run_id, **stages)
+                run_stages(plan, output, run_id=run_id, progress=progress, **stages)
             except JobInterrupted:
                 if lease.lost is None:
                     log.warning(
-                        "%s received: the run stops; shards already written stay valid, the same command resumes",
+                        "%s received: the run stops; units already recorded stay done, the same command resumes",
                         stop.received,
                     )
             except ray.exceptions.ActorDiedError as error:
@@ -297,6 +304,9 @@ def _label(
         run_id,
         listing=listing,
         plan=plan,
+        done=done,
+        counts=progress.counts,
+        unfinished=len(progress.flight),
         params=params,
         limit=limit,
         interrupted_by=stop.received,
@@ -304,7 +314,7 @@ def _label(
         pipeline_seconds=pipeline_seconds,
         started=started,
         removed=removed,
-        incomplete=incomplete,
+        redone=redone,
         max_error_rate=max_error_rate,
     )
     try:

@@ -10,24 +10,27 @@ Python on Arrow tables (no Ray).
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-from diffcut.job import boundary
+from diffcut.job import boundary, units
 from diffcut.job.storage import InputError, describe_exception, is_remote, open_filesystem, redact
 
 if TYPE_CHECKING:  # diffcut.job.inputs re-exports this module's names, so it is imported only for the type
     from diffcut.job.inputs import InputListing
 
 # =========================================================================== planning
-#: Arrow schema of a read unit: one image file, or the pending rows of one Parquet row group.
+#: Arrow schema of a read unit: one image file, or the rows of one Parquet row group; ``unit`` names the
+#: output unit its rows belong to (:mod:`diffcut.job.units`).
 UNIT_SCHEMA = pa.schema(
     [
         pa.field("kind", pa.string()),  # "file" or "parquet"
         pa.field("path", pa.string()),  # URI of the file
+        pa.field("unit", pa.string()),
         pa.field("row_group", pa.int32()),  # Parquet only
         pa.field("rows", pa.list_(pa.int64())),  # Parquet: row indices within the row group
         pa.field("image_ids", pa.list_(pa.string())),
@@ -38,26 +41,66 @@ UNIT_SCHEMA = pa.schema(
 
 
 @dataclass
+class Done:
+    """What an output already holds, from its unit records (:func:`diffcut.job.resume.output_state`).
+
+    units: the complete units' names; sources: the files of its chunks of image files (files
+    added to the input since are in no chunk); rows, ok, error: the recorded units' rows;
+    partial: units recorded incomplete (cut by ``--limit``), redone whole.
+    """
+
+    units: set[str] = field(default_factory=set)
+    sources: set[str] = field(default_factory=set)
+    rows: int = 0
+    ok: int = 0
+    error: int = 0
+    partial: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Plan:
-    """The work of one run: read units plus counts for the summary."""
+    """The work of one run: read units, the output units they make, and counts for the summary.
+
+    expected: every planned output unit -> its rows (None where only reading tells: WebDataset);
+    partial: planned units that ``limit`` cut (recorded as incomplete); inputs: unit -> its input file
+    (None for a chunk of image files).
+    """
 
     units: pa.Table
     listed: int | None  # input records found (None: only known once read, WebDataset shards)
     already_done: int  # records with a row in the output already (skipped)
     planned: int | None  # records this run will process (None: as for ``listed``)
     skipped_files: int = 0
-    units_listed: int | None = None  # read units in the input, done ones included
+    units_listed: int | None = None  # output units in the input, done ones included (None: not known)
+    units_done: int = 0
+    expected: dict[str, int | None] = field(default_factory=dict)
+    partial: set[str] = field(default_factory=set)
+    inputs: dict[str, str | None] = field(default_factory=dict)
 
 
-def plan_image_files(files: Sequence[str], done: set[str] | frozenset = frozenset(), limit: int | None = None) -> Plan:
-    """One read unit per image file not yet done; ``image_id`` = ``source`` = the file's URI."""
-    pending = [uri for uri in files if uri not in done]
+def plan_image_files(
+    files: Sequence[str],
+    done: Done | None = None,
+    limit: int | None = None,
+    *,
+    unit_files: int = 1000,
+    run_id: str = "run",
+) -> Plan:
+    """One read unit per image file not yet done (``image_id`` = ``source`` = the file's URI), in output
+    units of ``unit_files`` files (:func:`diffcut.job.units.chunk_name`)."""
+    done = done or Done()
+    pending = [uri for uri in files if uri not in done.sources] if done.sources else list(files)
+    already_done = len(files) - len(pending)
     if limit is not None:
         pending = pending[: max(0, int(limit))]
-    units = pa.Table.from_pydict(
+    if unit_files < 1:
+        raise InputError(f"--unit-files must be at least 1; got {unit_files}")
+    names = [units.chunk_name(run_id, index // unit_files) for index in range(len(pending))]
+    table = pa.Table.from_pydict(
         {
             "kind": ["file"] * len(pending),
             "path": pending,
+            "unit": names,
             "row_group": [None] * len(pending),
             "rows": [[0]] * len(pending),
             "image_ids": [[uri] for uri in pending],
@@ -66,12 +109,17 @@ def plan_image_files(files: Sequence[str], done: set[str] | frozenset = frozense
         },
         schema=UNIT_SCHEMA,
     )
+    expected = Counter(names)
+    chunks = len(expected)
     return Plan(
-        units=units,
+        units=table,
         listed=len(files),
-        already_done=sum(uri in done for uri in files),
+        already_done=already_done,
         planned=len(pending),
-        units_listed=len(files),
+        units_listed=len(done.units) + chunks if limit is None else None,
+        units_done=len(done.units),
+        expected=dict(expected),
+        inputs=dict.fromkeys(expected),
     )
 
 
@@ -100,17 +148,19 @@ def image_column_kind(schema: pa.Schema, column: str, file_uri: str) -> str:
 def plan_parquet(
     files: Sequence[str],
     *,
+    root: str = "",
     image_column: str = "image",
     id_column: str | None = None,
-    done: set[str] | frozenset = frozenset(),
+    done: Done | None = None,
     limit: int | None = None,
 ) -> Plan:
-    """One read unit per Parquet row group that still has rows to do.
+    """One read unit per row group of every Parquet file not yet done; a file is an output unit
+    (:func:`diffcut.job.units.unit_name` of its path inside the input ``root``).
 
-    Reads only footers and, with ``id_column``, that one column. Every row
+    Reads only the footers of those files and, with ``id_column``, that one column. Every row
     gets ``source = file#row=N``; ``image_id`` is the id column's value (as a
     string) or the source. A null id, an id already used by an earlier row
-    (in file order), or an img2dataset ``status`` other than ``success``
+    (in file order, among the files planned), or an img2dataset ``status`` other than ``success``
     (:func:`diffcut.job.webdataset.img2dataset_status_errors`) is recorded as that
     row's error, so each input row still gives exactly one output row.
     """
@@ -118,11 +168,18 @@ def plan_parquet(
 
     from diffcut.job.webdataset import img2dataset_status_errors
 
+    done = done or Done()
+    expected: dict[str, int | None] = {}
+    partial: set[str] = set()
+    unit_inputs: dict[str, str | None] = {}
     first_use: dict[str, str] = {}
     columns: dict[str, list] = {name: [] for name in UNIT_SCHEMA.names}
-    listed = already_done = planned = groups = 0
+    listed = planned = 0
     remaining = None if limit is None else max(0, int(limit))
     for file_uri in files:
+        unit = units.unit_name(units.relative_name(file_uri, root))
+        if unit in done.units or (remaining is not None and planned >= remaining):
+            continue
         try:
             with boundary.open_input(file_uri) as handle:
                 # Read in this thread: see diffcut.job.schema.read_shard (Arrow's IO threads vs. interpreter exit).
@@ -146,7 +203,7 @@ def plan_parquet(
         except Exception as error:  # an unreadable input file is a user-facing problem (re-raised as one)
             raise InputError(f"cannot read Parquet file {file_uri}: {redact(error)}") from error
         start = 0
-        groups += len(group_sizes)
+        unit_planned = planned
         for group, size in enumerate(group_sizes):
             rows, image_ids, sources, errors = [], [], [], []
             for offset in range(size):
@@ -166,9 +223,6 @@ def plan_parquet(
                         first_use.setdefault(value, source)
                 if error is None and status_errors is not None:
                     error = status_errors[row]
-                if source in done:
-                    already_done += 1
-                    continue
                 if remaining is not None and planned >= remaining:
                     continue
                 planned += 1
@@ -180,13 +234,27 @@ def plan_parquet(
             if rows:
                 columns["kind"].append("parquet")
                 columns["path"].append(file_uri)
+                columns["unit"].append(unit)
                 columns["row_group"].append(group)
                 columns["rows"].append(rows)
                 columns["image_ids"].append(image_ids)
                 columns["sources"].append(sources)
                 columns["errors"].append(errors)
-    units = pa.Table.from_pydict(columns, schema=UNIT_SCHEMA)
-    return Plan(units=units, listed=listed, already_done=already_done, planned=planned, units_listed=groups)
+        expected[unit], unit_inputs[unit] = planned - unit_planned, file_uri
+        if planned - unit_planned < start:
+            partial.add(unit)
+    table = pa.Table.from_pydict(columns, schema=UNIT_SCHEMA)
+    return Plan(
+        units=table,
+        listed=listed + done.rows if limit is None else None,
+        already_done=done.rows,
+        planned=planned,
+        units_listed=len(files),
+        units_done=len(done.units),
+        expected=expected,
+        partial=partial,
+        inputs=unit_inputs,
+    )
 
 
 def plan_inputs(
@@ -194,20 +262,23 @@ def plan_inputs(
     *,
     image_column: str = "image",
     id_column: str | None = None,
-    done: set[str] | frozenset = frozenset(),
+    done: Done | None = None,
     limit: int | None = None,
+    unit_files: int = 1000,
+    run_id: str = "run",
 ) -> Plan:
-    """The plan for what :func:`list_inputs` found, by its format (``limit`` does not apply to
-    WebDataset shards: their records are only known once read)."""
+    """The plan for what :func:`list_inputs` found, by its format: every unit not in ``done``
+    (``limit`` cuts WebDataset shards in the stream: their records are only known once read)."""
     if listing.format == "parquet":
-        plan = plan_parquet(listing.files, image_column=image_column, id_column=id_column, done=done, limit=limit)
+        plan = plan_parquet(
+            listing.files, root=listing.root, image_column=image_column, id_column=id_column, done=done, limit=limit
+        )
     elif listing.format == "webdataset":
         from diffcut.job.webdataset import plan_shards
 
-        plan = plan_shards(listing.files, done=done)
-        plan.units_listed = len(listing.files)
+        plan = plan_shards(listing.files, root=listing.root, done=done)
     else:
-        plan = plan_image_files(listing.files, done=done, limit=limit)
+        plan = plan_image_files(listing.files, done=done, limit=limit, unit_files=unit_files, run_id=run_id)
     plan.skipped_files = listing.skipped
     return plan
 
@@ -221,6 +292,7 @@ class RawRecord:
     data: bytes | None
     error: str | None = None
     metadata: str | None = None  # the sample's JSON (WebDataset), kept with --keep-metadata
+    unit: str | None = None  # the output unit of its row (set by read_units)
 
 
 def _read_local(uri: str) -> bytes | Exception:
@@ -265,7 +337,9 @@ def read_units(
         if unit["kind"] == "webdataset":
             from diffcut.job.webdataset import read_shard_unit
 
-            yield from read_shard_unit(unit, keep_metadata=keep_metadata)
+            for record in read_shard_unit(unit, keep_metadata=keep_metadata):
+                record.unit = unit["unit"]
+                yield record
             continue
         preset = unit["errors"]
         if unit["kind"] == "file":
@@ -275,7 +349,7 @@ def read_units(
                 if isinstance(value, bytes)
                 else (None, f"cannot read the file: {describe_exception(value)}")
             )
-            yield RawRecord(unit["image_ids"][0], unit["sources"][0], data, preset[0] or error)
+            yield RawRecord(unit["image_ids"][0], unit["sources"][0], data, preset[0] or error, unit=unit["unit"])
             continue
         try:
             with boundary.open_input(unit["path"]) as handle:
@@ -293,4 +367,4 @@ def read_units(
                 value = _struct_bytes(value)
             if error is None and failure is None and value is None:
                 error = f"the image column {image_column!r} is null in this row (no image bytes)"
-            yield RawRecord(image_id, source, value, error or failure)
+            yield RawRecord(image_id, source, value, error or failure, unit=unit["unit"])

@@ -13,10 +13,9 @@ docs/reliability.md, "Checked before the run starts". Plain Python, no Ray.
 from __future__ import annotations
 
 import os
-import re
 import uuid
 
-from diffcut.job import schema
+from diffcut.job import schema, units
 from diffcut.job.storage import (
     InputError,
     OutputError,
@@ -26,9 +25,6 @@ from diffcut.job.storage import (
     open_filesystem,
 )
 
-#: Names of the shards the job writes: ``labels-<run id>-<write uuid>-<task>[-<file>].parquet``
-#: (:class:`diffcut.job.stages.ShardNames`; Ray Data appends ``-<file>`` when a task writes several).
-JOB_SHARD_NAME = re.compile(r"labels-\d{8}T\d{6}-[0-9a-f]{8}-[0-9a-f]{32}-\d{6,}(-\d+)?\.parquet")
 #: The probe object written and deleted to test that the output takes writes.
 PROBE_PREFIX = "_diffcut-probe-"
 
@@ -77,8 +73,8 @@ def check_output(output: str, *, create_bucket: bool = False) -> bool:
         if foreign:
             more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
             raise OutputError(
-                f"--output {output} holds files the job did not write but would read as its label "
-                f"shards ({', '.join(foreign[:3])}{more}): move them away or choose another --output"
+                f"--output {output} holds files the job did not write where it keeps its labels "
+                f"({', '.join(foreign[:3])}{more}): move them away or choose another --output"
             )
     return exists
 
@@ -139,12 +135,10 @@ def _s3_problem(output: str, error: BaseException) -> str:
 
 
 def foreign_files(fs, root: str) -> list[str]:
-    """Names under ``root`` that readers take for label shards but the job did not write.
-
-    A name the job's writes give (:data:`JOB_SHARD_NAME`) is the job's; any other ``labels-*.parquet``
-    is when its Parquet footer carries the labels schema's version (tools and older runs write those);
-    a folder so named, or a file whose footer lacks it (or that is no Parquet file), is foreign.
-    """
+    """Names under ``root`` the job would take for its own but did not write: a ``labels-*.parquet`` file
+    without the labels schema's version in its footer (an earlier diffcut's shards carry it:
+    :func:`diffcut.job.units.check_layout` names those), and files where the job keeps folders
+    (``labels``, ``_units``, ``_parts``)."""
     import pyarrow.parquet as pq
 
     fs.invalidate_cache()
@@ -156,14 +150,18 @@ def foreign_files(fs, root: str) -> list[str]:
         return []
     for entry in entries:
         name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
-        if not schema.is_shard_name(name) or (entry["type"] == "file" and JOB_SHARD_NAME.fullmatch(name)):
+        if name in (units.LABELS_DIR, units.RECORDS_DIR, units.PARTS_DIR):
+            if entry["type"] != "directory":
+                foreign.append(name)
+            continue
+        if not (name.startswith("labels-") and name.endswith(".parquet")):
             continue
         if entry["type"] == "file":
             try:
                 with fs.open(entry["name"], "rb") as handle:
                     if key in (pq.ParquetFile(handle, pre_buffer=False).schema_arrow.metadata or {}):
                         continue
-            except Exception:  # noqa: BLE001 - not Parquet, cut off: not a shard the job can own
+            except Exception:  # noqa: BLE001 - not Parquet, cut off: not a shard the job wrote
                 pass
         foreign.append(name)
     return sorted(foreign)
@@ -221,34 +219,32 @@ def dry_run(
     image_column: str,
     id_column: str | None,
     limit: int | None,
+    unit_files: int,
     overwrite: bool,
     exists: bool,
 ) -> dict:
     """The ``--dry-run`` report: the plan against the output as it is; nothing stays written, Ray is not started."""
-    from diffcut.job.plan import plan_inputs
-    from diffcut.job.resume import existing_output
+    from diffcut.job.plan import Done, plan_inputs
+    from diffcut.job.resume import output_state
 
-    done, incomplete = set(), 0
+    done, redo = Done(), 0
     if exists:
         probe(output)
         if not overwrite:
-            done, incomplete = existing_output(output, params, remove=False)
+            done, redo = output_state(output, params, clean=False)
     else:
         check_creatable(output)
-    plan = plan_inputs(listing, image_column=image_column, id_column=id_column, done=done)
-    return dry_run_report(
-        input, output, listing, plan, incomplete=incomplete, overwrite=overwrite, limit=limit, exists=exists
+    plan = plan_inputs(
+        listing, image_column=image_column, id_column=id_column, done=done, limit=limit, unit_files=unit_files
     )
+    return dry_run_report(input, output, listing, plan, redo=redo, overwrite=overwrite, limit=limit, exists=exists)
 
 
 def dry_run_report(
-    input: str, output: str, listing, plan, *, incomplete: int, overwrite: bool, limit: int | None, exists: bool
+    input: str, output: str, listing, plan, *, redo: int, overwrite: bool, limit: int | None, exists: bool
 ) -> dict:
-    """What a run would do: read units and samples in total, done and to do (None: known only once read)."""
-    units_total = plan.units_listed
-    to_do = plan.units.num_rows
-    unit_kind = {"parquet": "Parquet row groups", "webdataset": "tar shards"}.get(listing.format, "image files")
-    webdataset = listing.format == "webdataset"
+    """What a run would do: units and samples in total, done and to do (None: known only once read)."""
+    unit_kind = {"parquet": "Parquet files", "webdataset": "tar shards"}.get(listing.format, "chunks of image files")
     return {
         "dry_run": True,
         "input": input,
@@ -256,14 +252,14 @@ def dry_run_report(
         "format": listing.format,
         "units": {
             "kind": unit_kind,
-            "total": units_total,
-            "done": None if webdataset else units_total - to_do,
-            "to_do": to_do,
+            "total": plan.units_listed,
+            "done": plan.units_done,
+            "to_do": len(plan.expected),
         },
         "samples": {"total": plan.listed, "done": plan.already_done, "to_do": plan.planned},
         "limit": limit,
         "skipped_non_input_files": plan.skipped_files,
         "output_exists": exists,
         "overwrite": overwrite,
-        "incomplete_shards": incomplete,
+        "units_to_redo": redo,
     }

@@ -1,11 +1,13 @@
-"""Resume: which inputs an output already holds, and the job's own files in it.
+"""Resume: what an output already holds, from its unit records, and the run's summary.
 
-A re-run of the same command skips the sources of the rows in complete
-shards; shards a killed run left half-written are deleted first; an output
-made with other label settings (:class:`diffcut.job.settings.LabelSettings`) is refused
+A re-run of the same command skips the units recorded as done
+(:mod:`diffcut.job.units`); what a killed run left unrecorded is deleted first
+and redone whole; an output made with other label settings
+(:class:`diffcut.job.settings.LabelSettings`) is refused
 (docs/reliability.md). Also the run's summary (``_summary.json``), the
 counts it reports, and how a run ends without one of its own (a failed output,
-a signal while planning). Plain Python on the filesystem (no Ray).
+a signal while planning). Everything here reads records, never rows: it costs
+O(units) (docs/scale.md). Plain Python on the filesystem (no Ray).
 """
 
 from __future__ import annotations
@@ -14,46 +16,28 @@ import json
 import logging
 import os
 import time
-from collections import defaultdict
 
-import pyarrow as pa
-
-from diffcut.job import inputs, schema, webdataset
+from diffcut.job import inputs, schema, units, webdataset
+from diffcut.job.plan import Done
 from diffcut.job.settings import changed_settings
 from diffcut.job.storage import OutputError
+from diffcut.job.writer import RunCounts
 
 log = logging.getLogger(__name__)
 
-
-def remove_job_files(output: str, names: list[str] | None = None) -> int:
-    """Delete the job's shards (or the given ones) and summary under ``output``; other files stay."""
-    fs, root = inputs.open_filesystem(output)
-    fs.invalidate_cache()
-    if not fs.exists(root):
-        return 0
-    if names is None:
-        names = [p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
-        names = [n for n in names if schema.is_shard_name(n) or n == schema.SUMMARY_NAME]
-    for name in names:
-        fs.rm(root.rstrip("/") + "/" + name)
-    return len(names)
+#: Up to this many output rows, a WebDataset run's summary checks for sample keys used in two shards
+#: (it reads the ``image_id`` and ``source`` columns of every label file); beyond, it says it did not.
+DUPLICATE_CHECK_ROWS = 1_000_000
 
 
-def existing_output(output: str, params: dict, *, remove: bool = True) -> tuple[set[str], int]:
-    """(sources already done, incomplete shards removed -- or found, without ``remove``); refuses a
-    mismatching output. Removing is for the lease's holder only (:mod:`diffcut.job.lease`): another
-    run's shards are incomplete while it writes them."""
-    complete, incomplete = schema.list_shards(output)
-    if incomplete and remove:
-        remove_job_files(output, [uri.rsplit("/", 1)[-1] for uri in incomplete])
-        log.warning("removed %d incomplete shard(s) left by an interrupted run", len(incomplete))
-    if not complete:
-        return set(), len(incomplete)
-    # One shard's parameters stand for the output's (every run checks them before writing), and
-    # only the source column of the others is read: at a million rows the params strings alone
-    # would be ~300 MB in the driver (benchmarks/resume_plan.py).
-    stored = next((p for p in schema.read_shard(complete[0], ["params"]).column("params").to_pylist() if p), None)
-    if stored is not None:
+def output_state(output: str, params: dict, *, clean: bool = True) -> tuple[Done, int]:
+    """(what ``output`` holds, units to redo removed -- or found, without ``clean``); refuses an output made
+    with other parameters. Reads the unit records only. Cleaning (the lease's holder only, as another
+    run's units are unrecorded while it writes them) deletes staged parts, label files without a record
+    and the units a ``--limit`` cut, so that they are redone whole."""
+    records = units.read_records(output)
+    current = schema.params_json(params)
+    for stored in {record.params for record in records} - {current}:
         changed = changed_settings(json.loads(stored), params)
         if changed:
             details = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
@@ -61,7 +45,21 @@ def existing_output(output: str, params: dict, *, remove: bool = True) -> tuple[
                 f"{output} holds labels made with other parameters ({details}); "
                 "pass --overwrite to replace them or choose another --output"
             )
-    return schema.shard_sources(complete, threads=16 if inputs.is_remote(output) else 2), len(incomplete)
+    done = Done()
+    for record in records:
+        if not record.complete:
+            done.partial.append(record.unit)
+            continue
+        done.units.add(record.unit)
+        done.sources.update(record.sources or ())
+        done.rows, done.ok, done.error = done.rows + record.rows, done.ok + record.ok, done.error + record.error
+    redo = len(done.partial)
+    if clean:
+        units.remove_units(output, done.partial)
+        redo += units.sweep(output, done.units)
+        if redo:
+            log.warning("removed %d unit(s) an earlier run left incomplete: they are redone whole", redo)
+    return done, redo
 
 
 class RunFailed(OutputError):
@@ -107,6 +105,9 @@ def run_summary(
     *,
     listing: inputs.InputListing,
     plan: inputs.Plan,
+    done: Done,
+    counts: RunCounts,
+    unfinished: int,
     params: dict,
     limit: int | None,
     interrupted_by: str | None,
@@ -114,22 +115,15 @@ def run_summary(
     pipeline_seconds: float,
     started: float,
     removed: int,
-    incomplete: int,
+    redone: int,
     max_error_rate: float,
 ) -> dict:
-    """The run's summary (``_summary.json``): this run's rows and the output's, counted from the shards."""
-    complete = schema.list_shards(output)[0]  # listed (and every local footer checked) once for both counts
-    run_table = _run_rows(complete, run_id)
-    run_ok, run_error = _count(run_table)
-    by_key = listing.format == "webdataset"  # a sample key used in two shards is only known once both are read
-    totals = schema.labels_of_shards(complete, columns=["source", "status"] + (["image_id"] if by_key else []))
-    total_ok, total_error = _count(totals)
+    """The run's summary (``_summary.json``): this run's units and rows and the output's, from unit records."""
+    run_rows = counts.ok + counts.error
+    total_ok, total_error = done.ok + counts.ok, done.error + counts.error
     error_rate = total_error / max(1, total_ok + total_error)
-    error_counts: dict[str, int] = defaultdict(int)
-    for status, message in zip(run_table.column("status").to_pylist(), run_table.column("error").to_pylist()):
-        if status == schema.STATUS_ERROR:
-            error_counts[message] += 1
-    common_errors = sorted(error_counts.items(), key=lambda item: (-item[1], item[0]))[:10]
+    common_errors = sorted(counts.errors.items(), key=lambda item: (-item[1], item[0]))[:10]
+    clean_end = interrupted_by is None and failure is None and not unfinished
     summary = {
         "run_id": run_id,
         "input": listing.root,
@@ -138,20 +132,21 @@ def run_summary(
         # WebDataset shards: counted while reading; every sample is counted when each shard was read to the end.
         "inputs_listed": plan.listed
         if plan.listed is not None
-        else (
-            plan.already_done + run_ok + run_error
-            if limit is None and interrupted_by is None and failure is None
-            else None
-        ),
+        else (plan.already_done + run_rows if limit is None and clean_end else None),
         "skipped_non_input_files": plan.skipped_files,
         # The first inputs.SKIPPED_NAMED of them, {"path", "reason"}: a file never labeled is named, not only counted.
         "skipped_files": listing.skipped_named,
+        "units_listed": plan.units_listed,
+        "units_done_before": plan.units_done,
+        "units_planned": len(plan.expected),
+        "units_recorded": counts.units,
+        "units_unfinished": unfinished,
         "already_done": plan.already_done,
-        "processed": run_ok + run_error,
-        "ok": run_ok,
-        "error": run_error,
+        "processed": run_rows,
+        "ok": counts.ok,
+        "error": counts.error,
         "seconds": round(pipeline_seconds, 3),
-        "images_per_second": round((run_ok + run_error) / pipeline_seconds, 3) if pipeline_seconds else 0.0,
+        "images_per_second": round(run_rows / pipeline_seconds, 3) if pipeline_seconds else 0.0,
         "wall_seconds": round(time.time() - started, 3),
         "output_rows": total_ok + total_error,
         "output_ok": total_ok,
@@ -159,7 +154,7 @@ def run_summary(
         "error_rate": round(error_rate, 6),
         "max_error_rate": max_error_rate,
         "error_rate_exceeded": error_rate > max_error_rate,
-        "removed_incomplete_shards": incomplete,
+        "removed_incomplete_units": redone,
         "removed_by_overwrite": removed,
         "interrupted": interrupted_by is not None,
         "interrupted_by": interrupted_by,
@@ -170,18 +165,17 @@ def run_summary(
     warnings = []
     planned = "" if plan.planned is None else f" of {plan.planned} planned"
     if failure:
-        warnings.append(f"stopped after {run_ok + run_error}{planned} records: {failure}")
+        warnings.append(f"stopped after {run_rows}{planned} records: {failure}")
     elif interrupted_by:
         warnings.append(
-            f"interrupted by {interrupted_by} after {run_ok + run_error}{planned} "
-            "records; run the same command again to resume"
+            f"interrupted by {interrupted_by} after {run_rows}{planned} records; run the same command again to resume"
         )
-    elif plan.planned is not None and run_ok + run_error != plan.planned:
-        warnings.append(f"planned {plan.planned} records but this run wrote {run_ok + run_error} rows")
-    if by_key:
-        summary["duplicate_keys"] = webdataset.duplicate_keys(
-            totals.column("image_id").to_pylist(), totals.column("source").to_pylist()
-        )
+    elif unfinished:
+        warnings.append(f"{unfinished} unit(s) were not finished: the same command redoes them")
+    elif plan.planned is not None and run_rows != plan.planned:
+        warnings.append(f"planned {plan.planned} records but this run wrote {run_rows} rows")
+    if listing.format == "webdataset":
+        summary["duplicate_keys"] = _duplicate_keys(output, total_ok + total_error)
         if summary["duplicate_keys"]["count"]:
             warnings.append(
                 f"{summary['duplicate_keys']['count']} sample key(s) occur in more than one shard: "
@@ -192,17 +186,11 @@ def run_summary(
     return json.loads(inputs.redact(json.dumps(summary)))
 
 
-def _count(table: pa.Table) -> tuple[int, int]:
-    status = table.column("status").to_pylist()
-    ok = sum(s == schema.STATUS_OK for s in status)
-    return ok, len(status) - ok
-
-
-def _run_rows(complete: list[str], run_id: str) -> pa.Table:
-    tables = []
-    for uri in complete:
-        if uri.rsplit("/", 1)[-1].startswith(f"{schema.SHARD_PREFIX}{run_id}-"):
-            tables.append(schema.read_shard(uri, ["status", "error"]))
-    if not tables:
-        return pa.table({"status": pa.array([], pa.string()), "error": pa.array([], pa.string())})
-    return pa.concat_tables(tables)
+def _duplicate_keys(output: str, rows: int) -> dict:
+    """Sample keys in two shards (:func:`diffcut.job.webdataset.duplicate_keys`), checked up to
+    :data:`DUPLICATE_CHECK_ROWS` output rows (``checked`` says whether it was)."""
+    if rows > DUPLICATE_CHECK_ROWS:
+        return {"checked": False, "count": 0, "named": []}
+    table = schema.read_labels(output, columns=["image_id", "source"])
+    found = webdataset.duplicate_keys(table.column("image_id").to_pylist(), table.column("source").to_pylist())
+    return {"checked": True, **found}

@@ -61,8 +61,6 @@ SCHEMA_VERSION = "1"
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
 
-#: Shard files of the labeling job are named ``<SHARD_PREFIX><run>-<task>-<i>.parquet``.
-SHARD_PREFIX = "labels-"
 SUMMARY_NAME = "_summary.json"
 
 SEGMENT_TYPE = pa.struct(
@@ -250,70 +248,11 @@ def rows_to_table(rows: Sequence[Mapping[str, Any]], schema: pa.Schema = LABELS_
 
 
 # --------------------------------------------------------------------------- reading
-def is_shard_name(name: str) -> bool:
-    """Whether a file name is one of the labeling job's shards."""
-    base = name.rsplit("/", 1)[-1]
-    return base.startswith(SHARD_PREFIX) and base.endswith(".parquet")
-
-
-def list_shards(output: str) -> tuple[list[str], list[str]]:
-    """Complete and incomplete shard files directly under ``output``.
-
-    A local shard is complete when its Parquet footer can be read: a run
-    killed while writing a file leaves one without. On an object store
-    (``s3://``) every listed object is complete: an upload becomes visible
-    whole or not at all (a single PUT, or a multipart upload on completion),
-    so no footer is read there -- thousands of shards list in a few requests.
-    A footer that cannot be *fetched* (a network error, not an invalid file)
-    raises: it must not pass for a half-written shard, which a resumed run
-    deletes. Returns (complete, incomplete) URIs, sorted.
-    """
-    import pyarrow.parquet as pq
-
-    from diffcut.job.inputs import is_remote, join_uri, open_filesystem
-
-    fs, root = open_filesystem(output)
-    fs.invalidate_cache()  # Ray workers wrote the shards; this process may hold an older listing
-    if not fs.exists(root):
-        return [], []
-    names = sorted(entry.rsplit("/", 1)[-1] for entry in fs.ls(root, detail=False) if is_shard_name(entry))
-    if is_remote(output):
-        return [join_uri(output, name) for name in names], []
-    complete, incomplete = [], []
-    for name in names:
-        uri = join_uri(output, name)
-        try:
-            with fs.open(root.rstrip("/") + "/" + name, "rb") as handle:
-                pq.ParquetFile(handle, pre_buffer=False).metadata  # noqa: B018 - reading the footer is the check
-            complete.append(uri)
-        except pa.ArrowInvalid:  # empty, shorter than a footer, or no footer magic: cut off mid-write
-            incomplete.append(uri)
-    return complete, incomplete
-
-
-def shard_sources(uris: Sequence[str], threads: int = 16) -> set[str]:
-    """The ``source`` of every row of the given shards: the done set of a resumed run.
-
-    Reads that one column (no masks, no parameters), ``threads`` shards at a
-    time (each read stays in its own calling thread, see :func:`read_shard`),
-    and adds each shard's sources to the set as it arrives, so the driver
-    holds one copy of each string, not a table of them as well.
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    done: set[str] = set()
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        for table in pool.map(lambda uri: read_shard(uri, ["source"]), uris):
-            done.update(table.column("source").to_pylist())
-    return done
-
-
 def read_labels(output: str, columns: Iterable[str] | None = None) -> pa.Table:
     """Read the labels a job wrote to ``output`` (a local directory or ``s3://`` prefix).
 
-    Reads every complete shard, skips files a killed run left half-written, and
-    keeps one row per ``source`` (so even two runs racing on one output read
-    back without duplicates).
+    Reads the label file of every unit recorded as done (:mod:`diffcut.job.units`), in order of unit;
+    what a killed run left unrecorded is never read, so every input record has at most one row.
 
     Parameters
     ----------
@@ -340,13 +279,15 @@ def read_labels(output: str, columns: Iterable[str] | None = None) -> pa.Table:
 
     >>> import tempfile
     >>> import numpy as np
-    >>> import pyarrow.parquet as pq
     >>> from diffcut.job.schema import decode_mask, ok_row, read_labels, rows_to_table
     >>> output = tempfile.mkdtemp()
     >>> mask = np.array([[0, 0, 1], [0, 1, 1]])
     >>> row = ok_row(image_id="cat", source="cat.jpg", width=3, height=2, mask=mask, latent_labels=mask,
     ...              descriptors=np.eye(2, 4, dtype=np.float32), tree={}, params="{}")
-    >>> pq.write_table(rows_to_table([row]), f"{output}/labels-example-0.parquet")
+    >>> from diffcut.job import units
+    >>> table = rows_to_table([row])
+    >>> units.put_durably(units.label_file(output, "cats"), units.table_bytes(table))
+    >>> units.write_record(output, units.UnitRecord("cats", rows=1, ok=1, error=0, bytes=0, params="{}", run_id="x"))
     >>> table = read_labels(output)
     >>> table.num_rows, table.column("num_segments").to_pylist()
     (1, [2])
@@ -356,11 +297,13 @@ def read_labels(output: str, columns: Iterable[str] | None = None) -> pa.Table:
     >>> [segment["area"] for segment in table.column("segments")[0].as_py()]
     [3, 3]
     """
-    return labels_of_shards(list_shards(output)[0], columns)
+    from diffcut.job.units import label_files
+
+    return labels_of_files(label_files(output), columns)
 
 
-def labels_of_shards(complete: Sequence[str], columns: Iterable[str] | None = None) -> pa.Table:
-    """:func:`read_labels` of the complete shards a caller has listed already (:func:`list_shards`)."""
+def labels_of_files(complete: Sequence[str], columns: Iterable[str] | None = None) -> pa.Table:
+    """:func:`read_labels` of label files a caller has listed already (:func:`diffcut.job.units.label_files`)."""
     optional = {field.name: field for field in OPTIONAL_FIELDS}
     shard_columns = {uri: set(shard_schema(uri).names) for uri in complete}
     present = set().union(*shard_columns.values()) if shard_columns else set()
@@ -385,9 +328,7 @@ def labels_of_shards(complete: Sequence[str], columns: Iterable[str] | None = No
         tables.append(table.select(read_columns))
     if not tables:
         return schema.empty_table().select(wanted)
-    table = pa.concat_tables([t.cast(schema) for t in tables])
-    table = drop_duplicate_sources(table)
-    return table.select(wanted)
+    return pa.concat_tables([t.cast(schema) for t in tables]).select(wanted)
 
 
 def shard_schema(uri: str) -> pa.Schema:

@@ -26,11 +26,11 @@ from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
-from ray.data.datasource import FilenameProvider
 
 from diffcut.job import inputs, schema
 from diffcut.job.feature_batches import DECODED_SCHEMA, FeatureBatches, error_fields
 from diffcut.job.settings import FEATURES, SEGMENT, LabelSettings, SpeedSettings
+from diffcut.job.writer import UNIT_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,14 @@ AUTO_FEATURE_BATCH_ROWS = 64
 # =========================================================================== stages
 def _carried(record: inputs.RawRecord) -> dict:
     row = dict.fromkeys(DECODED_SCHEMA.names)
-    row.update(image_id=record.image_id, source=record.source, status=schema.STATUS_OK, metadata=record.metadata)
+    row.update(
+        image_id=record.image_id,
+        source=record.source,
+        status=schema.STATUS_OK,
+        metadata=record.metadata,
+        unit=record.unit,
+        unit_rows=-1,
+    )
     return row
 
 
@@ -127,11 +134,13 @@ def decode_stage(
     are in memory anyway: they are fetched together). With ``sort_records``,
     records are read and ordered ``sort_records`` at a time instead of all of
     the batch's: a WebDataset shard is streamed, only that many of its
-    encoded images are held at once.
+    encoded images are held at once; the rows of the last chunk carry the number of records read from the
+    shard (``unit_rows``), how the driver knows when a shard's unit is whole (:mod:`diffcut.job.writer`).
     """
     spec = inputs.MaskSize.parse(mask_size)
     records = inputs.read_units(units.to_pylist(), image_column=image_column, keep_metadata=keep_metadata)
     rows: list[dict] = []
+    count = 0
     for group in _groups(records, sort_records):
         if resize == "bucket":  # list.sort is stable: equal sizes keep their input order
             group.sort(
@@ -140,6 +149,10 @@ def decode_stage(
                 )
             )
         for record in group:
+            if len(rows) >= chunk_rows:  # yielded once the next record exists: the last chunk is known as such
+                yield pa.Table.from_pylist(rows, schema=DECODED_SCHEMA)
+                rows = []
+            count += 1
             rows.append(
                 decode_record(
                     record,
@@ -151,11 +164,11 @@ def decode_stage(
                     keep_image_bytes=keep_image_bytes,
                 )
             )
-            if len(rows) >= chunk_rows:
-                yield pa.Table.from_pylist(rows, schema=DECODED_SCHEMA)
-                rows = []
         group.clear()  # the encoded bytes go before the next group is read, not after
     if rows:
+        if units.num_rows == 1 and units.column("kind")[0].as_py() == "webdataset":  # a batch is one whole shard
+            for row in rows:
+                row["unit_rows"] = count
         yield pa.Table.from_pylist(rows, schema=DECODED_SCHEMA)
 
 
@@ -247,7 +260,7 @@ class SegmentStage:
         table = schema.rows_to_table(out, self.schema)
         if self.carry_image:
             table = table.append_column("image_bytes", pa.array([row.get("image_bytes") for row in rows], pa.binary()))
-        return table
+        return with_unit_columns(table, batch)
 
 
 class NamingStage:
@@ -287,15 +300,12 @@ class NamingStage:
             return failed
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return schema.rows_to_table([self.name(row) for row in batch.to_pylist()], self.schema)
+        rows = batch.drop_columns([f.name for f in UNIT_COLUMNS]).to_pylist()
+        return with_unit_columns(schema.rows_to_table([self.name(row) for row in rows], self.schema), batch)
 
 
-class ShardNames(FilenameProvider):
-    """``labels-<run id>-<write uuid>-<task>.parquet``: unique per run, recognisable by readers."""
-
-    def __init__(self, run_id: str):
-        super().__init__(file_format="parquet")
-        self.run_id = run_id
-
-    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
-        return f"{schema.SHARD_PREFIX}{self.run_id}-{write_uuid}-{task_index:06d}.parquet"
+def with_unit_columns(table: pa.Table, batch: pa.Table) -> pa.Table:
+    """A stage's output rows with the unit columns of its input rows (same order) appended."""
+    for field in UNIT_COLUMNS:
+        table = table.append_column(field, batch.column(field.name))
+    return table

@@ -23,9 +23,9 @@ in the middle gives one error record for the part that cannot be read
 (``<shard URI>#@<byte offset>``), so nothing is lost silently. A key found in
 two shards is reported by :func:`duplicate_keys` (the job's summary).
 
-Planning is per shard (:func:`plan_shards`): which keys a shard holds is only
-known by reading it, which is the read task's job, so a read unit is a shard
-plus the keys a previous run already finished (skipped while streaming).
+Planning is per shard (:func:`plan_shards`): a shard is a unit of work, read
+whole, and which keys it holds is only known by reading it, which is the read
+task's job.
 
 **img2dataset's Parquet** (``--output_format parquet``): the image bytes in a
 ``jpg`` column, ``key``, ``url``, ``status``, ``error_message``...; run with
@@ -56,12 +56,12 @@ SHARD_EXTENSIONS = (".tar.gz", ".tgz", ".tar")
 IMAGE_MEMBER_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 METADATA_MEMBER_EXTENSION = "json"
 
-#: Arrow schema of a WebDataset read unit: one shard and the keys already done in it.
+#: Arrow schema of a WebDataset read unit: one shard, read whole (its output unit of the same name).
 SHARD_UNIT_SCHEMA = pa.schema(
     [
         pa.field("kind", pa.string()),  # "webdataset"
         pa.field("path", pa.string()),  # URI of the shard
-        pa.field("done_keys", pa.list_(pa.string())),
+        pa.field("unit", pa.string()),
     ]
 )
 UNIT_KIND = "webdataset"
@@ -117,29 +117,29 @@ def sidecar_files(shards: Iterable[str], others: Iterable[str]) -> list[str]:
 
 
 # =========================================================================== planning
-def plan_shards(files: Sequence[str], done: set[str] | frozenset = frozenset()) -> inputs.Plan:
-    """One read unit per shard, carrying the keys of that shard already done.
+def plan_shards(files: Sequence[str], *, root: str = "", done: inputs.Done | None = None) -> inputs.Plan:
+    """One read unit, and one output unit, per shard not yet done (:func:`diffcut.job.units.unit_name` of its
+    path inside the input ``root``). How many samples a shard holds is only known once it is read, so
+    ``listed`` and ``planned`` are None and the plan expects None rows of each unit."""
+    from diffcut.job import units
 
-    The number of samples is only known once the shards are read, so the plan
-    leaves ``listed`` and ``planned`` as None; ``already_done`` counts the
-    done sources that belong to these shards.
-    """
-    done_keys: dict[str, list[str]] = defaultdict(list)
-    for source in done:
-        parts = split_source(source)
-        if parts is not None:
-            done_keys[parts[0]].append(parts[1])
-    shards = sorted(files)
-    units = pa.Table.from_pydict(
-        {
-            "kind": [UNIT_KIND] * len(shards),
-            "path": shards,
-            "done_keys": [sorted(done_keys.get(s, [])) for s in shards],
-        },
+    done = done or inputs.Done()
+    names = {shard: units.unit_name(units.relative_name(shard, root)) for shard in sorted(files)}
+    pending = [shard for shard, name in names.items() if name not in done.units]
+    table = pa.Table.from_pydict(
+        {"kind": [UNIT_KIND] * len(pending), "path": pending, "unit": [names[s] for s in pending]},
         schema=SHARD_UNIT_SCHEMA,
     )
-    already_done = sum(len(done_keys.get(s, [])) for s in shards)
-    return inputs.Plan(units=units, listed=None, already_done=already_done, planned=None)
+    return inputs.Plan(
+        units=table,
+        listed=None,
+        already_done=done.rows,
+        planned=None,
+        units_listed=len(names),
+        units_done=len(names) - len(pending),
+        expected=dict.fromkeys((names[s] for s in pending), None),
+        inputs={names[s]: s for s in pending},
+    )
 
 
 # =========================================================================== reading
@@ -241,19 +241,15 @@ def _tar_stream(handle) -> _Recorder:
     return _Recorder(gzip.GzipFile(fileobj=handle, mode="rb") if head == b"\x1f\x8b" else handle)
 
 
-def iter_shard(
-    handle, shard_uri: str, *, done_keys: Iterable[str] = (), keep_metadata: bool = False
-) -> Iterator[inputs.RawRecord]:
+def iter_shard(handle, shard_uri: str, *, keep_metadata: bool = False) -> Iterator[inputs.RawRecord]:
     """One record per sample of an open tar shard, streamed (see the module docstring).
 
     Args:
         handle: a seekable binary file object at the start of the shard (tar, or gzip-compressed tar).
         shard_uri: the shard's URI, the prefix of every ``source``.
-        done_keys: keys to skip (done by an earlier run): their data is not kept.
         keep_metadata: read the ``.json`` member into ``RawRecord.metadata``.
     """
     wanted = set(IMAGE_MEMBER_EXTENSIONS) | ({METADATA_MEMBER_EXTENSION} if keep_metadata else set())
-    done = set(done_keys)
     seen: dict[str, int] = {}  # key -> offset of its first member, to report duplicates
     key: str | None = None  # the current sample's key ...
     source_key = ""  # ... and what follows '#' in its source (the key, or key@offset for a duplicate)
@@ -265,7 +261,7 @@ def iter_shard(
     position = 0
 
     def finish() -> inputs.RawRecord | None:
-        if key is None or source_key in done:
+        if key is None:
             return None
         if problem is not None:
             return inputs.RawRecord(key, shard_source(shard_uri, source_key), None, problem)
@@ -275,10 +271,9 @@ def iter_shard(
         stream = _tar_stream(handle)
         archive = tarfile.open(fileobj=stream, mode="r|")
     except _STREAM_ERRORS as error:
-        if "@0" not in done:
-            yield inputs.RawRecord(
-                "@0", shard_source(shard_uri, "@0"), None, f"not a readable tar shard: {_message(error)}"
-            )
+        yield inputs.RawRecord(
+            "@0", shard_source(shard_uri, "@0"), None, f"not a readable tar shard: {_message(error)}"
+        )
         return
     with archive:
         while True:
@@ -313,7 +308,7 @@ def iter_shard(
             if not info.isfile():  # never followed nor extracted: a link may point anywhere
                 links.setdefault(ext, f"its member {boundary.name_text(info.name)!r} is {_member_kind(info)}")
                 continue
-            if source_key in done or problem is not None or ext not in wanted or ext in members:
+            if problem is not None or ext not in wanted or ext in members:
                 continue  # stream mode skips the member's data when the next header is read
             try:
                 members[ext] = archive.extractfile(info).read()
@@ -331,8 +326,7 @@ def iter_shard(
         stream_error = f"the tar structure is broken at byte {position}: the samples after it cannot be read"
     if stream_error:
         marker = f"@{position}"
-        if marker not in done:
-            yield inputs.RawRecord(marker, shard_source(shard_uri, marker), None, stream_error)
+        yield inputs.RawRecord(marker, shard_source(shard_uri, marker), None, stream_error)
 
 
 def _message(error: BaseException) -> str:
@@ -346,11 +340,10 @@ def read_shard_unit(unit: Mapping, *, keep_metadata: bool = False) -> Iterator[i
         handle = boundary.open_input(uri)
     except Exception as error:  # noqa: BLE001 - one error record for the shard, the job goes on
         marker = "@0"
-        if marker not in (unit.get("done_keys") or ()):
-            yield inputs.RawRecord(marker, shard_source(uri, marker), None, f"cannot open the shard: {_message(error)}")
+        yield inputs.RawRecord(marker, shard_source(uri, marker), None, f"cannot open the shard: {_message(error)}")
         return
     with handle:
-        yield from iter_shard(handle, uri, done_keys=unit.get("done_keys") or (), keep_metadata=keep_metadata)
+        yield from iter_shard(handle, uri, keep_metadata=keep_metadata)
 
 
 def write_shard(path_or_handle, members: Iterable[tuple[str, bytes]]) -> None:
