@@ -15,7 +15,7 @@ import sys
 # command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "segment": ("diffcut.commands.segment", "segment image files; write label-map and overlay PNGs"),
-    "label": ("diffcut.commands.label", "label a whole dataset with Ray Data; write Parquet shards"),
+    "label": ("diffcut.commands.label", "label a whole dataset with Ray Data; one Parquet label file per input unit"),
     "evaluate": ("diffcut.commands.evaluate", "score predicted label maps against ground truth (mIoU)"),
     "benchmark": ("diffcut.commands.benchmark", "run the paper's zero-shot benchmarks"),
     "rethreshold": ("diffcut.commands.rethreshold", "re-cut labels at a smaller tau from the stored split tree"),

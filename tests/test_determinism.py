@@ -39,7 +39,7 @@ COMPARED = (
 
 # 128 px model inputs: 4x4-ish feature grids (real cuts, several aspect-ratio buckets), still fast on CPU.
 BASE = dict(
-    model="tiny-random", device="cpu", resolution=128, decode_cpus=0.5, extractor_cpus=0.5, ncut_cpus=0.5, shard_rows=64
+    model="tiny-random", device="cpu", resolution=128, decode_cpus=0.5, extractor_cpus=0.5, ncut_cpus=0.5, write_rows=64
 )
 
 

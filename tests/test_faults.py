@@ -7,8 +7,8 @@
 * The driver (``python jobs/label.py`` with its embedded Ray) is killed with everything it started:
   running the same command again completes with every input exactly once.
 
-Every image is counted twice: through :func:`diffcut.job.schema.read_labels` (which keeps one row per
-source) and through plain pyarrow over every shard file (which would show any duplicate).
+Every image is counted twice: through :func:`diffcut.job.schema.read_labels` (the label files of recorded
+units) and through plain pyarrow over every Parquet file under the output (which would show any duplicate).
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from diffcut.job import schema
+from diffcut.job import schema, units
+from diffcut.job.storage import open_filesystem
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(480)]
 
@@ -45,7 +46,8 @@ TINY = dict(
     decode_cpus=0.5,
     extractor_cpus=0.5,
     ncut_cpus=0.5,
-    shard_rows=6,
+    unit_files=6,
+    write_rows=6,
 )
 TINY_FLAGS = [
     "--model",
@@ -64,8 +66,10 @@ TINY_FLAGS = [
     "0.5",
     "--ncut-cpus",
     "0.5",
-    "--shard-rows",
+    "--unit-files",
     "4",
+    "--write-rows",
+    "3",
 ]
 
 
@@ -89,7 +93,7 @@ def assert_each_input_exactly_once(output: str, sources: list[str]) -> list[dict
     rows = schema.read_labels(output, columns=["source", "status", "error", "mask"]).to_pylist()
     assert sorted(r["source"] for r in rows) == sorted(sources)
     raw = Counter()
-    for uri in schema.list_shards(output)[0]:
+    for uri in all_label_files(output):
         raw.update(schema.read_shard(uri, ["source"]).column("source").to_pylist())  # local or s3://
     duplicates = {source: n for source, n in raw.items() if n != 1}
     assert not duplicates, f"sources written more than once: {duplicates}"
@@ -97,6 +101,14 @@ def assert_each_input_exactly_once(output: str, sources: list[str]) -> list[dict
     failed = [(r["source"], r["error"]) for r in rows if r["status"] != "ok"]
     assert not failed, failed
     return rows
+
+
+def all_label_files(output: str) -> list[str]:
+    """Every Parquet file a plain reader would find under the output (recorded or not), local or s3://."""
+    fs, root = open_filesystem(output)
+    fs.invalidate_cache()
+    prefix = "s3://" if output.startswith("s3://") else ""
+    return [prefix + path for path in fs.find(root) if path.endswith(".parquet")]
 
 
 def test_bad_parquet_rows_each_give_one_row_with_a_readable_error(ray_local, tmp_path, tricky_images, capsys):
@@ -144,7 +156,7 @@ def test_bad_parquet_rows_each_give_one_row_with_a_readable_error(ray_local, tmp
             if words is not None:
                 assert words in row["error"], (index, row["error"])
                 assert "Traceback" not in row["error"] and row["mask"] is None
-        assert sum(pq.ParquetFile(uri).metadata.num_rows for uri in schema.list_shards(output)[0]) == len(cases)
+        assert sum(pq.ParquetFile(uri).metadata.num_rows for uri in all_label_files(output)) == len(cases)
         # 7 of 9 rows are errors (0.78): above 0.5 the job exits 1, nothing is redone.
         assert cli_main(["label", *flags, "--max-error-rate", "0.5", "--json"]) == 1
         summary = json.loads(capsys.readouterr().out)
@@ -230,6 +242,12 @@ def test_killed_feature_and_ncut_actors_lose_no_image(ray_local, tmp_path):
     print(json.dumps({"killed": [feature, segment], "seconds": summary["seconds"]}))
 
 
+def midway_units(output: Path) -> set[str]:
+    """Units with rows staged (``_parts/<run>/<unit>/``) and no record: a kill now cuts them midway."""
+    staged = {unit.name for unit in output.glob(f"{units.PARTS_DIR}/*/*") if any(unit.iterdir())}
+    return staged - set(units.recorded_units(str(output)))
+
+
 def _job_env() -> dict:
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)  # the job starts its own Ray
@@ -271,23 +289,22 @@ def test_killed_driver_then_the_same_command_completes_exactly_once(tmp_path):
         command, cwd=REPO, env=_job_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
     try:
-        # Kill once the first shards are on disk: the run is then half done.
+        # Kill in the middle of a unit: once a unit is recorded and another has rows staged but no record.
         deadline = time.time() + 240
         while time.time() < deadline and driver.poll() is None:
-            complete, _ = schema.list_shards(str(output))
-            if len(complete) >= 2:
+            if units.recorded_units(str(output)) and midway_units(output):
                 break
-            time.sleep(0.1)
+            time.sleep(0.05)
         assert driver.poll() is None, (tmp_path / "first_run.log").read_text()[-3000:]
-        assert time.time() < deadline, "no shard was written in time"
+        assert time.time() < deadline, "no unit was recorded in time"
         killed = _kill_tree(driver)
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
         log.close()
-    complete, incomplete = schema.list_shards(str(output))
+    recorded, midway = units.recorded_units(str(output)), midway_units(output)
     done = len(schema.read_labels(str(output), columns=["source"]))
-    assert 0 < done < len(sources), "the kill did not interrupt the run"
+    assert 0 < done < len(sources) and midway, "the kill did not interrupt the run in the middle of a unit"
     assert not (output / schema.SUMMARY_NAME).exists()
 
     again = subprocess.run(command, cwd=REPO, env=_job_env(), capture_output=True, text=True, timeout=300)
@@ -296,17 +313,17 @@ def test_killed_driver_then_the_same_command_completes_exactly_once(tmp_path):
     summary = json.loads(again.stdout[again.stdout.index("{") :])
     assert summary["already_done"] == done
     assert summary["processed"] == len(sources) - done
-    assert summary["removed_incomplete_shards"] == len(incomplete)
+    assert summary["removed_incomplete_units"] >= len(midway)
     assert (summary["output_rows"], summary["output_ok"]) == (len(sources), len(sources))
-    assert not schema.list_shards(str(output))[1]  # half-written shards of the killed run are gone
+    assert not (output / units.PARTS_DIR).exists()  # what the killed run staged is gone
     assert_each_input_exactly_once(str(output), sources)
     print(
         json.dumps(
             {
                 "killed_processes": len(killed),
                 "done_before_kill": done,
-                "complete_shards": len(complete),
-                "incomplete_shards": len(incomplete),
+                "recorded_units": len(recorded),
+                "midway_units": len(midway),
             }
         )
     )

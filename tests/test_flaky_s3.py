@@ -33,7 +33,7 @@ from s3_fault_proxy import FAULTS, FaultProxy
 from test_autoscaling import session_processes
 from test_faults import TINY_FLAGS, _job_env, assert_each_input_exactly_once, write_images
 
-from diffcut.job import schema
+from diffcut.job import schema, units
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(480)]
 
@@ -53,7 +53,7 @@ def flaky_store(s3_server):
 
 
 def preempt(command: list[str], env: dict, log_path: Path, output: str) -> tuple[int, float, int]:
-    """Run ``command``, SIGTERM it once 2 shards are visible, SIGKILL its session after GRACE_S;
+    """Run ``command``, SIGTERM it once 2 units are recorded, SIGKILL its session after GRACE_S;
     (exit status, seconds from SIGTERM to exit, processes left to SIGKILL)."""
     with open(log_path, "wb") as log:
         driver = subprocess.Popen(
@@ -61,10 +61,10 @@ def preempt(command: list[str], env: dict, log_path: Path, output: str) -> tuple
         )
     try:
         deadline = time.time() + 240
-        while time.time() < deadline and driver.poll() is None and len(schema.list_shards(output)[0]) < 2:
+        while time.time() < deadline and driver.poll() is None and len(units.recorded_units(output)) < 2:
             time.sleep(0.2)
         assert driver.poll() is None, log_path.read_text(errors="replace")[-3000:]
-        assert time.time() < deadline, "no shard was written in time"
+        assert time.time() < deadline, "no unit was recorded in time"
         signalled = time.time()
         driver.send_signal(signal.SIGTERM)
         try:
@@ -89,7 +89,7 @@ def test_preempted_run_on_a_flaky_store_resumes_with_every_image_exactly_once(fl
 
     client = boto3.client("s3")  # straight to moto
     sources = []
-    # Enough images that the run is still going when its second shard shows (with 30 the now faster
+    # Enough images that the run is still going when its second unit is recorded (with 30 the now faster
     # segmentation sometimes finished them all before the SIGTERM arrived).
     for path in write_images(tmp_path / "images", 60):
         key = f"raw/{Path(path).name}"
@@ -126,7 +126,7 @@ def test_preempted_run_on_a_flaky_store_resumes_with_every_image_exactly_once(fl
     summary = json.loads(client.get_object(Bucket=s3_bucket, Key="labels/_summary.json")["Body"].read())
     assert (summary["interrupted"], summary["interrupted_by"]) == (True, "SIGTERM")
     assert "interrupted by SIGTERM" in summary["warning"]
-    for uri in schema.list_shards(output)[0]:  # every visible shard reads in full, with the output schema
+    for uri in units.label_files(output):  # every recorded unit's file reads in full, with the output schema
         assert schema.read_shard(uri).schema.names == list(schema.COLUMNS)
     done = len(schema.read_labels(output, columns=["source"]))
     assert 0 < done < len(sources), "the signal did not interrupt the run"
@@ -140,7 +140,6 @@ def test_preempted_run_on_a_flaky_store_resumes_with_every_image_exactly_once(fl
     assert resumed["interrupted"] is False and "warning" not in resumed
     assert resumed["skipped_non_input_files"] == len(not_inputs)
     assert {entry["path"] for entry in resumed["skipped_files"]} == set(not_inputs)
-    assert schema.list_shards(output)[1] == []
     assert_each_input_exactly_once(output, sources)
 
     counts = flaky_store.counts

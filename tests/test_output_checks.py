@@ -29,8 +29,9 @@ from PIL import Image
 from test_faults import TINY_FLAGS
 
 from diffcut.cli import main as cli_main
-from diffcut.job import preflight, schema
+from diffcut.job import preflight, schema, units
 from diffcut.job.lease import LEASE_NAME, Lease, LeaseHeld, holder_record
+from diffcut.job.settings import LabelSettings
 
 REPO = Path(__file__).resolve().parents[1]
 RUNNER = (
@@ -82,16 +83,15 @@ def write_images(folder: Path, count: int) -> list[str]:
     return paths
 
 
-def job_shard_name() -> str:
-    return f"labels-20260101T000000-{uuid.uuid4().hex[:8]}-{uuid.uuid4().hex}-000000.parquet"
-
-
-def write_done_shard(output: Path, sources: list[str]) -> Path:
-    """A shard as the job writes it (its name, the labels schema), holding error rows for ``sources``."""
-    output.mkdir(parents=True, exist_ok=True)
-    path = output / job_shard_name()
-    pq.write_table(schema.rows_to_table([schema.error_row(s, s, "earlier run") for s in sources]), path)
-    return path
+def write_done_unit(output: Path, sources: list[str], unit: str = "images-20260101T000000-0badc0de-000000") -> Path:
+    """A unit as the job records it (label file, then record, default settings), error rows for ``sources``."""
+    params = schema.params_json(LabelSettings().params())
+    rows = [schema.error_row(s, s, "earlier run", params=params) for s in sources]
+    uri = units.label_file(str(output), unit)
+    units.put_durably(uri, units.table_bytes(schema.rows_to_table(rows)))
+    record = units.UnitRecord(unit, len(rows), 0, len(rows), 0, params, "earlier", sources=sources)
+    units.write_record(str(output), record)
+    return Path(uri)
 
 
 @pytest.fixture(scope="module")
@@ -142,9 +142,11 @@ def test_local_output_problems_are_one_line_and_exit_2(images, tmp_path, capsys)
     foreign.mkdir()
     pq.write_table(pa.table({"class": ["cat"]}), foreign / "labels-train.parquet")  # the user's own table
     (foreign / "labels-x.parquet").mkdir()
-    write_done_shard(foreign, ["kept"])  # the job's own shard is not in the way
+    write_done_unit(foreign, ["kept"])  # the job's own labels are not in the way
+    (foreign / "_parts").write_text("a file where the job keeps a folder")
     assert_refused(
         label(capsys, "--input", images, "--output", foreign),
+        "_parts",
         "labels-train.parquet",
         "labels-x.parquet",
         "did not write",
@@ -176,7 +178,7 @@ def test_an_output_inside_the_input_through_an_alias_is_never_listed(images, tmp
     alias.symlink_to(images)
     exclude = preflight.listing_exclude(str(images), str(alias / "labels"))
     assert exclude == str(images / "labels")
-    write_done_shard(images / "labels", ["x"])
+    write_done_unit(images / "labels", ["x"])
     try:
         from diffcut.job import inputs
 
@@ -209,7 +211,7 @@ def test_s3_output_problems_are_one_line_and_exit_2(images, s3_bucket, tmp_path,
     client.head_bucket(Bucket=missing)
 
     fresh = label(capsys, "--input", images, "--output", f"s3://{s3_bucket}/fresh", "--dry-run", "--json")
-    assert fresh.returncode == 0 and json.loads(fresh.stdout)["units"]["to_do"] == 3, fresh.stderr
+    assert fresh.returncode == 0 and json.loads(fresh.stdout)["samples"]["to_do"] == 3, fresh.stderr
 
     client.put_object(Bucket=s3_bucket, Key="labels", Body=b"an object")
     assert_refused(label(capsys, "--input", images, "--output", f"s3://{s3_bucket}/labels"), "is an object")
@@ -366,7 +368,7 @@ def test_a_local_lease_without_hard_links_is_still_exclusive(tmp_path, monkeypat
 
 def test_readers_do_not_mistake_the_lease_for_labels(tmp_path):
     output = tmp_path / "out"
-    write_done_shard(output, ["a", "b"])
+    write_done_unit(output, ["a", "b"])
     with Lease(str(output), "reading"):
         assert (output / LEASE_NAME).exists()
         assert sorted(schema.read_labels(str(output), columns=["source"]).column("source").to_pylist()) == ["a", "b"]
@@ -384,9 +386,9 @@ def _local_fs(path: Path):
 
 def test_a_live_lease_stops_resume_overwrite_and_dry_run_from_touching_the_output(images, tmp_path, capsys):
     output = tmp_path / "labels"
-    done = write_done_shard(output, [str(images / "img_000.png")])
-    half = output / job_shard_name()
-    half.write_bytes(done.read_bytes()[:40])  # a shard cut off mid-write: the live run's, or a killed run's
+    done = write_done_unit(output, [str(images / "img_000.png")])
+    half = done.with_name("images-20260101T000000-0badc0de-000001.parquet")
+    half.write_bytes(done.read_bytes())  # a unit not recorded yet: the live run's, or a killed run's
     holder = Lease(str(output), "live-run")
     holder.acquire()
     try:
@@ -400,24 +402,26 @@ def test_a_live_lease_stops_resume_overwrite_and_dry_run_from_touching_the_outpu
     # Without a holder the dry run reports what a run would do, and still deletes nothing.
     assert cli_main(["label", "--input", str(images), "--output", str(output), "--dry-run", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["units"] == {"kind": "image files", "total": 3, "done": 1, "to_do": 2}
+    assert report["units"] == {"kind": "chunks of image files", "total": 2, "done": 1, "to_do": 1}
     assert report["samples"] == {"total": 3, "done": 1, "to_do": 2}
-    assert report["incomplete_shards"] == 1 and half.exists() and not (output / LEASE_NAME).exists()
+    assert report["units_to_redo"] == 1 and half.exists() and not (output / LEASE_NAME).exists()
 
 
 # ------------------------------------------------------------------------------ --dry-run, exit statuses
 def test_dry_run_reports_units_and_samples_without_ray(tmp_path):
-    table = pa.table({"image": [b"x"] * 5, "key": [f"k{i}" for i in range(5)]})
     parquet = tmp_path / "parquet"
     parquet.mkdir()
-    pq.write_table(table, parquet / "part-0.parquet", row_group_size=2)  # 3 row groups: 2 + 2 + 1
+    for name, rows in (("part-0", 3), ("part-1", 2)):
+        table = pa.table({"image": [b"x"] * rows, "key": [f"{name}-{i}" for i in range(rows)]})
+        pq.write_table(table, parquet / f"{name}.parquet", row_group_size=2)
     output = tmp_path / "labels"
-    write_done_shard(output, [f"{parquet}/part-0.parquet#row={row}" for row in (0, 1, 2)])
+    write_done_unit(output, [f"{parquet}/part-0.parquet#row={row}" for row in (0, 1, 2)], unit="part-0.parquet")
+    before = sorted(p.relative_to(output) for p in output.rglob("*"))
     result = cli("--input", parquet, "--output", output, "--dry-run")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "read units (Parquet row groups): 3 in total, 1 done, 2 to do" in result.stdout
+    assert "units (Parquet files): 2 in total, 1 done, 1 to do" in result.stdout
     assert "samples: 5 in total, 3 done, 2 to do" in result.stdout
-    assert sorted(p.name for p in output.iterdir()) == sorted(p.name for p in output.glob("labels-*"))
+    assert sorted(p.relative_to(output) for p in output.rglob("*")) == before
 
 
 def test_exit_statuses_of_the_job_script(images, tmp_path, monkeypatch, capsys):
@@ -457,7 +461,9 @@ def test_a_full_disk_stops_cleanly_and_the_same_command_resumes_exactly_once(tmp
     output = disk / "labels"
     ballast = disk / "ballast"
     free = shutil.disk_usage(disk).free
-    ballast.write_bytes(b"\0" * (free - 44 * 1024))  # room for the lease and one shard of 8 rows (29 KB), not two
+    # Never room for all 8 units' label files and records (8 x (12 + 4) KB) and the lease: the run fails; how many
+    # units it records first depends on how staged rows (8 x 12 KB) and finishes interleave.
+    ballast.write_bytes(b"\0" * (free - 130 * 1024))
     command = [
         sys.executable,
         "jobs/label.py",
@@ -466,6 +472,10 @@ def test_a_full_disk_stops_cleanly_and_the_same_command_resumes_exactly_once(tmp
         "--output",
         str(output),
         *TINY_FLAGS,
+        "--unit-files",
+        "2",
+        "--write-rows",
+        "2",
     ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
 
@@ -499,24 +509,10 @@ def test_a_full_disk_stops_cleanly_and_the_same_command_resumes_exactly_once(tmp
         log.close()
     assert resume.returncode == 0, (tmp_path / "resume.log").read_text()[-4000:]
     summary = json.loads(out[out.index("{") :])
-    assert summary["processed"] + summary["already_done"] == len(sources) and summary["already_done"] > 0
+    assert summary["processed"] + summary["already_done"] == len(sources)
     counted = {}
-    for uri in schema.list_shards(str(output))[0]:
+    for uri in units.label_files(str(output)):
         for source in schema.read_shard(uri, ["source"]).column("source").to_pylist():
             counted[source] = counted.get(source, 0) + 1
     assert counted == {source: 1 for source in sources}
     assert not (output / LEASE_NAME).exists() and json.loads((output / "_summary.json").read_text())["output_ok"] == 16
-
-
-def test_the_foreign_file_check_recognises_every_name_the_job_writes():
-    # The shard names are made in three places (run id, ShardNames, Ray Data's write uuid): the
-    # pattern that tells the job's shards from a user's files must keep matching them.
-    import uuid
-
-    from diffcut.job.pipeline import new_run_id
-    from diffcut.job.stages import ShardNames
-
-    name = ShardNames(new_run_id()).get_filename_for_task(uuid.uuid4().hex, 7)
-    assert preflight.JOB_SHARD_NAME.fullmatch(name), name
-    assert preflight.JOB_SHARD_NAME.fullmatch(name.replace(".parquet", "-3.parquet"))
-    assert not preflight.JOB_SHARD_NAME.fullmatch("labels-train.parquet")

@@ -26,7 +26,8 @@ import pytest
 from PIL import Image
 
 from diffcut.cli import main as cli_main
-from diffcut.job import inputs, schema
+from diffcut.job import inputs, schema, units
+from diffcut.job.writer import UNIT_COLUMNS
 
 pytestmark = pytest.mark.slow
 
@@ -79,11 +80,12 @@ def free_port() -> int:
 
 
 def shard_rows_total(output: str) -> int:
-    """Rows over all complete shard files, as a plain reader would count them (duplicates included)."""
-    fs, _ = inputs.open_filesystem(output)
+    """Rows over every Parquet file under the output's labels/ folder, as a plain reader would count them."""
+    fs, root = inputs.open_filesystem(output)
+    fs.invalidate_cache()
     total = 0
-    for uri in schema.list_shards(output)[0]:
-        with fs.open(inputs.open_filesystem(uri)[1], "rb") as handle:
+    for path in fs.glob(root.rstrip("/") + "/labels/*.parquet"):
+        with fs.open(path, "rb") as handle:
             total += pq.ParquetFile(handle).metadata.num_rows
     return total
 
@@ -169,7 +171,11 @@ def test_stages_give_one_row_per_record_and_pass_errors_through(tmp_path, sample
     assert errors[1] == rows[1]["error"] and errors[3] == rows[3]["error"]  # passed through untouched
 
     table = SegmentStage(LabelSettings(), "{}", inputs.DEFAULT_MAX_IMAGE_PIXELS)(features)
-    assert table.schema.equals(schema.LABELS_SCHEMA)
+    # The label columns, then the unit columns the write stage files each row under.
+    assert table.schema.equals(
+        pa.schema([*schema.LABELS_SCHEMA, *UNIT_COLUMNS], metadata=schema.LABELS_SCHEMA.metadata)
+    )
+    assert set(table.column("unit").to_pylist()) == {units.chunk_name("run", 0)}
     out = table.to_pylist()
     assert [r["source"] for r in out] == [str(tmp_path / name) for name in names]
     assert [r["error"] for r in out[:4]] == errors[:4]
@@ -188,16 +194,19 @@ def test_local_folder_resume_overwrite_and_agreement_with_the_library(
     first = label_dataset(str(sample_dir), output, **job_arguments(dict(limit=2, **TINY)))
     assert (first["processed"], first["ok"], first["already_done"]) == (2, 2, 0)
 
-    # A run killed while writing leaves a half-written shard behind (here: a truncated copy of the
-    # first run's shard). The next run deletes it, does not count its rows, and adds no duplicates.
-    (shard,) = (tmp_path / "labels").glob(f"labels-{first['run_id']}-*.parquet")
-    data = shard.read_bytes()
-    killed = tmp_path / "labels" / shard.name.replace(first["run_id"], "20200101T000000-0badc0de")
+    # A run killed mid-unit leaves a label file without a record (here: a truncated copy of the first
+    # run's) and staged parts. The next run deletes them, does not count their rows, adds no duplicates.
+    (label_file,) = (tmp_path / "labels" / "labels").glob(f"images-{first['run_id']}-*.parquet")
+    data = label_file.read_bytes()
+    killed = label_file.with_name(label_file.name.replace(first["run_id"], "20200101T000000-0badc0de"))
     killed.write_bytes(data[: len(data) // 2])
+    staged = tmp_path / "labels" / "_parts" / "20200101T000000-0badc0de" / "u" / "0.parquet"
+    staged.parent.mkdir(parents=True)
+    staged.write_bytes(data)
 
     second = label_dataset(str(sample_dir), output, **job_arguments(dict(**TINY)))
-    assert second["removed_incomplete_shards"] == 1
-    assert not killed.exists()
+    assert second["removed_incomplete_units"] == 1
+    assert not killed.exists() and not (tmp_path / "labels" / "_parts").exists()
     assert (second["processed"], second["already_done"], second["output_rows"]) == (4, 2, 6)
     rows = check_labels(output, tiny_feature_dim)
     # The input's canonical spelling: relative to the working directory when below it (pytest runs from the repository).
@@ -230,10 +239,10 @@ def test_local_folder_resume_overwrite_and_agreement_with_the_library(
         output,
         **job_arguments(dict(overwrite=True, resize="square", mask_size="model", **{**TINY, "tau": 0.3})),
     )
-    assert fourth["processed"] == 6 and fourth["removed_by_overwrite"] == 3  # 2 shards and the summary
+    assert fourth["processed"] == 6 and fourth["removed_by_overwrite"] == 2  # the units of the two runs
     rows = check_labels(output, tiny_feature_dim, tau=0.3)
     assert len(rows) == 6 and all((r["mask_width"], r["mask_height"]) == (64, 64) for r in rows)
-    assert all(fourth["run_id"] in p.name for p in (tmp_path / "labels").glob("labels-*.parquet"))
+    assert [p.name for p in (tmp_path / "labels" / "labels").iterdir()] == [f"images-{fourth['run_id']}-000000.parquet"]
 
 
 def test_decoded_rows_come_grouped_by_model_input_size(tmp_path):
@@ -409,8 +418,9 @@ def test_s3_image_prefix_to_parquet_on_s3(ray_local, s3_bucket, sample_dir, tiny
 
     secrets = [os.environ["AWS_SECRET_ACCESS_KEY"], os.environ["AWS_SESSION_TOKEN"]]
     listing = client.list_objects_v2(Bucket=s3_bucket, Prefix="labels/v1/")["Contents"]
-    names = sorted(item["Key"].rsplit("/", 1)[-1] for item in listing)
-    assert "_summary.json" in names and all(schema.is_shard_name(n) for n in names if n != "_summary.json")
+    keys = sorted(item["Key"][len("labels/v1/") :] for item in listing)
+    unit = f"images-{summary['run_id']}-000000"
+    assert keys == ["_summary.json", f"_units/{unit}.json", f"labels/{unit}.parquet"]
     for item in listing:
         body = client.get_object(Bucket=s3_bucket, Key=item["Key"])["Body"].read()
         assert not any(secret.encode() in body for secret in secrets), item["Key"]

@@ -31,7 +31,7 @@ import pytest
 from PIL import Image
 
 from diffcut.cli import main as cli_main
-from diffcut.job import schema
+from diffcut.job import schema, units
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -108,7 +108,7 @@ def test_a_pickle_checkpoint_fails_the_job_once_and_clearly(ray_local, tmp_path,
     last_line = capsys.readouterr().err.strip().splitlines()[-1]
     assert last_line.startswith(f"diffcut label: the feature actors could not load --model '{model}'"), last_line
     assert "pickle checkpoints" in last_line and "unet/diffusion_pytorch_model.bin" in last_line
-    assert not schema.list_shards(str(output))[0]
+    assert not units.recorded_units(str(output))
     assert not (output / schema.SUMMARY_NAME).exists()
 
 

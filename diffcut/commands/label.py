@@ -71,7 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="local folder/file or s3://bucket/prefix: image files (recursive; jpg jpeg png webp bmp tif "
         "tiff gif), a Parquet dataset, or WebDataset .tar shards",
     )
-    io.add_argument("--output", required=True, help="local folder or s3://bucket/prefix for the Parquet shards")
+    io.add_argument(
+        "--output", required=True, help="local folder or s3://bucket/prefix for the labels (labels/<unit>.parquet)"
+    )
     io.add_argument(
         "--format",
         default=d["format"],
@@ -98,7 +100,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument(
         "--overwrite",
         action="store_true",
-        help="delete the job's previous shards in --output and start over (default: resume)",
+        help="delete the job's previous labels in --output and start over (default: resume)",
     )
     io.add_argument(
         "--create-bucket",
@@ -147,6 +149,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=d["unit_files"],
         help="loose image files per unit of work and output file (a shard or Parquet file is one unit)",
+    )
+    pools.add_argument(
+        "--write-rows",
+        type=int,
+        default=d["write_rows"],
+        help="rows handed to each write task; a unit's rows are staged until the unit is whole",
     )
     pools.add_argument(
         "--address",
@@ -221,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
         return 128 + signal.SIGINT
     except Exception:  # noqa: BLE001 - unexpected: the traceback is what a bug report needs
         print(inputs.redact(traceback.format_exc()), file=sys.stderr, end="")
-        print("diffcut label: unexpected failure (above); the shards already written stay valid", file=sys.stderr)
+        print("diffcut label: unexpected failure (above); the units already recorded stay valid", file=sys.stderr)
         return 3
     if summary.get("dry_run"):
         print(json.dumps(summary, indent=2) if args.json else format_dry_run(summary))

@@ -16,7 +16,7 @@ import time
 import ray
 from ray.data import ActorPoolStrategy
 
-from diffcut.job import inputs, schema, webdataset
+from diffcut.job import inputs, schema, units, webdataset
 from diffcut.job.ray_session import _actor_device
 from diffcut.job.settings import LabelSettings, Pools, PoolSettings, SpeedSettings
 from diffcut.job.stages import AUTO_FEATURE_BATCH_ROWS, FeatureStage, NamingStage, SegmentStage, decode_stage
@@ -26,9 +26,6 @@ log = logging.getLogger(__name__)
 
 #: Memory reserved per read/decode task (bytes).
 DECODE_TASK_MEMORY = 512 * 2**20
-
-#: Rows handed to a write task at a time (staged as one part file per unit among them).
-WRITE_BATCH_ROWS = 256
 
 #: Unit finishes (:func:`diffcut.job.writer.finish_unit`) in flight at once; the driver waits for one beyond.
 FINISHES_IN_FLIGHT = 16
@@ -45,14 +42,15 @@ def run_stages(
     device: str,
     image_column: str,
     max_image_pixels: int,
+    write_rows: int,
     progress: UnitProgress,
     keep_metadata: bool = False,
     limit: int | None = None,
 ) -> None:
     """Build the Ray Data pipeline for ``plan`` (the stages above, in order), run it, and finish every unit
     it makes whole (``progress`` counts them, :mod:`diffcut.job.writer`)."""
-    units = plan.units
-    kind = units.column("kind")[0].as_py() if units.num_rows else "file"
+    read_units = plan.units
+    kind = read_units.column("kind")[0].as_py() if read_units.num_rows else "file"
     # A Parquet unit is a whole row group, a WebDataset unit a whole shard (one task
     # streams it, holding decode_batch_size encoded images at a time); an image-file unit is one file.
     units_per_batch = pools.decode.batch_size if kind == "file" else 1
@@ -65,9 +63,9 @@ def run_stages(
         feature_batch = speed.batch_size * (4 if label.resize == "bucket" else 1)
     naming = label.vocabulary is not None
     params = schema.params_json(label.params())  # the params column, the same in every row of the run
-    units_per_block = max(units_per_batch, math.ceil(units.num_rows / 10_000))
-    blocks = [units.slice(start, units_per_block) for start in range(0, units.num_rows, units_per_block)]
-    dataset = ray.data.from_arrow(blocks)
+    units_per_block = max(units_per_batch, math.ceil(read_units.num_rows / 10_000))
+    blocks = [read_units.slice(start, units_per_block) for start in range(0, read_units.num_rows, units_per_block)]
+    dataset = ray.data.from_arrow(blocks or [read_units])
 
     dataset = dataset.map_batches(
         decode_stage,
@@ -140,7 +138,7 @@ def run_stages(
     label_schema = schema.labels_schema(keep_metadata, named=naming)
     dataset = dataset.map_batches(
         write_parts,
-        batch_size=WRITE_BATCH_ROWS,
+        batch_size=write_rows,  # rows per write task, staged as one part file per unit among them
         batch_format="pyarrow",
         num_cpus=pools.decode.cpus,
         fn_kwargs=dict(output=output, run_id=run_id, label_schema=label_schema),
@@ -164,7 +162,8 @@ def run_stages(
         handler.addFilter(_below_error)
     ended = False
     try:
-        for parts in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+        # Units with no read unit (Parquet files without rows) only need their (empty) label file: at_end.
+        for parts in dataset.iter_batches(batch_size=None, batch_format="pyarrow") if blocks else ():
             for unit in progress.add(parts):
                 finishing.submit(unit, complete=unit not in progress.partial)
             finishing.collect(block=False)
@@ -176,6 +175,8 @@ def run_stages(
             handler.removeFilter(_below_error)
         # Units already whole are finished even when the run stops (a signal, a failure): they are done work.
         finishing.drain(ended)
+    if not progress.flight:  # every unit finished: nothing staged is needed any more
+        units.remove_parts(output)
 
 
 class _Finishing:

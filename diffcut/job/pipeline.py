@@ -74,6 +74,7 @@ def label_dataset(
     id_column: str | None = None,
     keep_metadata: bool = False,
     unit_files: int = 1000,
+    write_rows: int = 256,
     max_image_pixels: int = inputs.DEFAULT_MAX_IMAGE_PIXELS,
     max_error_rate: float = 1.0,
     limit: int | None = None,
@@ -82,7 +83,7 @@ def label_dataset(
     create_bucket: bool = False,
     dry_run: bool = False,
 ) -> dict:
-    """Label every image under ``input`` (docs/method.md §2) and write Parquet shards to ``output``.
+    """Label every image under ``input`` (docs/method.md §2) and write one Parquet label file per input unit to ``output``.
 
     Parameters
     ----------
@@ -146,8 +147,9 @@ def label_dataset(
     """
     started = time.time()
     label, speed, pools = label or LabelSettings(), speed or SpeedSettings(), pools or Pools()
-    if unit_files < 1:
-        raise inputs.InputError(f"--unit-files must be at least 1; got {unit_files}")
+    for flag, value in (("--unit-files", unit_files), ("--write-rows", write_rows)):
+        if value < 1:
+            raise inputs.InputError(f"{flag} must be at least 1; got {value}")
     input, output = inputs.check_uri(input), inputs.check_uri(output)
     params = label.params()
 
@@ -196,6 +198,7 @@ def label_dataset(
                 device=device,
                 image_column=image_column,
                 keep_metadata=keep_metadata,
+                write_rows=write_rows,
                 max_image_pixels=max_image_pixels,
                 limit=limit,
             ),

@@ -53,12 +53,11 @@ def output_state(output: str, params: dict, *, clean: bool = True) -> tuple[Done
         done.units.add(record.unit)
         done.sources.update(record.sources or ())
         done.rows, done.ok, done.error = done.rows + record.rows, done.ok + record.ok, done.error + record.error
-    redo = len(done.partial)
     if clean:
         units.remove_units(output, done.partial)
-        redo += units.sweep(output, done.units)
-        if redo:
-            log.warning("removed %d unit(s) an earlier run left incomplete: they are redone whole", redo)
+    redo = len(done.partial) + units.sweep(output, done.units | set(done.partial), delete=clean)
+    if clean and redo:
+        log.warning("removed %d unit(s) an earlier run left incomplete: they are redone whole", redo)
     return done, redo
 
 

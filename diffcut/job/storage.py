@@ -192,6 +192,6 @@ def write_failure(error: BaseException, output: str) -> str | None:
         if reason is None:
             return None
     return (
-        f"writing to --output {output} failed: {reason}; the shards written so far are kept: make room (or "
+        f"writing to --output {output} failed: {reason}; the units recorded so far are kept: make room (or "
         "fix the output) and run the same command to resume"
     )

@@ -132,7 +132,9 @@ def _names(output: str, folder: str, suffix: str) -> list[str]:
     except FileNotFoundError:
         return []
     names = (entry.rstrip("/").rsplit("/", 1)[-1] for entry in entries)
-    return sorted(name[: -len(suffix)] for name in names if name.endswith(suffix) and not name.startswith("."))
+    return sorted(
+        name[: len(name) - len(suffix)] for name in names if name.endswith(suffix) and not name.startswith(".")
+    )
 
 
 def recorded_units(output: str) -> list[str]:
@@ -207,18 +209,29 @@ def remove_units(output: str, units: Iterable[str]) -> int:
     return len(units)
 
 
-def sweep(output: str, recorded: Iterable[str]) -> int:
-    """Delete what no record accounts for: every staged part (``_parts/``) and the label files of units
-    without a record (a run killed before recording them). Only the lease's holder may call this."""
+def remove_parts(output: str) -> None:
+    """Delete the staging folder (``_parts/``): after a run whose every unit was finished, or before one."""
     fs, root = open_filesystem(output)
     parts = f"{root.rstrip('/')}/{PARTS_DIR}"
     if fs.exists(parts):
         fs.rm(parts, recursive=True)
+
+
+def sweep(output: str, recorded: Iterable[str], *, delete: bool = True) -> int:
+    """Delete what no record accounts for: every staged part (``_parts/``) and the label files of units
+    without a record (a run killed before recording them). Only the lease's holder may delete.
+    Returns how many units had something there (``delete=False``: counts only, for a dry run)."""
+    fs, _ = open_filesystem(output)
+    staged = set()
+    for run in _names(output, PARTS_DIR, ""):
+        staged.update(_names(output, f"{PARTS_DIR}/{run}", ""))
     keep = set(recorded)
     orphans = [unit for unit in _names(output, LABELS_DIR, ".parquet") if unit not in keep]
-    for unit in orphans:
-        fs.rm_file(open_filesystem(label_file(output, unit))[1])
-    return len(orphans)
+    if delete:
+        remove_parts(output)
+        for unit in orphans:
+            fs.rm_file(open_filesystem(label_file(output, unit))[1])
+    return len(staged.union(orphans) - keep)
 
 
 def remove_layout(output: str) -> int:
