@@ -123,6 +123,12 @@ def test_at_end_finishes_empty_units_and_limit_cut_ones_as_partial():
     progress.add(_parts(("cut", 2, -1)))
     assert progress.at_end(cut=False) == [("cut", False)]
 
+    # A unit a limit cut stays partial even with all its planned rows (its finish came back short once).
+    progress = writer.UnitProgress({"cut": 2}, partial={"cut"})
+    assert progress.add(_parts(("cut", 2, -1))) == ["cut"]
+    progress.finished_unit("cut", None)
+    assert progress.at_end(cut=False) == [("cut", False)]
+
 
 # =========================================================================== staging and finishing
 def _ok_row(source: str) -> dict:

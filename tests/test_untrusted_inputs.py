@@ -477,6 +477,7 @@ def test_gzip_shards_with_odd_members_and_a_key_in_two_shards(ray_local, tmp_pat
     assert "symbolic link" in next(r["error"] for r in rows if r["image_id"] == "link")
     assert summary["format"] == "webdataset" and summary["inputs_listed"] == 6
     assert summary["duplicate_keys"] == {
+        "checked": True,
         "count": 1,
         "named": [{"image_id": "shared", "sources": [f"{real}/000.tar.gz#shared", f"{real}/001.tgz#shared"]}],
     }
