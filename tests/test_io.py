@@ -261,25 +261,6 @@ def test_files_without_extension_are_sniffed_and_every_skipped_file_is_named(tmp
     assert (listing.skipped, len(listing.skipped_named)) == (4 + inputs.SKIPPED_NAMED + 5, inputs.SKIPPED_NAMED)
 
 
-def test_cut_off_shards_are_incomplete_but_unreadable_ones_raise(tmp_path):
-    """Only a shard whose footer is invalid counts as half-written (a resumed run deletes those);
-    one that cannot be read at all must not pass for one."""
-    from diffcut.job import schema
-
-    table = schema.rows_to_table([schema.error_row("a", "a", "bad")])
-    pq.write_table(table, tmp_path / "labels-run-a-000000.parquet")
-    data = (tmp_path / "labels-run-a-000000.parquet").read_bytes()
-    (tmp_path / "labels-run-b-000000.parquet").write_bytes(data[: len(data) // 2])
-    (tmp_path / "labels-run-c-000000.parquet").write_bytes(b"")
-    complete, incomplete = schema.list_shards(str(tmp_path))
-    assert [u.rsplit("/", 1)[1] for u in complete] == ["labels-run-a-000000.parquet"]
-    assert [u.rsplit("/", 1)[1] for u in incomplete] == ["labels-run-b-000000.parquet", "labels-run-c-000000.parquet"]
-    assert schema.shard_sources(complete) == {"a"}
-    (tmp_path / "labels-run-d-000000.parquet").mkdir()  # unreadable, not cut off
-    with pytest.raises(IsADirectoryError):
-        schema.list_shards(str(tmp_path))
-
-
 def test_listing_excludes_an_output_inside_the_input(tmp_path, tricky_images):
     (tmp_path / "img.png").write_bytes(tricky_images["rgba.png"][0])
     (tmp_path / "labels").mkdir()
@@ -290,15 +271,19 @@ def test_listing_excludes_an_output_inside_the_input(tmp_path, tricky_images):
 
 def test_image_plan_skips_done_and_limits():
     files = [f"s3://b/{i}.jpg" for i in range(5)]
-    plan = inputs.plan_image_files(files, done={"s3://b/1.jpg"}, limit=3)
+    done = inputs.Done(units={"images-old-000000"}, sources={"s3://b/1.jpg"}, rows=1)
+    plan = inputs.plan_image_files(files, done=done, limit=3, unit_files=2, run_id="new")
     assert (plan.listed, plan.already_done, plan.planned) == (5, 1, 3)
     assert plan.units.column("path").to_pylist() == ["s3://b/0.jpg", "s3://b/2.jpg", "s3://b/3.jpg"]
+    assert plan.units.column("unit").to_pylist() == ["images-new-000000"] * 2 + ["images-new-000001"]
+    assert plan.expected == {"images-new-000000": 2, "images-new-000001": 1} and not plan.partial
     records = list(
         inputs.read_units(
             [
                 {
                     "kind": "file",
                     "path": "/no/such/file.jpg",
+                    "unit": "u",
                     "row_group": None,
                     "rows": [0],
                     "image_ids": ["x"],
@@ -308,7 +293,7 @@ def test_image_plan_skips_done_and_limits():
             ]
         )
     )
-    assert records[0].data is None and "cannot read the file" in records[0].error
+    assert records[0].data is None and "cannot read the file" in records[0].error and records[0].unit == "u"
 
 
 def _write_parquet(path, images, *, struct_column=False, ids=None, row_group_size=3):
@@ -333,17 +318,26 @@ def test_parquet_plan_and_read(tmp_path, tricky_images, struct_column):
     path = tmp_path / "part-0.parquet"
     _write_parquet(path, images, struct_column=struct_column, ids=ids)
     uri = str(path)
-    plan = inputs.plan_parquet([uri], image_column="image", id_column="key", done={f"{uri}#row=6"})
-    assert (plan.listed, plan.already_done, plan.planned) == (7, 1, 6)
-    assert plan.units.num_rows == 2  # row groups [0..2] and [3..5]; row 6 is done
+    plan = inputs.plan_parquet([uri], root=str(tmp_path), image_column="image", id_column="key")
+    assert (plan.listed, plan.already_done, plan.planned) == (7, 0, 7)
+    assert plan.units.num_rows == 3  # row groups [0..2], [3..5] and [6], all of the file's unit
+    assert set(plan.units.column("unit").to_pylist()) == {"part-0.parquet"}
+    assert (plan.expected, plan.partial, plan.inputs) == ({"part-0.parquet": 7}, set(), {"part-0.parquet": uri})
     records = list(inputs.read_units(plan.units.to_pylist(), image_column="image"))
-    assert [r.source for r in records] == [f"{uri}#row={i}" for i in range(6)]
-    assert [r.image_id for r in records] == ["a", "b", "c", "a", f"{uri}#row=4", "f"]
+    assert [r.source for r in records] == [f"{uri}#row={i}" for i in range(7)]
+    assert [r.image_id for r in records] == ["a", "b", "c", "a", f"{uri}#row=4", "f", "g"]
+    assert {r.unit for r in records} == {"part-0.parquet"}
     assert records[0].data == good and records[0].error is None
     assert "null" in records[1].error
     assert records[2].data == b"" and records[2].error is None  # empty bytes fail at decoding
     assert "duplicate image_id 'a'" in records[3].error and f"{uri}#row=0" in records[3].error
     assert "id column 'key' is null" in records[4].error
+    assert records[6].data == good and records[6].error is None
+    # A file recorded as done is not planned (nor opened) again; its rows count as done.
+    done = inputs.Done(units={"part-0.parquet"}, rows=7)
+    again = inputs.plan_parquet([uri], root=str(tmp_path), image_column="image", id_column="key", done=done)
+    assert (again.units.num_rows, again.listed, again.already_done, again.planned) == (0, 7, 7, 0)
+    assert (again.units_listed, again.units_done, again.expected) == (1, 1, {})
     limited = inputs.plan_parquet([uri], image_column="image", limit=2)
     assert limited.planned == 2 and limited.units.column("rows").to_pylist() == [[0, 1]]
 
@@ -379,6 +373,7 @@ def test_s3_listing_and_reading_through_the_standard_settings(s3_bucket, tricky_
                 {
                     "kind": "file",
                     "path": f"s3://{s3_bucket}/images/gone.png",
+                    "unit": "u",
                     "row_group": None,
                     "rows": [0],
                     "image_ids": ["g"],

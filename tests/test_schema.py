@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from diffcut.job import schema
+from diffcut.job import schema, units
 
 
 def test_mask_codec_is_lossless_and_picks_the_bit_depth():
@@ -92,33 +92,43 @@ def test_ok_row_refuses_a_mask_with_more_labels_than_segments():
         )
 
 
-def test_read_labels_skips_incomplete_shards_and_duplicate_sources(tmp_path):
-    first = schema.rows_to_table([_ok_row("a.jpg"), _ok_row("b.jpg")])
-    second = schema.rows_to_table([_ok_row("b.jpg"), schema.error_row("c.jpg", "c.jpg", "broken")])
-    pq.write_table(first, tmp_path / "labels-run1-0.parquet")
-    pq.write_table(second, tmp_path / "labels-run2-0.parquet")
-    data = (tmp_path / "labels-run1-0.parquet").read_bytes()
-    (tmp_path / "labels-run3-0.parquet").write_bytes(data[: len(data) // 2])  # killed mid-write
+def _write_unit(output: str, unit: str, rows: list[dict], record: bool = True) -> None:
+    """A unit as the job leaves it: its label file, then (``record``) its done record."""
+    table = schema.rows_to_table(rows)
+    units.put_durably(units.label_file(output, unit), units.table_bytes(table))
+    if record:
+        ok = sum(row["status"] == "ok" for row in rows)
+        record = units.UnitRecord(unit, rows=len(rows), ok=ok, error=len(rows) - ok, bytes=0, params="{}", run_id="r")
+        units.write_record(output, record)
+
+
+def test_read_labels_reads_the_recorded_units_only(tmp_path):
+    output = str(tmp_path)
+    _write_unit(output, "u2", [schema.error_row("c.jpg", "c.jpg", "broken")])
+    _write_unit(output, "u1", [_ok_row("a.jpg"), _ok_row("b.jpg")])
+    _write_unit(output, "u3", [_ok_row("d.jpg")], record=False)  # a run killed before recording it
+    (tmp_path / "_parts" / "run" / "u4").mkdir(parents=True)  # rows staged by a run, never read
+    pq.write_table(schema.rows_to_table([_ok_row("e.jpg")]), tmp_path / "_parts" / "run" / "u4" / "p.parquet")
     pq.write_table(pa.table({"x": [1]}), tmp_path / "someone-elses.parquet")
     (tmp_path / schema.SUMMARY_NAME).write_text("{}")
 
-    complete, incomplete = schema.list_shards(str(tmp_path))
-    assert [p.rsplit("/", 1)[-1] for p in complete] == ["labels-run1-0.parquet", "labels-run2-0.parquet"]
-    assert [p.rsplit("/", 1)[-1] for p in incomplete] == ["labels-run3-0.parquet"]
-    table = schema.read_labels(str(tmp_path))
+    assert [uri.rsplit("/", 1)[-1] for uri in units.label_files(output)] == ["u1.parquet", "u2.parquet"]
+    table = schema.read_labels(output)
     assert table.schema.equals(schema.LABELS_SCHEMA)
-    assert sorted(table.column("source").to_pylist()) == ["a.jpg", "b.jpg", "c.jpg"]
-    only = schema.read_labels(str(tmp_path), columns=["status"])
-    assert only.column_names == ["status"] and only.num_rows == 3
+    assert table.column("source").to_pylist() == ["a.jpg", "b.jpg", "c.jpg"]  # in order of unit
+    only = schema.read_labels(output, columns=["status"])
+    assert only.column_names == ["status"] and only.column("status").to_pylist() == ["ok", "ok", "error"]
     empty = schema.read_labels(str(tmp_path / "nothing"), columns=["source", "status"])
     assert empty.num_rows == 0 and empty.column_names == ["source", "status"]
     with pytest.raises(ValueError, match="unknown columns"):
-        schema.read_labels(str(tmp_path), columns=["nope"])
+        schema.read_labels(output, columns=["nope"])
 
 
 def test_plain_pyarrow_and_pandas_read_a_clean_output(tmp_path):
-    pq.write_table(schema.rows_to_table([_ok_row("a.jpg")]), tmp_path / "labels-r-0.parquet")
+    _write_unit(str(tmp_path), "u", [_ok_row("a.jpg")])
     (tmp_path / schema.SUMMARY_NAME).write_text("{}")  # names starting with _ are ignored by readers
-    frame = pq.read_table(tmp_path).to_pandas()
+    frame = pq.read_table(tmp_path / units.LABELS_DIR).to_pandas()
     assert list(frame.columns) == list(schema.COLUMNS)
     assert frame.loc[0, "num_segments"] == 3
+    # The whole output reads the same: the records (_units/) and the summary are ignored.
+    assert pq.read_table(tmp_path).to_pylist() == pq.read_table(tmp_path / units.LABELS_DIR).to_pylist()

@@ -10,7 +10,7 @@ from dataclasses import fields, replace
 import pytest
 
 from diffcut.commands import label as label_command
-from diffcut.job import resume, schema, settings
+from diffcut.job import resume, schema, settings, units
 from diffcut.job.settings import DecodeSettings, LabelSettings, Pools, PoolSettings, SpeedSettings
 from diffcut.job.storage import InputError
 
@@ -39,16 +39,17 @@ def test_the_naming_settings_appear_only_with_a_vocabulary():
 
 def test_the_resume_check_refuses_another_setting_and_names_it(tmp_path):
     label = LabelSettings(model="tiny-random")
-    row = schema.error_row("a", "a.png", "decode failed", params=schema.params_json(label.params()))
-    output = tmp_path / "labels"
-    output.mkdir()
-    import pyarrow.parquet as pq
-
-    pq.write_table(schema.rows_to_table([row]), output / f"{schema.SHARD_PREFIX}x-000000.parquet")
-    done, _ = resume.existing_output(str(output), label.params())
-    assert done == {"a.png"}
+    params = schema.params_json(label.params())
+    row = schema.error_row("a", "a.png", "decode failed", params=params)
+    output = str(tmp_path / "labels")
+    units.put_durably(units.label_file(output, "u"), units.table_bytes(schema.rows_to_table([row])))
+    units.write_record(
+        output, units.UnitRecord("u", rows=1, ok=0, error=1, bytes=0, params=params, run_id="r", sources=["a.png"])
+    )
+    done, _ = resume.output_state(output, label.params())
+    assert (done.units, done.sources) == ({"u"}, {"a.png"})
     with pytest.raises(InputError, match=r"\(tau: 0.5 -> 0.3, timestep: 50 -> 10\)"):
-        resume.existing_output(str(output), replace(label, tau=0.3, timestep=10).params())
+        resume.output_state(output, replace(label, tau=0.3, timestep=10).params())
 
 
 def test_a_setting_missing_from_an_older_output_counts_as_its_default():

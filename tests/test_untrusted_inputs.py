@@ -339,7 +339,7 @@ def _special(name: str, kind: bytes, target: str = "") -> tarfile.TarInfo:
 
 
 def _read(path: Path) -> list[inputs.RawRecord]:
-    return list(wds.read_shard_unit({"kind": wds.UNIT_KIND, "path": str(path), "done_keys": []}))
+    return list(wds.read_shard_unit({"kind": wds.UNIT_KIND, "path": str(path), "unit": "u"}))
 
 
 def test_tar_links_special_members_and_non_utf8_names_each_give_a_row(tmp_path):
@@ -477,6 +477,7 @@ def test_gzip_shards_with_odd_members_and_a_key_in_two_shards(ray_local, tmp_pat
     assert "symbolic link" in next(r["error"] for r in rows if r["image_id"] == "link")
     assert summary["format"] == "webdataset" and summary["inputs_listed"] == 6
     assert summary["duplicate_keys"] == {
+        "checked": True,
         "count": 1,
         "named": [{"image_id": "shared", "sources": [f"{real}/000.tar.gz#shared", f"{real}/001.tgz#shared"]}],
     }
@@ -491,5 +492,6 @@ def test_gzip_shards_stream_from_s3(s3_bucket, tmp_path):
     boto3.client("s3").put_object(Bucket=s3_bucket, Key="wds/a.tgz", Body=(tmp_path / "a.tgz").read_bytes())
     listing = inputs.list_inputs(f"s3://{s3_bucket}/wds/")
     assert (listing.format, listing.files) == ("webdataset", [f"s3://{s3_bucket}/wds/a.tgz"])
-    remote = list(wds.read_shard_unit({"kind": wds.UNIT_KIND, "path": listing.files[0], "done_keys": ["0001"]}))
-    assert [(r.image_id, r.data) for r in remote] == [(r.image_id, r.data) for r in local if r.image_id != "0001"]
+    remote = list(wds.read_shard_unit({"kind": wds.UNIT_KIND, "path": listing.files[0], "unit": "a.tgz"}))
+    assert [(r.image_id, r.data) for r in remote] == [(r.image_id, r.data) for r in local]
+    assert [r.image_id for r in remote] == ["0000", "0001", "0002"] and all(r.error is None for r in remote)

@@ -48,10 +48,11 @@ class OldLayoutError(InputError):
 # =========================================================================== names
 def unit_name(relative: str) -> str:
     """The name of the unit of the input file at ``relative`` (its path inside the input): one file
-    name, the same in every run, distinct for distinct paths (``a/b.tar`` -> ``a%2Fb.tar``)."""
+    name, the same in every run, distinct for distinct paths (``a/b.tar`` -> ``a%2Fb.tar``). A leading
+    ``.`` or ``_`` is escaped too: pyarrow, pandas and HF datasets skip files named so."""
     name = relative.replace("%", "%25").replace("/", "%2F")
-    if name.startswith("."):
-        name = "%2E" + name[1:]
+    if name.startswith((".", "_")):
+        name = f"%{ord(name[0]):02X}" + name[1:]
     if len(name.encode()) > MAX_NAME_BYTES:
         digest = hashlib.sha256(relative.encode()).hexdigest()[:16]
         name = name.encode()[: MAX_NAME_BYTES - 17].decode(errors="ignore") + "-" + digest

@@ -127,7 +127,11 @@ def write_unit(
 ) -> units.UnitRecord | None:
     """Write ``unit``'s label file from its staged ``parts`` (rows in order of source, one per source), then
     its done record; delete the parts. None, and nothing written, when fewer than ``expected`` distinct
-    rows are staged (a row still on its way)."""
+    rows are staged (a row still on its way). A retry of a finish of this run that got as far as the record
+    (its parts may be gone) returns that record."""
+    recorded = _recorded(output, unit, run_id)
+    if recorded is not None:
+        return recorded
     tables = [schema.read_shard(part) for part in parts]
     table = pa.concat_tables([t.cast(label_schema) for t in tables]) if tables else label_schema.empty_table()
     table = schema.drop_duplicate_sources(table)
@@ -158,6 +162,17 @@ def write_unit(
         except FileNotFoundError:
             pass
     return record
+
+
+def _recorded(output: str, unit: str, run_id: str) -> units.UnitRecord | None:
+    """``unit``'s record when run ``run_id`` wrote it, else None."""
+    where = units.record_file(output, unit)
+    fs, path = open_filesystem(where)
+    try:
+        record = units.UnitRecord.from_json(fs.cat_file(path), where)
+    except FileNotFoundError:
+        return None
+    return record if record.run_id == run_id else None
 
 
 @dataclass
@@ -209,6 +224,8 @@ class UnitProgress:
         """Count a batch of :data:`PART_SCHEMA` rows; returns the units that just became whole."""
         ready = []
         for row in parts.to_pylist():
+            if row["unit"] in self.finished:  # a late copy of rows already recorded (its part is swept next run)
+                continue
             state = self.flight.setdefault(row["unit"], _InFlight())
             state.parts.append(row["part"])
             state.rows += row["rows"]
