@@ -49,7 +49,8 @@ class OldLayoutError(InputError):
 def unit_name(relative: str) -> str:
     """The name of the unit of the input file at ``relative`` (its path inside the input): one file
     name, the same in every run, distinct for distinct paths (``a/b.tar`` -> ``a%2Fb.tar``)."""
-    name = relative.replace("%", "%25").replace("/", "%2F")
+    # "?" too: Ray Data's read_parquet takes it for a URL query and drops a file so named from a list of paths.
+    name = relative.replace("%", "%25").replace("/", "%2F").replace("?", "%3F")
     if name.startswith("."):
         name = "%2E" + name[1:]
     if len(name.encode()) > MAX_NAME_BYTES:
