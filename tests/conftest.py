@@ -207,3 +207,33 @@ def sample_dir():
     from pathlib import Path
 
     return Path(__file__).resolve().parents[1] / "samples"
+
+
+# ----------------------------------------------------------------------------------------------
+# Labeling outputs built by hand, in the job's layout (diffcut.job.units): tests of the tools that read them.
+def _write_unit(output, unit: str, table, params: str = "{}", **record):
+    """Write ``table`` (label rows) as ``unit`` of the output ``output`` the way the job does: the label file
+    (rows in order of source), then its done record. ``record`` sets other UnitRecord fields. Returns the record."""
+    import pyarrow.compute as pc
+
+    from diffcut.job import schema, units
+
+    output = str(output)
+    if "source" in table.column_names:
+        table = table.take(pc.sort_indices(table, [("source", "ascending")]))
+    data = units.table_bytes(table)
+    units.put_durably(units.label_file(output, unit), data)
+    ok = sum(status == schema.STATUS_OK for status in table.column("status").to_pylist())
+    done = units.UnitRecord(
+        unit=unit, rows=table.num_rows, ok=ok, error=table.num_rows - ok, bytes=len(data), params=params, run_id="test"
+    )
+    for name, value in record.items():
+        setattr(done, name, value)
+    units.write_record(output, done)
+    return done
+
+
+@pytest.fixture(scope="session")
+def write_unit():
+    """The function that writes one unit of a labeling output by hand (:func:`_write_unit`)."""
+    return _write_unit

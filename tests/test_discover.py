@@ -235,6 +235,19 @@ def labeled_dataset(ray_local, tmp_path_factory):
     return root
 
 
+def test_ray_data_reads_the_label_file_of_every_unit(ray_local, tmp_path, write_unit):
+    """Unit names come from the input's file names: Ray Data reads the label file of each, whatever the name."""
+    from diffcut.job import units
+    from diffcut.tools.discover import arrow_paths
+
+    names = [units.unit_name(n) for n in ("a/b.tar", "odd?name.tar", "x#y z%.tar", "plain.parquet")]
+    for name in names:
+        write_unit(tmp_path, name, pa.table({"source": [name], "status": ["ok"]}))
+    filesystem, paths = arrow_paths(str(tmp_path), units.label_files(str(tmp_path)))
+    rows = ray_local.data.read_parquet(paths, filesystem=filesystem).take_all()
+    assert sorted(row["source"] for row in rows) == sorted(names)
+
+
 @pytest.mark.slow
 def test_discover_job_writes_classes_that_evaluate_scores(labeled_dataset, capsys):
     from diffcut.cli import main as cli_main

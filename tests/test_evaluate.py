@@ -367,7 +367,7 @@ def test_cli_reports_missing_stems(folders, capsys):
     assert "img3, zz_other" in err
 
 
-def test_cli_on_labeling_parquet_output(folders, tmp_path, capsys):
+def test_cli_on_labeling_parquet_output(folders, tmp_path, capsys, write_unit):
     gt, pred = folders
     assert main(["evaluate", "-p", str(pred), "-g", str(gt), "-n", "3", "--json"]) == 0
     png_json = json.loads(capsys.readouterr().out)
@@ -382,17 +382,19 @@ def test_cli_on_labeling_parquet_output(folders, tmp_path, capsys):
         }
     )
     out = tmp_path / "labels"
-    out.mkdir()
-    pq.write_table(table.slice(0, 2), out / "labels-00000.parquet")
-    pq.write_table(table.slice(2), out / "labels-00001.parquet")
+    write_unit(out, "u0", table.slice(0, 2))
+    write_unit(out, "u1", table.slice(2))
+    (out / "_parts").mkdir()  # rows a killed run staged: never read
+    pq.write_table(table.slice(0, 1), out / "_parts" / "stray.parquet")
+    pq.write_table(table.slice(0, 1), out / "labels" / "unrecorded.parquet")
     assert main(["evaluate", "-p", str(out), "-g", str(gt), "-n", "3", "--json"]) == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out) == png_json
-    assert "skipped 1 prediction row(s)" in captured.err
+    assert "skipped 1 prediction row(s)" in captured.err and "repeated row" not in captured.err
 
     # one file works too; a ground-truth image whose row failed is reported as such
     write_png(gt / "broken.png", np.zeros((8, 8)))
-    assert main(["evaluate", "-p", str(out / "labels-00001.parquet"), "-g", str(gt), "-n", "3"]) == 1
+    assert main(["evaluate", "-p", str(out / "labels" / "u1.parquet"), "-g", str(gt), "-n", "3"]) == 1
     err = capsys.readouterr().err
     assert "3 of 3 ground-truth images have no prediction" in err
     assert "1 of them failed in the labeling job: broken" in err

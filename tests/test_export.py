@@ -95,9 +95,9 @@ def _row(image_id, result, width, height):
 
 
 @pytest.fixture(scope="module")
-def labels_dir(tmp_path_factory):
+def labels_dir(tmp_path_factory, write_unit):
     """A labeling output: rows built as the job builds them, with awkward ids, a 16-bit mask, a mask stored at
-    another size than its image, and an error row; two shards."""
+    another size than its image, and an error row; two units."""
     rows = [
         _row("dir/a/cat.jpg", segment_features(planted_features(0), (48, 64), tau=0.5), 64, 48),
         _row("dir/b/cat.jpg", segment_features(planted_features(1), (30, 40), tau=0.5), 80, 60),  # resized
@@ -113,8 +113,8 @@ def labels_dir(tmp_path_factory):
     ]
     assert int(schema.decode_mask(rows[3]["mask"]).max()) == 299
     directory = tmp_path_factory.mktemp("labels")
-    pq.write_table(schema.rows_to_table(rows[:2]), directory / f"{schema.SHARD_PREFIX}t-0.parquet")
-    pq.write_table(schema.rows_to_table(rows[2:]), directory / f"{schema.SHARD_PREFIX}t-1.parquet")
+    write_unit(directory, "t-0", schema.rows_to_table(rows[:2]), schema.params_json({"tau": 0.5}))
+    write_unit(directory, "t-1", schema.rows_to_table(rows[2:]), schema.params_json({"tau": 0.5}))
     return directory
 
 
@@ -254,8 +254,9 @@ def test_export_reads_and_writes_s3(labels_dir, s3_bucket, tmp_path, capsys):
     import boto3
 
     client = boto3.client("s3")
-    for shard in labels_dir.glob("*.parquet"):
-        client.upload_file(str(shard), s3_bucket, f"labels/{shard.name}")
+    for path in labels_dir.rglob("*"):
+        if path.is_file():
+            client.upload_file(str(path), s3_bucket, f"labels/{path.relative_to(labels_dir).as_posix()}")
     assert (
         cli_main(["export", "-i", f"s3://{s3_bucket}/labels", "-f", "png", "-o", f"s3://{s3_bucket}/png", "--json"])
         == 0

@@ -64,12 +64,6 @@ def body_attribute(dom: str, name: str) -> str | None:
 
 
 # ------------------------------------------------------------------------ rows without the model
-def _labels(directory: Path, rows: list[dict]) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    pq.write_table(schema.rows_to_table(rows), directory / f"{schema.SHARD_PREFIX}t-0.parquet")
-    return directory
-
-
 def _row(image_id: str, source: str, mask_size=(30, 40), seed=0) -> dict:
     features = np.random.default_rng(seed).normal(size=(4, 5, 8)).astype(np.float32)
     result = segment_features(features, mask_size, tau=0.5)
@@ -86,7 +80,7 @@ def _row(image_id: str, source: str, mask_size=(30, 40), seed=0) -> dict:
     )
 
 
-def test_sources_local_relative_and_parquet_rows(tmp_path):
+def test_sources_local_relative_and_parquet_rows(tmp_path, write_unit):
     """Relative paths resolve against --images; `file.parquet#row=N` reads row N's image bytes."""
     pictures = [np.full((30, 40, 3), value, np.uint8) for value in (20, 120, 240)]
     (tmp_path / "root" / "pics").mkdir(parents=True)
@@ -105,15 +99,14 @@ def test_sources_local_relative_and_parquet_rows(tmp_path):
     with pytest.raises(FileNotFoundError):
         reader.read("data.parquet#row=5")
 
-    labels = _labels(
-        tmp_path / "labels",
-        [
-            _row("pics/a.png", "pics/a.png", seed=1),
-            _row("second", "data.parquet#row=1", seed=2),
-            _row("gone.png", "pics/gone.png", seed=3),
-            schema.error_row("evil<script>.jpg", "pics/evil.jpg", "<script>alert(1)</script> & not an image"),
-        ],
-    )
+    labels = tmp_path / "labels"
+    rows = [
+        _row("pics/a.png", "pics/a.png", seed=1),
+        _row("second", "data.parquet#row=1", seed=2),
+        _row("gone.png", "pics/gone.png", seed=3),
+        schema.error_row("evil<script>.jpg", "pics/evil.jpg", "<script>alert(1)</script> & not an image"),
+    ]
+    write_unit(labels, "t-0", schema.rows_to_table(rows))
     out = tmp_path / "gallery"
     summary = build_gallery(str(labels), str(out), per_page=2, images_root=str(tmp_path / "root"), image_column="img")
     assert (summary.images, summary.with_picture, summary.without_picture, summary.error_rows, summary.pages) == (

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from diffcut.cli import main as cli_main
-from diffcut.job import schema
+from diffcut.job import schema, units
 from diffcut.method.assign import segment_embeddings, segment_stats
 from diffcut.method.ncut import recursive_ncut
 from diffcut.method.segmenter import segment_features
@@ -121,20 +121,17 @@ def labeled_rows(features_by_id, mask_size=(70, 90)):
     return rows
 
 
-def write_shards(directory, rows, shards=2):
-    """The rows split over `shards` shard files named like the job's."""
-    directory.mkdir(parents=True, exist_ok=True)
-    import pyarrow.parquet as pq
-
-    for index, part in enumerate(np.array_split(np.arange(len(rows)), shards)):
-        pq.write_table(
-            schema.rows_to_table([rows[i] for i in part]), directory / f"{schema.SHARD_PREFIX}test-{index:06d}.parquet"
-        )
+def write_units(write_unit, directory, rows, count=2):
+    """The rows split over `count` units, written as the job writes them (label file, then record)."""
+    params = rows[0]["params"]
+    for index, part in enumerate(np.array_split(np.arange(len(rows)), count)):
+        table = schema.rows_to_table([rows[i] for i in part])
+        write_unit(directory, f"part-{index}.tar", table, params, input=f"/data/part-{index}.tar")
 
 
-def test_rethresholded_output_equals_a_fresh_run(tmp_path, tiny_model_features):
+def test_rethresholded_output_equals_a_fresh_run(tmp_path, tiny_model_features, write_unit):
     rows = labeled_rows(tiny_model_features)
-    write_shards(tmp_path / "labels", rows)
+    write_units(write_unit, tmp_path / "labels", rows)
     originals = {row["source"]: row for row in rows}
     trees = [schema.decode_tree(r["tree"], r["latent_labels"]) for r in rows if r["status"] == "ok"]
     assert min(t.num_segments for t in trees) >= 5
@@ -145,8 +142,19 @@ def test_rethresholded_output_equals_a_fresh_run(tmp_path, tiny_model_features):
     for tau in taus:
         out = tmp_path / f"tau-{tau:.6f}"
         summary = rethreshold_labels(str(tmp_path / "labels"), str(out), tau)
-        assert (summary.rows, summary.ok, summary.error, summary.shards) == (4, 3, 1, 2)
-        assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "labels").iterdir())
+        assert (summary.rows, summary.ok, summary.error, summary.units) == (4, 3, 1, 2)
+        # The job's layout, unit for unit: records tell readers and a resumed run what the output holds.
+        assert units.recorded_units(str(out)) == units.recorded_units(str(tmp_path / "labels"))
+        for before, after in zip(units.read_records(str(tmp_path / "labels")), units.read_records(str(out))):
+            assert (after.input, after.sources, after.complete, after.rows, after.error) == (
+                before.input,
+                before.sources,
+                before.complete,
+                before.rows,
+                before.error,
+            )
+            assert json.loads(after.params) == dict(json.loads(before.params), tau=tau, rethresholded_from=RUN_TAU)
+            assert after.bytes == (out / "labels" / f"{after.unit}.parquet").stat().st_size
         table = schema.read_labels(str(out))
         assert table.schema.equals(schema.LABELS_SCHEMA, check_metadata=False)
         merged_somewhere = False
@@ -181,8 +189,8 @@ def test_rethresholded_output_equals_a_fresh_run(tmp_path, tiny_model_features):
         assert merged_somewhere
 
 
-def test_a_tau_above_the_run_tau_fails_before_writing(tmp_path, tiny_model_features):
-    write_shards(tmp_path / "labels", labeled_rows(tiny_model_features))
+def test_a_tau_above_the_run_tau_fails_before_writing(tmp_path, tiny_model_features, write_unit):
+    write_units(write_unit, tmp_path / "labels", labeled_rows(tiny_model_features))
     with pytest.raises(ValueError, match=r"computed at tau=0\.5.*tau <= 0\.5"):
         rethreshold_labels(str(tmp_path / "labels"), str(tmp_path / "out"), 0.6)
     assert not (tmp_path / "out").exists()
@@ -191,15 +199,18 @@ def test_a_tau_above_the_run_tau_fails_before_writing(tmp_path, tiny_model_featu
         rethreshold_row(row, 0.75)
 
 
-def test_command_line(tmp_path, tiny_model_features, capsys):
+def test_command_line(tmp_path, tiny_model_features, write_unit, capsys):
     labels, out = tmp_path / "labels", tmp_path / "out"
-    write_shards(labels, labeled_rows(tiny_model_features), shards=1)
+    write_units(write_unit, labels, labeled_rows(tiny_model_features), count=1)
     assert cli_main(["rethreshold", "--input", str(labels), "--tau", "0.05", "--output", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "3 ok, 1 error" in printed and "tau=0.05" in printed
     before = schema.read_labels(str(labels), columns=["num_segments"]).column("num_segments").to_pylist()
     after = schema.read_labels(str(out), columns=["num_segments"]).column("num_segments").to_pylist()
     assert sum(a for a in after if a) < sum(b for b in before if b)
+    # The same command again finds its unit done.
+    assert cli_main(["rethreshold", "--input", str(labels), "--tau", "0.05", "--output", str(out)]) == 0
+    assert "re-thresholded 0 rows" in (printed := capsys.readouterr().out) and "1 unit(s) were done already" in printed
 
     # An existing output is not overwritten by accident; --overwrite replaces it.
     assert cli_main(["rethreshold", "-i", str(labels), "-t", "0.01", "-o", str(out)]) == 2
@@ -211,22 +222,56 @@ def test_command_line(tmp_path, tiny_model_features, capsys):
     assert cli_main(["rethreshold", "-i", str(labels), "-t", "0.1", "-o", str(labels)]) == 2
 
 
-def test_reads_and_writes_s3(tmp_path, tiny_model_features, s3_bucket):
+def test_reads_and_writes_s3(tmp_path, tiny_model_features, write_unit, s3_bucket):
     import boto3
 
-    write_shards(tmp_path / "labels", labeled_rows(tiny_model_features))
+    write_units(write_unit, tmp_path / "labels", labeled_rows(tiny_model_features))
     client = boto3.client("s3")
-    for shard in (tmp_path / "labels").iterdir():
-        client.upload_file(str(shard), s3_bucket, f"runs/v1/{shard.name}")
+    for path in (tmp_path / "labels").rglob("*"):
+        if path.is_file():
+            client.upload_file(str(path), s3_bucket, f"runs/v1/{path.relative_to(tmp_path / 'labels').as_posix()}")
     summary = rethreshold_labels(f"s3://{s3_bucket}/runs/v1", f"s3://{s3_bucket}/runs/v1-tau0.05", 0.05)
-    assert (summary.shards, summary.ok, summary.error) == (2, 3, 1)
+    assert (summary.units, summary.ok, summary.error) == (2, 3, 1)
+    again = rethreshold_labels(f"s3://{s3_bucket}/runs/v1", f"s3://{s3_bucket}/runs/v1-tau0.05", 0.05)
+    assert (again.units, again.units_done_before, again.rows) == (0, 2, 0)
     rethreshold_labels(str(tmp_path / "labels"), str(tmp_path / "local"), 0.05)
     remote = schema.read_labels(f"s3://{s3_bucket}/runs/v1-tau0.05")
     assert remote.equals(schema.read_labels(str(tmp_path / "local")))
 
 
+def test_the_same_command_resumes_a_killed_run(tmp_path, tiny_model_features, write_unit):
+    labels, out = tmp_path / "labels", tmp_path / "out"
+    write_units(write_unit, labels, labeled_rows(tiny_model_features))
+    rethreshold_labels(str(labels), str(tmp_path / "whole"), 0.05)
+    # A run killed while writing its second unit: the first recorded, the second's label file cut off, no record.
+    rethreshold_labels(str(labels), str(out), 0.05)
+    (out / "_units" / "part-1.tar.json").unlink()
+    cut = out / "labels" / "part-1.tar.parquet"
+    cut.write_bytes(cut.read_bytes()[:40])
+    first = (out / "labels" / "part-0.tar.parquet").stat().st_mtime_ns
+    summary = rethreshold_labels(str(labels), str(out), 0.05)
+    assert (summary.units, summary.units_done_before, summary.rows) == (1, 1, 2)
+    assert (out / "labels" / "part-0.tar.parquet").stat().st_mtime_ns == first
+    assert schema.read_labels(str(out)).equals(schema.read_labels(str(tmp_path / "whole")))
+    # A unit the labeling job wrote again since (a --limit run completed it) is re-thresholded again.
+    (record,) = units.read_records(str(labels), ["part-0.tar"])
+    write_unit(labels, "part-0.tar", schema.read_shard(units.label_file(str(labels), "part-0.tar")), record.params)
+    summary = rethreshold_labels(str(labels), str(out), 0.05)
+    assert (summary.units, summary.units_done_before) == (1, 1)
+
+    # Labels of other settings are refused, an earlier diffcut's layout too; --overwrite replaces either.
+    with pytest.raises(ValueError, match=r"other settings \(part-0\.tar, \.\.\.\); pass --overwrite"):
+        rethreshold_labels(str(labels), str(out), 0.01)
+    (out / "labels-x.parquet").write_bytes(cut.read_bytes())
+    with pytest.raises(units.OldLayoutError, match="layout of an earlier diffcut"):
+        rethreshold_labels(str(labels), str(out), 0.05)
+    summary = rethreshold_labels(str(labels), str(out), 0.01, overwrite=True)
+    assert (summary.units, summary.units_done_before) == (2, 0) and not (out / "labels-x.parquet").exists()
+    assert {json.loads(r.params)["tau"] for r in units.read_records(str(out))} == {0.01}
+
+
 # ------------------------------------------------------------------------ named outputs
-def named_shards(tmp_path, tiny_model_features, sample_dir):
+def named_units(tmp_path, tiny_model_features, sample_dir, write_unit):
     """A named output as the job's naming stage writes it (the real NamingStage, tiny CLIP, VOC vocabulary),
     with sources pointing at copies of the sample images (so that one can be deleted)."""
     import shutil
@@ -252,24 +297,25 @@ def named_shards(tmp_path, tiny_model_features, sample_dir):
     stage = NamingStage(
         LabelSettings(vocabulary="voc", naming_model="tiny-random"), "cpu", params=params, max_image_pixels=10**8
     )
-    named = stage(table.append_column("image_bytes", pa.array(data, pa.binary()))).to_pylist()
-    assert all(r["semantic_mask"] for r in named if r["status"] == "ok")
-    import pyarrow.parquet as pq
-
-    (tmp_path / "labels").mkdir()
-    pq.write_table(
-        schema.rows_to_table(named, schema.NAMED_LABELS_SCHEMA),
-        tmp_path / "labels" / f"{schema.SHARD_PREFIX}named-000000.parquet",
+    batch = table.append_column("image_bytes", pa.array(data, pa.binary()))
+    # The unit columns every row carries through the job's stages (diffcut.job.writer.UNIT_COLUMNS).
+    batch = batch.append_column("unit", pa.array(["named"] * len(rows))).append_column(
+        "unit_rows", pa.array([len(rows)] * len(rows), pa.int64())
     )
+    named = stage(batch).drop_columns(["unit", "unit_rows"]).to_pylist()
+    assert all(r["semantic_mask"] for r in named if r["status"] == "ok")
+    write_unit(tmp_path / "labels", "named", schema.rows_to_table(named, schema.NAMED_LABELS_SCHEMA), params)
     return named, images
 
 
-def test_a_named_output_is_named_again_from_the_recorded_vocabulary_and_clip(tmp_path, tiny_model_features, sample_dir):
+def test_a_named_output_is_named_again_from_the_recorded_vocabulary_and_clip(
+    tmp_path, tiny_model_features, write_unit, sample_dir
+):
     from diffcut.job.inputs import decode_image
     from diffcut.method.naming import SegmentNamer
 
     torch.set_num_threads(1)
-    named, images = named_shards(tmp_path, tiny_model_features, sample_dir)
+    named, images = named_units(tmp_path, tiny_model_features, sample_dir, write_unit)
     originals = {row["source"]: row for row in named}
     namer = SegmentNamer("tiny-random", "voc", device="cpu")
     # At the run's own tau nothing changes: naming again gives the job's names back.
@@ -288,6 +334,9 @@ def test_a_named_output_is_named_again_from_the_recorded_vocabulary_and_clip(tmp
     assert (summary.rows, summary.ok, summary.error, summary.renamed, summary.renaming_failed) == (4, 2, 2, 2, 1)
     table = schema.read_labels(str(tmp_path / "out"))
     assert table.schema.equals(schema.NAMED_LABELS_SCHEMA, check_metadata=False)
+    # The unit's record holds the params of its ok rows: a resumed run compares them.
+    ok_params = {r["params"] for r in table.to_pylist() if r["status"] == "ok"}
+    assert [r.params for r in units.read_records(str(tmp_path / "out"))] == list(ok_params)
     merged = False
     for row in table.to_pylist():
         params = json.loads(row["params"])
@@ -313,12 +362,12 @@ def test_a_named_output_is_named_again_from_the_recorded_vocabulary_and_clip(tmp
     assert merged
 
 
-def test_command_line_names_with_the_vocabulary_given(tmp_path, tiny_model_features, sample_dir, capsys):
+def test_command_line_names_with_the_vocabulary_given(tmp_path, tiny_model_features, write_unit, sample_dir, capsys):
     """--vocabulary FILE replaces the recorded vocabulary; it also names an output made without one."""
     rows = labeled_rows(tiny_model_features)
     for row in rows:  # the plain job's rows, sources relative to the images root
         row["source"] = row["source"].rsplit("/", 1)[-1]
-    write_shards(tmp_path / "labels", rows, shards=1)
+    write_units(write_unit, tmp_path / "labels", rows, count=1)
     vocabulary = tmp_path / "classes.txt"
     vocabulary.write_text("sky, clouds\ntree\nroad\n")
     argv = [
@@ -343,6 +392,7 @@ def test_command_line_names_with_the_vocabulary_given(tmp_path, tiny_model_featu
     ok = [r for r in table.to_pylist() if r["status"] == "ok"]
     assert len(ok) == 3 and all(s["class_name"] in ("sky", "tree", "road") for r in ok for s in r["segments"])
     assert {json.loads(r["params"])["vocabulary"] for r in ok} == {str(vocabulary)}
+    assert [r.params for r in units.read_records(str(tmp_path / "out"))] == [ok[0]["params"]]
     assert cli_main(argv[:-2] + ["--overwrite"]) == 0  # without the images root the sources are not found
     assert "0 rows; 3 rows could not be named" in capsys.readouterr().out
     assert cli_main(argv + ["--overwrite", "--vocabulary", str(tmp_path / "missing.txt")]) == 2

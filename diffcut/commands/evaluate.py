@@ -2,9 +2,10 @@
 
 Ground truth: a folder of single-channel PNG label maps (searched
 recursively). Predictions: a folder of PNG label maps with the same file
-stems, or the labeling job's Parquet output (a ``.parquet`` file or a folder
-of them) whose ``mask`` column holds PNG-encoded label maps, matched by the
-base name of ``image_id`` without its extension. Rows whose ``status`` is not
+stems, or the labeling job's Parquet output (its ``--output``, one of its
+label files, or a folder of such files) whose ``mask`` column holds
+PNG-encoded label maps, matched by the base name of ``image_id`` without
+its extension. Rows whose ``status`` is not
 ``"ok"`` are skipped and counted. With ``--matching names`` a Parquet output's
 ``semantic_mask`` column (class ids; outputs made with ``--vocabulary``) is
 scored instead of ``mask`` (segment ids).
@@ -93,19 +94,37 @@ def _format_stems(stems: list[str], limit: int = 20) -> str:
     return shown + (f", ... ({len(stems) - limit} more)" if len(stems) > limit else "")
 
 
+def _is_label_output(path: Path) -> bool:
+    """A folder the labeling job wrote to (its unit records, or rows it staged)."""
+    from diffcut.job.units import PARTS_DIR, RECORDS_DIR
+
+    return path.is_dir() and any((path / name).is_dir() for name in (RECORDS_DIR, PARTS_DIR))
+
+
 def _parquet_files(path: Path) -> list[Path]:
+    """The file; a labeling job's output: the label files of its recorded units; any other folder: its Parquet
+    files (refusing the labels of an earlier diffcut, ``labels-*.parquet`` directly under it)."""
+    from diffcut.job import units
+    from diffcut.job.storage import InputError
+
     if path.is_file():
         return [path]
+    if _is_label_output(path):
+        files = units.label_files(str(path))
+        if not files:
+            raise InputError(f"no labels under {path}: the labeling job recorded no unit there yet")
+        return [Path(file) for file in files]
+    units.check_layout(str(path))
     return sorted(p for p in path.rglob("*.parquet") if p.is_file())
 
 
 def is_parquet_source(path: Path) -> bool:
-    """A ``.parquet`` file, or a folder holding Parquet files and no PNGs."""
+    """A ``.parquet`` file, a labeling job's output, or a folder holding Parquet files and no PNGs."""
     if path.is_file():
         return path.suffix.lower() == ".parquet"
     if not path.is_dir():
         return False
-    return any(path.rglob("*.parquet")) and not any(path.rglob("*.png"))
+    return _is_label_output(path) or (any(path.rglob("*.parquet")) and not any(path.rglob("*.png")))
 
 
 def iter_parquet_masks(
@@ -113,10 +132,10 @@ def iter_parquet_masks(
 ) -> Iterator[tuple[str, np.ndarray]]:
     """(stem, label map from ``mask_column``) for the ``ok`` rows of a Parquet output whose stem is wanted.
 
-    Reads batch by batch, so a large output never sits in memory whole. As
-    :func:`diffcut.job.schema.read_labels` does, a file without a readable footer
-    (left by a killed run) is skipped and a ``source`` seen twice keeps its
-    first row; two *different* images with one stem are an error.
+    Reads batch by batch, so a large output never sits in memory whole. Of a labeling job's output, it reads
+    what :func:`diffcut.job.schema.read_labels` reads: the label files of the recorded units, where every
+    ``source`` has one row. In any other folder of Parquet files a file without a readable footer is skipped
+    and a ``source`` seen twice keeps its first row. Two *different* images with one stem are an error.
     """
     import pyarrow.parquet as pq
 
@@ -126,7 +145,7 @@ def iter_parquet_masks(
     for file in _parquet_files(path):
         try:
             parquet = pq.ParquetFile(file)
-        except Exception as error:  # noqa: BLE001 - any unreadable footer: a half-written shard
+        except Exception as error:  # noqa: BLE001 - any unreadable footer: a file cut off, not this tool's to fix
             stats["unreadable"].append(f"{file} ({error.__class__.__name__})")
             continue
         names = parquet.schema_arrow.names
@@ -198,6 +217,8 @@ def format_result(result: EvaluationResult, title: str = "") -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from diffcut.job.storage import InputError
+
     try:
         evaluator = SegmentationEvaluator(
             args.num_classes,
@@ -234,6 +255,9 @@ def run(args: argparse.Namespace) -> int:
                 f"{len(missing)} of {len(wanted)} ground-truth images have no prediction "
                 f"(matched by file stem): {_format_stems(missing)}{because}"
             )
+    except InputError as error:  # the labels of an earlier diffcut, or none: exit 2 as the other tools
+        print(f"diffcut evaluate: error: {error}", file=sys.stderr)
+        return 2
     except (OSError, ValueError) as error:
         print(f"diffcut evaluate: error: {error}", file=sys.stderr)
         return 1

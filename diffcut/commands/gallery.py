@@ -52,8 +52,6 @@ def run(args: argparse.Namespace) -> int:
     except (InputError, ValueError, FileNotFoundError) as error:
         print(f"diffcut gallery: error: {error}", file=sys.stderr)
         return 2
-    for uri in summary.skipped_incomplete_shards:
-        print(f"warning: skipped incomplete shard {uri}", file=sys.stderr)
     if args.json:
         print(json.dumps(summary.to_dict()))
         return 0

@@ -26,8 +26,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         help="new NCut threshold, at most the tau the labels were computed with",
     )
-    parser.add_argument("--output", "-o", required=True, help="where to write the re-thresholded shards")
-    parser.add_argument("--overwrite", action="store_true", help="replace label shards already under --output")
+    parser.add_argument(
+        "--output",
+        "-o",
+        required=True,
+        help="where to write the re-thresholded labels (the same command again resumes there)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the labels under --output (without it, other labels there are refused)",
+    )
     naming = parser.add_argument_group("naming (outputs made with --vocabulary)")
     naming.add_argument(
         "--vocabulary",
@@ -76,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(
         f"re-thresholded {summary.rows} rows ({summary.ok} ok, {summary.error} error) "
-        f"from {summary.shards} shard(s) at tau={summary.tau:g}"
+        f"of {summary.units} unit(s) at tau={summary.tau:g}"
+        + (f"; {summary.units_done_before} unit(s) were done already" if summary.units_done_before else "")
     )
     if summary.named:
         print(
@@ -84,7 +94,5 @@ def run(args: argparse.Namespace) -> int:
             "named and are error rows now (see their error column)"
         )
     print(f"segments: {summary.segments_before} -> {summary.segments_after}")
-    for uri in summary.skipped_incomplete_shards:
-        print(f"warning: skipped incomplete shard {uri}", file=sys.stderr)
     print(f"output {summary.output}")
     return 0

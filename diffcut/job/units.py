@@ -50,7 +50,8 @@ def unit_name(relative: str) -> str:
     """The name of the unit of the input file at ``relative`` (its path inside the input): one file
     name, the same in every run, distinct for distinct paths (``a/b.tar`` -> ``a%2Fb.tar``). A leading
     ``.`` or ``_`` is escaped too: pyarrow, pandas and HF datasets skip files named so."""
-    name = relative.replace("%", "%25").replace("/", "%2F")
+    # "?" too: Ray Data's read_parquet takes it for a URL query and drops a file so named from a list of paths.
+    name = relative.replace("%", "%25").replace("/", "%2F").replace("?", "%3F")
     if name.startswith((".", "_")):
         name = f"%{ord(name[0]):02X}" + name[1:]
     if len(name.encode()) > MAX_NAME_BYTES:

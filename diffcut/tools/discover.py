@@ -33,12 +33,13 @@ are still assigned a class). With ``"segments"`` every segment with pixels
 weighs 1. The sample itself is uniform over segments with pixels.
 
 The job (:func:`discover_classes`; Ray is imported only there and in its file
-naming helper): pass 1
-reads the label shards with Ray Data and keeps the sample; the driver fits the
-centroids; pass 2 (``map_batches`` over the shards) writes one row per input
-row (:data:`~diffcut.tools.discover_batches.CLASSES_SCHEMA`): the class id of every segment and the semantic
-label map (PNG, segment ids replaced by class ids), as ``classes-*.parquet``
-under the output, beside ``centroids.npy`` and ``centroids.json``. The flags
+naming helper): pass 1 reads the label files of the recorded units
+(:func:`diffcut.job.units.label_files`) with Ray Data and keeps the sample;
+the driver fits the centroids; pass 2 (``map_batches`` over the label files)
+writes one row per input row (:data:`~diffcut.tools.discover_batches.CLASSES_SCHEMA`):
+the class id of every segment and the semantic label map (PNG, segment ids
+replaced by class ids), as ``classes-*.parquet`` under the output, beside
+``centroids.npy`` and ``centroids.json``. The flags
 are in :mod:`diffcut.commands.discover`.
 """
 
@@ -53,7 +54,7 @@ from collections.abc import Sequence
 import numpy as np
 import pyarrow as pa
 
-from diffcut.job import schema
+from diffcut.job import schema, units
 from diffcut.method.kmeans import spherical_kmeans
 from diffcut.tools.discover_batches import (
     _CLASSIFY_COLUMNS,
@@ -158,6 +159,15 @@ def _prepare_output(labels: str, output: str, overwrite: bool) -> None:
     fs.makedirs(root, exist_ok=True)
 
 
+def arrow_paths(labels: str, files: Sequence[str]):
+    """(Arrow filesystem, paths) of the label files ``files`` of the output ``labels``, for Ray Data's readers."""
+    from diffcut.job.inputs import arrow_filesystem
+
+    filesystem, root = arrow_filesystem(labels)
+    # Each file's URI is ``labels`` joined with its relative path (units.label_file): the same below ``root``.
+    return filesystem, [root.rstrip("/") + uri[len(labels.rstrip("/")) :] for uri in files]
+
+
 def discover_classes(
     labels: str,
     output: str,
@@ -190,7 +200,7 @@ def discover_classes(
     """
     import ray
 
-    from diffcut.job.inputs import arrow_filesystem, check_uri
+    from diffcut.job.inputs import InputError, arrow_filesystem, check_uri
     from diffcut.job.ray_session import connect_ray
 
     started = time.time()
@@ -202,13 +212,13 @@ def discover_classes(
         raise ValueError(f"--sample-size ({sample_size}) must be at least --num-classes ({num_classes})")
     if weighting not in WEIGHTINGS:
         raise ValueError(f"--weighting must be one of {WEIGHTINGS}; got {weighting!r}")
-    shards, incomplete = schema.list_shards(labels)
-    if not shards:
-        raise ValueError(f"no label shards ({schema.SHARD_PREFIX}*.parquet) under {labels}")
+    files = units.label_files(labels)
+    if not files:
+        raise InputError(f"no labels under {labels}: not the output of `diffcut label` (or it recorded no unit yet)")
     _prepare_output(labels, output, overwrite)
     # Short columns first: the number of segments (for the sample's key bound) and the run's parameters.
     total_segments, first_params = 0, None
-    for uri in shards:
+    for uri in files:
         table = schema.read_shard(uri, columns=["status", "num_segments", "params"])
         for status, count, params in zip(*(table.column(c).to_pylist() for c in table.column_names)):
             if status == schema.STATUS_OK:
@@ -217,8 +227,7 @@ def discover_classes(
 
     started_ray = connect_ray(address, cpus_per_task)
     try:
-        filesystem, root = arrow_filesystem(labels)
-        paths = [root.rstrip("/") + "/" + uri.rsplit("/", 1)[-1] for uri in shards]
+        filesystem, paths = arrow_paths(labels, files)
         task_args = dict(batch_size=batch_rows, batch_format="pyarrow", num_cpus=cpus_per_task)
 
         def read(columns: list[str]):
@@ -286,7 +295,6 @@ def discover_classes(
         "rows": len(status),
         "ok": sum(s == schema.STATUS_OK for s in status),
         "error": sum(s != schema.STATUS_OK for s in status),
-        "skipped_incomplete_shards": incomplete,
         "sample_and_fit_seconds": round(fit_seconds, 3),
         "seconds": round(time.time() - started, 3),
         "labels_params": json.loads(first_params) if first_params else None,

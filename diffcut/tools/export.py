@@ -28,7 +28,7 @@ import io
 import json
 import re
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -120,34 +120,26 @@ class UniqueNames:
 
 
 # --------------------------------------------------------------------------- reading
-def iter_label_rows(
-    labels: str, columns: Iterable[str] | None = None, *, batch_rows: int = 64, skipped: list[str] | None = None
-) -> Iterator[dict]:
+def iter_label_rows(labels: str, columns: Iterable[str] | None = None, *, batch_rows: int = 64) -> Iterator[dict]:
     """The rows of a labeling job's output, one dict at a time, never the whole dataset at once.
 
-    Reads the complete shards in name order, ``batch_rows`` rows at a time.
-    Like :func:`diffcut.job.schema.read_labels`, it keeps the first row of every
-    ``source`` (two runs racing on one output can both write an image) and
-    skips half-written shards; their URIs are appended to ``skipped``.
+    Reads the label file of every recorded unit (:func:`diffcut.job.units.label_files`) in order of unit,
+    ``batch_rows`` rows at a time: every input record has at most one row there, and a unit a killed run
+    left unrecorded is never read. Raises :class:`diffcut.job.storage.InputError` for an output that holds
+    no labels, or one in the layout of an earlier diffcut.
     """
-
-    from diffcut.job.inputs import open_filesystem
+    from diffcut.job import units
+    from diffcut.job.inputs import InputError, open_filesystem
 
     wanted = list(schema.COLUMNS if columns is None else columns)
-    read_columns = wanted if "source" in wanted else [*wanted, "source"]
-    complete, incomplete = schema.list_shards(labels)
-    if skipped is not None:
-        skipped.extend(incomplete)
-    seen: set[str] = set()
-    for uri in complete:
+    files = units.label_files(labels)
+    if not files:
+        raise InputError(f"no labels under {labels}: not the output of `diffcut label` (or it recorded no unit yet)")
+    for uri in files:
         fs, path = open_filesystem(uri)
         with fs.open(path, "rb") as handle:
-            for batch in schema.iter_shard_batches(handle, batch_rows, read_columns):
-                for row in batch.to_pylist():
-                    if row["source"] in seen:
-                        continue
-                    seen.add(row["source"])
-                    yield row
+            for batch in schema.iter_shard_batches(handle, batch_rows, wanted):
+                yield from batch.to_pylist()
 
 
 def read_class_ids(classes: str) -> dict[str, list[int]]:
@@ -221,7 +213,6 @@ class ExportSummary:
     files: int = 0
     error_rows: int = 0
     renamed: int = 0
-    skipped_incomplete_shards: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -276,7 +267,7 @@ def export_coco(
     images: list[dict] = []
     columns = ["image_id", "source", "status", "width", "height", "mask"]
     with tempfile.TemporaryFile("w+", encoding="utf-8") as annotations_file:
-        for row in iter_label_rows(labels, columns, skipped=summary.skipped_incomplete_shards):
+        for row in iter_label_rows(labels, columns):
             if row["status"] != schema.STATUS_OK:
                 summary.error_rows += 1
                 continue
@@ -363,7 +354,7 @@ def export_png(labels: str, output: str, *, classes: str | None = None, palette:
     with fs.open(open_filesystem(join_uri(output, INDEX_NAME))[1], "w", encoding="utf-8", newline="") as index:
         table = csv.writer(index)
         table.writerow(["file", "image_id", "source", "status", "num_segments", "error"])
-        for row in iter_label_rows(labels, columns, skipped=summary.skipped_incomplete_shards):
+        for row in iter_label_rows(labels, columns):
             if row["status"] != schema.STATUS_OK:
                 summary.error_rows += 1
                 table.writerow(["", row["image_id"], row["source"], row["status"], "", row["error"]])

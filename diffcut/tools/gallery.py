@@ -29,7 +29,7 @@ import math
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
@@ -196,7 +196,6 @@ class GallerySummary:
     without_picture: int = 0
     error_rows: int = 0
     thumbnails: int = 0
-    skipped_incomplete_shards: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -293,11 +292,6 @@ def build_gallery(
     output = check_uri(output)
     title = title or f"diffcut labels: {labels}"
     summary = GallerySummary(output=output)
-    fs, root = open_filesystem(output)
-    fs.makedirs(root.rstrip("/") + "/" + THUMBS_DIR, exist_ok=True)
-
-    def write(relative: str, data: bytes) -> None:
-        fs.pipe_file(open_filesystem(join_uri(output, relative))[1], data)
 
     # A first, light pass over short columns gives the page count and the runs' settings for every page.
     labeled = total_errors = 0
@@ -308,6 +302,13 @@ def build_gallery(
             parameter_sets[row["params"] or ""] = parameter_sets.get(row["params"] or "", 0) + 1
         else:
             total_errors += 1
+    # Created once labels were read: a wrong --input leaves no gallery folder behind.
+    fs, root = open_filesystem(output)
+    fs.makedirs(root.rstrip("/") + "/" + THUMBS_DIR, exist_ok=True)
+
+    def write(relative: str, data: bytes) -> None:
+        fs.pipe_file(open_filesystem(join_uri(output, relative))[1], data)
+
     shown = labeled if limit is None else min(labeled, max(0, int(limit)))
     pages = max(1, math.ceil(shown / per_page))
     summary.pages = pages
@@ -354,7 +355,7 @@ def build_gallery(
         "num_segments",
         "params",
     ]
-    for row in iter_label_rows(labels, columns, skipped=summary.skipped_incomplete_shards):
+    for row in iter_label_rows(labels, columns):
         if row["status"] != schema.STATUS_OK:
             errors.append((row["image_id"], row["source"], row["error"] or "unknown error"))
             summary.error_rows += 1

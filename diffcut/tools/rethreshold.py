@@ -25,13 +25,16 @@ For one row (:func:`rethreshold_row`):
   again), ``num_segments``, and ``params`` (``tau`` set to ``tau'``,
   ``rethresholded_from`` the tau the labels were first computed with).
 
-Error rows pass through unchanged. :func:`rethreshold_labels` streams a whole
-output shard by shard, batch by batch: one input shard gives one output shard
-of the same name and schema.
+Error rows pass through unchanged. :func:`rethreshold_labels` reads a whole
+output unit by unit, batch by batch: every recorded unit of the input gives the
+unit of the same name and schema in the output, written in the job's layout
+(:mod:`diffcut.job.units`: the label file, then its record), so that every
+reader reads the new output as it reads the job's, and the same command again
+resumes where a killed run stopped.
 
 Named outputs (``--vocabulary``): merged segments need new names, and the old
 ones cannot be combined into them (a class is not a mean of classes), so every
-re-thresholded ok row is named again (:class:`Renamer`): the image is read
+re-thresholded ok row is named again (:class:`~diffcut.tools.renaming.Renamer`): the image is read
 again from the row's ``source`` (local path, ``s3://`` URI or
 ``file.parquet#row=N``; :class:`diffcut.tools.gallery.SourceReader`), decoded at the
 mask size as the job's naming stage does, and named with the vocabulary and
@@ -46,13 +49,16 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from diffcut.job import schema
+from diffcut.job import schema, units
+from diffcut.job.storage import InputError, check_uri, describe_exception, open_filesystem
+from diffcut.job.writer import error_counts
 from diffcut.method.ncut import SplitTree
+from diffcut.tools.renaming import Renamer
 
 __all__ = [
     "prune_tree",
@@ -61,9 +67,10 @@ __all__ = [
     "rethreshold_row",
     "rethreshold_labels",
     "RethresholdSummary",
+    "Renamer",
 ]
 
-#: Rows read, converted and written at a time (bounds memory for large masks).
+#: Rows read and converted at a time (bounds the memory of row dicts for large masks).
 DEFAULT_BATCH_ROWS = 64
 
 
@@ -196,100 +203,21 @@ def rethreshold_row(row: Mapping[str, Any], tau_prime: float) -> dict:
     )
 
 
-class Renamer:
-    """Names re-thresholded rows again, reading each image from its ``source``.
-
-    ``vocabulary`` / ``naming_model``: None takes what the row's ``params``
-    recorded. One :class:`diffcut.method.naming.SegmentNamer` per (model, vocabulary)
-    met, loaded on first use (the text classifier is computed once for each).
-    """
-
-    def __init__(
-        self,
-        vocabulary: str | None = None,
-        naming_model: str | None = None,
-        *,
-        device: str = "cpu",
-        images_root: str | None = None,
-        image_column: str = "image",
-        max_image_pixels: int | None = None,
-    ):
-        from diffcut.job.inputs import DEFAULT_MAX_IMAGE_PIXELS
-        from diffcut.tools.gallery import SourceReader
-
-        self.vocabulary, self.naming_model, self.device = vocabulary, naming_model, device
-        self.reader = SourceReader(images_root, image_column=image_column)
-        self.max_image_pixels = max_image_pixels or DEFAULT_MAX_IMAGE_PIXELS
-        self._namers: dict[tuple[str, str], Any] = {}
-        self.renamed = 0
-        self.failed = 0
-
-    def _namer(self, naming_model: str, vocabulary: str):
-        key = (naming_model, vocabulary)
-        if key not in self._namers:
-            from diffcut.method.naming import SegmentNamer
-
-            self._namers[key] = SegmentNamer(naming_model, vocabulary, device=self.device)
-        return self._namers[key]
-
-    def _image_bytes(self, source: str) -> bytes:
-        from diffcut.job.webdataset import split_source
-
-        if split_source(source) is not None:
-            raise ValueError("WebDataset sources (shard.tar#key) are not read back one sample at a time")
-        return self.reader.read(source)
-
-    def __call__(self, row: dict) -> dict:
-        """The named version of a re-thresholded ok ``row``, or an error row saying why not; never raises."""
-        from diffcut.job.inputs import decode_image, redact
-        from diffcut.method.naming import DEFAULT_NAMING_MODEL
-
-        params = json.loads(row["params"]) if row.get("params") else {}
-        vocabulary = self.vocabulary or params.get("vocabulary")
-        naming_model = self.naming_model or params.get("naming_model") or DEFAULT_NAMING_MODEL
-        params.update(vocabulary=vocabulary, naming_model=naming_model)
-        row["params"] = schema.params_json(params)
-        try:
-            if vocabulary is None:
-                raise ValueError("its params record no vocabulary; pass --vocabulary")
-            try:
-                data = self._image_bytes(row["source"])
-            except Exception as error:  # noqa: BLE001 - moved, deleted, no credentials...
-                raise ValueError(
-                    f"the image could not be read from its source {row['source']!r}: {type(error).__name__}: {error}"
-                ) from None
-            size = (row["mask_width"], row["mask_height"])
-            pixels = decode_image(data, size, max_pixels=self.max_image_pixels).pixels
-            namer = self._namer(naming_model, vocabulary)
-            names = namer.name(pixels, schema.decode_mask(row["mask"]), row["num_segments"])
-            self.renamed += 1
-            return schema.named_row(row, names, namer.vocabulary.class_names)
-        except Exception as error:  # noqa: BLE001 - one image's failure is one error row
-            self.failed += 1
-            return schema.error_row(
-                row["image_id"],
-                row["source"],
-                redact(f"re-naming failed: {type(error).__name__}: {error}"),
-                params=row["params"],
-                width=row["width"],
-                height=row["height"],
-            )
-
-
 @dataclass
 class RethresholdSummary:
-    """What :func:`rethreshold_labels` did."""
+    """What :func:`rethreshold_labels` did: units written and skipped, and this run's rows."""
 
     input: str
     output: str
     tau: float
-    shards: int = 0
+    units: int = 0
+    #: units an earlier run with the same settings had written already (skipped: the same command resumes).
+    units_done_before: int = 0
     rows: int = 0
     ok: int = 0
     error: int = 0
     segments_before: int = 0
     segments_after: int = 0
-    skipped_incomplete_shards: list[str] = field(default_factory=list)
     #: named output: ok rows named again, and rows that became error rows because naming them failed.
     named: bool = False
     renamed: int = 0
@@ -299,15 +227,61 @@ class RethresholdSummary:
         return dict(self.__dict__)
 
 
-def _run_taus(shards: list[str]) -> set[float]:
-    """The distinct ``tau`` values in the ``params`` of the ok rows of some shards (reads one column)."""
+def _run_taus(records: list[units.UnitRecord]) -> set[float]:
+    """The distinct ``tau`` of the runs that labeled the units with an ok row (their records' ``params``)."""
     taus: set[float] = set()
-    for uri in shards:
-        table = schema.read_shard(uri, columns=["status", "params"])
-        for status, params in zip(table.column("status").to_pylist(), table.column("params").to_pylist()):
-            if status == schema.STATUS_OK and params:
-                taus.add(float(json.loads(params)["tau"]))
+    for record in records:
+        params = json.loads(record.params) if record.params else {}
+        if record.ok and "tau" in params:
+            taus.add(float(params["tau"]))
     return taus
+
+
+def unit_params(params: str | None, tau: float, vocabulary: str | None, naming_model: str | None) -> str:
+    """The ``params`` of a unit re-thresholded from one labeled with ``params``: those of its ok rows
+    (:func:`rethreshold_row`, then :class:`Renamer` when it is named: the job records a vocabulary exactly then)."""
+    values = json.loads(params) if params else {}
+    values["rethresholded_from"] = values.get("rethresholded_from", values.get("tau"))
+    values["tau"] = tau
+    if vocabulary is not None or values.get("vocabulary"):
+        from diffcut.method.naming import DEFAULT_NAMING_MODEL
+
+        values["vocabulary"] = vocabulary or values.get("vocabulary")
+        values["naming_model"] = naming_model or values.get("naming_model") or DEFAULT_NAMING_MODEL
+    return schema.params_json(values)
+
+
+def _read_records(input: str) -> list[units.UnitRecord]:
+    try:
+        return units.read_records(input)
+    except InputError:
+        raise
+    except Exception as error:  # noqa: BLE001 - storage errors name the input
+        raise InputError(f"cannot read the labels under {input}: {describe_exception(error)}") from None
+
+
+def _units_done(output: str, wanted: dict[str, str], inputs: dict[str, units.UnitRecord], overwrite: bool) -> set[str]:
+    """The units ``output`` holds already re-thresholded from the input units ``inputs`` with the params
+    ``wanted`` (unit -> params): they are skipped. Refuses an output holding other labels, unless
+    ``overwrite``, which deletes what the job's layout holds there (other files stay)."""
+    if overwrite:
+        units.remove_layout(output)
+        return set()
+    existing = units.read_records(output)  # refuses an earlier diffcut's layout
+    other = sorted(record.unit for record in existing if wanted.get(record.unit) != record.params)
+    if other:
+        raise InputError(
+            f"{output} already holds {len(other)} unit(s) of labels from another input or made with other "
+            f"settings ({other[0]}{', ...' if len(other) > 1 else ''}); pass --overwrite to replace them "
+            "or choose another --output"
+        )
+    # A unit the labeling job redid after it was re-thresholded (a --limit run completed since) is done again.
+    return {
+        record.unit
+        for record in existing
+        if (record.rows, record.complete) == (inputs[record.unit].rows, inputs[record.unit].complete)
+        and record.written >= inputs[record.unit].written
+    }
 
 
 def rethreshold_labels(
@@ -325,16 +299,19 @@ def rethreshold_labels(
 ) -> RethresholdSummary:
     """Re-threshold every row of the labeling job's output ``input`` at ``tau``; write to ``output``.
 
-    Checks every run tau first (the ``params`` column only), so a ``tau``
-    above any of them fails before anything is written. Then reads one shard
-    at a time in batches of ``batch_rows`` rows and writes a shard of the same
-    name under ``output``; shards a killed run left half-written are skipped.
+    Checks every run tau first (the unit records' ``params``), so a ``tau`` above any of them fails
+    before anything is written. Then, for every recorded unit of ``input``, reads its label file in
+    batches of ``batch_rows`` rows and writes the unit of the same name under ``output``, in the job's
+    layout (:mod:`diffcut.job.units`): its label file, then its record. The same command again resumes:
+    units ``output`` has recorded with the same settings are skipped, the others (cut off by a killed
+    run, never recorded) are written whole.
 
     Args:
         input: a labeling job output (local directory or ``s3://`` prefix).
         output: where to write; must differ from ``input``.
         tau: the new threshold, at most the tau of every labeled row.
-        overwrite: replace shards already under ``output`` (else refuse).
+        overwrite: replace the labels already under ``output`` (else an output holding units of other
+            labels or settings is refused).
         vocabulary, naming_model: name the new segments with these instead of
             what a named output's ``params`` recorded (a vocabulary also names
             an output made without one). See :class:`Renamer`.
@@ -343,75 +320,97 @@ def rethreshold_labels(
             ``file.parquet#row=N`` sources.
 
     Raises:
-        ValueError: ``tau`` too large, ``output == input``, or ``output``
-            already holds shards (without ``overwrite``).
+        ValueError: ``tau`` too large, ``output == input``, no labels under ``input``, ``input`` or
+            ``output`` in the layout of an earlier diffcut (:class:`diffcut.job.units.OldLayoutError`),
+            or ``output`` holding other labels (without ``overwrite``).
     """
-    import pyarrow.parquet as pq
-
-    from diffcut.job.inputs import check_uri, join_uri, open_filesystem
+    from diffcut.job.pipeline import new_run_id
 
     tau = _check_tau(tau)
     input, output = check_uri(input), check_uri(output)
     if input == output:
-        raise ValueError("--output must differ from --input (shards are rewritten, not edited in place)")
-    shards, incomplete = schema.list_shards(input)
-    if not shards:
-        raise ValueError(f"no label shards ({schema.SHARD_PREFIX}*.parquet) under {input}")
-    taus = _run_taus(shards)
+        raise ValueError("--output must differ from --input (units are rewritten, not edited in place)")
+    records = _read_records(input)
+    if not records:
+        raise InputError(f"no labels under {input}: not the output of `diffcut label` (or it recorded no unit yet)")
+    taus = _run_taus(records)
     if taus and tau > min(taus):
         raise ValueError(
             f"the labels were computed at tau={min(taus):g}; re-thresholding only works for tau <= "
             f"{min(taus):g} (got {tau:g}): the split tree does not record how rejected regions would split"
         )
-    existing, half_written = schema.list_shards(output)
-    if existing or half_written:
-        if not overwrite:
-            raise ValueError(
-                f"{output} already holds {len(existing) + len(half_written)} label shard(s); "
-                "pass --overwrite to replace them"
-            )
-        out_fs, _ = open_filesystem(output)
-        for uri in existing + half_written:
-            out_fs.rm(open_filesystem(uri)[1])
-
     if vocabulary is not None:
         from diffcut.method.naming import load_vocabulary
 
-        load_vocabulary(vocabulary)  # a bad vocabulary fails before anything is written
-    summary = RethresholdSummary(input=input, output=output, tau=tau, skipped_incomplete_shards=incomplete)
+        load_vocabulary(vocabulary)  # a bad vocabulary fails before anything is written or deleted
+    wanted = {record.unit: unit_params(record.params, tau, vocabulary, naming_model) for record in records}
+    done = _units_done(output, wanted, {record.unit: record for record in records}, overwrite)
+    summary = RethresholdSummary(input=input, output=output, tau=tau)
     renamer = Renamer(vocabulary, naming_model, device=device, images_root=images_root, image_column=image_column)
-    out_fs, out_root = open_filesystem(output)
-    out_fs.makedirs(out_root, exist_ok=True)
-    for uri in shards:
-        in_fs, in_path = open_filesystem(uri)
-        target = join_uri(output, uri.rsplit("/", 1)[-1])
-        with in_fs.open(in_path, "rb") as source, out_fs.open(open_filesystem(target)[1], "wb") as sink:
-            # A shard written with keep_metadata keeps its metadata column.
-            columns = pq.ParquetFile(source, pre_buffer=False).schema_arrow.names
-            keep_metadata = schema.METADATA_FIELD.name in columns
-            named_input = schema.SEMANTIC_MASK_FIELD.name in columns
-            named = named_input or vocabulary is not None
-            summary.named = summary.named or named
-            shard_schema = schema.labels_schema(keep_metadata=keep_metadata, named=named)
-            read_columns = schema.labels_schema(keep_metadata=keep_metadata, named=named_input).names
-            with pq.ParquetWriter(sink, shard_schema) as writer:
-                for batch in schema.iter_shard_batches(source, batch_rows, read_columns):
-                    rows = []
-                    for row in batch.to_pylist():
-                        new_row = rethreshold_row(row, tau)
-                        if named and new_row["status"] == schema.STATUS_OK:
-                            new_row = renamer(new_row)
-                        if keep_metadata:
-                            new_row[schema.METADATA_FIELD.name] = row[schema.METADATA_FIELD.name]
-                        summary.rows += 1
-                        if new_row["status"] == schema.STATUS_OK:
-                            summary.ok += 1
-                            summary.segments_before += int(row["num_segments"])
-                            summary.segments_after += int(new_row["num_segments"])
-                        else:
-                            summary.error += 1
-                        rows.append(new_row)
-                    writer.write_table(schema.rows_to_table(rows, shard_schema))
-        summary.shards += 1
+    run_id = new_run_id()
+    for record in records:
+        if record.unit in done:
+            summary.units_done_before += 1
+            continue
+        table = _rethreshold_file(units.label_file(input, record.unit), tau, vocabulary, renamer, summary, batch_rows)
+        data = units.table_bytes(table)
+        units.put_durably(units.label_file(output, record.unit), data)
+        errors = error_counts(table)
+        # The record last: the unit counts as done only once its label file is whole.
+        units.write_record(
+            output,
+            units.UnitRecord(
+                unit=record.unit,
+                rows=table.num_rows,
+                ok=table.num_rows - sum(errors.values()),
+                error=sum(errors.values()),
+                bytes=len(data),
+                params=wanted[record.unit],
+                run_id=run_id,
+                input=record.input,
+                sources=record.sources,
+                complete=record.complete,
+                errors=dict(errors.most_common(units.RECORD_ERRORS)),
+            ),
+        )
+        summary.units += 1
     summary.renamed, summary.renaming_failed = renamer.renamed, renamer.failed
     return summary
+
+
+def _rethreshold_file(
+    uri: str, tau: float, vocabulary: str | None, renamer: Renamer, summary: RethresholdSummary, batch_rows: int
+):
+    """The rows of one label file re-thresholded (named again when named), as one table of its schema."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fs, path = open_filesystem(uri)
+    tables = []
+    with fs.open(path, "rb") as source:
+        # A file written with keep_metadata keeps its metadata column.
+        columns = pq.ParquetFile(source, pre_buffer=False).schema_arrow.names
+        keep_metadata = schema.METADATA_FIELD.name in columns
+        named_input = schema.SEMANTIC_MASK_FIELD.name in columns
+        named = named_input or vocabulary is not None
+        summary.named = summary.named or named
+        file_schema = schema.labels_schema(keep_metadata=keep_metadata, named=named)
+        read_columns = schema.labels_schema(keep_metadata=keep_metadata, named=named_input).names
+        for batch in schema.iter_shard_batches(source, batch_rows, read_columns):
+            rows = []
+            for row in batch.to_pylist():
+                new_row = rethreshold_row(row, tau)
+                if named and new_row["status"] == schema.STATUS_OK:
+                    new_row = renamer(new_row)
+                if keep_metadata:
+                    new_row[schema.METADATA_FIELD.name] = row[schema.METADATA_FIELD.name]
+                summary.rows += 1
+                if new_row["status"] == schema.STATUS_OK:
+                    summary.ok += 1
+                    summary.segments_before += int(row["num_segments"])
+                    summary.segments_after += int(new_row["num_segments"])
+                else:
+                    summary.error += 1
+                rows.append(new_row)
+            tables.append(schema.rows_to_table(rows, file_schema))
+    return pa.concat_tables(tables) if tables else file_schema.empty_table()
