@@ -3,7 +3,7 @@
     python examples/train_segmenter.py --input samples --classes examples/sample-classes --steps 60
 
 The targets are the dataset-level classes of ``jobs/discover.py`` (the same
-class id means the same kind of segment in every image), joined with the
+class id means the same kind of segment in every image), paired with the
 input images by ``diffcut.tools.training.LabeledImages``; image and mask get the
 same resize. The network is a few convolutions (a downsampling encoder and a
 bilinear upsampling head), trained with per-pixel cross-entropy and Adam on

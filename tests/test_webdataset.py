@@ -304,14 +304,14 @@ def test_webdataset_on_s3_with_metadata_resumes_per_key(ray_local, s3_bucket, tm
     for row in ok:
         assert schema.decode_mask(row["mask"]).shape == (row["mask_height"], row["mask_width"]) == (21, 32)
 
-    # Back into training: the shards joined with their labels by source (shard.tar#key), on one
-    # machine (LabeledImages) and with Ray Data (ray_dataset, a hash join): the same pairs.
+    # Back into training: each shard paired with its unit's labels by source (shard.tar#key), on one
+    # machine (LabeledImages) and with Ray Data (ray_dataset, one map task per unit): the same pairs.
     local = LabeledImages(source, output, size=(24, 16))
     pairs = list(local)
     assert dict(local.counts) == {"pairs": 4, "error_rows": 1}
     assert all(image.shape == (3, 16, 24) and target["masks"].shape[1:] == (16, 24) for image, target in pairs)
-    built = ray_dataset(source, output, size=(24, 16), num_partitions=2)
-    assert (built.labeled, built.error_rows) == (4, 1)
+    built = ray_dataset(source, output, size=(24, 16), cpus_per_task=0.5)
+    assert (built.units, built.labeled, built.error_rows) == (2, 4, 1)
     batches = list(built.dataset.iter_torch_batches(batch_size=3))
     images = torch.cat([batch["image"] for batch in batches])
     targets = torch.cat([batch["target"] for batch in batches])

@@ -68,6 +68,8 @@ def chunk_name(run_id: str, index: int) -> str:
 def relative_name(uri: str, root: str) -> str:
     """``uri``'s path inside the input ``root`` (its base name when ``uri`` is the input itself)."""
     root = root.rstrip("/")
+    if root == "." and not uri.startswith("/"):
+        return uri  # the input is the working directory: its files are listed relative to it
     if uri.startswith(root + "/"):
         return uri[len(root) + 1 :]
     return uri.rsplit("/", 1)[-1]

@@ -1,29 +1,44 @@
 """Training on the labels: (image, target) pairs for a supervised segmentation model.
 
-The labels of ``diffcut label`` sit apart from the images they describe; this
-module joins them again, by ``source`` (every label row names the input record
-it came from: a file, ``file.parquet#row=N``, ``shard.tar#key``). The images
-are read from the same ``--input`` the job labeled, with the job's own
-readers, so every input kind works (image files, Parquet, WebDataset).
+The labels of ``diffcut label`` sit apart from the images they describe, one
+label file per *input unit* (a WebDataset shard, a Parquet file, a chunk of
+image files; :mod:`diffcut.job.units`). This module pairs them again unit by
+unit, a local join: for every recorded unit it reads the unit's label file
+(``source``, ``status``, ``mask``), reads that unit's input records with the
+job's own planners and readers (the one shard or Parquet file its record names
+in ``input``, or the image files it lists in ``sources``), and pairs them by
+``source`` in memory. A unit's images meet its labels in the one task that
+reads them: no image crosses the network twice, nothing is shuffled.
 
 * **Targets.** ``"instances"``: the per-image segments of the label output
   (``mask``: segment ids, which mean nothing across images). ``"semantic"``:
-  the dataset-level classes of ``jobs/discover.py`` (its ``classes-*.parquet``
-  ``mask``: class ids that mean the same thing in every image), the target a
-  semantic segmentation network trains on.
+  the dataset-level classes of ``jobs/discover.py``: its centroids
+  (``centroids.npy``) give every segment of a unit's label rows its class,
+  as discover's own second pass does
+  (:func:`diffcut.tools.discover_batches.classify_batch`), and the mask then
+  holds class ids that mean the same thing in every image, the target a
+  semantic segmentation network trains on. Its ``classes-*.parquet`` files are
+  not read.
 * **The same resize for image and mask.** The image is decoded as the job
   decodes it (EXIF orientation, RGB) and resized bilinearly to ``size``; the
   mask, stored at the image's upright size or an aspect-preserving
   ``--mask-size``, is resized to the same ``size`` with nearest-neighbour
   sampling, so labels stay labels (no blended ids) and stay on their pixels.
+* **Which units.** Every unit with a done record, incomplete ones (cut by
+  ``--limit``) included: their rows are valid. Input files no unit names
+  (added since the run) are not read. ``input`` must be the job's
+  ``--input``: the records name their files as the job listed them
+  (:func:`diffcut.job.inputs.canonical_input`), which is checked.
 * **Skipped, counted.** Error rows (``status == "error"``), input records
-  without a label row, and images that cannot be read are left out and
-  counted (:attr:`LabeledImages.counts`).
+  without a label row (a unit cut by ``--limit``) and images that cannot be
+  read (or are gone) are left out and counted (:attr:`LabeledImages.counts`).
 
 Two ways in: :class:`LabeledImages`, a PyTorch ``IterableDataset`` for one
-machine (its ``DataLoader`` workers split the input's read units), and
-:func:`ray_dataset`, a Ray Data pipeline (a hash join on ``source``) for
-``iter_torch_batches`` on a cluster. Ray is imported only there.
+machine (its ``DataLoader`` workers split the units), and :func:`ray_dataset`,
+a Ray Data pipeline for ``iter_torch_batches`` on a cluster: one row per unit
+(``from_items``) and one ``map_batches`` that runs the same local join, so its
+plan holds a read and a map, no join, shuffle or repartition; its counts come
+from the unit records. Ray is imported only there.
 """
 
 from __future__ import annotations
@@ -36,15 +51,18 @@ import numpy as np
 import pyarrow as pa
 from torch.utils.data import IterableDataset
 
-from diffcut.job import inputs, schema
+from diffcut.job import boundary, inputs, schema, units, webdataset
 
 TARGETS = ("semantic", "instances")
 
-#: Columns of a label (or class) row the join needs.
+#: Columns of a label row the pairing needs (instance targets; semantic ones need what classify_batch reads).
 _TARGET_COLUMNS = ["source", "status", "mask"]
 
-#: Read units per read call of :class:`LabeledImages` (image files of a call are fetched together).
+#: Read units per read call (image files of a call are fetched together, s3fs concurrently).
 _UNITS_PER_READ = 32
+
+#: Label rows per batch read from a unit's label file (semantic: the segments' descriptors of a batch).
+_LABEL_BATCH_ROWS = 256
 
 
 # =========================================================================== plain functions
@@ -97,25 +115,6 @@ def instance_masks(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return labels[None, :, :] == ids[:, None, None], ids.astype(np.int64)
 
 
-def read_targets(labels: str | None = None, classes: str | None = None) -> pa.Table:
-    """The ``source``, ``status``, ``mask`` of every label row (``target="instances"``: the
-    ``diffcut label`` output ``labels``) or class row (``"semantic"``: the ``jobs/discover.py``
-    output ``classes``), one row per source."""
-    if classes is not None:
-        from diffcut.tools.discover import read_classes
-
-        return read_classes(classes, columns=_TARGET_COLUMNS)
-    if labels is None:
-        raise ValueError("give the labels (instance targets) or the classes (semantic targets)")
-    return schema.read_labels(labels, columns=_TARGET_COLUMNS)
-
-
-def input_units(input: str, format: str = "auto", *, image_column: str = "image") -> pa.Table:
-    """The read units of every record of ``input``, planned as the labeling job plans them, so
-    their ``source`` values are the ones in the label rows."""
-    return inputs.plan_inputs(inputs.list_inputs(input, format), image_column=image_column).units
-
-
 def _target_kind(target: str | None, classes: str | None) -> str:
     target = target or ("semantic" if classes is not None else "instances")
     if target not in TARGETS:
@@ -123,6 +122,128 @@ def _target_kind(target: str | None, classes: str | None) -> str:
     if target == "semantic" and classes is None:
         raise ValueError("semantic targets need the classes of jobs/discover.py (classes=...)")
     return target
+
+
+def _labels_and_centroids(
+    labels: str | None, classes: str | None, target: str | None
+) -> tuple[str, str, np.ndarray | None]:
+    """(target kind, the label output, the centroids for semantic targets): ``labels`` defaults to
+    the label output the discover run ``classes`` was fitted on (its ``centroids.json``)."""
+    from diffcut.tools.discover import read_centroids, read_centroids_info
+
+    target = _target_kind(target, classes)
+    if labels is None and classes is not None:
+        labels = read_centroids_info(classes).get("labels")
+    if labels is None:
+        raise ValueError("give the labels (the output of diffcut label) or the classes of jobs/discover.py")
+    return target, labels, read_centroids(classes) if target == "semantic" else None
+
+
+# =========================================================================== the per-unit join
+def _under(uri: str, root: str) -> bool:
+    if root == ".":  # the working directory: its files are listed relative to it
+        return not uri.startswith("/") and "://" not in uri
+    return boundary.inside(uri, root.rstrip("/"))
+
+
+def training_units(input: str, labels: str, *, format: str = "auto") -> tuple[list[dict], list[units.UnitRecord]]:
+    """(one spec per recorded unit of ``labels``, the records): ``unit``, ``labels`` (its label file),
+    ``kind`` (``images``, ``parquet`` or ``webdataset``), ``root`` (the input's canonical spelling),
+    ``input`` and ``sources`` (as in the record). Raises InputError when there is no recorded
+    unit, no ``input``, or a unit's files do not lie under it."""
+    records = units.read_records(labels)
+    if not records:
+        raise inputs.InputError(f"no labeled units under {labels} (no _units/*.json): not a diffcut label output")
+    root = inputs.canonical_input(input)
+    fs, path = inputs.open_filesystem(root)
+    if not fs.exists(path):  # a relative --input from another directory: every read would fail
+        raise inputs.InputError(f"no input at {input!r}; pass the labeling job's --input, from the directory it ran in")
+    specs = []
+    for record in records:
+        if record.input is None:
+            kind = "images"
+        elif format in ("parquet", "webdataset"):
+            kind = format
+        else:
+            kind = "webdataset" if webdataset.is_shard(record.input) else "parquet"
+        first = record.input if record.input is not None else next(iter(record.sources or []), None)
+        if first is not None and not _under(first, root):
+            raise inputs.InputError(
+                f"unit {record.unit} of {labels} was labeled from {first}, which is not under {root}: "
+                "pass the labeling job's --input, spelled as it was (a relative path from the same directory)"
+            )
+        specs.append(
+            dict(
+                unit=record.unit,
+                labels=units.label_file(labels, record.unit),
+                kind=kind,
+                root=root,
+                input=record.input,
+                sources=record.sources,
+            )
+        )
+    return specs, records
+
+
+def unit_reads(spec: dict, *, image_column: str = "image") -> list[dict]:
+    """The read units of one unit's input records, planned as the job plans them (its Parquet
+    file or shard, or the image files of its chunk), so their ``source`` values are the label rows'."""
+    if spec["kind"] == "images":
+        files = list(spec["sources"] or [])
+        plan = inputs.plan_image_files(files, unit_files=max(1, len(files)))
+    elif spec["kind"] == "webdataset":
+        plan = webdataset.plan_shards([spec["input"]], root=spec["root"])
+    else:
+        plan = inputs.plan_parquet([spec["input"]], root=spec["root"], image_column=image_column)
+    return [dict(row, unit=spec["unit"]) for row in plan.units.to_pylist()]
+
+
+def unit_targets(spec: dict, centroids: np.ndarray | None = None) -> dict[str, tuple[str, bytes | None]]:
+    """source -> (status, mask PNG) of one unit's label rows; with ``centroids`` the mask holds class
+    ids (:func:`diffcut.tools.discover_batches.classify_batch` of the rows, batch by batch)."""
+    from diffcut.tools.discover_batches import _CLASSIFY_COLUMNS, classify_batch
+
+    columns = _TARGET_COLUMNS if centroids is None else _CLASSIFY_COLUMNS
+    fs, path = inputs.open_filesystem(spec["labels"])
+    found: dict[str, tuple[str, bytes | None]] = {}
+    with fs.open(path, "rb") as handle:
+        for batch in schema.iter_shard_batches(handle, _LABEL_BATCH_ROWS, columns):
+            table = pa.Table.from_batches([batch])
+            if centroids is not None:
+                table = classify_batch(table, centroids=centroids)
+            values = (table.column(name).to_pylist() for name in _TARGET_COLUMNS)
+            found.update((source, (status, mask)) for source, status, mask in zip(*values))
+    return found
+
+
+def _usable(found: tuple[str, bytes | None]) -> bool:
+    return found[0] == schema.STATUS_OK and found[1] is not None
+
+
+def unit_pairs(
+    spec: dict, *, counts: Counter, image_column: str = "image", centroids: np.ndarray | None = None
+) -> Iterator[tuple[bytes, bytes]]:
+    """(image bytes, mask PNG) of every ok label row of one unit whose input record reads, in input
+    order: the unit's label rows in memory, its input records streamed. What is skipped is added to
+    ``counts`` (``error_rows``, ``unlabeled``, ``unreadable``)."""
+    targets = unit_targets(spec, centroids)
+    try:
+        reads = unit_reads(spec, image_column=image_column)
+    except inputs.InputError:
+        reads = []  # its Parquet file is gone or broken: the unit's rows are counted below
+    for start in range(0, len(reads), _UNITS_PER_READ):
+        for record in inputs.read_units(reads[start : start + _UNITS_PER_READ], image_column=image_column):
+            found = targets.pop(record.source, None)
+            if found is None:
+                counts["unlabeled"] += 1
+            elif not _usable(found):
+                counts["error_rows"] += 1
+            elif record.error is not None or record.data is None:
+                counts["unreadable"] += 1
+            else:
+                yield record.data, found[1]
+    for found in targets.values():  # label rows whose input record is no longer there
+        counts["unreadable" if _usable(found) else "error_rows"] += 1
 
 
 # =========================================================================== PyTorch
@@ -145,11 +266,11 @@ def collate_instances(batch: Sequence[tuple]):
 
 
 class LabeledImages(IterableDataset):
-    """A PyTorch ``IterableDataset`` of (image, target) pairs: input images joined with their labels.
+    """A PyTorch ``IterableDataset`` of (image, target) pairs: input images paired with their labels.
 
     Args:
         input: the labeling job's ``--input`` (image files, Parquet, WebDataset shards).
-        labels: the job's ``--output`` (instance targets).
+        labels: the job's ``--output`` (default with ``classes``: the labels the classes were fitted on).
         classes: the output of ``jobs/discover.py`` on those labels (semantic targets).
         target: ``"semantic"`` (default when ``classes`` is given) or ``"instances"``.
         size: (width, height) of every pair, or N for N x N.
@@ -160,11 +281,12 @@ class LabeledImages(IterableDataset):
     ``masks`` (K, H, W) bool and ``segment_ids`` (K,) int64 (instances; batch
     them with :func:`collate_instances`).
 
-    The label rows (source, status, PNG mask) are held in memory, the images
-    are streamed. With ``DataLoader(num_workers=n)`` each worker reads every
-    n-th read unit. :attr:`counts` holds what was yielded and skipped
-    (``pairs``, ``error_rows``, ``unlabeled``, ``unreadable``) in the process
-    that iterates (with workers: in each worker).
+    The unit records are read when it is built; then unit after unit, the
+    unit's label rows are held in memory and its images streamed. With
+    ``DataLoader(num_workers=n)`` each worker takes every n-th unit.
+    :attr:`counts` holds what was yielded and skipped (``pairs``,
+    ``error_rows``, ``unlabeled``, ``unreadable``) in the process that iterates
+    (with workers: in each worker).
     """
 
     def __init__(
@@ -180,101 +302,72 @@ class LabeledImages(IterableDataset):
         max_image_pixels: int = inputs.DEFAULT_MAX_IMAGE_PIXELS,
     ):
         super().__init__()
-        self.target = _target_kind(target, classes)
+        self.target, labels, self.centroids = _labels_and_centroids(labels, classes, target)
         self.size = parse_size(size)
         self.image_column = image_column
         self.max_image_pixels = max_image_pixels
-        self.units = input_units(input, format, image_column=image_column).to_pylist()
-        table = read_targets(labels if self.target == "instances" else None, classes)
-        columns = (table.column(name).to_pylist() for name in _TARGET_COLUMNS)
-        self.targets: dict[str, tuple[str, bytes | None]] = {
-            source: (status, mask) for source, status, mask in zip(*columns)
-        }
+        self.units, self.records = training_units(input, labels, format=format)
         self.counts: Counter = Counter()
-
-    def _pair(self, record: inputs.RawRecord):
-        found = self.targets.get(record.source)
-        if found is None:
-            self.counts["unlabeled"] += 1
-            return None
-        status, mask = found
-        if status != schema.STATUS_OK or mask is None:
-            self.counts["error_rows"] += 1
-            return None
-        if record.error is not None:
-            self.counts["unreadable"] += 1
-            return None
-        try:
-            pixels, labels = image_and_target(record.data, mask, self.size, max_image_pixels=self.max_image_pixels)
-        except (inputs.ImageDecodeError, ValueError):
-            self.counts["unreadable"] += 1
-            return None
-        self.counts["pairs"] += 1
-        return _torch_pair(pixels, labels, self.target)
 
     def __iter__(self) -> Iterator[tuple]:
         from torch.utils.data import get_worker_info
 
         worker = get_worker_info()
-        units = self.units if worker is None else self.units[worker.id :: worker.num_workers]
-        for start in range(0, len(units), _UNITS_PER_READ):
-            for record in inputs.read_units(units[start : start + _UNITS_PER_READ], image_column=self.image_column):
-                pair = self._pair(record)
-                if pair is not None:
-                    yield pair
+        specs = self.units if worker is None else self.units[worker.id :: worker.num_workers]
+        for spec in specs:
+            pairs = unit_pairs(spec, counts=self.counts, image_column=self.image_column, centroids=self.centroids)
+            for data, mask in pairs:
+                try:
+                    pixels, labels = image_and_target(data, mask, self.size, max_image_pixels=self.max_image_pixels)
+                except (inputs.ImageDecodeError, ValueError):
+                    self.counts["unreadable"] += 1
+                    continue
+                self.counts["pairs"] += 1
+                yield _torch_pair(pixels, labels, self.target)
 
 
 # =========================================================================== Ray Data
 @dataclass
 class RayTrainingData:
     """What :func:`ray_dataset` builds: ``dataset`` (columns ``image`` (3, H, W) float32 and
-    ``target`` (H, W) int64, for ``iter_torch_batches``) and the counts of label rows used
-    (``labeled``) and skipped (``error_rows``). Input records without a label row drop out of
-    the join without being counted."""
+    ``target`` (H, W) int64, for ``iter_torch_batches``), and from the unit records the number of
+    ``units`` and of their ok (``labeled``) and error (``error_rows``) label rows."""
 
     dataset: object
     labeled: int
     error_rows: int
+    units: int = 0
 
 
-def _read_sources(units: pa.Table, *, image_column: str) -> pa.Table:
-    """Ray Data UDF: read units -> (source, data) of every readable record."""
-    sources, data = [], []
-    for record in inputs.read_units(units.to_pylist(), image_column=image_column):
-        if record.error is None and record.data is not None:
-            sources.append(record.source)
-            data.append(record.data)
-    return pa.table({"source": pa.array(sources, pa.string()), "data": pa.array(data, pa.binary())})
-
-
-def _ok_targets(batch: pa.Table) -> pa.Table:
-    import pyarrow.compute as pc
-
-    return batch.filter(pc.equal(batch.column("status"), schema.STATUS_OK)).select(["source", "mask"])
-
-
-def _pairs(batch: pa.Table, *, size: tuple[int, int], max_image_pixels: int) -> dict:
-    """Ray Data UDF: joined (source, data, mask) rows -> numpy ``image`` / ``target`` batches."""
-    images, targets = [], []
-    for data, mask in zip(batch.column("data").to_pylist(), batch.column("mask").to_pylist()):
-        try:
-            pixels, labels = image_and_target(data, mask, size, max_image_pixels=max_image_pixels)
-        except (inputs.ImageDecodeError, ValueError):
-            continue  # the labeling job made an error row for it as well, or the file changed since
-        images.append(pixels.transpose(2, 0, 1).astype(np.float32) / 255.0)
-        targets.append(labels)
-    width, height = size
-    if not images:
-        return {"image": np.zeros((0, 3, height, width), np.float32), "target": np.zeros((0, height, width), np.int64)}
+def _arrays(images: list[np.ndarray], targets: list[np.ndarray]) -> dict:
     return {"image": np.stack(images), "target": np.stack(targets)}
 
 
-def _target_files(labels: str | None, classes: str | None) -> list[str]:
-    if classes is not None:
-        from diffcut.tools.discover import _class_shards
-
-        return _class_shards(classes)
-    return schema.list_shards(labels)[0]
+def join_units(
+    batch: pa.Table,
+    *,
+    size: tuple[int, int],
+    image_column: str,
+    centroids: np.ndarray | None,
+    max_image_pixels: int,
+    pairs_per_batch: int,
+) -> Iterator[dict]:
+    """Ray Data UDF: unit specs (:func:`training_units`) -> numpy ``image`` / ``target`` batches of up to
+    ``pairs_per_batch`` pairs, each unit joined locally (:func:`unit_pairs`)."""
+    images, targets = [], []
+    for spec in batch.to_pylist():
+        for data, mask in unit_pairs(spec, counts=Counter(), image_column=image_column, centroids=centroids):
+            try:
+                pixels, labels = image_and_target(data, mask, size, max_image_pixels=max_image_pixels)
+            except (inputs.ImageDecodeError, ValueError):
+                continue  # the labeling job made an error row for it as well, or the file changed since
+            images.append(pixels.transpose(2, 0, 1).astype(np.float32) / 255.0)
+            targets.append(labels)
+            if len(images) == pairs_per_batch:
+                yield _arrays(images, targets)
+                images, targets = [], []
+    if images:
+        yield _arrays(images, targets)
 
 
 def ray_dataset(
@@ -286,48 +379,42 @@ def ray_dataset(
     size: int | Sequence[int] = 256,
     format: str = "auto",
     image_column: str = "image",
-    num_partitions: int | None = None,
-    units_per_task: int = 64,
+    cpus_per_task: float = 1.0,
+    pairs_per_batch: int = 32,
     max_image_pixels: int = inputs.DEFAULT_MAX_IMAGE_PIXELS,
 ) -> RayTrainingData:
     """(image, target) pairs as a Ray Data pipeline, for training at scale.
 
-    The same join as :class:`LabeledImages`, distributed: read tasks turn the
-    input's read units into (source, bytes), the label (or class) shards are
-    read with ``read_parquet`` and their error rows filtered out, a hash join
-    on ``source`` (``num_partitions`` partitions: default one per 64 read
-    units) pairs them, and a map decodes and resizes both. Targets are label
-    maps: class ids (semantic) or segment ids (instances; a variable number of
-    masks per image does not fit a tensor column).
+    The same per-unit join as :class:`LabeledImages`, distributed:
+    ``from_items`` makes one row per recorded unit (its name, label file and
+    input), and one ``map_batches`` task per unit reads the unit's label rows
+    and its input records, pairs them by source, decodes and resizes both
+    (:func:`join_units`, ``cpus_per_task`` CPUs each). No join, no shuffle:
+    image bytes go from storage to the task that decodes them. Targets are
+    label maps: class ids (semantic) or segment ids (instances; a variable
+    number of masks per image does not fit a tensor column).
 
     Use: ``ray_dataset(...).dataset.iter_torch_batches(batch_size=32)`` gives
     dicts with ``image`` (B, 3, H, W) and ``target`` (B, H, W) tensors.
     """
     import ray
 
-    target = _target_kind(target, classes)
-    size = parse_size(size)
-    target_labels = labels if target == "instances" else None
-    statuses = read_targets(target_labels, classes if target == "semantic" else None).column("status").to_pylist()
-    labeled = sum(status == schema.STATUS_OK for status in statuses)
-
-    units = input_units(input, format, image_column=image_column)
-    blocks = [units.slice(start, units_per_task) for start in range(0, units.num_rows, units_per_task)]
-    images = ray.data.from_arrow(blocks).map_batches(
-        _read_sources, batch_size=units_per_task, batch_format="pyarrow", fn_kwargs=dict(image_column=image_column)
+    target, labels, centroids = _labels_and_centroids(labels, classes, target)
+    specs, records = training_units(input, labels, format=format)
+    arguments = dict(
+        size=parse_size(size),
+        image_column=image_column,
+        centroids=centroids,
+        max_image_pixels=max_image_pixels,
+        pairs_per_batch=max(1, int(pairs_per_batch)),
     )
-    files = _target_files(target_labels, classes if target == "semantic" else None)
-    if not files:
-        raise inputs.InputError(f"no label shards under {classes if target == 'semantic' else labels}")
-    filesystem, _ = inputs.arrow_filesystem(files[0]) if files else (None, None)
-    paths = [inputs.arrow_filesystem(uri)[1] for uri in files]
-    # One file per read task; keep the join's key and what the pairs need.
-    targets = ray.data.read_parquet(paths, filesystem=filesystem, columns=_TARGET_COLUMNS).map_batches(
-        _ok_targets, batch_format="pyarrow"
+    # One unit per call: a unit is the unit of work, its label rows and read units are planned in the task.
+    dataset = ray.data.from_items(specs).map_batches(
+        join_units, batch_size=1, batch_format="pyarrow", fn_kwargs=arguments, num_cpus=cpus_per_task
     )
-    partitions = num_partitions or max(1, len(blocks))
-    joined = images.join(targets, join_type="inner", num_partitions=partitions, on=("source",))
-    dataset = joined.map_batches(
-        _pairs, batch_format="pyarrow", fn_kwargs=dict(size=size, max_image_pixels=max_image_pixels)
+    return RayTrainingData(
+        dataset=dataset,
+        labeled=sum(record.ok for record in records),
+        error_rows=sum(record.error for record in records),
+        units=len(records),
     )
-    return RayTrainingData(dataset=dataset, labeled=labeled, error_rows=len(statuses) - labeled)
