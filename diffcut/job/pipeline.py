@@ -83,7 +83,7 @@ def label_dataset(
     create_bucket: bool = False,
     dry_run: bool = False,
 ) -> dict:
-    """Label every image under ``input`` (docs/method.md §2) and write one Parquet label file per input unit to ``output``.
+    """Label every image under ``input`` (docs/method.md §2); one Parquet label file per input unit in ``output``.
 
     Parameters
     ----------
