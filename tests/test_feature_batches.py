@@ -23,7 +23,7 @@ from diffcut.job.feature_batches import DECODED_SCHEMA, FeatureBatches
 from diffcut.method.features import FeatureExtractor
 
 try:
-    import diffcut.job.stages  # noqa: F401
+    import diffcut.job.dataflow  # noqa: F401
     guard = "ray importable"
 except ImportError:
     guard = "ray blocked"
@@ -61,7 +61,7 @@ def test_feature_batches_and_the_gpu_benchmark_run_with_ray_unimportable(tmp_pat
     )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["guard"] == "ray blocked" and result["ray"]  # the Ray stages cannot import there; this can
+    assert result["guard"] == "ray blocked" and result["ray"]  # the Ray dataflow cannot import there; this can
     # Three 64x96 images in two calls of 2 (the second padded), the 96x64 one in a padded call of its own.
     assert sorted(map(tuple, result["calls"])) == [(2, 3, 64, 96), (2, 3, 64, 96), (2, 3, 96, 64)]
     assert max(result["errors"]) < 1e-2  # the same features as the extractor alone, to float16 rounding

@@ -12,6 +12,7 @@ import torch
 from test_webdataset import TINY
 
 from diffcut.job import schema
+from diffcut.job.writer import UNIT_COLUMNS
 from diffcut.method import naming
 
 
@@ -209,8 +210,15 @@ def test_naming_stage_names_rows_and_turns_failures_into_error_rows(tmp_path):
     failed["image_bytes"] = None
     rows = [good, broken, failed]
     batch = schema.rows_to_table([{k: v for k, v in r.items() if k != "image_bytes"} for r in rows])
-    table = stage(batch.append_column("image_bytes", pa.array([r["image_bytes"] for r in rows], pa.binary())))
-    assert table.schema == schema.NAMED_LABELS_SCHEMA
+    batch = batch.append_column("image_bytes", pa.array([r["image_bytes"] for r in rows], pa.binary()))
+    unit_columns = [pa.array(["u"] * 3), pa.array([-1, -1, 3], pa.int64())]
+    for field, column in zip(UNIT_COLUMNS, unit_columns):
+        batch = batch.append_column(field, column)
+    table = stage(batch)
+    # The named label columns, then the unit columns passed through for the write stage.
+    assert table.select(schema.NAMED_LABELS_SCHEMA.names).schema == schema.NAMED_LABELS_SCHEMA
+    assert table.column("unit_rows").to_pylist() == [-1, -1, 3]
+    table = table.select(schema.NAMED_LABELS_SCHEMA.names)
     named, error, passed = table.to_pylist()
     assert [s["class_name"] for s in named["segments"]] == [voc_name(s["class_id"]) for s in named["segments"]]
     assert all(0 <= s["class_id"] < 21 and 0 < s["class_score"] <= 1 for s in named["segments"])

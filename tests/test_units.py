@@ -289,12 +289,13 @@ def test_output_state_keeps_whole_units_and_removes_what_a_killed_or_limited_run
 
     # Without cleaning (a dry run): the same answer, nothing deleted.
     done, redo = resume.output_state(output, params, clean=False)
-    assert (done.units, done.sources, done.partial, redo) == ({"done"}, {"a.jpg", "b.jpg"}, ["cut"], 1)
+    # To redo: the unit --limit cut, the one recorded nowhere, the one with rows staged ("x").
+    assert (done.units, done.sources, done.partial, redo) == ({"done"}, {"a.jpg", "b.jpg"}, ["cut"], 3)
     assert (done.rows, done.ok, done.error) == (2, 2, 0)
     assert _files(tmp_path / "out") == before
 
     done, redo = resume.output_state(output, params)
-    assert (done.units, done.partial, redo) == ({"done"}, ["cut"], 2)  # the partial unit and the unrecorded one
+    assert (done.units, done.partial, redo) == ({"done"}, ["cut"], 3)
     assert _files(tmp_path / "out") == sorted([f"{units.LABELS_DIR}/done.parquet", f"{units.RECORDS_DIR}/done.json"])
     assert schema.read_labels(output).column("source").to_pylist() == ["a.jpg", "b.jpg"]
     assert resume.output_state(output, params)[1] == 0

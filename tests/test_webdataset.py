@@ -429,12 +429,6 @@ def test_metadata_column_reads_back_with_nulls_for_units_without_it(tmp_path):
     assert schema.read_labels(output, columns=["metadata"]).column("metadata").to_pylist() == ['{"url": "u"}', None]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AttributeError,
-    reason="diffcut/tools/rethreshold.py still lists the old layout (schema.list_shards); remove this marker "
-    "once it reads units",
-)
 def test_metadata_column_survives_rethresholding(tmp_path):
     """diffcut rethreshold keeps the optional column."""
     from diffcut.tools.rethreshold import rethreshold_labels
