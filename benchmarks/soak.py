@@ -6,7 +6,7 @@ Runs ``python jobs/label.py`` (an embedded Ray on 127.0.0.1, the tiny model on C
 * the RSS (and USS: memory only that process holds) of the driver and of every process it
   started -- Ray's GCS, raylet, agents, and the workers, named by their process titles
   (``ray::MapWorker(MapBatches(FeatureStage))``...; a task worker is named by the titles it had);
-* the rows written so far (footers of the finished shards; ``--shard-rows`` keeps them small).
+* the rows written so far (the unit records; ``--unit-files`` and ``--write-rows`` keep units small).
 
 Prints the per-process table of peak RSS/USS, the driver's and the long-lived actors' RSS at 10 %,
 50 % and 100 % of the rows, and the least-squares slope of RSS against rows written (MB per 1,000
@@ -78,16 +78,10 @@ def process_role(title: str) -> str:
 
 
 def rows_written(output: Path) -> int:
-    """Rows in the finished shards under ``output`` (a shard without a footer is not finished)."""
-    import pyarrow.parquet as pq
+    """Rows of the units recorded under ``output`` so far (their records)."""
+    from diffcut.job import units
 
-    total = 0
-    for path in output.glob("labels-*.parquet"):
-        try:
-            total += pq.ParquetFile(path).metadata.num_rows
-        except Exception:  # noqa: BLE001 - still being written
-            continue
-    return total
+    return sum(record.rows for record in units.read_records(str(output)))
 
 
 def sample_tree(driver, table: dict, now: float) -> float:
@@ -152,7 +146,8 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--shard-rows", type=int, default=50)
+    parser.add_argument("--unit-files", type=int, default=50)
+    parser.add_argument("--write-rows", type=int, default=50)
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between memory samples")
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--workdir", default=None, help="where the images and labels go (default: a temp dir)")
@@ -184,8 +179,10 @@ def main() -> int:
         str(args.resolution),
         "--batch-size",
         str(args.batch_size),
-        "--shard-rows",
-        str(args.shard_rows),
+        "--unit-files",
+        str(args.unit_files),
+        "--write-rows",
+        str(args.write_rows),
         "--decode-cpus",
         "0.5",
         "--extractor-cpus",

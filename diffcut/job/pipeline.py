@@ -206,7 +206,7 @@ def label_dataset(
 
 
 def new_run_id() -> str:
-    """A run's id: its UTC start time and 8 random hex digits (in its shards' names, preflight.JOB_SHARD_NAME)."""
+    """A run's id: its UTC start time and 8 random hex digits (in the names of its chunks of image files)."""
     return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
 
 
