@@ -171,7 +171,8 @@ def put_durably(uri: str, data: bytes) -> None:
         fs.pipe_file(path, data)
         return
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    temporary = f"{path}.{os.getpid()}.tmp"
+    # Hidden until renamed: a reader listing the folder (pyarrow, pandas, HF datasets) skips dot files.
+    temporary = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
     try:
         with open(temporary, "wb") as handle:
             handle.write(data)
