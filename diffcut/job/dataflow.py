@@ -29,6 +29,9 @@ DECODE_TASK_MEMORY = 512 * 2**20
 
 #: Unit finishes (:func:`diffcut.job.writer.finish_unit`) in flight at once; the driver waits for one beyond.
 FINISHES_IN_FLIGHT = 16
+#: How long a stopping run (a signal, a failure) waits for the finishes in flight: within Kubernetes' default
+#: 30 s grace period, with room for the summary.
+DRAIN_SECONDS = 15
 
 
 def run_stages(
@@ -213,7 +216,7 @@ class _Finishing:
     def drain(self, ended: bool) -> None:
         """Wait for every finish; after a clean end a unit found short (a duplicate had hidden a missing row)
         is recorded as incomplete, so that the next run redoes it."""
-        deadline = None if ended else time.monotonic() + 60
+        deadline = None if ended else time.monotonic() + DRAIN_SECONDS
         while self.pending:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             if left == 0.0:

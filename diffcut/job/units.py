@@ -83,10 +83,10 @@ def record_file(output: str, unit: str) -> str:
     return join_uri(output, f"{RECORDS_DIR}/{unit}.json")
 
 
-def part_file(output: str, run_id: str, unit: str, first_source: str, rows: int) -> str:
-    """Where a write task stages ``rows`` rows of ``unit``: named after its first source, so a retried
-    task replaces its own file instead of adding one."""
-    digest = hashlib.sha256(f"{first_source}\0{rows}".encode()).hexdigest()[:20]
+def part_file(output: str, run_id: str, unit: str, sources: Sequence[str]) -> str:
+    """Where a write task stages rows of ``unit``: named after their sources, so a retried task replaces its
+    own file instead of adding one, and two different batches never share a name."""
+    digest = hashlib.sha256("\0".join(sources).encode()).hexdigest()[:20]
     return join_uri(output, f"{PARTS_DIR}/{run_id}/{unit}/{digest}.parquet")
 
 

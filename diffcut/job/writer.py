@@ -89,7 +89,7 @@ def write_parts(batch: pa.Table, *, output: str, run_id: str, label_schema: pa.S
     for unit in dict.fromkeys(unit_column):
         taken = np.flatnonzero(unit_column == unit)
         table = batch.take(pa.array(taken)).drop_columns(names).select(label_schema.names).cast(label_schema)
-        part = units.part_file(output, run_id, unit, table.column("source")[0].as_py(), table.num_rows)
+        part = units.part_file(output, run_id, unit, table.column("source").to_pylist())
         path = open_filesystem(part)[1]
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         retrying(fs.pipe_file, path, units.table_bytes(table))
