@@ -1,7 +1,7 @@
 """The readers' entry point to the labeling job's output (README, docs/output-format.md).
 
 The format is defined in :mod:`diffcut.job.schema`; this module names what a reader of
-label shards uses, under a short path: ``from diffcut.schema import read_labels``.
+labels uses, under a short path: ``from diffcut.schema import read_labels``.
 """
 
 from diffcut.job.schema import (

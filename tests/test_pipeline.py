@@ -205,7 +205,7 @@ def test_local_folder_resume_overwrite_and_agreement_with_the_library(
     staged.write_bytes(data)
 
     second = label_dataset(str(sample_dir), output, **job_arguments(dict(**TINY)))
-    assert second["removed_incomplete_units"] == 1
+    assert second["removed_incomplete_units"] == 2  # the unrecorded label file's unit and the staged one
     assert not killed.exists() and not (tmp_path / "labels" / "_parts").exists()
     assert (second["processed"], second["already_done"], second["output_rows"]) == (4, 2, 6)
     rows = check_labels(output, tiny_feature_dim)

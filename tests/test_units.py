@@ -240,7 +240,8 @@ def test_finish_unit_records_a_unit_only_once_its_label_file_is_written(tmp_path
     # The record cannot be written (a folder where its temporary file goes): the label file is, but no reader
     # sees it, and the next run sweeps it.
     (output / units.LABELS_DIR).unlink()
-    blocker = Path(f"{units.record_file(str(output), 'u')}.{os.getpid()}.tmp")
+    record_path = Path(units.record_file(str(output), "u"))
+    blocker = record_path.with_name(f".{record_path.name}.{os.getpid()}.tmp")
     blocker.mkdir(parents=True)
     with pytest.raises(OSError):
         _finish(str(output), "u", parts, expected=1)

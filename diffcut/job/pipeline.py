@@ -1,8 +1,8 @@
-"""The labeling job on Ray Data: images in, Parquet label shards out (docs/architecture.md).
+"""The labeling job on Ray Data: images in, one Parquet label file per input unit out (docs/architecture.md).
 
 Stages (one Ray Data operator each, streaming):
 
-1. **read + decode** (CPU tasks): a read unit is one image file, the pending
+1. **read + decode** (CPU tasks): a read unit is one image file, the
    rows of one Parquet row group (:mod:`diffcut.job.inputs`), or one WebDataset tar
    shard, streamed (:mod:`diffcut.job.webdataset`); bytes are decoded,
    EXIF-rotated, converted to RGB and resized to the model's input size
@@ -15,8 +15,10 @@ Stages (one Ray Data operator each, streaming):
 3. **segment** (CPU actor pool): recursive normalized cut with its split tree,
    concept assignment at the mask size, optional PAMR, descriptors, and the
    output row (:func:`diffcut.method.segmenter.segment_features`, :mod:`diffcut.job.schema`).
-4. **write**: ``write_parquet`` shards named ``labels-<run id>-...`` directly
-   under the output.
+4. **write** (:mod:`diffcut.job.writer`): rows staged per input unit; once a unit
+   (a WebDataset shard, a Parquet file, a chunk of ``unit_files`` image files) is
+   whole, its ``labels/<unit>.parquet`` is written, then its record
+   ``_units/<unit>.json`` (:mod:`diffcut.job.units`).
 
 A run's settings are the frozen dataclasses of :mod:`diffcut.job.settings`: what changes the labels
 (:class:`~diffcut.job.settings.LabelSettings`, recorded with every row), the speed options and each stage's pool.
@@ -26,18 +28,18 @@ Before anything is listed or written, the locations are checked
 (:mod:`diffcut.job.lease`: one run per output) and holds it to the end.
 ``dry_run=True`` stops after the checks and the plan, and reports it.
 
-Every input record gives exactly one row. Re-runs resume: the sources of the
-rows in complete shards are skipped, shards a killed run left half-written are
-deleted first, and readers keep one row per source
+Every input record gives exactly one row. Re-runs resume from the unit records
+alone (O(units), docs/scale.md): recorded units are skipped, what a killed run left
+unrecorded is deleted and redone whole, and readers read recorded units only
 (:func:`diffcut.job.schema.read_labels`). ``overwrite=True`` deletes the job's
-shards and summary and starts over. SIGTERM/SIGINT stop a run cleanly
+labels, records and summary and starts over. SIGTERM/SIGINT stop a run cleanly
 (:class:`~diffcut.job.ray_session.StopSignals`). What Ray Data retries on lost workers, nodes and
 storage errors, and what this module adds to make every input come out
 exactly once, is in docs/reliability.md.
 
 The stages are in :mod:`diffcut.job.stages`, the Ray Data dataset that chains them in
 :mod:`diffcut.job.dataflow`, the Ray session and the stop signals in :mod:`diffcut.job.ray_session`, resume
-(which rows an output already has) and the summary in :mod:`diffcut.job.resume`; this module runs them in
+(which units an output already has) and the summary in :mod:`diffcut.job.resume`; this module runs them in
 order. Ray is imported only by these three modules of the job (here inside the
 functions that run the pipeline, so the checks and ``--dry-run`` never load it) and by
 the tools that run on a cluster: discover, training.
@@ -90,8 +92,8 @@ def label_dataset(
     input : str
         Local path or ``s3://`` URI of image files, Parquet, or WebDataset shards.
     output : str
-        Local directory or ``s3://`` prefix for the ``labels-*.parquet`` shards
-        (:func:`diffcut.job.schema.read_labels`); a rerun labels only what has no row yet.
+        Local directory or ``s3://`` prefix for the labels (``labels/<unit>.parquet``, docs/output-format.md)
+        (:func:`diffcut.job.schema.read_labels`); a rerun labels only the units not recorded yet.
     label : LabelSettings, optional
         What changes the labels (model, tau, resolution, ...; :class:`diffcut.job.settings.LabelSettings`),
         stored with every row (the ``params`` column). Default: the paper's settings.
@@ -118,7 +120,7 @@ def label_dataset(
     References
     ----------
     .. [1] P. Couairon et al., NeurIPS 2024, arXiv:2406.02842 (the method, per image).
-    .. [2] docs/output-format.md (the shards' columns).
+    .. [2] docs/output-format.md (the layout and the columns).
 
     Examples
     --------
@@ -176,7 +178,7 @@ def label_dataset(
             exists=exists,
         )
     preflight.prepare_output(output, create_bucket=create_bucket)
-    # Plan, run and summarize: under the lease, as what follows deletes and writes shards.
+    # Plan, run and summarize: under the lease, as what follows deletes and writes units.
     with lease:
         return _label(
             output,

@@ -3,10 +3,10 @@
 Before the first image is read: the credentials of every S3 location the job
 touches, whether input and output are the same place, and the output: a
 folder or prefix (not a file), its bucket present (created only with
-``--create-bucket``), nothing in it that the job would read as its own label
-shards, writable (a probe object is written and deleted), and no live run
+``--create-bucket``), nothing in it that the job would take for its own
+labels, writable (a probe object is written and deleted), and no live run
 writing to it (:mod:`diffcut.job.lease`). Also the ``--dry-run`` report: what a
-run would do, from the listing and the output's shards only.
+run would do, from the listing and the output's unit records only.
 docs/reliability.md, "Checked before the run starts". Plain Python, no Ray.
 """
 
