@@ -10,7 +10,6 @@ Python on Arrow tables (no Ray).
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -87,35 +86,43 @@ def plan_image_files(
     run_id: str = "run",
 ) -> Plan:
     """One read unit per image file not yet done (``image_id`` = ``source`` = the file's URI), in output
-    units of ``unit_files`` files (:func:`diffcut.job.units.chunk_name`)."""
+    units of ``unit_files`` files (:func:`diffcut.job.units.chunk_name`). Built column by column in Arrow:
+    a listing of millions of files costs its paths once, not a Python list per file (docs/scale.md)."""
+    import numpy as np
+
     done = done or Done()
-    pending = [uri for uri in files if uri not in done.sources] if done.sources else list(files)
-    already_done = len(files) - len(pending)
-    if limit is not None:
-        pending = pending[: max(0, int(limit))]
     if unit_files < 1:
         raise InputError(f"--unit-files must be at least 1; got {unit_files}")
-    names = [units.chunk_name(run_id, index // unit_files) for index in range(len(pending))]
-    table = pa.Table.from_pydict(
-        {
-            "kind": ["file"] * len(pending),
-            "path": pending,
-            "unit": names,
-            "row_group": [None] * len(pending),
-            "rows": [[0]] * len(pending),
-            "image_ids": [[uri] for uri in pending],
-            "sources": [[uri] for uri in pending],
-            "errors": [[None]] * len(pending),
-        },
+    pending = pa.array(files, pa.string())
+    if done.sources:
+        pending = pending.filter(pa.array([uri not in done.sources for uri in files], pa.bool_()))
+    already_done = len(files) - len(pending)
+    if limit is not None:
+        pending = pending.slice(0, max(0, int(limit)))
+    count = len(pending)
+    chunks = -(-count // unit_files)
+    names = [units.chunk_name(run_id, index) for index in range(chunks)]
+    chunk_of = pa.array(np.arange(count, dtype=np.int32) // unit_files)
+    one_each = pa.array(np.arange(count + 1, dtype=np.int32))  # offsets: a list of one value per row
+    table = pa.Table.from_arrays(
+        [
+            pa.DictionaryArray.from_arrays(pa.array(np.zeros(count, np.int8)), pa.array(["file"])).cast(pa.string()),
+            pending,
+            pa.DictionaryArray.from_arrays(chunk_of, pa.array(names, pa.string())).cast(pa.string()),
+            pa.nulls(count, pa.int32()),
+            pa.ListArray.from_arrays(one_each, pa.array(np.zeros(count, np.int64))),
+            pa.ListArray.from_arrays(one_each, pending),
+            pa.ListArray.from_arrays(one_each, pending),
+            pa.ListArray.from_arrays(one_each, pa.nulls(count, pa.string())),
+        ],
         schema=UNIT_SCHEMA,
     )
-    expected = Counter(names)
-    chunks = len(expected)
+    expected = {name: min(unit_files, count - index * unit_files) for index, name in enumerate(names)}
     return Plan(
         units=table,
         listed=len(files),
         already_done=already_done,
-        planned=len(pending),
+        planned=count,
         units_listed=len(done.units) + chunks if limit is None else None,
         units_done=len(done.units),
         expected=dict(expected),
