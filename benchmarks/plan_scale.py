@@ -308,7 +308,7 @@ def measure(config: dict) -> dict:
         "units_listed": plan.units_listed,
         "units_done_before": plan.units_done,
         "units_planned": len(plan.expected),
-        "listed_files": len(listing.files),
+        "listed_files": len(listing.paths),
         "already_done": plan.already_done,
         "output_rows": summary["output_rows"],
         "duplicate_check": summary.get("duplicate_keys", {}).get("checked"),
@@ -322,7 +322,7 @@ def measure(config: dict) -> dict:
         result["arrow_held_after_step_mib"] = {name: round(value / 2**20, 1) for name, value in arrow.items()}
         result["tracemalloc_peak_mib"] = round(max(value[1] for value in held.values()) / 2**20, 1)
         snapshot = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(False, tracemalloc.__file__)])
-        files = max(1, len(listing.files))
+        files = max(1, len(listing.paths))
         for stat in snapshot.statistics("lineno")[:15]:
             frame = stat.traceback[0]
             where = os.path.relpath(frame.filename, REPO) if frame.filename.startswith(str(REPO)) else frame.filename

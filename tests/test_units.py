@@ -291,7 +291,7 @@ def test_output_state_keeps_whole_units_and_removes_what_a_killed_or_limited_run
     # Without cleaning (a dry run): the same answer, nothing deleted.
     done, redo = resume.output_state(output, params, clean=False)
     # To redo: the unit --limit cut, the one recorded nowhere, the one with rows staged ("x").
-    assert (done.units, done.sources, done.partial, redo) == ({"done"}, {"a.jpg", "b.jpg"}, ["cut"], 3)
+    assert (done.units, set(done.sources.to_pylist()), done.partial, redo) == ({"done"}, {"a.jpg", "b.jpg"}, ["cut"], 3)
     assert (done.rows, done.ok, done.error) == (2, 2, 0)
     assert _files(tmp_path / "out") == before
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+from collections.abc import Iterator
 from urllib.parse import quote
 
 from diffcut.job.storage import check_uri, is_remote, open_filesystem
@@ -112,15 +113,18 @@ def inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
-def walk(root: str, excluded: str | None = None) -> tuple[list[str], list[tuple[str, str]]]:
-    """(regular files under the real directory ``root``, [(path, why not read)]), recursively.
+def walk(root: str, excluded: str | None = None, refused: list | None = None) -> Iterator[list[str]]:
+    """The regular files under the real directory ``root``, recursively: one list per directory, so that a
+    caller can keep a million names compactly (not as Python strings all at once); every
+    (path, why not read) of a link, special file or unlistable folder is appended to ``refused``.
 
     ``os.scandir`` gives each entry's type from the directory itself: no ``stat`` per
-    regular file (benchmarks/resume_plan.py lists a million); only the rare link or
-    special file costs one. ``excluded``: a real folder never listed (the
-    output). A folder below ``root`` that cannot be listed is named, not fatal.
+    regular file; only the rare link or special file costs one. ``excluded``: a real folder
+    never listed (the output). A folder below ``root`` that cannot be listed is named, not fatal;
+    ``root`` itself raises ``OSError``.
     """
-    files, refused, pending = [], [], [root]
+    refused = [] if refused is None else refused
+    pending = [root]
     while pending:
         directory = pending.pop()
         try:
@@ -130,11 +134,14 @@ def walk(root: str, excluded: str | None = None) -> tuple[list[str], list[tuple[
                 raise
             refused.append((directory, f"a folder that cannot be listed ({error.strerror or error})"))
             continue
+        files, folders = [], []
         with entries:
-            for entry in entries:
+            # In name order, folders deepest-first from the stack's end: where every folder holds either files
+            # or folders, the files come out in the order of their paths (the listing then need not sort them).
+            for entry in sorted(entries, key=lambda entry: entry.name):
                 if entry.is_dir(follow_symlinks=False):
                     if entry.path != excluded:
-                        pending.append(entry.path)
+                        folders.append(entry.path)
                 elif entry.is_file(follow_symlinks=False):
                     files.append(entry.path)
                 elif entry.is_symlink():
@@ -142,7 +149,9 @@ def walk(root: str, excluded: str | None = None) -> tuple[list[str], list[tuple[
                 else:
                     kind = file_kind(entry.stat(follow_symlinks=False).st_mode)
                     refused.append((entry.path, f"{kind}, not a regular file: never opened"))
-    return files, refused
+        pending.extend(reversed(folders))
+        if files:
+            yield files
 
 
 def _link_reason(path: str, root: str) -> str:

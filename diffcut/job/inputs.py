@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from diffcut.job import boundary
 from diffcut.job.images import (  # noqa: F401 (re-exported)
@@ -85,7 +88,7 @@ MAGIC_BYTES = 16
 class InputListing:
     """What :func:`list_inputs` found.
 
-    format: ``"images"``, ``"parquet"`` or ``"webdataset"``; files: their URIs, sorted;
+    format: ``"images"``, ``"parquet"`` or ``"webdataset"``; paths: their URIs, sorted (``files``: as a list);
     skipped: how many files under the input are not inputs (hidden files,
     ``.txt``, files without an extension that are not images, img2dataset's
     sidecars of the shards, symbolic links, FIFOs...); skipped_named: the first
@@ -93,10 +96,15 @@ class InputListing:
     """
 
     format: str
-    files: list[str]
+    paths: pa.Array  # the files' URIs (strings), sorted: compact, for listings of millions
     skipped: int = 0
     skipped_named: list[dict] = field(default_factory=list)
     root: str = ""  # the input's canonical spelling (:func:`canonical_input`)
+
+    @property
+    def files(self) -> list[str]:
+        """The files' URIs as a list (a copy of :attr:`paths`: for the few units of Parquet and WebDataset inputs)."""
+        return self.paths.to_pylist()
 
 
 def sniff_image_format(head: bytes) -> str | None:
@@ -158,13 +166,20 @@ def _hidden(relative: str) -> bool:
     return relative.startswith(".") or "/." in relative
 
 
-def _local_files(shown: str, exclude: str | None) -> tuple[list[str], list[str], list[tuple[str, str]], bool]:
+@dataclass
+class _Found:
+    """Every file under an input: ``chunks`` yields the visible ones a folder at a time (a local walk is
+    streamed: the caller keeps them compactly), ``hidden`` and ``refused`` fill as it is consumed."""
+
+    chunks: Iterable[list[str]]
+    hidden: list[str] = field(default_factory=list)
+    refused: list[tuple[str, str]] = field(default_factory=list)
+    single_file: bool = False
+
+
+def _local_files(shown: str, exclude: str | None) -> _Found:
     """As :func:`_relative_files` for the canonical local path ``shown`` (``boundary.canonical_root``)."""
     root = os.path.realpath(shown)
-
-    def text(path: str) -> str:
-        return boundary.path_text(boundary.shown_path(path, root, shown))
-
     try:
         mode = os.stat(root).st_mode
     except FileNotFoundError:
@@ -172,7 +187,7 @@ def _local_files(shown: str, exclude: str | None) -> tuple[list[str], list[str],
     except OSError as error:
         raise InputError(f"cannot list {boundary.path_text(shown)}: {error.strerror or error}") from None
     if stat.S_ISREG(mode):
-        return [boundary.path_text(shown)], [], [], True
+        return _Found([[boundary.path_text(shown)]], single_file=True)
     if not stat.S_ISDIR(mode):
         raise InputError(
             f"input {boundary.path_text(shown)!r} is {boundary.file_kind(mode)}: give a folder or a regular file"
@@ -181,21 +196,36 @@ def _local_files(shown: str, exclude: str | None) -> tuple[list[str], list[str],
     if exclude is not None and not is_remote(exclude):
         excluded = os.path.realpath(check_uri(exclude))
     if excluded is not None and boundary.inside(root, excluded):
-        return [], [], [], False  # the input lies inside the output: nothing in it is an input
-    try:
-        paths, refused = boundary.walk(root, excluded)
-    except OSError as error:
-        raise InputError(f"cannot list {boundary.path_text(shown)}: {describe_exception(error)}") from None
+        return _Found([])  # the input lies inside the output: nothing in it is an input
+    found = _Found([])
+    walked: list[tuple[str, str]] = []
     prefix = len(root.rstrip("/")) + 1
-    visible, hidden = [], []
-    for path in paths:
-        (hidden if _hidden(path[prefix:]) else visible).append(text(path))
-    return visible, hidden, [(text(p), reason) for p, reason in refused], False
+
+    # The walked path is the shown one when the input is its own real path: no second copy of every name.
+    def text(path: str) -> str:
+        return boundary.path_text(path if shown == root else boundary.shown_path(path, root, shown))
+
+    def chunks() -> Iterator[list[str]]:
+        try:
+            for paths in boundary.walk(root, excluded, walked):
+                visible = []
+                for path in paths:
+                    if _hidden(path[prefix:]):
+                        found.hidden.append(text(path))
+                    else:
+                        visible.append(text(path))
+                yield visible
+        except OSError as error:
+            raise InputError(f"cannot list {boundary.path_text(shown)}: {describe_exception(error)}") from None
+        found.refused.extend((text(p), reason) for p, reason in walked)
+
+    found.chunks = chunks()
+    return found
 
 
-def _relative_files(uri: str, exclude: str | None) -> tuple[list[str], list[str], list[tuple[str, str]], bool]:
-    """(URIs of every file under ``uri``, recursively; of the hidden ones among them; [(URI, why not
-    read)] of links and special files; whether ``uri`` is itself a file). ``uri`` is canonical."""
+def _relative_files(uri: str, exclude: str | None) -> _Found:
+    """Every file under ``uri``, recursively (visible ones by folder, hidden ones, and [(URI, why not
+    read)] of links and special files), and whether ``uri`` is itself a file. ``uri`` is canonical."""
     if not is_remote(uri):
         return _local_files(boundary.local_path(uri), exclude)
     fs, root = open_filesystem(uri)
@@ -203,7 +233,7 @@ def _relative_files(uri: str, exclude: str | None) -> tuple[list[str], list[str]
     try:
         check_credential_variables()
         if fs.isfile(root):
-            return [uri], [], [], True
+            return _Found([[uri]], single_file=True)
         exists = fs.exists(root)
         paths = fs.find(root.rstrip("/"), detail=False) if exists else []
     except Exception as error:  # noqa: BLE001 - storage errors (credentials, network) are the user's to fix
@@ -222,7 +252,7 @@ def _relative_files(uri: str, exclude: str | None) -> tuple[list[str], list[str]
             continue
         relative = path[len(root) :].lstrip("/") if path.startswith(root) else path
         (hidden if _hidden(relative) else visible).append(join_uri(uri, relative))
-    return visible, hidden, [], False
+    return _Found([visible], hidden=hidden)
 
 
 def canonical_input(uri: str) -> str:
@@ -266,28 +296,41 @@ def list_inputs(uri: str, format: str = "auto", *, exclude: str | None = None) -
     if format not in INPUT_FORMATS:
         raise InputError(f"unknown input format {format!r}; use one of {', '.join(INPUT_FORMATS)}")
     uri = canonical_input(uri)
-    found, hidden, refused, single_file = _relative_files(uri, exclude)
+    found = _relative_files(uri, exclude)
     from diffcut.job import webdataset
 
-    by_kind: dict[str, list[str]] = {"images": [], "parquet": [], "webdataset": [], "none": [], "other": []}
-    for f in found:  # one pass, one extension() per file: a listing can hold millions
-        ext = extension(f)
-        kind = (
-            "images"
-            if ext in IMAGE_EXTENSIONS
-            else "parquet"
-            if ext in PARQUET_EXTENSIONS
-            else "webdataset"
-            if webdataset.is_shard(f, ext)
-            else "other"
-            if ext
-            else "none"
-        )
-        by_kind[kind].append(f)
-    images, parquet, shards = by_kind["images"], by_kind["parquet"], by_kind["webdataset"]
+    # Image files are kept as Arrow strings a folder at a time (a listing can hold millions, docs/scale.md);
+    # the other kinds are few (units) and stay lists.
+    image_chunks: list[pa.Array] = []
+    by_kind: dict[str, list[str]] = {"parquet": [], "webdataset": [], "none": [], "other": []}
+    single: list[str] = []
+    for chunk in found.chunks:
+        images_here = []
+        for f in chunk:  # one extension() per file
+            ext = extension(f)
+            if ext in IMAGE_EXTENSIONS:
+                images_here.append(f)
+                continue
+            kind = (
+                "parquet"
+                if ext in PARQUET_EXTENSIONS
+                else "webdataset"
+                if webdataset.is_shard(f, ext)
+                else "other"
+                if ext
+                else "none"
+            )
+            by_kind[kind].append(f)
+        if images_here:
+            image_chunks.append(pa.array(images_here, pa.string()))
+        if found.single_file:
+            single = list(chunk)
+    images = pa.chunked_array(image_chunks, pa.string())  # no copy of the names until they are sorted
+    del image_chunks
+    parquet, shards, none = by_kind["parquet"], by_kind["webdataset"], by_kind["none"]
     if format == "auto" and shards:
         sidecars = set(webdataset.sidecar_files(shards, parquet))
-        others = images or [f for f in parquet if f not in sidecars]
+        others = images[:1].to_pylist() or [f for f in parquet if f not in sidecars]
         if others:
             raise InputError(
                 f"{uri!r} holds both tar shards ({len(shards)}) and other inputs ({others[0]}...); "
@@ -295,31 +338,43 @@ def list_inputs(uri: str, format: str = "auto", *, exclude: str | None = None) -
             )
         format = "webdataset"
     if format == "auto":
-        if images and parquet:
+        if len(images) and parquet:
             raise InputError(
                 f"{uri!r} holds both image files ({len(images)}) and Parquet files ({len(parquet)}); "
                 "choose one with --format images or --format parquet"
             )
         format = "parquet" if parquet else "images"
-    if format == "images" and not single_file:
+    if format == "images" and not found.single_file:
         # Content-addressed stores name files by hash alone: those are images when their bytes say so.
-        sniffed = sniff_images(by_kind["none"])
-        images += [f for f, kind in sniffed.items() if kind is not None]
-    files = {"parquet": parquet, "webdataset": shards}.get(format, images)
-    if single_file and not files:
-        files = list(found)  # an explicitly named file is used whatever its extension
-    if not files:
+        sniffed = sniff_images(none)
+        sniffed_images = pa.array([f for f in none if sniffed[f] is not None], pa.string())
+        images = pa.chunked_array([*images.chunks, sniffed_images], pa.string())
+        none = [f for f in none if sniffed[f] is None]
+    if format == "images":
+        files, not_chosen = images, parquet + shards + by_kind["other"] + none
+    elif format == "parquet":
+        files, not_chosen = pa.array(parquet, pa.string()), shards + images.to_pylist() + by_kind["other"] + none
+    else:
+        files, not_chosen = pa.array(shards, pa.string()), parquet + images.to_pylist() + by_kind["other"] + none
+    if found.single_file and not len(files):
+        files, not_chosen = pa.array(single, pa.string()), []  # a file named as the input, whatever its extension
+    if not len(files):
         kinds = {"parquet": "Parquet files", "webdataset": ".tar, .tar.gz or .tgz shards"}.get(
             format, f"image files ({', '.join(sorted(IMAGE_EXTENSIONS))})"
         )
         raise InputError(f"no {kinds} found under {uri!r}")
-    skipped = [(f, "hidden file") for f in hidden] + refused
-    if len(files) != len(found):
-        chosen = set(files)
-        skipped += [(f, None) for f in found if f not in chosen]
+    skipped = [(f, "hidden file") for f in found.hidden] + found.refused + [(f, None) for f in not_chosen]
     skipped.sort()
     named = [{"path": f, "reason": reason or _skip_reason(f, format)} for f, reason in skipped[:SKIPPED_NAMED]]
-    return InputListing(format=format, files=sorted(files), skipped=len(skipped), skipped_named=named, root=uri)
+    return InputListing(format=format, paths=_sorted(files), skipped=len(skipped), skipped_named=named, root=uri)
+
+
+def _sorted(paths: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """``paths`` in one array, sorted; a listing walked in order (:func:`diffcut.job.boundary.walk`) is only checked."""
+    flat = paths.combine_chunks() if isinstance(paths, pa.ChunkedArray) else paths
+    if len(flat) > 1 and not pc.all(pc.less_equal(flat[:-1], flat[1:])).as_py():
+        flat = flat.take(pc.sort_indices(flat))
+    return flat
 
 
 # Read units: defined in diffcut.job.plan (imported last: plan imports InputListing from here).

@@ -10,11 +10,12 @@ Python on Arrow tables (no Ray).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from diffcut.job import boundary, units
 from diffcut.job.storage import InputError, describe_exception, is_remote, open_filesystem, redact
@@ -23,13 +24,16 @@ if TYPE_CHECKING:  # diffcut.job.inputs re-exports this module's names, so it is
     from diffcut.job.inputs import InputListing
 
 # =========================================================================== planning
+#: The type of a read unit's output unit name: dictionary-encoded, as thousands of read units share one.
+UNIT_NAME_TYPE = pa.dictionary(pa.int32(), pa.string())
+
 #: Arrow schema of a read unit: one image file, or the rows of one Parquet row group; ``unit`` names the
 #: output unit its rows belong to (:mod:`diffcut.job.units`).
 UNIT_SCHEMA = pa.schema(
     [
         pa.field("kind", pa.string()),  # "file" or "parquet"
         pa.field("path", pa.string()),  # URI of the file
-        pa.field("unit", pa.string()),
+        pa.field("unit", UNIT_NAME_TYPE),
         pa.field("row_group", pa.int32()),  # Parquet only
         pa.field("rows", pa.list_(pa.int64())),  # Parquet: row indices within the row group
         pa.field("image_ids", pa.list_(pa.string())),
@@ -43,13 +47,14 @@ UNIT_SCHEMA = pa.schema(
 class Done:
     """What an output already holds, from its unit records (:func:`diffcut.job.resume.output_state`).
 
-    units: the complete units' names; sources: the files of its chunks of image files (files
-    added to the input since are in no chunk); rows, ok, error: the recorded units' rows;
-    partial: units recorded incomplete (cut by ``--limit``), redone whole.
+    units: the complete units' names; sources: the files of its chunks of image files, an Arrow
+    string array (or any collection of strings; files added to the input since are in no chunk);
+    rows, ok, error: the recorded units' rows; partial: units recorded incomplete (cut by ``--limit``),
+    redone whole.
     """
 
     units: set[str] = field(default_factory=set)
-    sources: set[str] = field(default_factory=set)
+    sources: pa.Array | Collection[str] = field(default_factory=lambda: pa.array([], pa.string()))
     rows: int = 0
     ok: int = 0
     error: int = 0
@@ -78,7 +83,7 @@ class Plan:
 
 
 def plan_image_files(
-    files: Sequence[str],
+    files: pa.Array | Sequence[str],
     done: Done | None = None,
     limit: int | None = None,
     *,
@@ -93,10 +98,12 @@ def plan_image_files(
     done = done or Done()
     if unit_files < 1:
         raise InputError(f"--unit-files must be at least 1; got {unit_files}")
-    pending = pa.array(files, pa.string())
-    if done.sources:
-        pending = pending.filter(pa.array([uri not in done.sources for uri in files], pa.bool_()))
-    already_done = len(files) - len(pending)
+    pending = files if isinstance(files, pa.Array) else pa.array(list(files), pa.string())
+    listed = len(pending)
+    if len(done.sources):
+        value_set = done.sources if isinstance(done.sources, pa.Array) else pa.array(list(done.sources), pa.string())
+        pending = pending.filter(pc.invert(pc.is_in(pending, value_set=value_set)))
+    already_done = listed - len(pending)
     if limit is not None:
         pending = pending.slice(0, max(0, int(limit)))
     count = len(pending)
@@ -108,7 +115,7 @@ def plan_image_files(
         [
             pa.DictionaryArray.from_arrays(pa.array(np.zeros(count, np.int8)), pa.array(["file"])).cast(pa.string()),
             pending,
-            pa.DictionaryArray.from_arrays(chunk_of, pa.array(names, pa.string())).cast(pa.string()),
+            pa.DictionaryArray.from_arrays(chunk_of, pa.array(names, pa.string())),
             pa.nulls(count, pa.int32()),
             pa.ListArray.from_arrays(one_each, pa.array(np.zeros(count, np.int64))),
             pa.ListArray.from_arrays(one_each, pending),
@@ -120,7 +127,7 @@ def plan_image_files(
     expected = {name: min(unit_files, count - index * unit_files) for index, name in enumerate(names)}
     return Plan(
         units=table,
-        listed=len(files),
+        listed=listed,
         already_done=already_done,
         planned=count,
         units_listed=len(done.units) + chunks if limit is None else None,
@@ -285,7 +292,7 @@ def plan_inputs(
 
         plan = plan_shards(listing.files, root=listing.root, done=done)
     else:
-        plan = plan_image_files(listing.files, done=done, limit=limit, unit_files=unit_files, run_id=run_id)
+        plan = plan_image_files(listing.paths, done=done, limit=limit, unit_files=unit_files, run_id=run_id)
     plan.skipped_files = listing.skipped
     return plan
 

@@ -17,6 +17,8 @@ import logging
 import os
 import time
 
+import pyarrow as pa
+
 from diffcut.job import inputs, schema, units, webdataset
 from diffcut.job.plan import Done
 from diffcut.job.settings import changed_settings
@@ -35,9 +37,19 @@ def output_state(output: str, params: dict, *, clean: bool = True) -> tuple[Done
     with other parameters. Reads the unit records only. Cleaning (the lease's holder only, as another
     run's units are unrecorded while it writes them) deletes staged parts, label files without a record
     and the units a ``--limit`` cut, so that they are redone whole."""
-    records = units.read_records(output)
     current = schema.params_json(params)
-    for stored in {record.params for record in records} - {current}:
+    done, sources, others = Done(), [], set()
+    for record in units.iter_records(output):  # folded as read: the records are never all held
+        if record.params != current:
+            others.add(record.params)
+        if not record.complete:
+            done.partial.append(record.unit)
+            continue
+        done.units.add(record.unit)
+        if record.sources:
+            sources.append(pa.array(record.sources, pa.string()))
+        done.rows, done.ok, done.error = done.rows + record.rows, done.ok + record.ok, done.error + record.error
+    for stored in sorted(others):
         changed = changed_settings(json.loads(stored), params)
         if changed:
             details = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
@@ -45,14 +57,8 @@ def output_state(output: str, params: dict, *, clean: bool = True) -> tuple[Done
                 f"{output} holds labels made with other parameters ({details}); "
                 "pass --overwrite to replace them or choose another --output"
             )
-    done = Done()
-    for record in records:
-        if not record.complete:
-            done.partial.append(record.unit)
-            continue
-        done.units.add(record.unit)
-        done.sources.update(record.sources or ())
-        done.rows, done.ok, done.error = done.rows + record.rows, done.ok + record.ok, done.error + record.error
+    if sources:
+        done.sources = pa.concat_arrays(sources)
     if clean:
         units.remove_units(output, done.partial)
     redo = len(done.partial) + units.sweep(output, done.units | set(done.partial), delete=clean)

@@ -22,7 +22,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
@@ -36,6 +36,9 @@ PARTS_DIR = "_parts"
 
 #: Longest unit name kept whole (bytes); longer ones keep a prefix and a hash (file names stop at 255).
 MAX_NAME_BYTES = 160
+
+#: Records read ahead at a time (:func:`iter_records`).
+RECORDS_PER_BATCH = 64
 
 #: Error messages a record keeps, most common first (the run summary's ``common_errors`` come from them).
 RECORD_ERRORS = 10
@@ -147,20 +150,27 @@ def recorded_units(output: str) -> list[str]:
     return _names(output, RECORDS_DIR, ".json")
 
 
-def read_records(output: str, units: Sequence[str] | None = None, threads: int | None = None) -> list[UnitRecord]:
-    """The records of ``units`` (default: every recorded unit), read ``threads`` at a time."""
+def iter_records(output: str, units: Sequence[str] | None = None, threads: int | None = None) -> Iterator[UnitRecord]:
+    """The records of ``units`` (default: every recorded unit), read ``threads`` at a time and handed over a
+    batch at a time, so that a caller folding them into counts never holds them all."""
     units = recorded_units(output) if units is None else units
     fs, root = open_filesystem(output)
     folder = f"{root.rstrip('/')}/{RECORDS_DIR}"
-    threads = threads or (32 if is_remote(output) else 4)
 
     def read(unit: str) -> UnitRecord:
         return UnitRecord.from_json(fs.cat_file(f"{folder}/{unit}.json"), record_file(output, unit))
 
     if len(units) < 64:
-        return [read(unit) for unit in units]
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        return list(pool.map(read, units, chunksize=64))
+        yield from map(read, units)
+        return
+    with ThreadPoolExecutor(max_workers=threads or (32 if is_remote(output) else 4)) as pool:
+        for start in range(0, len(units), RECORDS_PER_BATCH):
+            yield from pool.map(read, units[start : start + RECORDS_PER_BATCH])
+
+
+def read_records(output: str, units: Sequence[str] | None = None, threads: int | None = None) -> list[UnitRecord]:
+    """The records of ``units`` (default: every recorded unit) as a list (:func:`iter_records`)."""
+    return list(iter_records(output, units, threads))
 
 
 def put_durably(uri: str, data: bytes) -> None:

@@ -61,7 +61,7 @@ SHARD_UNIT_SCHEMA = pa.schema(
     [
         pa.field("kind", pa.string()),  # "webdataset"
         pa.field("path", pa.string()),  # URI of the shard
-        pa.field("unit", pa.string()),
+        pa.field("unit", pa.dictionary(pa.int32(), pa.string())),
     ]
 )
 UNIT_KIND = "webdataset"
