@@ -96,7 +96,7 @@ class InputListing:
     """
 
     format: str
-    paths: pa.Array  # the files' URIs (strings), sorted: compact, for listings of millions
+    paths: pa.ChunkedArray  # the files' URIs (strings), sorted: compact, for listings of millions
     skipped: int = 0
     skipped_named: list[dict] = field(default_factory=list)
     root: str = ""  # the input's canonical spelling (:func:`canonical_input`)
@@ -369,12 +369,13 @@ def list_inputs(uri: str, format: str = "auto", *, exclude: str | None = None) -
     return InputListing(format=format, paths=_sorted(files), skipped=len(skipped), skipped_named=named, root=uri)
 
 
-def _sorted(paths: pa.Array | pa.ChunkedArray) -> pa.Array:
-    """``paths`` in one array, sorted; a listing walked in order (:func:`diffcut.job.boundary.walk`) is only checked."""
-    flat = paths.combine_chunks() if isinstance(paths, pa.ChunkedArray) else paths
-    if len(flat) > 1 and not pc.all(pc.less_equal(flat[:-1], flat[1:])).as_py():
-        flat = flat.take(pc.sort_indices(flat))
-    return flat
+def _sorted(paths: pa.Array | pa.ChunkedArray) -> pa.ChunkedArray:
+    """``paths`` sorted; a listing walked in order (:func:`diffcut.job.boundary.walk`) is only checked, and
+    keeps its chunks (one per folder): no second copy of a million names."""
+    paths = paths if isinstance(paths, pa.ChunkedArray) else pa.chunked_array([paths], pa.string())
+    if len(paths) > 1 and not pc.all(pc.less_equal(paths[:-1], paths[1:])).as_py():
+        paths = pa.chunked_array([paths.combine_chunks().take(pc.sort_indices(paths))], pa.string())
+    return paths
 
 
 # Read units: defined in diffcut.job.plan (imported last: plan imports InputListing from here).

@@ -83,7 +83,7 @@ class Plan:
 
 
 def plan_image_files(
-    files: pa.Array | Sequence[str],
+    files: pa.Array | pa.ChunkedArray | Sequence[str],
     done: Done | None = None,
     limit: int | None = None,
     *,
@@ -98,11 +98,13 @@ def plan_image_files(
     done = done or Done()
     if unit_files < 1:
         raise InputError(f"--unit-files must be at least 1; got {unit_files}")
-    pending = files if isinstance(files, pa.Array) else pa.array(list(files), pa.string())
+    pending = files if isinstance(files, (pa.Array, pa.ChunkedArray)) else pa.array(list(files), pa.string())
     listed = len(pending)
     if len(done.sources):
         value_set = done.sources if isinstance(done.sources, pa.Array) else pa.array(list(done.sources), pa.string())
         pending = pending.filter(pc.invert(pc.is_in(pending, value_set=value_set)))
+    if isinstance(pending, pa.ChunkedArray):
+        pending = pending.combine_chunks()
     already_done = listed - len(pending)
     if limit is not None:
         pending = pending.slice(0, max(0, int(limit)))
