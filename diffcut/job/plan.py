@@ -54,7 +54,7 @@ class Done:
     """
 
     units: set[str] = field(default_factory=set)
-    sources: pa.Array | Collection[str] = field(default_factory=lambda: pa.array([], pa.string()))
+    sources: pa.ChunkedArray | Collection[str] = field(default_factory=lambda: pa.chunked_array([], pa.string()))
     rows: int = 0
     ok: int = 0
     error: int = 0
@@ -101,31 +101,48 @@ def plan_image_files(
     pending = files if isinstance(files, (pa.Array, pa.ChunkedArray)) else pa.array(list(files), pa.string())
     listed = len(pending)
     if len(done.sources):
-        value_set = done.sources if isinstance(done.sources, pa.Array) else pa.array(list(done.sources), pa.string())
+        value_set = done.sources
+        if not isinstance(value_set, (pa.Array, pa.ChunkedArray)):
+            value_set = pa.array(list(value_set), pa.string())
         pending = pending.filter(pc.invert(pc.is_in(pending, value_set=value_set)))
-    if isinstance(pending, pa.ChunkedArray):
-        pending = pending.combine_chunks()
+    if not isinstance(pending, pa.ChunkedArray):
+        pending = pa.chunked_array([pending], pa.string())
     already_done = listed - len(pending)
     if limit is not None:
         pending = pending.slice(0, max(0, int(limit)))
     count = len(pending)
     chunks = -(-count // unit_files)
-    names = [units.chunk_name(run_id, index) for index in range(chunks)]
-    chunk_of = pa.array(np.arange(count, dtype=np.int32) // unit_files)
-    one_each = pa.array(np.arange(count + 1, dtype=np.int32))  # offsets: a list of one value per row
+    names = pa.array([units.chunk_name(run_id, index) for index in range(chunks)], pa.string())
+
+    def chunk_index(start: int, size: int) -> pa.Array:
+        return pa.array(np.arange(start, start + size) // unit_files, pa.int32())
+
+    # Column by column, chunk by chunk of the listing (one per folder): the paths are never copied.
+    columns: list[list[pa.Array]] = [[] for _ in UNIT_SCHEMA]
+    start = 0
+    for paths in pending.chunks:
+        size = len(paths)
+        one_each = pa.array(np.arange(size + 1, dtype=np.int32))  # offsets: a list of one value per row
+        for column, array in zip(
+            columns,
+            [
+                pa.array(["file"] * size, pa.string()),
+                paths,
+                pa.DictionaryArray.from_arrays(chunk_index(start, size), names),
+                pa.nulls(size, pa.int32()),
+                pa.ListArray.from_arrays(one_each, pa.array(np.zeros(size, np.int64))),
+                pa.ListArray.from_arrays(one_each, paths),
+                pa.ListArray.from_arrays(one_each, paths),
+                pa.ListArray.from_arrays(one_each, pa.nulls(size, pa.string())),
+            ],
+        ):
+            column.append(array)
+        start += size
     table = pa.Table.from_arrays(
-        [
-            pa.DictionaryArray.from_arrays(pa.array(np.zeros(count, np.int8)), pa.array(["file"])).cast(pa.string()),
-            pending,
-            pa.DictionaryArray.from_arrays(chunk_of, pa.array(names, pa.string())),
-            pa.nulls(count, pa.int32()),
-            pa.ListArray.from_arrays(one_each, pa.array(np.zeros(count, np.int64))),
-            pa.ListArray.from_arrays(one_each, pending),
-            pa.ListArray.from_arrays(one_each, pending),
-            pa.ListArray.from_arrays(one_each, pa.nulls(count, pa.string())),
-        ],
+        [pa.chunked_array(chunk_list, field.type) for chunk_list, field in zip(columns, UNIT_SCHEMA)],
         schema=UNIT_SCHEMA,
     )
+    names = names.to_pylist()
     expected = {name: min(unit_files, count - index * unit_files) for index, name in enumerate(names)}
     return Plan(
         units=table,

@@ -58,7 +58,7 @@ def output_state(output: str, params: dict, *, clean: bool = True) -> tuple[Done
                 "pass --overwrite to replace them or choose another --output"
             )
     if sources:
-        done.sources = pa.concat_arrays(sources)
+        done.sources = pa.chunked_array(sources, pa.string())  # one chunk per record: never copied whole
     if clean:
         units.remove_units(output, done.partial)
     redo = len(done.partial) + units.sweep(output, done.units | set(done.partial), delete=clean)
