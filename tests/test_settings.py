@@ -47,7 +47,7 @@ def test_the_resume_check_refuses_another_setting_and_names_it(tmp_path):
         output, units.UnitRecord("u", rows=1, ok=0, error=1, bytes=0, params=params, run_id="r", sources=["a.png"])
     )
     done, _ = resume.output_state(output, label.params())
-    assert (done.units, set(done.sources.to_pylist())) == ({"u"}, {"a.png"})
+    assert (done.units, set(done.sources)) == ({"u"}, {"a.png"})
     with pytest.raises(InputError, match=r"\(tau: 0.5 -> 0.3, timestep: 50 -> 10\)"):
         resume.output_state(output, replace(label, tau=0.3, timestep=10).params())
 

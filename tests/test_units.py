@@ -291,7 +291,7 @@ def test_output_state_keeps_whole_units_and_removes_what_a_killed_or_limited_run
     # Without cleaning (a dry run): the same answer, nothing deleted.
     done, redo = resume.output_state(output, params, clean=False)
     # To redo: the unit --limit cut, the one recorded nowhere, the one with rows staged ("x").
-    assert (done.units, set(done.sources.to_pylist()), done.partial, redo) == ({"done"}, {"a.jpg", "b.jpg"}, ["cut"], 3)
+    assert (done.units, set(done.sources), done.partial, redo) == ({"done"}, {"a.jpg", "b.jpg"}, ["cut"], 3)
     assert (done.rows, done.ok, done.error) == (2, 2, 0)
     assert _files(tmp_path / "out") == before
 
@@ -404,3 +404,18 @@ def test_image_files_are_planned_in_chunks_and_a_file_added_later_gets_a_new_one
 
     with pytest.raises(InputError, match="--unit-files"):
         inputs.plan_image_files(files, unit_files=0)
+
+
+def test_done_files_are_skipped_by_a_merge_of_each_runs_sorted_chunks():
+    from diffcut.job.plan import SortedSources, _not_in_sorted
+
+    listing = pa.chunked_array([pa.array(["a/1.jpg", "a/2.jpg", "a/3.jpg"]), pa.array(["b/1.jpg", "b/2.jpg"])])
+    runs = [lambda: iter(["a/1.jpg", "b/1.jpg"]), lambda: iter(["a/3.jpg", "gone.jpg"])]
+    plan = inputs.plan_image_files(listing, inputs.Done(sources=SortedSources(runs, 4)), unit_files=10)
+    assert plan.units.column("path").to_pylist() == ["a/2.jpg", "b/2.jpg"] and plan.already_done == 3
+    assert _not_in_sorted(listing, SortedSources(runs, 4)).to_pylist() == [False, True, False, False, True]
+    assert _not_in_sorted(listing, SortedSources([lambda: iter(["b/1.jpg", "a/1.jpg"])], 2)) is None
+    # Files out of order (not as the job records them): detected, and still exactly the done ones skipped.
+    shuffled = SortedSources([lambda: iter(["b/1.jpg", "a/1.jpg"])], 2)
+    plan = inputs.plan_image_files(listing, inputs.Done(sources=shuffled), unit_files=10)
+    assert plan.units.column("path").to_pylist() == ["a/2.jpg", "a/3.jpg", "b/2.jpg"]

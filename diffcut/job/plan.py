@@ -10,7 +10,8 @@ Python on Arrow tables (no Ray).
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+import heapq
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -43,18 +44,52 @@ UNIT_SCHEMA = pa.schema(
 )
 
 
+class SortedSources:
+    """The files of an output's recorded chunks of image files, streamed in path order, never all held.
+
+    ``streams``: one zero-argument callable per run that recorded chunks, each giving that run's files
+    in path order (its chunks were cut from a sorted listing, in order); ``count``: how many in all.
+    """
+
+    def __init__(self, streams: Sequence[Callable[[], Iterator[str]]], count: int):
+        self.streams, self.count = list(streams), count
+
+    def __iter__(self) -> Iterator[str]:
+        return heapq.merge(*(stream() for stream in self.streams))
+
+    def __len__(self) -> int:
+        return self.count
+
+
+def _not_in_sorted(paths: pa.ChunkedArray, sources: Iterable[str]) -> pa.ChunkedArray | None:
+    """For each of the sorted ``paths``, whether it is not among the sorted ``sources`` (a merge, no hash
+    of them); None when ``sources`` turn out not to be in order."""
+    stream = iter(sources)
+    current, masks = next(stream, None), []
+    for chunk in paths.chunks:
+        keep = []
+        for path in chunk.to_pylist():
+            while current is not None and current < path:
+                previous, current = current, next(stream, None)
+                if current is not None and current < previous:
+                    return None
+            keep.append(current != path)
+        masks.append(pa.array(keep, pa.bool_()))
+    return pa.chunked_array(masks, pa.bool_())
+
+
 @dataclass
 class Done:
     """What an output already holds, from its unit records (:func:`diffcut.job.resume.output_state`).
 
-    units: the complete units' names; sources: the files of its chunks of image files, an Arrow
-    string array (or any collection of strings; files added to the input since are in no chunk);
+    units: the complete units' names; sources: the files of its chunks of image files, streamed
+    (:class:`SortedSources`) or any collection of strings (files added to the input since are in no chunk);
     rows, ok, error: the recorded units' rows; partial: units recorded incomplete (cut by ``--limit``),
     redone whole.
     """
 
     units: set[str] = field(default_factory=set)
-    sources: pa.ChunkedArray | Collection[str] = field(default_factory=lambda: pa.chunked_array([], pa.string()))
+    sources: SortedSources | Collection[str] = field(default_factory=set)
     rows: int = 0
     ok: int = 0
     error: int = 0
@@ -100,13 +135,13 @@ def plan_image_files(
         raise InputError(f"--unit-files must be at least 1; got {unit_files}")
     pending = files if isinstance(files, (pa.Array, pa.ChunkedArray)) else pa.array(list(files), pa.string())
     listed = len(pending)
-    if len(done.sources):
-        value_set = done.sources
-        if not isinstance(value_set, (pa.Array, pa.ChunkedArray)):
-            value_set = pa.array(list(value_set), pa.string())
-        pending = pending.filter(pc.invert(pc.is_in(pending, value_set=value_set)))
     if not isinstance(pending, pa.ChunkedArray):
         pending = pa.chunked_array([pending], pa.string())
+    if len(done.sources):
+        keep = _not_in_sorted(pending, done.sources) if isinstance(done.sources, SortedSources) else None
+        if keep is None:  # a plain collection, or recorded files out of order: a hash of them all
+            keep = pc.invert(pc.is_in(pending, value_set=pa.array(list(done.sources), pa.string())))
+        pending = pending.filter(keep)
     already_done = listed - len(pending)
     if limit is not None:
         pending = pending.slice(0, max(0, int(limit)))

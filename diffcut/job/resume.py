@@ -16,11 +16,12 @@ import json
 import logging
 import os
 import time
-
-import pyarrow as pa
+from collections import defaultdict
+from collections.abc import Iterator
+from functools import partial
 
 from diffcut.job import inputs, schema, units, webdataset
-from diffcut.job.plan import Done
+from diffcut.job.plan import Done, SortedSources
 from diffcut.job.settings import changed_settings
 from diffcut.job.storage import OutputError
 from diffcut.job.writer import RunCounts
@@ -38,7 +39,7 @@ def output_state(output: str, params: dict, *, clean: bool = True) -> tuple[Done
     run's units are unrecorded while it writes them) deletes staged parts, label files without a record
     and the units a ``--limit`` cut, so that they are redone whole."""
     current = schema.params_json(params)
-    done, sources, others = Done(), [], set()
+    done, chunks, others, sources = Done(), defaultdict(list), set(), 0
     for record in units.iter_records(output):  # folded as read: the records are never all held
         if record.params != current:
             others.add(record.params)
@@ -46,8 +47,9 @@ def output_state(output: str, params: dict, *, clean: bool = True) -> tuple[Done
             done.partial.append(record.unit)
             continue
         done.units.add(record.unit)
-        if record.sources:
-            sources.append(pa.array(record.sources, pa.string()))
+        if record.sources:  # a chunk of image files: its files are streamed when planning, not kept
+            chunks[record.run_id].append(record.unit)
+            sources += len(record.sources)
         done.rows, done.ok, done.error = done.rows + record.rows, done.ok + record.ok, done.error + record.error
     for stored in sorted(others):
         changed = changed_settings(json.loads(stored), params)
@@ -58,13 +60,20 @@ def output_state(output: str, params: dict, *, clean: bool = True) -> tuple[Done
                 "pass --overwrite to replace them or choose another --output"
             )
     if sources:
-        done.sources = pa.chunked_array(sources, pa.string())  # one chunk per record: never copied whole
+        done.sources = SortedSources([partial(_chunk_sources, output, names) for names in chunks.values()], sources)
     if clean:
         units.remove_units(output, done.partial)
     redo = len(done.partial) + units.sweep(output, done.units | set(done.partial), delete=clean)
     if clean and redo:
         log.warning("removed %d unit(s) an earlier run left incomplete: they are redone whole", redo)
     return done, redo
+
+
+def _chunk_sources(output: str, names: list[str]) -> Iterator[str]:
+    """The files of one run's chunks, in path order: its chunks in name (= cut) order."""
+    # One run's chunk names differ only in their index (six digits and more): by length, then by name.
+    for record in units.iter_records(output, sorted(names, key=lambda name: (len(name), name))):
+        yield from record.sources or ()
 
 
 class RunFailed(OutputError):
