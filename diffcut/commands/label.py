@@ -169,6 +169,8 @@ def format_summary(summary: dict) -> str:
         f"labeled {summary['processed']} images in {summary['seconds']:.1f} s "
         f"({summary['images_per_second']:.2f} images/s): {summary['ok']} ok, {summary['error']} error",
         f"skipped {summary['already_done']} already labeled; {summary['skipped_non_input_files']} non-input files",
+        f"units: {summary['units_recorded']} of {summary['units_planned']} planned recorded this run, "
+        f"{summary['units_done_before']} done before",
         f"output {summary['output']}: {summary['output_rows']} rows, {summary['output_ok']} ok, "
         f"{summary['output_error']} error (error rate {summary['error_rate']:.2%})",
     ]
