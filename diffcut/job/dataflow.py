@@ -204,11 +204,11 @@ class _Finishing:
         )
         self.pending[ref] = (unit, complete)
 
-    def collect(self, *, block: bool, timeout: float | None = None) -> None:
+    def collect(self, *, block: bool) -> None:
         if not self.pending:
             return
         refs = list(self.pending)
-        ready, _ = ray.wait(refs, num_returns=1 if block else len(refs), timeout=timeout if block else 0)
+        ready, _ = ray.wait(refs, num_returns=1 if block else len(refs), timeout=None if block else 0)
         for ref in ready:
             unit, _ = self.pending.pop(ref)
             self.progress.finished_unit(unit, ray.get(ref))

@@ -96,20 +96,13 @@ class StoppedBeforeLabeling(Exception):
 
 def _write_summary(output: str, summary: dict) -> None:
     """Replace the output's summary whole; when that fails (a full disk), none stays that describes an older run."""
-    fs, root = inputs.open_filesystem(output)
-    fs.makedirs(root, exist_ok=True)
-    path, data = root.rstrip("/") + "/" + schema.SUMMARY_NAME, (json.dumps(summary, indent=2) + "\n").encode()
-    if inputs.is_remote(output):
-        fs.pipe_file(path, data)  # an object appears whole
-        return
-    temporary = f"{path}.{summary['run_id']}.tmp"
+    uri = inputs.join_uri(output, schema.SUMMARY_NAME)
     try:
-        fs.pipe_file(temporary, data)
-        os.replace(temporary, path)
+        units.put_durably(uri, (json.dumps(summary, indent=2) + "\n").encode())
     except OSError:
-        for name in (temporary, path):
-            if os.path.lexists(name):
-                os.unlink(name)
+        path = inputs.open_filesystem(uri)[1]
+        if not inputs.is_remote(output) and os.path.lexists(path):
+            os.unlink(path)
         raise
 
 

@@ -160,7 +160,7 @@ def iter_records(output: str, units: Sequence[str] | None = None, threads: int |
     def read(unit: str) -> UnitRecord:
         return UnitRecord.from_json(fs.cat_file(f"{folder}/{unit}.json"), record_file(output, unit))
 
-    if len(units) < 64:
+    if len(units) < RECORDS_PER_BATCH:
         yield from map(read, units)
         return
     with ThreadPoolExecutor(max_workers=threads or (32 if is_remote(output) else 4)) as pool:
@@ -254,12 +254,13 @@ def remove_layout(output: str) -> int:
     units were recorded."""
     fs, root = open_filesystem(output)
     fs.invalidate_cache()
-    recorded = len(_names(output, RECORDS_DIR, ".json")) + len(old_layout_shards(output))
+    old_shards = old_layout_shards(output)  # an earlier diffcut's shards go too
+    recorded = len(_names(output, RECORDS_DIR, ".json")) + len(old_shards)
     for folder in (RECORDS_DIR, LABELS_DIR, PARTS_DIR):
         path = f"{root.rstrip('/')}/{folder}"
         if fs.exists(path):
             fs.rm(path, recursive=True)
-    for name in ["_summary.json", *old_layout_shards(output)]:  # an earlier diffcut's shards too
+    for name in ["_summary.json", *old_shards]:
         path = f"{root.rstrip('/')}/{name}"
         if fs.exists(path):
             fs.rm_file(path)

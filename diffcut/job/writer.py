@@ -138,6 +138,32 @@ def write_unit(
     if expected is not None and table.num_rows < expected:
         return None
     table = table.take(pc.sort_indices(table, [("source", "ascending")]))
+    sources = table.column("source").to_pylist() if list_sources else None
+    record = record_unit(
+        output, unit, table, params=params, run_id=run_id, input=input, sources=sources, complete=complete
+    )
+    fs, _ = open_filesystem(output)
+    for part in parts:
+        try:
+            fs.rm_file(open_filesystem(part)[1])
+        except FileNotFoundError:
+            pass
+    return record
+
+
+def record_unit(
+    output: str,
+    unit: str,
+    table: pa.Table,
+    *,
+    params: str,
+    run_id: str,
+    input: str | None,
+    sources: list[str] | None,
+    complete: bool,
+) -> units.UnitRecord:
+    """Write ``table`` as ``unit``'s label file, durably, then its record (counted from the table): the unit
+    counts as done only once its label file is whole. Returns the record."""
     data = units.table_bytes(table)
     units.put_durably(units.label_file(output, unit), data)
     errors = error_counts(table)
@@ -150,17 +176,11 @@ def write_unit(
         params=params,
         run_id=run_id,
         input=input,
-        sources=table.column("source").to_pylist() if list_sources else None,
+        sources=sources,
         complete=complete,
         errors=dict(errors.most_common(units.RECORD_ERRORS)),
     )
     units.write_record(output, record)
-    fs, _ = open_filesystem(output)
-    for part in parts:
-        try:
-            fs.rm_file(open_filesystem(part)[1])
-        except FileNotFoundError:
-            pass
     return record
 
 
@@ -216,8 +236,7 @@ class UnitProgress:
         self.counts = RunCounts()
 
     def _whole(self, unit: str, state: _InFlight) -> bool:
-        expected = self.expected.get(unit)
-        target = expected if expected is not None else (state.total if state.total >= 0 else None)
+        target = self.target(unit)
         return target is not None and state.rows >= target
 
     def add(self, parts: pa.Table) -> list[str]:

@@ -56,7 +56,7 @@ import numpy as np
 
 from diffcut.job import schema, units
 from diffcut.job.storage import InputError, check_uri, describe_exception, open_filesystem
-from diffcut.job.writer import error_counts
+from diffcut.job.writer import record_unit
 from diffcut.method.ncut import SplitTree
 from diffcut.tools.renaming import Renamer
 
@@ -353,25 +353,15 @@ def rethreshold_labels(
             summary.units_done_before += 1
             continue
         table = _rethreshold_file(units.label_file(input, record.unit), tau, vocabulary, renamer, summary, batch_rows)
-        data = units.table_bytes(table)
-        units.put_durably(units.label_file(output, record.unit), data)
-        errors = error_counts(table)
-        # The record last: the unit counts as done only once its label file is whole.
-        units.write_record(
+        record_unit(
             output,
-            units.UnitRecord(
-                unit=record.unit,
-                rows=table.num_rows,
-                ok=table.num_rows - sum(errors.values()),
-                error=sum(errors.values()),
-                bytes=len(data),
-                params=wanted[record.unit],
-                run_id=run_id,
-                input=record.input,
-                sources=record.sources,
-                complete=record.complete,
-                errors=dict(errors.most_common(units.RECORD_ERRORS)),
-            ),
+            record.unit,
+            table,
+            params=wanted[record.unit],
+            run_id=run_id,
+            input=record.input,
+            sources=record.sources,
+            complete=record.complete,
         )
         summary.units += 1
     summary.renamed, summary.renaming_failed = renamer.renamed, renamer.failed
